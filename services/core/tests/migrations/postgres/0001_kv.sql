@@ -1,0 +1,5 @@
+CREATE TABLE kv (
+    key TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL,
+    version BIGINT NOT NULL DEFAULT 0
+);

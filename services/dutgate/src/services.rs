@@ -1,0 +1,19 @@
+//! Runs one service in this process: the `dutgate <service>` subcommands.
+
+use dutgate_core::{ServiceContext, ServiceError, ServiceName};
+
+use crate::config::FileConfig;
+
+pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceError> {
+    let shutdown = dutgate_core::shutdown::on_signal();
+    let ctx = ServiceContext::new(name, config.gateway.clone(), shutdown);
+    tracing::info!(service = %name, "starting");
+    match name {
+        ServiceName::Executor => dutgate_executor::run(ctx, config.executor).await,
+        ServiceName::Mars => dutgate_mars::run(ctx, config.mars).await,
+        ServiceName::Registry => dutgate_registry::run(ctx, config.registry).await,
+        ServiceName::Boot => dutgate_boot::run(ctx, config.boot).await,
+        ServiceName::Pdu => dutgate_pdu::run(ctx, config.pdu).await,
+        ServiceName::Salad => dutgate_salad::run(ctx, config.salad).await,
+    }
+}
