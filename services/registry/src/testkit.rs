@@ -1,0 +1,1 @@
+//! Seeded OCI image layouts for tests and benchmarks.
