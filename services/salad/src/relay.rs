@@ -1,0 +1,445 @@
+//! The relay of one machine: its TCP console servers and the fan-out of DUT output.
+//!
+//! - DUT output ([`Machine::output`]) goes to every connected client, to the scrollback and
+//!   to the console log. It never waits: each client has a bounded queue (in bytes); a client
+//!   whose queue would overflow, or whose socket accepts nothing for `client_write_timeout`,
+//!   is disconnected with a log line. So a stalled client can delay neither the serial read
+//!   nor the other clients, nor any other machine.
+//! - What a client on the main port (`tcp_port`) sends goes to the console stream currently
+//!   bound to the machine (the most recent one to announce it); with none, it is dropped.
+//! - The log port (`tcp_port_logs`) is read-only: it first replays the scrollback, then follows
+//!   live. The main port never replays (a job must not see the previous job's output).
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dutgate_core::MachineId;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::console_log::ConsoleLog;
+
+/// Identifies one console stream (a serial port or a netconsole connection) for input routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamId(pub u64);
+
+/// Limits that apply to each client.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    pub queue_bytes: usize,
+    pub write_timeout: Duration,
+    pub scrollback_bytes: usize,
+}
+
+struct Client {
+    id: u64,
+    read_only: bool,
+    peer: SocketAddr,
+    tx: mpsc::UnboundedSender<Bytes>,
+    queued: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Scrollback {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Scrollback {
+    fn push(&mut self, chunk: &Bytes, cap: usize) {
+        if cap == 0 {
+            return;
+        }
+        let chunk = if chunk.len() > cap {
+            chunk.slice(chunk.len() - cap..)
+        } else {
+            chunk.clone()
+        };
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+        while self.len > cap {
+            let excess = self.len - cap;
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if front.len() <= excess {
+                self.len -= front.len();
+                self.chunks.pop_front();
+            } else {
+                *front = front.slice(excess..);
+                self.len -= excess;
+            }
+        }
+    }
+}
+
+struct Inner {
+    clients: Vec<Client>,
+    scrollback: Scrollback,
+    /// Where client input goes: the stream that most recently bound to this machine.
+    input: Option<(StreamId, mpsc::Sender<Bytes>)>,
+}
+
+struct MachineMetrics {
+    bytes_from_dut: metrics::Counter,
+    bytes_to_dut: metrics::Counter,
+    input_dropped: metrics::Counter,
+    drops: metrics::Counter,
+    clients: metrics::Gauge,
+    log_clients: metrics::Gauge,
+}
+
+impl MachineMetrics {
+    fn new(id: MachineId) -> Self {
+        let m = id.to_string();
+        Self {
+            bytes_from_dut: metrics::counter!("salad_machine_bytes_from_dut_total", "machine" => m.clone()),
+            bytes_to_dut: metrics::counter!("salad_machine_bytes_to_dut_total", "machine" => m.clone()),
+            input_dropped: metrics::counter!("salad_machine_input_dropped_bytes_total", "machine" => m.clone()),
+            drops: metrics::counter!("salad_machine_client_drops_total", "machine" => m.clone()),
+            clients: metrics::gauge!("salad_machine_clients", "machine" => m.clone(), "port" => "main"),
+            log_clients: metrics::gauge!("salad_machine_clients", "machine" => m, "port" => "logs"),
+        }
+    }
+}
+
+/// One machine's console: its ports, clients, scrollback and log.
+pub struct Machine {
+    pub id: MachineId,
+    pub tcp_port: u16,
+    pub tcp_port_logs: u16,
+    limits: ClientLimits,
+    log: ConsoleLog,
+    inner: Mutex<Inner>,
+    next_client: AtomicU64,
+    metrics: MachineMetrics,
+    /// Cancelled when the machine is deleted or salad stops: ends its servers and clients.
+    pub cancel: CancellationToken,
+}
+
+impl Machine {
+    pub fn new(
+        id: MachineId,
+        tcp_port: u16,
+        tcp_port_logs: u16,
+        limits: ClientLimits,
+        log: ConsoleLog,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            tcp_port,
+            tcp_port_logs,
+            limits,
+            log,
+            inner: Mutex::new(Inner {
+                clients: Vec::new(),
+                scrollback: Scrollback::default(),
+                input: None,
+            }),
+            next_client: AtomicU64::new(1),
+            metrics: MachineMetrics::new(id),
+            cancel,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the client list half-updated in a way
+        // that matters more than losing the whole console, so keep going with the data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when a client is connected to the main (read-write) port.
+    pub fn has_client(&self) -> bool {
+        self.lock().clients.iter().any(|c| !c.read_only)
+    }
+
+    pub fn log(&self) -> &ConsoleLog {
+        &self.log
+    }
+
+    /// DUT output: to every client, the scrollback and the log. Never waits.
+    pub fn output(&self, at: OffsetDateTime, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.metrics.bytes_from_dut.increment(chunk.len() as u64);
+        self.log.append(at, chunk.clone());
+        let mut dropped = Vec::new();
+        {
+            let mut inner = self.lock();
+            let cap = self.limits.scrollback_bytes;
+            inner.scrollback.push(&chunk, cap);
+            inner.clients.retain(|c| {
+                let queued = c.queued.load(Ordering::Acquire);
+                if queued + chunk.len() > self.limits.queue_bytes {
+                    dropped.push((c.id, c.peer, c.read_only, queued, c.cancel.clone()));
+                    return false;
+                }
+                c.queued.fetch_add(chunk.len(), Ordering::AcqRel);
+                // A closed channel means the client's writer already ended; it removes itself.
+                c.tx.send(chunk.clone()).is_ok()
+            });
+            self.update_gauges(&inner);
+        }
+        for (id, peer, read_only, queued, cancel) in dropped {
+            cancel.cancel();
+            self.metrics.drops.increment(1);
+            tracing::warn!(
+                machine = %self.id, client = id, %peer, read_only, queued_bytes = queued,
+                "console client cannot keep up with the DUT output; disconnected"
+            );
+        }
+    }
+
+    fn update_gauges(&self, inner: &Inner) {
+        let rw = inner.clients.iter().filter(|c| !c.read_only).count();
+        self.metrics.clients.set(rw as f64);
+        self.metrics
+            .log_clients
+            .set((inner.clients.len() - rw) as f64);
+    }
+
+    /// Routes client input to `stream` from now on.
+    pub fn attach_input(&self, stream: StreamId, tx: mpsc::Sender<Bytes>) {
+        self.lock().input = Some((stream, tx));
+    }
+
+    /// Stops routing input to `stream` (if it is still the one input goes to).
+    pub fn detach_input(&self, stream: StreamId) {
+        let mut inner = self.lock();
+        if inner.input.as_ref().is_some_and(|(s, _)| *s == stream) {
+            inner.input = None;
+        }
+    }
+
+    /// True when a console stream is bound to this machine.
+    pub fn has_console(&self) -> bool {
+        self.lock().input.is_some()
+    }
+
+    fn input_sender(&self) -> Option<mpsc::Sender<Bytes>> {
+        self.lock().input.as_ref().map(|(_, tx)| tx.clone())
+    }
+
+    fn remove_client(&self, id: u64) {
+        let mut inner = self.lock();
+        inner.clients.retain(|c| c.id != id);
+        self.update_gauges(&inner);
+    }
+
+    /// Serves one accepted TCP client until it leaves, is dropped, or the machine goes away.
+    pub fn serve_client(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        read_only: bool,
+        tasks: &TaskTracker,
+    ) {
+        // Console traffic is interactive: never wait to coalesce small writes.
+        let _ = stream.set_nodelay(true);
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let cancel = self.cancel.child_token();
+        {
+            let mut inner = self.lock();
+            if read_only {
+                // The replay is queued under the same lock as the registration: no byte is
+                // missed or doubled between the scrollback and the live stream.
+                for chunk in &inner.scrollback.chunks {
+                    queued.fetch_add(chunk.len(), Ordering::AcqRel);
+                    let _ = tx.send(chunk.clone());
+                }
+            }
+            inner.clients.push(Client {
+                id,
+                read_only,
+                peer,
+                tx,
+                queued: queued.clone(),
+                cancel: cancel.clone(),
+            });
+            self.update_gauges(&inner);
+        }
+        tracing::info!(machine = %self.id, client = id, %peer, read_only, "console client connected");
+        let (read_half, write_half) = stream.into_split();
+        let me = self.clone();
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            me.client_writer(id, peer, write_half, rx, queued, c).await;
+            me.remove_client(id);
+        });
+        let me = self.clone();
+        tasks.spawn(async move {
+            me.client_reader(id, read_half, read_only, &cancel).await;
+            // The client left (or must go): end its writer too.
+            cancel.cancel();
+            tracing::info!(machine = %me.id, client = id, %peer, "console client disconnected");
+        });
+    }
+
+    async fn client_writer(
+        &self,
+        id: u64,
+        peer: SocketAddr,
+        mut sock: tokio::net::tcp::OwnedWriteHalf,
+        mut rx: mpsc::UnboundedReceiver<Bytes>,
+        queued: Arc<AtomicUsize>,
+        cancel: CancellationToken,
+    ) {
+        loop {
+            let chunk = tokio::select! {
+                _ = cancel.cancelled() => break,
+                c = rx.recv() => match c { Some(c) => c, None => break },
+            };
+            let n = chunk.len();
+            let write = tokio::time::timeout(self.limits.write_timeout, sock.write_all(&chunk));
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = write => r,
+            };
+            queued.fetch_sub(n, Ordering::AcqRel);
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(machine = %self.id, client = id, %peer, error = %e, "console client write failed");
+                    break;
+                }
+                Err(_) => {
+                    self.metrics.drops.increment(1);
+                    tracing::warn!(
+                        machine = %self.id, client = id, %peer,
+                        timeout_ms = self.limits.write_timeout.as_millis() as u64,
+                        "console client stopped reading; disconnected"
+                    );
+                    break;
+                }
+            }
+        }
+        cancel.cancel();
+        // Best effort: tell the client we are done. Bounded, as the peer may be stalled.
+        let _ = tokio::time::timeout(Duration::from_millis(200), sock.shutdown()).await;
+    }
+
+    async fn client_reader(
+        &self,
+        id: u64,
+        mut sock: tokio::net::tcp::OwnedReadHalf,
+        read_only: bool,
+        cancel: &CancellationToken,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut warned = false;
+        loop {
+            let n = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = sock.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+            };
+            if read_only {
+                continue;
+            }
+            let data = Bytes::copy_from_slice(&buf[..n]);
+            match self.input_sender() {
+                Some(tx) => {
+                    // Waiting here only slows this client down (the UART drains at its own
+                    // pace); DUT output keeps flowing to everyone meanwhile.
+                    let sent = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = tx.send(data) => r.is_ok(),
+                    };
+                    if sent {
+                        self.metrics.bytes_to_dut.increment(n as u64);
+                        warned = false;
+                    } else {
+                        self.metrics.input_dropped.increment(n as u64);
+                    }
+                }
+                None => {
+                    self.metrics.input_dropped.increment(n as u64);
+                    if !warned {
+                        tracing::warn!(machine = %self.id, client = id, "no console is bound to this machine; client input dropped");
+                        warned = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Accepts clients on one of a machine's ports until the machine is cancelled. `listener` is
+/// the socket bound at allocation time; when there is none (the port was busy at start-up)
+/// binding is retried, so the machine keeps its persisted port.
+pub async fn serve_port(
+    machine: Arc<Machine>,
+    listener: Option<TcpListener>,
+    ip: IpAddr,
+    port: u16,
+    read_only: bool,
+    tasks: TaskTracker,
+) {
+    let listener = match listener {
+        Some(l) => l,
+        None => {
+            let mut warned = false;
+            loop {
+                match TcpListener::bind((ip, port)).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        if !warned {
+                            tracing::error!(machine = %machine.id, port, error = %e, "cannot listen on the machine's console port; retrying");
+                            warned = true;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = machine.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = machine.cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => machine.serve_client(stream, peer, read_only, &tasks),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(machine = %machine.id, port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrollback_keeps_the_last_bytes() {
+        let mut s = Scrollback::default();
+        for i in 0..100u8 {
+            s.push(&Bytes::from(vec![i; 10]), 25);
+        }
+        let all: Vec<u8> = s.chunks.iter().flat_map(|c| c.iter().copied()).collect();
+        assert_eq!(all.len(), 25);
+        assert_eq!(&all[..5], &[97; 5]);
+        assert_eq!(&all[15..], &[99; 10]);
+        s.push(&Bytes::from(vec![7u8; 100]), 25);
+        assert_eq!(s.len, 25);
+        assert_eq!(s.chunks.len(), 1);
+    }
+}
