@@ -1,13 +1,136 @@
-//! The mars service.
+//! mars: the machine registry of the gateway (design.md §3).
+//!
+//! - [`model`]: the wire types (machines, leases, events, training reports).
+//! - [`client`]: the typed client the executor and `dutctl` use.
+//! - [`state`]: the machine state machine (one enum, one transition function).
+//! - [`store`]: mars's tables; every state change is persisted with actor and reason.
+//! - [`machines`]: registration, admin changes, leases, discovery.
+//! - [`training`]: Sergeant Hartman and the [`training::JobRunner`] it submits boots through.
+//! - [`power`]: PDU port control through the pdu service.
+//! - [`api`]: the REST routes.
+//!
+//! Invariants: only [`store::Store::apply_with`] changes a machine's state, always through
+//! [`state::transition`]; a machine has at most one lease; only the pdu service talks to PDUs.
 
+pub mod api;
+pub mod client;
+pub mod machines;
+pub mod model;
+pub mod power;
+pub mod state;
+pub mod store;
+pub mod training;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dutgate_core::service::db_health;
 use dutgate_core::{ServiceContext, ServiceError};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::machines::Mars;
+use crate::power::HttpPower;
+use crate::store::Store;
+use crate::training::{JobRunner, Templates, Trainer, TrainingConfig};
 
 /// The `mars` section of the gateway config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Config {}
+pub struct Config {
+    /// TTL of a lease; the holder heartbeats well within it.
+    pub lease_ttl_seconds: u64,
+    /// Off delay given to newly registered machines (seconds).
+    pub pdu_off_delay: f64,
+    /// Infrastructure failures in a row (failed or expired job leases) before `QUARANTINED`.
+    pub quarantine_after_infra_failures: u32,
+    /// Most tags a registration or PATCH may carry.
+    pub max_tags: usize,
+    /// Default discovery timeout (seconds).
+    pub discovery_timeout_seconds: f64,
+    /// Base URL of the pdu service; unset: the gateway's internal URL of `pdu`.
+    pub pdu_url: Option<String>,
+    pub training: TrainingConfig,
+}
 
-pub async fn run(ctx: ServiceContext, _config: Config) -> Result<(), ServiceError> {
-    ctx.serve_http(axum::Router::new(), None).await
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lease_ttl_seconds: 30,
+            pdu_off_delay: 30.0,
+            quarantine_after_infra_failures: 3,
+            max_tags: 256,
+            discovery_timeout_seconds: 150.0,
+            pdu_url: None,
+            training: TrainingConfig::default(),
+        }
+    }
+}
+
+/// Expires leases and discoveries. A 1 s tick: an expiry is acted on within a second, and
+/// the query is one indexed read.
+pub async fn sweep(mars: Mars, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = mars.expire_leases().await {
+            tracing::warn!(error = %e, "lease sweep failed");
+        }
+        if let Err(e) = mars.expire_discovery().await {
+            tracing::warn!(error = %e, "discovery sweep failed");
+        }
+    }
+}
+
+/// Starts the background tasks (sweeper, trainer when a runner is given) and returns the
+/// router. Used by [`run_with_runner`] and by tests that serve on their own listener.
+pub fn start(
+    mars: Mars,
+    auth: dutgate_core::auth::Auth,
+    shutdown: CancellationToken,
+) -> Result<axum::Router, ServiceError> {
+    tokio::spawn(sweep(mars.clone(), shutdown.clone()));
+    match (&mars.runner, mars.config.training.enabled) {
+        (Some(runner), true) => {
+            let templates =
+                Templates::load(&mars.config.training).map_err(ServiceError::Startup)?;
+            let trainer = Trainer::new(mars.clone(), Arc::clone(runner), templates);
+            tokio::spawn(trainer.run(shutdown.clone()));
+        }
+        (None, true) => tracing::warn!(
+            "no job runner wired: Sergeant Hartman is not running, machines stay in TRAINING/QUICK_CHECK"
+        ),
+        (_, false) => tracing::info!("training disabled by config"),
+    }
+    Ok(api::router(api::AppState {
+        mars,
+        auth,
+        shutdown,
+    }))
+}
+
+pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    run_with_runner(ctx, config, None).await
+}
+
+/// `run` with the trainer's job runner (the executor's client, wired by the `dutgate` binary).
+pub async fn run_with_runner(
+    ctx: ServiceContext,
+    config: Config,
+    runner: Option<Arc<dyn JobRunner>>,
+) -> Result<(), ServiceError> {
+    let db = ctx.open_db(store::MIGRATIONS).await?;
+    let store = Store::new(db.clone(), &ctx.gateway.farm_name);
+    let power = Arc::new(HttpPower::for_gateway(
+        &ctx.gateway,
+        config.pdu_url.as_deref(),
+    ));
+    let mut mars = Mars::new(store, config, power);
+    mars.runner = runner;
+    let router = start(mars, ctx.auth(), ctx.shutdown.clone())?;
+    ctx.serve_http(router, Some(db_health(db))).await
 }

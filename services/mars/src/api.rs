@@ -1,0 +1,451 @@
+//! mars's REST routes (design.md §3, valve-infra compatible where it had the route).
+//!
+//! Access: read routes and registration answer the DUT network or any valid token; admin
+//! routes (PATCH, retire, activate, discovery changes) and lease routes (the executor) need
+//! the admin token. See `docs/machines.md` for bodies and errors.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dutgate_core::auth::{Auth, Role};
+use dutgate_core::{ApiError, ApiJson, MachineId, Tag};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::machines::{Mars, MarsError};
+use crate::model::{
+    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, LeaseList, LeaseRequest,
+    Machine, MachineEvents, MachineList, MachinePatch, MachineState, Registration, ReleaseRequest,
+    RetireRequest, TrainingReport, TrainingRun,
+};
+use crate::power::PowerError;
+use crate::store::StoreError;
+
+/// Largest request body: a registration with 256 tags of 128 bytes fits many times over.
+const BODY_LIMIT: usize = 256 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub mars: Mars,
+    pub auth: Auth,
+    pub shutdown: CancellationToken,
+}
+
+impl From<MarsError> for ApiError {
+    fn from(e: MarsError) -> Self {
+        match e {
+            MarsError::Invalid(i) => ApiError::bad_request(i.to_string()).with_field(i.field),
+            MarsError::Conflict(m) => ApiError::conflict(m),
+            MarsError::Power(p @ PowerError::NoSuchPort { .. }) => {
+                ApiError::unprocessable(p.to_string()).with_field("port_id")
+            }
+            MarsError::Power(p) => ApiError::unprocessable(p.to_string()),
+            MarsError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(id) => ApiError::not_found(format!("unknown machine {id}")),
+            StoreError::Transition(t) => ApiError::conflict(t.to_string()),
+            StoreError::Conflict(m) => ApiError::conflict(m),
+            StoreError::LeaseGone(l) => ApiError::new(
+                StatusCode::GONE,
+                format!("lease {l} is gone (expired or released)"),
+            ),
+            StoreError::Contention(id) => {
+                ApiError::unavailable(format!("machine {id} is too busy; retry"))
+            }
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// Extractor: the admin token.
+pub struct AdminAuth;
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        s.auth.check(&parts.headers, Role::Admin).map(|_| AdminAuth)
+    }
+}
+
+/// Extractor: a peer on the DUT network, or any valid token.
+pub struct DutOrToken;
+
+impl FromRequestParts<AppState> for DutOrToken {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        if peer.is_some_and(|ip| s.auth.is_dut_address(ip))
+            || s.auth.check(&parts.headers, Role::User).is_ok()
+        {
+            Ok(DutOrToken)
+        } else {
+            Err(ApiError::forbidden(
+                "this endpoint is only reachable from the DUT network or with a token",
+            ))
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/machines", get(list_machines))
+        .route("/api/v1/machine", post(register))
+        .route("/api/v1/machine/", post(register))
+        .route(
+            "/api/v1/machine/discover",
+            get(get_discovery)
+                .post(start_discovery)
+                .delete(stop_discovery),
+        )
+        .route(
+            "/api/v1/machine/{id}",
+            get(get_machine).patch(patch_machine),
+        )
+        .route(
+            "/api/v1/machine/{id}/",
+            get(get_machine).patch(patch_machine),
+        )
+        .route("/api/v1/machine/{id}/retire", post(retire))
+        .route("/api/v1/machine/{id}/activate", post(activate))
+        .route("/api/v1/machine/{id}/events", get(machine_events))
+        .route("/api/v1/machine/{id}/training", get(training))
+        .route("/api/v1/machine/{id}/training/loop/{n}", get(training_loop))
+        .route("/api/v1/leases", get(list_leases).post(acquire))
+        .route("/api/v1/leases/{lease}/heartbeat", post(heartbeat))
+        .route("/api/v1/leases/{lease}/release", post(release))
+        .route("/api/v1/events", get(events))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+fn parse_id(s: &str) -> Result<MachineId, ApiError> {
+    MachineId::parse(s).map_err(|e| ApiError::bad_request(e.to_string()).with_field("id"))
+}
+
+/// A JSON body that may be omitted (retire/activate work with an empty POST).
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+async fn view_one(mars: &Mars, id: MachineId) -> Result<Machine, ApiError> {
+    let row = mars.store.get(id).await?;
+    let latest = mars.store.runs(id, 1).await?;
+    Ok(mars.view(&row, latest.first()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    /// Comma-separated tags the machines must all have.
+    tags: Option<String>,
+}
+
+async fn list_machines(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<ApiJson<MachineList>, ApiError> {
+    let q = query(q)?;
+    let state: Option<MachineState> = q
+        .state
+        .as_deref()
+        .map(|v| {
+            v.parse()
+                .map_err(|e: String| ApiError::bad_request(e).with_field("state"))
+        })
+        .transpose()?;
+    let tags: Vec<Tag> = q
+        .tags
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .map(|t| Tag::parse(t).map_err(|e| ApiError::bad_request(e.to_string()).with_field("tags")))
+        .collect::<Result<_, _>>()?;
+    let rows = s.mars.store.list().await?;
+    let runs: HashMap<MachineId, TrainingRun> = s
+        .mars
+        .store
+        .latest_runs()
+        .await?
+        .into_iter()
+        .map(|r| (r.machine_id, r))
+        .collect();
+    let machines = rows
+        .iter()
+        .filter(|r| state.is_none_or(|st| r.state == st))
+        .map(|r| s.mars.view(r, runs.get(&r.id)))
+        .filter(|m| m.has_tags(&tags))
+        .collect();
+    Ok(ApiJson(MachineList { machines }))
+}
+
+async fn get_machine(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<ApiJson<Machine>, ApiError> {
+    Ok(ApiJson(view_one(&s.mars, parse_id(&id)?).await?))
+}
+
+async fn register(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<Registration>,
+) -> Result<Response, ApiError> {
+    let existed = s.mars.store.find(body.mac_address).await?.is_some();
+    let row = s.mars.register(body).await?;
+    let view = view_one(&s.mars, row.id).await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, ApiJson(view)).into_response())
+}
+
+async fn patch_machine(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<MachinePatch>,
+) -> Result<ApiJson<Machine>, ApiError> {
+    let id = parse_id(&id)?;
+    s.mars.patch(id, body).await?;
+    Ok(ApiJson(view_one(&s.mars, id).await?))
+}
+
+async fn retire(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<ApiJson<Machine>, ApiError> {
+    let id = parse_id(&id)?;
+    let req: RetireRequest = optional_body(&body)?;
+    s.mars.retire(id, req).await?;
+    Ok(ApiJson(view_one(&s.mars, id).await?))
+}
+
+async fn activate(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<ApiJson<Machine>, ApiError> {
+    let id = parse_id(&id)?;
+    let req: ActivateRequest = optional_body(&body)?;
+    s.mars.activate(id, req.reason).await?;
+    Ok(ApiJson(view_one(&s.mars, id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<i64>,
+}
+
+async fn machine_events(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> Result<ApiJson<MachineEvents>, ApiError> {
+    let id = parse_id(&id)?;
+    let limit = query(q)?.limit.unwrap_or(1000).clamp(1, 10_000);
+    s.mars.store.get(id).await?;
+    let events = s.mars.store.machine_events(id, limit).await?;
+    Ok(ApiJson(MachineEvents { events }))
+}
+
+async fn training(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> Result<ApiJson<TrainingReport>, ApiError> {
+    let id = parse_id(&id)?;
+    let limit = query(q)?.limit.unwrap_or(10).clamp(1, 1000);
+    let row = s.mars.store.get(id).await?;
+    let runs = s.mars.store.runs(id, limit).await?;
+    let view = s.mars.view(&row, runs.first());
+    Ok(ApiJson(TrainingReport {
+        machine_id: id,
+        state: row.state,
+        summary: view.training,
+        runs,
+    }))
+}
+
+/// valve-infra/ci-tron: `GET /api/v1/machine/{id}/training/loop/{n}`, the loop `n` of the
+/// latest run (0 = the registration boot), with its console log reference.
+async fn training_loop(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    Path((id, n)): Path<(String, u32)>,
+) -> Result<ApiJson<crate::model::LoopReport>, ApiError> {
+    let id = parse_id(&id)?;
+    s.mars.store.get(id).await?;
+    let runs = s.mars.store.runs(id, 1).await?;
+    runs.first()
+        .and_then(|r| r.loops.iter().find(|l| l.n == n).cloned())
+        .map(ApiJson)
+        .ok_or_else(|| {
+            ApiError::not_found(format!("machine {id} has no loop {n} in its latest run"))
+        })
+}
+
+async fn get_discovery(
+    _: DutOrToken,
+    State(s): State<AppState>,
+) -> Result<ApiJson<DiscoveryStatus>, ApiError> {
+    Ok(ApiJson(DiscoveryStatus {
+        discovery: s.mars.active_discovery().await?,
+    }))
+}
+
+async fn start_discovery(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<DiscoverRequest>,
+) -> Result<Response, ApiError> {
+    let d = s
+        .mars
+        .start_discovery(body.pdu, body.port_id, body.timeout)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        ApiJson(DiscoveryStatus { discovery: Some(d) }),
+    )
+        .into_response())
+}
+
+async fn stop_discovery(
+    _: AdminAuth,
+    State(s): State<AppState>,
+) -> Result<ApiJson<DiscoveryStatus>, ApiError> {
+    Ok(ApiJson(DiscoveryStatus {
+        discovery: s.mars.stop_discovery().await?,
+    }))
+}
+
+async fn list_leases(
+    _: DutOrToken,
+    State(s): State<AppState>,
+) -> Result<ApiJson<LeaseList>, ApiError> {
+    let leases = s
+        .mars
+        .store
+        .list()
+        .await?
+        .into_iter()
+        .filter_map(|r| r.lease)
+        .collect();
+    Ok(ApiJson(LeaseList { leases }))
+}
+
+async fn acquire(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<LeaseRequest>,
+) -> Result<Response, ApiError> {
+    let lease = s.mars.acquire(body).await?;
+    Ok((StatusCode::CREATED, ApiJson(lease)).into_response())
+}
+
+async fn heartbeat(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    Path(lease): Path<String>,
+) -> Result<Response, ApiError> {
+    let l = s.mars.heartbeat(&lease).await?;
+    Ok(ApiJson(l).into_response())
+}
+
+async fn release(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    Path(lease): Path<String>,
+    ApiJson(body): ApiJson<ReleaseRequest>,
+) -> Result<ApiJson<Machine>, ApiError> {
+    let row = s.mars.release(&lease, body.outcome, body.reason).await?;
+    Ok(ApiJson(view_one(&s.mars, row.id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    after: i64,
+    /// Seconds to wait for an event; 0 answers at once. Default 30, at most 60.
+    timeout: Option<f64>,
+    /// Answer at once with no events and `next` = the latest seq.
+    #[serde(default)]
+    latest: bool,
+}
+
+/// Long-poll for machine events. Wakes on this process's own writes at once; re-reads the
+/// store every 2 s so that writes by other gateways sharing PostgreSQL are seen too.
+async fn events(
+    _: DutOrToken,
+    State(s): State<AppState>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<ApiJson<EventBatch>, ApiError> {
+    let q = query(q)?;
+    if q.latest {
+        let next = s.mars.store.latest_seq().await?;
+        return Ok(ApiJson(EventBatch {
+            events: Vec::new(),
+            next,
+        }));
+    }
+    let wait = q.timeout.unwrap_or(30.0);
+    if !wait.is_finite() || wait < 0.0 {
+        return Err(
+            ApiError::bad_request("timeout must be a number of seconds ≥ 0").with_field("timeout"),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(60.0));
+    let mut rx = s.mars.store.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let events = s.mars.store.events_after(q.after, 1000).await?;
+        let now = tokio::time::Instant::now();
+        if !events.is_empty() || now >= deadline || s.shutdown.is_cancelled() {
+            let next = events.last().map(|e| e.seq).unwrap_or(q.after);
+            return Ok(ApiJson(EventBatch { events, next }));
+        }
+        let recheck = (now + Duration::from_secs(2)).min(deadline);
+        tokio::select! {
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep_until(recheck) => {}
+            _ = s.shutdown.cancelled() => {}
+        }
+    }
+}
