@@ -416,7 +416,7 @@ impl Mars {
         let ttl = req
             .ttl_seconds
             .unwrap_or(self.config.lease_ttl_seconds)
-            .clamp(5, 3600);
+            .clamp(1, 3600);
         let now = Timestamp::now();
         let lease = Lease {
             id: hex::encode(rand::random::<[u8; 16]>()),

@@ -183,7 +183,7 @@ pub struct LeaseRequest {
     pub holder: String,
     #[serde(default)]
     pub purpose: LeasePurpose,
-    /// Defaults to the service's `lease_ttl_seconds`; bounded to 5..=3600.
+    /// Defaults to the service's `lease_ttl_seconds`; bounded to 1..=3600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
 }

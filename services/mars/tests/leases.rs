@@ -1,0 +1,289 @@
+//! Leases and the events stream, on every backend (SQLite, and PostgreSQL when
+//! `DUTGATE_TEST_POSTGRES_URL` is set), through the real HTTP API and typed client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use dutgate_core::db::testing::databases;
+use dutgate_mars::client::{is_conflict, is_gone};
+use dutgate_mars::model::{LeasePurpose, MachineState, ReleaseOutcome};
+use dutgate_mars::store::MIGRATIONS;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_lease_attempts_exactly_one_wins() {
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let t = start(db, Options::default()).await;
+        let id = idle_machine(&t, 1).await;
+        for round in 0..3 {
+            let mut tasks = Vec::new();
+            for i in 0..16 {
+                let c = t.admin.clone();
+                tasks.push(tokio::spawn(async move {
+                    c.acquire(
+                        id,
+                        &format!("job-{round}-{i}"),
+                        "test",
+                        LeasePurpose::Job,
+                        None,
+                    )
+                    .await
+                }));
+            }
+            let mut won = Vec::new();
+            for task in tasks {
+                match task.await.unwrap() {
+                    Ok(l) => won.push(l),
+                    Err(e) => assert!(is_conflict(&e), "{backend:?}: {e}"),
+                }
+            }
+            assert_eq!(won.len(), 1, "{backend:?} round {round}: {won:?}");
+            let m = t.admin.machine(id).await.unwrap();
+            assert_eq!(m.state, MachineState::Running);
+            assert_eq!(m.lease.as_ref().unwrap().id, won[0].id);
+            let m = t
+                .admin
+                .release(&won[0].id, ReleaseOutcome::Ok, None)
+                .await
+                .unwrap();
+            assert_eq!(m.state, MachineState::Idle);
+            assert!(m.lease.is_none());
+        }
+        // Users cannot lease a machine in training; the trainer's jobs can, once.
+        let m2 = t.anon.register(&registration(2)).await.unwrap().id;
+        t.admin
+            .patch(
+                m2,
+                &dutgate_mars::model::MachinePatch {
+                    pdu: Some(Some("pdu1".into())),
+                    pdu_port_id: Some(Some("2".into())),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            t.admin.machine(m2).await.unwrap().state,
+            MachineState::Training
+        );
+        let e = t
+            .admin
+            .acquire(m2, "user-job", "test", LeasePurpose::Job, None)
+            .await
+            .unwrap_err();
+        assert!(is_conflict(&e), "{e}");
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let c = t.admin.clone();
+            tasks.push(tokio::spawn(async move {
+                c.acquire(
+                    m2,
+                    &format!("train-{i}"),
+                    "trainer",
+                    LeasePurpose::Training,
+                    None,
+                )
+                .await
+            }));
+        }
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(e) => assert!(is_conflict(&e), "{e}"),
+            }
+        }
+        assert_eq!(wins, 1, "{backend:?}");
+        assert_eq!(
+            t.admin.machine(m2).await.unwrap().state,
+            MachineState::Training
+        );
+        t.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn release_outcomes_and_quarantine() {
+    for db in databases("mars", MIGRATIONS).await {
+        let t = start(db, Options::default()).await;
+        let id = idle_machine(&t, 1).await;
+        let lease = |job: &'static str| {
+            let c = t.admin.clone();
+            async move {
+                c.acquire(id, job, "test", LeasePurpose::Job, None)
+                    .await
+                    .unwrap()
+            }
+        };
+        // Two infrastructure failures: back to IDLE each time, counted.
+        for job in ["a", "b"] {
+            let l = lease(job).await;
+            let m = t
+                .admin
+                .release(
+                    &l.id,
+                    ReleaseOutcome::InfrastructureFailure,
+                    Some("no console"),
+                )
+                .await
+                .unwrap();
+            assert_eq!(m.state, MachineState::Idle);
+        }
+        assert_eq!(
+            t.admin
+                .machine(id)
+                .await
+                .unwrap()
+                .consecutive_infra_failures,
+            2
+        );
+        // A good job resets the count.
+        let l = lease("c").await;
+        t.admin
+            .release(&l.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            t.admin
+                .machine(id)
+                .await
+                .unwrap()
+                .consecutive_infra_failures,
+            0
+        );
+        // Three in a row: QUARANTINED.
+        for (i, job) in ["d", "e", "f"].into_iter().enumerate() {
+            let l = lease(job).await;
+            let m = t
+                .admin
+                .release(&l.id, ReleaseOutcome::InfrastructureFailure, None)
+                .await
+                .unwrap();
+            let want = if i == 2 {
+                MachineState::Quarantined
+            } else {
+                MachineState::Idle
+            };
+            assert_eq!(m.state, want);
+        }
+        // A released lease is gone.
+        let ev = t.admin.machine_events(id, None).await.unwrap().events;
+        let last = ev.last().unwrap();
+        assert_eq!(last.kind, "quarantined");
+        assert_eq!(last.actor, "executor");
+        assert_eq!(last.job_id.as_deref(), Some("f"));
+        // Machine unfit → TRAINING.
+        let id2 = idle_machine(&t, 2).await;
+        let l = t
+            .admin
+            .acquire(id2, "g", "test", LeasePurpose::Job, None)
+            .await
+            .unwrap();
+        let e = t.admin.heartbeat("nope").await.unwrap_err();
+        assert!(is_gone(&e), "{e}");
+        let hb = t.admin.heartbeat(&l.id).await.unwrap();
+        assert!(hb.expires_at >= l.expires_at);
+        let m = t
+            .admin
+            .release(&l.id, ReleaseOutcome::MachineUnfit, Some("MCE"))
+            .await
+            .unwrap();
+        assert_eq!(m.state, MachineState::Training);
+        let e = t
+            .admin
+            .release(&l.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap_err();
+        assert!(is_gone(&e), "{e}");
+        t.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn expired_lease_frees_the_machine_and_records_an_infrastructure_failure() {
+    for db in databases("mars", MIGRATIONS).await {
+        let t = start(db, Options::default()).await;
+        let id = idle_machine(&t, 1).await;
+        let cursor = t.admin.events_cursor().await.unwrap();
+        let l = t
+            .admin
+            .acquire(
+                id,
+                "dead-job",
+                "executor@test",
+                LeasePurpose::Job,
+                Some(Duration::from_secs(1)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(l.ttl_seconds, 1);
+        // Follow the stream until the expiry shows up (no sleeps: the long-poll wakes us).
+        let mut after = cursor;
+        let expired = loop {
+            let batch = t
+                .admin
+                .events(after, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(
+                !batch.events.is_empty(),
+                "no event within the long-poll budget"
+            );
+            after = batch.next;
+            if let Some(e) = batch.events.iter().find(|e| e.kind == "lease_expired") {
+                break e.clone();
+            }
+        };
+        assert_eq!(expired.machine_id, id);
+        assert_eq!(expired.from_state, MachineState::Running);
+        assert_eq!(expired.to_state, MachineState::QuickCheck);
+        assert_eq!(expired.job_id.as_deref(), Some("dead-job"));
+        assert!(
+            expired.reason.contains("infrastructure failure"),
+            "{}",
+            expired.reason
+        );
+        let m = t.admin.machine(id).await.unwrap();
+        assert!(m.lease.is_none());
+        assert_eq!(m.consecutive_infra_failures, 1);
+        let e = t.admin.heartbeat(&l.id).await.unwrap_err();
+        assert!(is_gone(&e), "{e}");
+        t.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn events_long_poll_wakes_on_a_freed_machine() {
+    for db in databases("mars", MIGRATIONS).await {
+        let t = start(db, Options::default()).await;
+        let id = idle_machine(&t, 1).await;
+        let l = t
+            .admin
+            .acquire(id, "j", "test", LeasePurpose::Job, None)
+            .await
+            .unwrap();
+        let cursor = t.admin.events_cursor().await.unwrap();
+        // Nothing happens: an empty batch after the (short) wait, cursor unchanged.
+        let empty = t
+            .admin
+            .events(cursor, Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert!(empty.events.is_empty());
+        assert_eq!(empty.next, cursor);
+        let c = t.admin.clone();
+        let waiter = tokio::spawn(async move { c.events(cursor, Duration::from_secs(30)).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t.admin
+            .release(&l.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        let batch = waiter.await.unwrap().unwrap();
+        assert_eq!(batch.events.len(), 1, "{:?}", batch.events);
+        assert!(batch.events[0].frees_machine());
+        assert_eq!(batch.next, batch.events[0].seq);
+        t.stop().await;
+    }
+}
