@@ -1,13 +1,155 @@
-//! The pdu service.
+//! The pdu service (design.md §5): PDUs, their ports, power history.
+//!
+//! - [`service`]: the set of PDUs (from the config and from `POST /api/v1/pdus`).
+//! - [`pdu`]: one PDU: switching with read-back, the verified power cycle, per-port locks.
+//! - [`actor`]: the task that owns a PDU's driver (serialised device access, polling).
+//! - [`api`]: the REST routes; [`client`]: the typed client other services use.
+//! - [`store`]: this service's tables.
+//!
+//! Invariants: only this service talks to PDUs; `UNKNOWN` is never treated as `OFF`; a
+//! power cycle succeeds only if the port read back OFF for the whole off delay.
+
+pub mod actor;
+pub mod api;
+pub mod client;
+pub mod drivers;
+pub mod pdu;
+pub mod service;
+pub mod store;
+
+use std::collections::BTreeMap;
 
 use dutgate_core::{ServiceContext, ServiceError};
 use serde::{Deserialize, Serialize};
 
-/// The `pdu` section of the gateway config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {}
+pub use client::PduClient;
+pub use pdu::{CycleReport, OpResult, PortPatch, PortView, PowerError};
+pub use service::PduService;
 
-pub async fn run(ctx: ServiceContext, _config: Config) -> Result<(), ServiceError> {
-    ctx.serve_http(axum::Router::new(), None).await
+/// The `pdu` section of the gateway config.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// PDUs declared here (name → spec). More can be added over REST.
+    pub pdus: BTreeMap<String, PduSpec>,
+    /// How often every port of every PDU is read (overridable per PDU).
+    pub poll_interval_seconds: f64,
+    /// Time budget of one device exchange (a GET, a SET, a walk).
+    pub operation_timeout_seconds: f64,
+    /// Extra attempts of an exchange that timed out or could not reach the device.
+    pub retries: u32,
+    /// First back-off between attempts; doubles each time.
+    pub retry_backoff_ms: u64,
+    /// How long a switched port may take to read back the new state.
+    pub settle_timeout_seconds: f64,
+    /// Pause between read-back attempts while a port settles.
+    pub readback_interval_ms: u64,
+    /// Pause between OFF checks during a power cycle's off delay.
+    pub verify_interval_ms: u64,
+    /// Off delay of a cycle request that gives none.
+    pub default_off_seconds: f64,
+    /// Longest off delay a cycle request may ask for.
+    pub max_off_seconds: f64,
+    /// History rows kept per port.
+    pub history_per_port: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            pdus: BTreeMap::new(),
+            poll_interval_seconds: 10.0,
+            operation_timeout_seconds: 10.0,
+            retries: 2,
+            retry_backoff_ms: 250,
+            settle_timeout_seconds: 10.0,
+            readback_interval_ms: 250,
+            verify_interval_ms: 500,
+            default_off_seconds: 30.0,
+            max_off_seconds: 3600.0,
+            history_per_port: 500,
+        }
+    }
+}
+
+/// One PDU: which driver, its config, and the service-side port settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PduSpec {
+    pub driver: String,
+    /// The driver's own config (see docs/pdu.md for each driver's keys).
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Ports nobody may switch (the gateway itself, a switch, …).
+    #[serde(default)]
+    pub reserved: Vec<String>,
+    /// Port id → label shown instead of the device's own name.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub poll_interval_seconds: Option<f64>,
+}
+
+/// A service serving on a listener of the caller's choice (tests bind 127.0.0.1:0).
+pub struct Running {
+    pub addr: std::net::SocketAddr,
+    pub service: PduService,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops serving and stops every PDU actor.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+        self.service.stop_all().await;
+    }
+}
+
+/// Starts the service on `listener` with its shared routes (`/healthz`, `/metrics`).
+pub async fn start_on(
+    listener: tokio::net::TcpListener,
+    store: store::Store,
+    config: Config,
+    auth: dutgate_core::auth::Auth,
+) -> Result<Running, service::ManageError> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let addr = listener
+        .local_addr()
+        .map_err(|e| service::ManageError::Unreachable(e.to_string()))?;
+    let service = PduService::start(store, config, shutdown.clone()).await?;
+    let app =
+        dutgate_core::http::with_common_routes("pdu", api::router(service.clone(), auth), None);
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) =
+            dutgate_core::http::serve(listener, app, stop, std::time::Duration::from_secs(1)).await
+        {
+            tracing::error!(error = %e, "pdu test server failed");
+        }
+    });
+    Ok(Running {
+        addr,
+        service,
+        shutdown,
+        task,
+    })
+}
+
+pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    let db = ctx.open_db(store::MIGRATIONS).await?;
+    let service = PduService::start(store::Store::new(db.clone()), config, ctx.shutdown.clone())
+        .await
+        .map_err(|e| ServiceError::Startup(e.to_string()))?;
+    let router = api::router(service.clone(), ctx.auth());
+    let r = ctx
+        .serve_http(router, Some(dutgate_core::service::db_health(db)))
+        .await;
+    service.stop_all().await;
+    r
 }

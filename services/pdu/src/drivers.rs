@@ -1,0 +1,9 @@
+//! Every driver the service can build, by name. Adding a driver family is one line here.
+
+use dutgate_pdu_driver::Registry;
+
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(dutgate_pdu_dummy::factories());
+    r
+}
