@@ -1,13 +1,138 @@
-//! The boot service.
+//! The boot service (`dutgate boot`, port 8003): answers a DUT's iPXE with the boot script of
+//! the job holding it (or the default registration config), and serves the kernels and
+//! initramfs those scripts name from a local artifact cache.
+//!
+//! - [`ipxe`]: script rendering and command-line escaping for iPXE's parser.
+//! - [`model`]: boot configs (REST bodies); [`store`]: their table.
+//! - [`cache`]: the artifact cache (single flight, verification, Range/ETag, LRU).
+//! - [`api`]: the routes; [`client`]: the typed client the executor uses.
+//! - [`testing`]: in-process service and a tiny initramfs builder for tests.
 
+pub mod api;
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod ipxe;
+pub mod model;
+pub mod store;
+pub mod testing;
+
+use std::sync::Arc;
+
+use dutgate_core::db::Db;
+use dutgate_core::service::db_health;
 use dutgate_core::{ServiceContext, ServiceError};
-use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-/// The `boot` section of the gateway config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {}
+pub use config::{CacheConfig, Config};
+pub use model::{Artifact, BootConfig, Kernel, StoredBootConfig};
 
-pub async fn run(ctx: ServiceContext, _config: Config) -> Result<(), ServiceError> {
-    ctx.serve_http(axum::Router::new(), None).await
+use cache::ArtifactCache;
+use store::Store;
+
+/// The service, opened (database migrated, cache index loaded) but not yet listening.
+pub struct BootService {
+    state: api::AppState,
+    auth: dutgate_core::auth::Auth,
+}
+
+fn startup(msg: impl std::fmt::Display) -> ServiceError {
+    ServiceError::Startup(msg.to_string())
+}
+
+impl BootService {
+    pub async fn open(ctx: &ServiceContext, config: Config) -> Result<Self, ServiceError> {
+        if let Some(default) = &config.default {
+            default
+                .validate()
+                .map_err(|e| startup(format!("boot.default: {}", e.body.error)))?;
+        }
+        let db = ctx.open_db(store::MIGRATIONS).await?;
+        let dir = match &config.cache.dir {
+            Some(d) => d.clone(),
+            None => ctx
+                .state_dir()
+                .map_err(|e| startup(format!("state dir: {e}")))?
+                .join("artifacts"),
+        };
+        let gw = &ctx.gateway;
+        let direct = config
+            .direct_url_prefixes
+            .clone()
+            .unwrap_or_else(|| vec![format!("http://{}:{}/", gw.public_host, gw.ports.s3)]);
+        let cache = ArtifactCache::open(dir, config.cache.clone(), &config.file_roots, direct)
+            .await
+            .map_err(|e| startup(format!("artifact cache: {e}")))?;
+        let store = Store::new(db);
+        // Artifacts of the default config must be servable; a bad one is a config error.
+        if let Some(default) = &config.default {
+            for (field, url, sha) in default.artifacts() {
+                cache
+                    .register(url, sha)
+                    .map_err(|e| startup(format!("boot.default.{field}: {e}")))?;
+            }
+        }
+        // Ids in scripts handed out before a restart keep working.
+        let stored = store
+            .list()
+            .await
+            .map_err(|e| startup(format!("reading boot configs: {e}")))?;
+        for s in stored {
+            for (field, url, sha) in s.config.artifacts() {
+                if let Err(e) = cache.register(url, sha) {
+                    tracing::warn!(machine_id = %s.mac, field, error = %e, "stored boot config names an artifact that is no longer allowed");
+                }
+            }
+        }
+        Ok(Self {
+            state: api::AppState {
+                store,
+                cache,
+                config: Arc::new(config),
+                gateway: ctx.gateway.clone(),
+            },
+            auth: ctx.auth(),
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone(), self.auth.clone())
+    }
+
+    pub fn cache(&self) -> &ArtifactCache {
+        &self.state.cache
+    }
+
+    pub fn db(&self) -> Db {
+        self.state.store.db().clone()
+    }
+
+    /// Serves on `listener` until `shutdown` (used by tests and benchmarks to run the service
+    /// in-process on an ephemeral port).
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServiceError> {
+        let app = dutgate_core::http::with_common_routes(
+            "boot",
+            self.router(),
+            Some(db_health(self.db())),
+        );
+        let res =
+            dutgate_core::http::serve(listener, app, shutdown, std::time::Duration::from_secs(3))
+                .await;
+        self.state.cache.save().await;
+        res.map_err(ServiceError::from)
+    }
+}
+
+pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    let service = BootService::open(&ctx, config).await?;
+    let health = db_health(service.db());
+    let cache = service.cache().clone();
+    let res = ctx.serve_http(service.router(), Some(health)).await;
+    cache.save().await;
+    res
 }

@@ -1,0 +1,370 @@
+//! HTTP routes: iPXE scripts and artifacts for DUTs, boot configs for the executor.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::middleware::from_fn_with_state;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dutgate_core::auth::{Auth, require_dut_network, require_user};
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::{ApiError, ApiJson, MachineId, ServiceName};
+use serde::Deserialize;
+
+use crate::cache::{ArtifactCache, ArtifactRef, CacheError, CacheStats};
+use crate::config::Config;
+use crate::ipxe::{self, BootScript};
+use crate::model::{BootConfig, StoredBootConfig};
+use crate::store::{Deleted, Store};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub cache: ArtifactCache,
+    pub config: Arc<Config>,
+    pub gateway: Arc<GatewayConfig>,
+}
+
+pub fn router(state: AppState, auth: Auth) -> Router {
+    let dut = Router::new()
+        .route("/boot/{mac}/boot.ipxe", get(script_by_path))
+        .route("/boot.ipxe", get(script_by_query))
+        .route("/artifacts/{id}/{name}", get(artifact))
+        .layer(from_fn_with_state(auth.clone(), require_dut_network))
+        .with_state(state.clone());
+    let api = Router::new()
+        .route("/api/v1/boot", get(list_configs))
+        .route(
+            "/api/v1/boot/{mac}",
+            get(get_config).put(put_config).delete(delete_config),
+        )
+        .route("/api/v1/boot-cache", get(cache_stats))
+        .layer(from_fn_with_state(auth, require_user))
+        .with_state(state);
+    dut.merge(api)
+}
+
+/// `?a=b&c=d`, decoded leniently: a DUT's query string never makes the request fail.
+fn query_param(uri: &Uri, key: &str) -> Option<String> {
+    let q = uri.query()?;
+    let url = reqwest::Url::parse(&format!("http://q/?{q}")).ok()?;
+    url.query_pairs()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(hex) = std::str::from_utf8(&b[i + 1..i + 3])
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `platform`/`buildarch` as iPXE reports them (`pcbios`, `efi`, `i386`, `x86_64`, …);
+/// anything else is dropped rather than logged or reflected.
+fn ipxe_word(v: Option<String>) -> Option<String> {
+    v.filter(|s| {
+        !s.is_empty()
+            && s.len() <= 32
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    })
+}
+
+async fn script_by_path(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let raw = uri
+        .path()
+        .strip_prefix("/boot/")
+        .and_then(|p| p.strip_suffix("/boot.ipxe"))
+        .unwrap_or("");
+    let raw = percent_decode(raw);
+    script(&app, &raw, &uri, &headers).await
+}
+
+async fn script_by_query(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    let raw = query_param(&uri, "mac").unwrap_or_default();
+    script(&app, &raw, &uri, &headers).await
+}
+
+fn script_response(text: String) -> Response {
+    (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        text,
+    )
+        .into_response()
+}
+
+impl AppState {
+    /// Base URL for links in scripts: configured, else the host the DUT used, else the
+    /// gateway's public host.
+    fn base_url(&self, headers: &HeaderMap) -> String {
+        if let Some(u) = &self.config.public_url {
+            return u.trim_end_matches('/').to_string();
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty()
+                    && h.len() <= 255
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+            });
+        match host {
+            Some(h) => format!("http://{h}"),
+            None => self.gateway.public_url(ServiceName::Boot),
+        }
+    }
+
+    fn artifact_url(&self, base: &str, r: ArtifactRef) -> String {
+        match r {
+            ArtifactRef::Direct(url) => url,
+            ArtifactRef::Cached { id, name } => format!("{base}/artifacts/{id}/{name}"),
+        }
+    }
+}
+
+async fn script(app: &AppState, raw_mac: &str, uri: &Uri, headers: &HeaderMap) -> Response {
+    let base = app.base_url(headers);
+    let platform = ipxe_word(query_param(uri, "platform"));
+    let buildarch = ipxe_word(query_param(uri, "buildarch"));
+    let delay = app.config.retry_delay_seconds;
+    let asked_for = |mac: &str| {
+        format!("{base}/boot/{mac}/boot.ipxe?platform=${{platform}}&buildarch=${{buildarch}}")
+    };
+    let mac = match MachineId::parse(raw_mac) {
+        Ok(m) => m,
+        Err(_) => {
+            tracing::warn!(requested = %ipxe::sanitize_echo(raw_mac), platform, buildarch, "boot script asked for a malformed MAC");
+            metrics::counter!("boot_scripts_total", "config" => "invalid_mac").increment(1);
+            // Ask again with the NIC's own MAC: fixes a bootfile URL that lacks `${mac}`.
+            return script_response(ipxe::render_retry_script(
+                &format!("{raw_mac:?} is not a MAC address; asking again with this NIC's MAC"),
+                &asked_for("${netX/mac}"),
+                delay,
+            ));
+        }
+    };
+    let retry = asked_for(&mac.to_string());
+    let (config, origin) = match app.store.get(mac).await {
+        Ok(Some(stored)) => (Some(stored.config), "job"),
+        Ok(None) => (app.config.default.clone(), "default"),
+        Err(e) => {
+            tracing::error!(machine_id = %mac, error = %e, "cannot read boot config");
+            metrics::counter!("boot_scripts_total", "config" => "error").increment(1);
+            return script_response(ipxe::render_retry_script(
+                "the gateway cannot read boot configs right now",
+                &retry,
+                delay,
+            ));
+        }
+    };
+    let Some(config) = config else {
+        tracing::info!(machine_id = %mac, platform, buildarch, "boot script asked; no boot config and no default");
+        metrics::counter!("boot_scripts_total", "config" => "none").increment(1);
+        return script_response(ipxe::render_retry_script(
+            &format!("no boot config for {mac} and no default boot config"),
+            &retry,
+            delay,
+        ));
+    };
+    match render_for(app, &base, mac, &config, platform.as_deref(), &retry) {
+        Ok(text) => {
+            tracing::info!(
+                machine_id = %mac,
+                job_id = config.job_id.as_deref().unwrap_or(""),
+                platform = platform.as_deref().unwrap_or(""),
+                buildarch = buildarch.as_deref().unwrap_or(""),
+                config = origin,
+                "boot script served"
+            );
+            metrics::counter!("boot_scripts_total", "config" => origin).increment(1);
+            script_response(text)
+        }
+        Err(msg) => {
+            tracing::error!(machine_id = %mac, error = %msg, config = origin, "cannot render boot script");
+            metrics::counter!("boot_scripts_total", "config" => "error").increment(1);
+            script_response(ipxe::render_retry_script(&msg, &retry, delay))
+        }
+    }
+}
+
+fn render_for(
+    app: &AppState,
+    base: &str,
+    mac: MachineId,
+    config: &BootConfig,
+    platform: Option<&str>,
+    retry: &str,
+) -> Result<String, String> {
+    let mut urls = Vec::new();
+    for (field, url, sha) in config.artifacts() {
+        let r = app
+            .cache
+            .register(url, sha)
+            .map_err(|e| format!("{field}: {e}"))?;
+        urls.push(app.artifact_url(base, r));
+    }
+    let kernel_url = urls.remove(0);
+    let banner = match &config.job_id {
+        Some(job) => format!("{mac} boots for job {job}"),
+        None => format!("{mac} boots the default config"),
+    };
+    ipxe::render_boot_script(&BootScript {
+        banner: &banner,
+        platform,
+        kernel_url: &kernel_url,
+        initrd_urls: &urls,
+        cmdline: &config.kernel.cmdline,
+        retry_url: retry,
+        retry_delay_seconds: app.config.retry_delay_seconds,
+    })
+    .map_err(|e| e.to_string())
+}
+
+async fn artifact(
+    State(app): State<AppState>,
+    Path((id, _name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    match app.cache.open_artifact(&id).await {
+        Ok(served) => crate::cache::serve::respond(served, &headers).await,
+        Err(CacheError::NotFound) => ApiError::not_found(format!(
+            "no artifact {id:?}: boot scripts name the artifacts"
+        ))
+        .into_response(),
+        Err(e @ CacheError::FileOutsideRoots(_)) => {
+            ApiError::forbidden(e.to_string()).into_response()
+        }
+        Err(e @ (CacheError::File { .. } | CacheError::FileChecksum { .. })) => {
+            tracing::warn!(artifact = %id, error = %e, "cannot serve file artifact");
+            ApiError::new(StatusCode::BAD_GATEWAY, e.to_string()).into_response()
+        }
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+fn parse_mac(raw: &str) -> Result<MachineId, ApiError> {
+    MachineId::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()).with_field("mac"))
+}
+
+fn now_ms() -> i64 {
+    crate::cache::now_ms() as i64
+}
+
+async fn put_config(
+    State(app): State<AppState>,
+    Path(mac): Path<String>,
+    ApiJson(config): ApiJson<BootConfig>,
+) -> Result<ApiJson<StoredBootConfig>, ApiError> {
+    let mac = parse_mac(&mac)?;
+    config.validate()?;
+    for (field, url, sha) in config.artifacts() {
+        app.cache
+            .register(url, sha)
+            .map_err(|e| ApiError::unprocessable(e.to_string()).with_field(field))?;
+    }
+    let stored = app
+        .store
+        .put(mac, &config, now_ms())
+        .await
+        .map_err(ApiError::internal)?;
+    tracing::info!(
+        machine_id = %mac,
+        job_id = config.job_id.as_deref().unwrap_or(""),
+        kernel = %config.kernel.url,
+        "boot config set"
+    );
+    Ok(ApiJson(stored))
+}
+
+async fn get_config(
+    State(app): State<AppState>,
+    Path(mac): Path<String>,
+) -> Result<ApiJson<StoredBootConfig>, ApiError> {
+    let mac = parse_mac(&mac)?;
+    match app.store.get(mac).await.map_err(ApiError::internal)? {
+        Some(s) => Ok(ApiJson(s)),
+        None => Err(ApiError::not_found(format!(
+            "no boot config for {mac}: it boots the default config"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    job_id: Option<String>,
+}
+
+async fn delete_config(
+    State(app): State<AppState>,
+    Path(mac): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    let mac = parse_mac(&mac)?;
+    match app
+        .store
+        .delete(mac, q.job_id.as_deref())
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Deleted::Yes => {
+            tracing::info!(machine_id = %mac, job_id = q.job_id.as_deref().unwrap_or(""), "boot config cleared");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Deleted::Absent => Ok(StatusCode::NO_CONTENT),
+        Deleted::OtherJob(other) => Err(ApiError::conflict(format!(
+            "the boot config of {mac} belongs to job {}; kept",
+            other.as_deref().unwrap_or("<none>")
+        ))),
+    }
+}
+
+async fn list_configs(
+    State(app): State<AppState>,
+) -> Result<ApiJson<Vec<StoredBootConfig>>, ApiError> {
+    Ok(ApiJson(app.store.list().await.map_err(ApiError::internal)?))
+}
+
+async fn cache_stats(State(app): State<AppState>) -> ApiJson<CacheStats> {
+    ApiJson(app.cache.stats())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_decoding() {
+        assert_eq!(percent_decode("52%3A54%3a00"), "52:54:00");
+        assert_eq!(percent_decode("%zz%"), "%zz%");
+        assert_eq!(percent_decode("%ff"), "\u{fffd}");
+        let uri: Uri = "/boot.ipxe?mac=52%3A54%3A00%3A12%3A34%3A56&platform=efi"
+            .parse()
+            .unwrap();
+        assert_eq!(query_param(&uri, "mac").unwrap(), "52:54:00:12:34:56");
+        assert_eq!(query_param(&uri, "buildarch"), None);
+        assert_eq!(ipxe_word(Some("x86_64".into())).as_deref(), Some("x86_64"));
+        assert_eq!(ipxe_word(Some("a b".into())), None);
+    }
+}
