@@ -583,6 +583,7 @@ mod tests {
         let a = put(&store, &[1u8; 100]);
         std::thread::sleep(Duration::from_millis(5));
         let b = put(&store, &[2u8; 100]);
+        std::thread::sleep(Duration::from_millis(5));
         // Touch `a`: now `b` is the least recently used.
         let Lookup::Cached(lease_a) = store.lookup(&a) else {
             panic!("a is cached")
@@ -599,9 +600,11 @@ mod tests {
         let Lookup::Cached(la) = store.lookup(&a) else {
             panic!()
         };
+        std::thread::sleep(Duration::from_millis(5));
         let Lookup::Cached(lc) = store.lookup(&c) else {
             panic!()
         };
+        std::thread::sleep(Duration::from_millis(5));
         let d = put(&store, &[4u8; 100]);
         let Lookup::Cached(ld) = store.lookup(&d) else {
             panic!()

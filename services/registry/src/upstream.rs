@@ -161,6 +161,7 @@ pub struct Upstream {
 }
 
 /// A manifest as fetched from upstream.
+#[derive(Debug)]
 pub struct FetchedManifest {
     pub bytes: bytes::Bytes,
     pub media_type: String,
