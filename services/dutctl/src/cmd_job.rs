@@ -88,7 +88,7 @@ fn read_job(path: &PathBuf) -> anyhow::Result<(String, String)> {
             .context("cannot read the job from standard input")?;
         return Ok(("<stdin>".into(), text));
     }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     Ok((path.display().to_string(), text))
 }
