@@ -173,6 +173,15 @@ impl MemoryPower {
     }
 }
 
+impl MemoryPower {
+    /// Sets a port as if someone had switched it by hand.
+    pub fn set_state(&self, pdu: &str, port: &str, state: PowerState) {
+        if let Ok(mut p) = self.ports.lock() {
+            p.insert((pdu.to_string(), port.to_string()), state);
+        }
+    }
+}
+
 impl Power for MemoryPower {
     fn get(&self, pdu: &str, port: &str) -> BoxFuture<'_, Result<PowerState, PowerError>> {
         let s = self.state(pdu, port);
