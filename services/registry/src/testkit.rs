@@ -104,7 +104,11 @@ fn crc32(data: &[u8]) -> u32 {
     for (i, t) in table.iter_mut().enumerate() {
         let mut c = i as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
         *t = c;
     }
@@ -180,16 +184,28 @@ fn write_image(dir: &Path, spec: &ImageSpec) -> io::Result<(Digest, u64, Vec<(Di
         "config": descriptor(OCI_CONFIG, &cd, cs),
         "layers": layers,
     });
-    let (md, ms) = put_blob(dir, &serde_json::to_vec(&manifest).map_err(io::Error::other)?)?;
+    let (md, ms) = put_blob(
+        dir,
+        &serde_json::to_vec(&manifest).map_err(io::Error::other)?,
+    )?;
     Ok((md, ms, blobs))
 }
 
-fn write_index_json(dir: &Path, media_type: &str, d: &Digest, size: u64, tag: &str) -> io::Result<()> {
+fn write_index_json(
+    dir: &Path,
+    media_type: &str,
+    d: &Digest,
+    size: u64,
+    tag: &str,
+) -> io::Result<()> {
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     let mut desc = descriptor(media_type, d, size);
     desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
     let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).map_err(io::Error::other)?)
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).map_err(io::Error::other)?,
+    )
 }
 
 /// Writes an OCI layout at `dir` holding one image tagged `tag`. Blocking.
@@ -217,7 +233,8 @@ pub fn write_index_layout(dir: &Path, tag: &str, specs: &[ImageSpec]) -> io::Res
         manifests.push(desc);
         all.extend(blobs);
     }
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+    let index =
+        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
     let (id, is) = put_blob(dir, &serde_json::to_vec(&index).map_err(io::Error::other)?)?;
     write_index_json(dir, OCI_INDEX, &id, is, tag)?;
     Ok(WrittenImage {
@@ -258,7 +275,10 @@ impl DockerRegistry {
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("registry.log");
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = tokio::process::Command::new("docker-registry")
             .arg("serve")
             .arg(&config_path)
@@ -394,7 +414,8 @@ mod tests {
         let wb = write_image_layout(b.path(), "t", &spec).unwrap();
         assert_eq!(wa.top_digest, wb.top_digest);
         assert_eq!(wa.blobs.len(), 3);
-        let other = write_image_layout(b.path(), "u", &ImageSpec::new(8, vec![1000], false)).unwrap();
+        let other =
+            write_image_layout(b.path(), "u", &ImageSpec::new(8, vec![1000], false)).unwrap();
         assert_ne!(other.top_digest, wa.top_digest);
     }
 }
