@@ -182,8 +182,10 @@ mod tests {
         let mut c = Config::default();
         c.upstreams[0].prefix = "docker.io".into();
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.default_upstream = Some("nope/".into());
+        let c = Config {
+            default_upstream: Some("nope/".into()),
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
         let mut c = Config::default();
         c.upstreams[1].url = "ftp://x".into();

@@ -150,8 +150,11 @@ fn descriptor(media_type: &str, d: &Digest, size: u64) -> serde_json::Value {
     serde_json::json!({"mediaType": media_type, "digest": d.to_string(), "size": size})
 }
 
-/// Writes one image manifest (and its blobs); returns (manifest digest, size, blobs).
-fn write_image(dir: &Path, spec: &ImageSpec) -> io::Result<(Digest, u64, Vec<(Digest, u64)>)> {
+/// A blob's digest and size.
+type Blob = (Digest, u64);
+
+/// Writes one image manifest (and its blobs); returns the manifest and the other blobs.
+fn write_image(dir: &Path, spec: &ImageSpec) -> io::Result<(Digest, u64, Vec<Blob>)> {
     let mut rng = Rng(spec.seed);
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
