@@ -1120,6 +1120,13 @@ mod tests {
     }
 
     #[test]
+    fn python_only_syntax_is_rejected_at_validation() {
+        for p in [r"foo\Z", r"(?<=a)b", r"(a)\1"] {
+            assert!(Pattern::new(p).is_err(), "{p}");
+        }
+    }
+
+    #[test]
     fn regex_reason_is_one_line() {
         let e = Pattern::new("(abc").unwrap_err();
         let r = regex_reason(&e);

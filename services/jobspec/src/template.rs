@@ -496,6 +496,16 @@ mod tests {
     }
 
     #[test]
+    fn is_defined_works_in_strict_mode() {
+        let r = render(
+            "{% if nope is defined %}a{% else %}b{% endif %}{% if machine_id is defined %}c{% endif %}",
+            &vars(),
+        )
+        .unwrap();
+        assert_eq!(r, "bc");
+    }
+
+    #[test]
     fn syntax_error_has_a_line() {
         let e = render("a: 1\nb: {{ oops\n", &vars()).unwrap_err();
         assert_eq!(e.kind, JobErrorKind::Template);

@@ -1,0 +1,89 @@
+//! `dutctl job validate`: the real binary on real files; exit 0 and the normalised job, or
+//! exit 2 and one positioned error per line on stderr.
+
+use std::process::Command;
+
+fn dutctl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dutctl"))
+        .args(args)
+        .env_remove("DUTGATE_URL")
+        .env_remove("DUTGATE_TOKEN")
+        .output()
+        .expect("dutctl runs")
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn valid_job_prints_normalised_yaml() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "job.yml",
+        "deployment:\n  start:\n    kernel:\n      url: \"{{ minio_url }}/k\"\n      cmdline: [a, \"b={{ extra }}\"]\n  continue:\n    kernel: {cmdline: c}\n",
+    );
+    let out = dutctl(&["job", "validate", &file, "--var", "extra=42"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8(out.stdout).unwrap();
+    assert!(yaml.contains("url: http://gateway:9000/k"), "{yaml}");
+    assert!(yaml.contains("cmdline: a b=42"), "{yaml}");
+    assert!(yaml.contains("overall:\n    hours: 6\n"), "{yaml}");
+    assert!(
+        yaml.contains("continue:\n    kernel:\n      url: http://gateway:9000/k\n      cmdline: c"),
+        "{yaml}"
+    );
+
+    let out = dutctl(&["-o", "json", "job", "validate", &file, "--var", "extra=42"]);
+    assert_eq!(out.status.code(), Some(0));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["deployment"]["start"]["kernel"]["cmdline"], "a b=42");
+}
+
+#[test]
+fn invalid_job_lists_every_error_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir,
+        "bad.yml",
+        "target: {}\ntimeouts:\n  overall: {hours: 2, retries: 1}\ndeployment:\n  continue: {}\n",
+    );
+    let out = dutctl(&["job", "validate", &file]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!(
+                "{file}:1:9: target: a target needs `id` or `tags` (`tags: []` means any machine)"
+            ),
+            format!(
+                "{file}:3:32: timeouts.overall.retries: `overall` cannot have retries (it bounds the retries of the others)"
+            ),
+            format!("{file}:5:3: deployment.start: missing required field"),
+        ]
+    );
+
+    // An undefined variable is an error unless provided; placeholders can be turned off.
+    let file = write(
+        &dir,
+        "tmpl.yml",
+        "deployment: {start: {kernel: {url: \"{{ minio_url }}/k\"}}}\n",
+    );
+    assert_eq!(dutctl(&["job", "validate", &file]).status.code(), Some(0));
+    let out = dutctl(&["job", "validate", &file, "--no-placeholders"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("undefined template variable `minio_url`")
+    );
+}
