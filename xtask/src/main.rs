@@ -1,1 +1,49 @@
-fn main(){}
+//! `cargo xtask …`: developer tasks, so that no shell scripts are scattered around.
+
+mod bench;
+mod packages;
+mod test;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "dutgate developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install the test suite's system packages, then run fmt, clippy and every test.
+    Test(test::TestArgs),
+    /// Run benchmarks side by side with the peers and append the results to docs/benchmarks.md.
+    Bench(bench::BenchCli),
+    /// Install the system packages the test suite needs (what `test` does first).
+    InstallDeps,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::InstallDeps => packages::install(&workspace_root()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}

@@ -1,0 +1,239 @@
+//! `dutgate up` and `dutgate config check`, driven as a user would: through the binary.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SERVICES: [&str; 6] = ["executor", "mars", "registry", "boot", "pdu", "salad"];
+
+fn dutgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dutgate"));
+    // Never pick up a machine-wide config or the caller's overrides.
+    c.env("DUTGATE_CONFIG", "/dev/null")
+        .env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("DUTGATE_") && k.contains("__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn healthz(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.1 200").then_some(out)
+}
+
+/// Processes whose command line mentions `needle` (our unique state dir).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{name}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = dutgate();
+    cmd.arg("--state-dir").arg(state.path()).arg("up");
+    let mut ports = Vec::new();
+    for svc in SERVICES {
+        let p = free_port();
+        ports.push(p);
+        cmd.env(format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()), p.to_string());
+    }
+    cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    for (svc, p) in SERVICES.iter().zip(&ports) {
+        loop {
+            if let Some(body) = healthz(*p) {
+                assert!(body.contains(svc), "{svc} answered {body}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{svc} did not answer /healthz within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Tokens exist with mode 0600; endpoints are published for dutctl.
+    for t in ["admin", "user"] {
+        let meta = std::fs::metadata(state.path().join("tokens").join(t)).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    let endpoints = std::fs::read_to_string(state.path().join("endpoints.json")).unwrap();
+    assert!(endpoints.contains(&ports[0].to_string()));
+
+    let needle = state.path().to_string_lossy().to_string();
+    assert_eq!(processes_mentioning(&needle).len(), 1 + SERVICES.len());
+
+    let stop = Instant::now();
+    unsafe_free_kill(child.id(), "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "up exited with {status}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(stop.elapsed() < Duration::from_secs(5), "stopping took {:?}", stop.elapsed());
+    assert_eq!(processes_mentioning(&needle), Vec::<String>::new(), "orphans left");
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    for svc in SERVICES {
+        assert!(out.contains(svc), "no line for {svc} in:\n{out}");
+    }
+    assert!(out.contains("ready"));
+}
+
+#[test]
+fn a_crashed_service_is_restarted() {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = dutgate()
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["up", "--only", "salad"])
+        .env("DUTGATE_GATEWAY__PORTS__SALAD", port.to_string())
+        .env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wait_up = |limit: Duration| {
+        let t = Instant::now();
+        while healthz(port).is_none() {
+            assert!(t.elapsed() < limit, "salad not (back) up after {limit:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_up(Duration::from_secs(5));
+    let needle = format!("{} salad", state.path().display());
+    let victim = processes_mentioning(&needle)
+        .first()
+        .and_then(|l| l.split(':').next().map(String::from))
+        .unwrap();
+    unsafe_free_kill(victim.parse().unwrap(), "KILL");
+    std::thread::sleep(Duration::from_millis(300));
+    // Back-off is 1 s for a first crash; the rest is slack for a loaded machine.
+    wait_up(Duration::from_secs(15));
+    unsafe_free_kill(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+}
+
+fn unsafe_free_kill(pid: u32, sig: &str) {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn unknown_key_and_bad_value_exit_2_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("gateway:\n  farm_name: lab\n  colour: blue\n", "colour", ":3:"),
+        ("gateway:\n  ports:\n    pdu: high\n", "pdu", ":3:"),
+        ("salad:\n  nonsense_key: 1\n", "nonsense_key", ":2:"),
+        ("gatewy:\n  farm_name: lab\n", "gatewy", ":1:"),
+    ];
+    for (i, (text, key, line)) in cases.iter().enumerate() {
+        let path = write(dir.path(), &format!("bad{i}.yml"), text);
+        for args in [vec!["config", "check"], vec!["up"]] {
+            let state = dir.path().join(format!("state{i}"));
+            let out = dutgate()
+                .arg("--config")
+                .arg(&path)
+                .arg("--state-dir")
+                .arg(&state)
+                .args(&args)
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(2), "{args:?} on {text:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
+            assert!(err.contains(key), "{err} should name {key}");
+            assert!(err.contains(line), "{err} should name line {line}");
+            // Nothing started, nothing written.
+            assert!(!state.exists(), "{args:?} created the state dir");
+        }
+    }
+}
+
+#[test]
+fn bad_env_override_exits_2_naming_the_variable() {
+    let out = dutgate()
+        .args(["config", "check"])
+        .env("DUTGATE_GATEWAY__PORTS__SALAD", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DUTGATE_GATEWAY__PORTS__SALAD"));
+}
+
+#[test]
+fn config_check_prints_effective_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "ok.yml",
+        "gateway:\n  farm_name: lab\n  database_url: postgres://dut:pw@db/farm\n  auth:\n    admin_token: sup3rsecret\n",
+    );
+    let out = dutgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["config", "check"])
+        .env("DUTGATE_GATEWAY__PORTS__BOOT", "18003")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("farm_name: lab"));
+    assert!(text.contains("boot: 18003"));
+    assert!(!text.contains("sup3rsecret"));
+    assert!(!text.contains(":pw@"));
+    for section in SERVICES {
+        assert!(text.contains(&format!("\n{section}:")), "section {section} missing:\n{text}");
+    }
+}

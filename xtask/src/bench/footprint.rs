@@ -1,0 +1,181 @@
+//! `cargo xtask bench footprint`: how long `dutgate up` takes until every service answers
+//! `/healthz`, how long SIGTERM takes to stop everything, and each service's idle RSS.
+//! There is no peer for this one: the figures are the gateway's own floor.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::BenchArgs;
+use super::report::{append_table, stats};
+
+const SERVICES: [&str; 6] = ["executor", "mars", "registry", "boot", "pdu", "salad"];
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let profile = if args.quick { "debug" } else { "release" };
+    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    build.args(["build", "-p", "dutgate"]).current_dir(&args.root);
+    if !args.quick {
+        build.arg("--release");
+    }
+    if !build.status().context("building dutgate")?.success() {
+        bail!("cargo build failed");
+    }
+    let exe = args.root.join("target").join(profile).join("dutgate");
+    // `cargo xtask bench footprint -- N` runs N times instead of 5.
+    let runs = match args.extra.first() {
+        Some(n) => n.parse().context("the extra argument is the number of runs")?,
+        None if args.quick => 1,
+        None => 5,
+    };
+    let mut start_ms = Vec::new();
+    let mut stop_ms = Vec::new();
+    let mut rss_kib: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for _ in 0..runs {
+        let r = one_run(&exe)?;
+        start_ms.push(r.start.as_secs_f64() * 1000.0);
+        stop_ms.push(r.stop.as_secs_f64() * 1000.0);
+        for (svc, kib) in r.rss {
+            rss_kib.entry(svc).or_default().push(kib as f64);
+        }
+    }
+    let fmt = |v: &[f64]| {
+        stats(v)
+            .map(|s| format!("{:.0} / {:.0} / {:.0} (p99 {:.0}, n={})", s.min, s.median, s.max, s.p99, s.n))
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![
+        vec!["`dutgate up` until all /healthz answer (ms)".into(), fmt(&start_ms)],
+        vec!["SIGTERM until every process is gone (ms)".into(), fmt(&stop_ms)],
+    ];
+    let mut total = vec![0.0; runs];
+    for (svc, v) in &rss_kib {
+        rows.push(vec![format!("idle RSS of `{svc}` (MiB)"), fmt(&v.iter().map(|k| k / 1024.0).collect::<Vec<_>>())]);
+        for (i, k) in v.iter().enumerate() {
+            if let Some(t) = total.get_mut(i) {
+                *t += k / 1024.0;
+            }
+        }
+    }
+    rows.push(vec!["idle RSS, all services (MiB)".into(), fmt(&total)]);
+    println!("{rows:#?}");
+    if args.write && !args.quick {
+        append_table(
+            &args.root,
+            "Gateway footprint",
+            "cargo xtask bench footprint",
+            &["figure", "min / median / max"],
+            &rows,
+            &format!("{runs} runs of a release build with the embedded defaults (SQLite, empty state dir)."),
+        )?;
+    }
+    Ok(())
+}
+
+struct RunResult {
+    start: Duration,
+    stop: Duration,
+    rss: Vec<(String, u64)>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn one_run(exe: &std::path::Path) -> anyhow::Result<RunResult> {
+    let state = std::env::temp_dir().join(format!("dutgate-bench-{}-{}", std::process::id(), free_port()?));
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir").arg(&state).arg("up");
+    let mut ports = Vec::new();
+    for svc in SERVICES {
+        let p = free_port()?;
+        ports.push(p);
+        cmd.env(format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()), p.to_string());
+    }
+    cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().context("starting dutgate up")?;
+    for p in &ports {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !healthy(*p) {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("service on port {p} never became healthy");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let start = t0.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = children_rss(child.id());
+    let t1 = Instant::now();
+    // SAFETY-free: signal through the kill command to avoid a libc dependency here.
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    child.wait()?;
+    let stop = t1.elapsed();
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(RunResult { start, stop, rss })
+}
+
+fn healthy(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+}
+
+/// (service, VmRSS KiB) of every direct child of `parent`, named by its last argument.
+fn children_rss(parent: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let pid = e.file_name().to_string_lossy().to_string();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if field("PPid:") != Some(u64::from(parent)) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let name = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .last()
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .unwrap_or_default();
+        if let Some(kib) = field("VmRSS:") {
+            out.push((name, kib));
+        }
+    }
+    out.sort();
+    out
+}

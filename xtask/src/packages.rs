@@ -1,0 +1,73 @@
+//! Installs the Debian packages listed in `xtask/test-packages.txt` when they are missing.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+pub fn listed(root: &Path) -> anyhow::Result<Vec<String>> {
+    let path = root.join("xtask/test-packages.txt");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+pub fn install(root: &Path) -> anyhow::Result<()> {
+    install_packages(&listed(root)?)
+}
+
+pub fn install_packages(packages: &[String]) -> anyhow::Result<()> {
+    let missing: Vec<&String> = packages.iter().filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        println!("xtask: all {} test packages are installed", packages.len());
+        return Ok(());
+    }
+    let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+    if !Path::new("/etc/debian_version").exists() {
+        bail!(
+            "this is not a Debian system; install these packages (or their equivalents) by hand: {}",
+            names.join(" ")
+        );
+    }
+    let sudo: &[&str] = if is_root() { &[] } else { &["sudo"] };
+    println!("xtask: installing {}", names.join(" "));
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let mut cmd = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            cmd.arg("apt-get");
+        }
+        let status = cmd
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(names.iter().copied());
+    apt(&args)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
