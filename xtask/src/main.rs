@@ -1,6 +1,7 @@
 //! `cargo xtask …`: developer tasks, so that no shell scripts are scattered around.
 
 mod bench;
+mod fuzz;
 mod packages;
 mod test;
 
@@ -22,6 +23,15 @@ enum Command {
     Test(test::TestArgs),
     /// Run benchmarks side by side with the peers and append the results to docs/benchmarks.md.
     Bench(bench::BenchCli),
+    /// Run every cargo-fuzz target (or one) for N seconds each, on nightly.
+    Fuzz {
+        /// One target, by name or as `<crate>/<name>`.
+        #[arg(long)]
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        time: u64,
+    },
     /// Install the system packages the test suite needs (what `test` does first).
     InstallDeps,
 }
@@ -31,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz { target, time } => fuzz::run(target, time),
         Command::InstallDeps => packages::install(&workspace_root()),
     };
     match result {
