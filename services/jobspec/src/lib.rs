@@ -37,7 +37,7 @@ pub use error::{JobError, JobErrorKind, JobErrors, Location};
 pub use patterns::{ConsoleEvent, MAX_LINE, PatternEngine, WatchdogAction, derive_status};
 pub use spec::{
     BootKind, ConsolePatterns, DEFAULT_INFRA_TEARDOWN, DEFAULT_OVERALL, DEFAULT_SESSION_END,
-    Deployment, DeploymentState, Initramfs, JobSpec, Kernel, Pattern, Target, Timeout, Timeouts,
-    WatchdogPatterns, render,
+    Deployment, DeploymentState, Initramfs, JobSpec, Kernel, MAX_WATCHDOGS, Pattern, Target,
+    Timeout, Timeouts, WatchdogPatterns, render,
 };
 pub use template::{JobBucketVars, MAX_JOB_BYTES, MachineVars, TemplateVars};

@@ -3,7 +3,7 @@
 //! `start`. Reading never stops at the first problem: every field is checked and every error is
 //! collected, each with its field path and position.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -22,6 +22,9 @@ pub const DEFAULT_SESSION_END: &str = r"^\[[\d \.]{12}\] reboot: Power Down$";
 pub const DEFAULT_OVERALL: Duration = Duration::from_secs(6 * 3600);
 /// Default `infra_teardown` budget.
 pub const DEFAULT_INFRA_TEARDOWN: Duration = Duration::from_secs(10 * 60);
+/// Watchdogs a job may define: each costs three regexes per console line, and a job has a
+/// handful at most.
+pub const MAX_WATCHDOGS: usize = 64;
 /// Compiled size limit of one console pattern: console regexes are small; this only stops a
 /// pathological pattern from eating memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
@@ -418,17 +421,27 @@ impl Reader {
         Some(fields)
     }
 
-    /// A mapping of user-chosen names (watchdogs) to values.
+    /// A mapping of user-chosen names (watchdogs) to values, at most [`MAX_WATCHDOGS`].
     fn named<'n>(&mut self, node: &'n Node, path: &str) -> Vec<(String, &'n Node)> {
         let Value::Map(entries) = &node.value else {
             self.type_error(path, "a mapping of names", node);
             return Vec::new();
         };
         let mut out: Vec<(String, &Node)> = Vec::new();
+        let mut seen = HashSet::new();
         for (k, v) in entries {
             match k.as_key() {
+                Some(_) if out.len() >= MAX_WATCHDOGS => {
+                    self.error(
+                        JobErrorKind::InvalidValue,
+                        path,
+                        format!("at most {MAX_WATCHDOGS} watchdogs"),
+                        k.loc,
+                    );
+                    break;
+                }
                 Some(name) if !name.is_empty() => {
-                    if out.iter().any(|(n, _)| n == name) {
+                    if !seen.insert(name) {
                         self.error(
                             JobErrorKind::InvalidValue,
                             &join(path, name),

@@ -9,7 +9,7 @@
 //! stays the string "1.0", `retries: 3` is an integer), which avoids the YAML 1.1/1.2
 //! differences between PyYAML (valve-infra) and this parser on anything a job uses.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 
@@ -296,12 +296,17 @@ fn merge_keys(entries: Vec<(Node, Node)>) -> Vec<(Node, Node)> {
             own.push((k, v));
         }
     }
+    // Keys seen so far (non-scalar keys never match, as before), to keep merging linear.
+    let mut present: HashSet<String> = own
+        .iter()
+        .filter_map(|(k, _)| k.as_key().map(str::to_string))
+        .collect();
     for source in sources {
         match source.value {
             Value::Map(merged) => {
                 for (k, v) in merged {
-                    let present = own.iter().any(|(o, _)| o.as_key() == k.as_key());
-                    if !present {
+                    let new_key = k.as_key().is_none_or(|key| present.insert(key.to_string()));
+                    if new_key {
                         own.push((k, v));
                     }
                 }

@@ -194,3 +194,14 @@ fn oversized_job() {
     let text = "#".repeat(dutgate_jobspec::MAX_JOB_BYTES + 1);
     assert_eq!(only(&text).kind, JobErrorKind::TooLarge);
 }
+
+#[test]
+fn too_many_watchdogs() {
+    let mut text = format!("{DEPLOY}timeouts:\n  watchdogs:\n");
+    for i in 0..=dutgate_jobspec::MAX_WATCHDOGS {
+        text.push_str(&format!("    w{i}: {{seconds: 1}}\n"));
+    }
+    let e = only(&text);
+    assert_eq!(e.path, "timeouts.watchdogs");
+    assert!(e.message.contains("at most"), "{e}");
+}
