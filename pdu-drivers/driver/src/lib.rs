@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use config::{ConfigError, PortList, parse_config, port_list};
 pub use dutgate_core::PowerState;
 pub use error::DriverError;
-pub use registry::{DriverFactory, DriverInfo, Registry};
+pub use registry::{BuildFn, DriverFactory, DriverInfo, Registry};
 
 /// One outlet as a driver sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,5 +5,6 @@ use dutgate_pdu_driver::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(dutgate_pdu_dummy::factories());
+    r.register(dutgate_pdu_snmp::factories());
     r
 }

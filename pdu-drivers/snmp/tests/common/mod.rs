@@ -1,0 +1,136 @@
+//! A real SNMP agent for tests and benchmarks: net-snmp `snmpd` on an ephemeral UDP port,
+//! with `pdu_agent.py` (pass_persist) playing the outlet tables of every supported model.
+#![allow(dead_code)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MODELS: [&str; 4] = [
+    "apc_masterswitch",
+    "apc_rpdu2",
+    "cyberpower_pdu41004",
+    "cyberpower_pdu15swhviec12atnet",
+];
+
+pub const ROOTS: [&str; 4] = [
+    ".1.3.6.1.4.1.318.1.1.4",
+    ".1.3.6.1.4.1.318.1.1.12",
+    ".1.3.6.1.4.1.3808.1.1.3",
+    ".1.3.6.1.4.1.3808.1.1.5",
+];
+
+pub const V3_USER: &str = "labuser";
+pub const V3_AUTH: &str = "labauthpass";
+pub const V3_PRIV: &str = "labprivpass";
+
+pub struct Agent {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pdu_agent.py")
+}
+
+fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
+    s.local_addr().unwrap().port()
+}
+
+impl Agent {
+    /// Starts snmpd with every model, `ports` outlets each; waits until it answers.
+    pub fn start(ports: usize) -> Agent {
+        let snmpd = dutgate_core::testing::require_program("snmpd", "snmpd");
+        dutgate_core::testing::require_program("python3", "python3");
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_udp_port();
+        let state = dir.path().join("state");
+        let persist = dir.path().join("persist");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(&persist).unwrap();
+        let mut conf = format!(
+            "agentAddress udp:127.0.0.1:{port}\n\
+             rocommunity public 127.0.0.1\n\
+             rwcommunity private 127.0.0.1\n\
+             createUser {V3_USER} SHA \"{V3_AUTH}\" AES \"{V3_PRIV}\"\n\
+             rwuser {V3_USER} priv\n\
+             sysName pdu-test-agent\n"
+        );
+        for (model, root) in MODELS.iter().zip(ROOTS) {
+            conf.push_str(&format!(
+                "pass_persist {root} /usr/bin/python3 {} {} {model} {ports}\n",
+                script().display(),
+                state.display()
+            ));
+        }
+        let conf_path = dir.path().join("snmpd.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log = std::fs::File::create(dir.path().join("snmpd.log")).unwrap();
+        let child = Command::new(snmpd)
+            .args(["-f", "-C", "-I", "-smux", "-Lo", "-c"])
+            .arg(&conf_path)
+            .env("SNMP_PERSISTENT_DIR", &persist)
+            .env("MIBS", "")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start snmpd");
+        let agent = Agent { child, port, dir };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // A v2c GET of sysName.0 with community "public", hand-encoded: enough to see the
+        // agent answer without depending on the code under test.
+        let get: [u8; 41] = [
+            0x30, 0x27, 0x02, 0x01, 0x01, 0x04, 0x06, b'p', b'u', b'b', b'l', b'i', b'c', 0xa0,
+            0x1a, 0x02, 0x02, 0x12, 0x34, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00, 0x30, 0x0e, 0x30,
+            0x0c, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x02, 0x01, 0x01, 0x05, 0x00, 0x05, 0x00,
+        ];
+        let mut buf = [0u8; 1500];
+        while start.elapsed() < Duration::from_secs(10) {
+            let _ = sock.send_to(&get, ("127.0.0.1", self.port));
+            if sock.recv_from(&mut buf).is_ok() {
+                return;
+            }
+        }
+        panic!("snmpd did not answer within 10 s; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("snmpd.log")).unwrap_or_default()
+    }
+
+    /// The agent's own record of outlet `n` of `model` (true = on).
+    pub fn outlet(&self, model: &str, n: usize) -> bool {
+        let path = self.dir.path().join("state").join(format!("{model}.json"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v[n.to_string()].as_bool().unwrap()
+    }
+
+    /// Every SET the agent applied to `model`, as "<outlet> <value>" lines.
+    pub fn set_log(&self, model: &str) -> Vec<String> {
+        let path = self.dir.path().join("state").join(format!("{model}.log"));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
