@@ -5,6 +5,7 @@
 //! and one line in `BENCHES`.
 
 pub mod footprint;
+pub mod registry;
 pub mod report;
 pub mod salad;
 
@@ -43,6 +44,7 @@ type BenchFn = fn(&BenchArgs) -> anyhow::Result<()>;
 const BENCHES: &[(&str, BenchFn)] = &[
     ("footprint", footprint::run),
     ("salad", salad::run),
+    ("registry", registry::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
