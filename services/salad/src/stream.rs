@@ -138,7 +138,9 @@ where
                     machine,
                     line_start,
                 } => {
-                    if bound.as_ref().is_some_and(|b| b.machine.id == machine) {
+                    if bound.as_ref().is_some_and(|b| {
+                        b.machine.id == machine && !b.machine.cancel.is_cancelled()
+                    }) {
                         continue;
                     }
                     // Output before the announcing line still belongs to the old machine.
@@ -151,6 +153,14 @@ where
                     rebind(&hub, &spec, id, &entry, &in_tx, &mut bound, machine, true).await;
                 }
             }
+        }
+        if bound
+            .as_ref()
+            .is_some_and(|b| b.machine.cancel.is_cancelled())
+        {
+            // The machine was deleted: its output goes nowhere until the next announcement.
+            bound = None;
+            entry.set_machine(None);
         }
         if let Some(b) = &bound {
             b.machine.output(at, chunk.slice(from..));
