@@ -137,3 +137,52 @@ impl<'a> IntoIterator for &'a JobErrors {
         self.0.iter()
     }
 }
+
+/// An invalid job is the submitter's mistake: 400 (413 when too large), with the first error in
+/// the `field`/`line`/`column` slots and every error, one per line, in `error`.
+impl From<JobErrors> for dutgate_core::ApiError {
+    fn from(errors: JobErrors) -> Self {
+        let too_large = errors.iter().any(|e| e.kind == JobErrorKind::TooLarge);
+        let message = format!("invalid job:\n{errors}");
+        let mut api = if too_large {
+            dutgate_core::ApiError::payload_too_large(message)
+        } else {
+            dutgate_core::ApiError::bad_request(message)
+        };
+        if let Some(first) = errors.first() {
+            if !first.path.is_empty() {
+                api = api.with_field(first.path.clone());
+            }
+            if let Some(loc) = first.location {
+                api = api.at(loc.line, loc.column);
+            }
+        }
+        api
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_error_carries_the_first_error() {
+        let errors = JobErrors(vec![
+            JobError::new(
+                JobErrorKind::InvalidValue,
+                "timeouts.overall.retries",
+                "`overall` cannot have retries",
+                Some(Location {
+                    line: 4,
+                    column: 32,
+                }),
+            ),
+            JobError::new(JobErrorKind::MissingField, "deployment", "missing", None),
+        ]);
+        let api = dutgate_core::ApiError::from(errors);
+        assert_eq!(api.status.as_u16(), 400);
+        assert_eq!(api.body.field.as_deref(), Some("timeouts.overall.retries"));
+        assert_eq!((api.body.line, api.body.column), (Some(4), Some(32)));
+        assert_eq!(api.body.error.lines().count(), 3, "{}", api.body.error);
+    }
+}
