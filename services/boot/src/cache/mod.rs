@@ -237,10 +237,12 @@ impl ArtifactCache {
             .user_agent(concat!("dutgate-boot/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(std::io::Error::other)?;
-        let mut state = State::default();
-        state.total_size = index.blobs.values().map(|b| b.size).sum();
-        state.entries = index.entries.into_iter().collect();
-        state.blobs = index.blobs.into_iter().collect();
+        let state = State {
+            total_size: index.blobs.values().map(|b| b.size).sum(),
+            entries: index.entries.into_iter().collect(),
+            blobs: index.blobs.into_iter().collect(),
+            ..State::default()
+        };
         let inner = Arc::new(Inner {
             dir,
             cfg,
