@@ -39,6 +39,10 @@ pub enum UpstreamError {
     Auth { url: String, reason: String },
     #[error("upstream {url} sent a manifest larger than {MAX_MANIFEST_BYTES} bytes")]
     TooLarge { url: String },
+    #[error(
+        "upstream {url} only has a schema 1 manifest ({media_type}), which this cache does not serve"
+    )]
+    Schema1 { url: String, media_type: String },
 }
 
 impl UpstreamError {
@@ -74,7 +78,7 @@ impl UpstreamError {
             UpstreamError::Auth { .. } => {
                 RegistryError::new(StatusCode::FORBIDDEN, Code::Denied, msg)
             }
-            UpstreamError::TooLarge { .. } => {
+            UpstreamError::TooLarge { .. } | UpstreamError::Schema1 { .. } => {
                 RegistryError::new(StatusCode::BAD_GATEWAY, Code::ManifestInvalid, msg)
             }
             UpstreamError::Unreachable { .. } | UpstreamError::Status { .. } => {
@@ -214,6 +218,17 @@ impl Upstream {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        // Schema 1 is deprecated (its digest does not cover what is served); we never ask for
+        // it, but a registry holding nothing else may send it anyway.
+        if let Some(t) = media_type
+            .as_deref()
+            .filter(|t| t.starts_with("application/vnd.docker.distribution.manifest.v1"))
+        {
+            return Err(UpstreamError::Schema1 {
+                url,
+                media_type: t.to_string(),
+            });
+        }
         if resp
             .content_length()
             .is_some_and(|l| l > MAX_MANIFEST_BYTES as u64)
