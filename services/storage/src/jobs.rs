@@ -1,0 +1,511 @@
+//! `JobStorage`: job buckets for the executor. One per gateway (cheap to clone).
+//!
+//! Life of a job bucket, as the executor drives it:
+//! 1. [`JobStorage::create_job_bucket`] → a [`JobBucket`] whose key pair is handed to the DUT
+//!    (`job_bucket`, `job_bucket_access_key`, `job_bucket_secret_key`, `minio_url`/`s3_url`);
+//! 2. [`JobStorage::upload_tarball`] with the submitter's
+//!    `job_bucket_initial_state_tarball_file`;
+//! 3. the DUT reads and writes the bucket;
+//! 4. at teardown [`JobStorage::revoke`] (the DUT's keys stop working at once), then
+//!    [`JobStorage::download_all`] into the job's artifact directory (or [`JobStorage::list`]
+//!    + [`JobStorage::get`] to stream);
+//! 5. when the caller's retention ends, [`JobStorage::delete_bucket`].
+//!
+//! Every step is idempotent, so a retried set-up or teardown does no harm.
+
+use std::path::{Component, Path, PathBuf};
+
+use dutgate_core::Secret;
+use dutgate_core::config::GatewayConfig;
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+
+use crate::client::{ObjectBody, ObjectInfo, S3Client};
+use crate::config::{Backend, Config};
+use crate::error::StorageError;
+use crate::keys;
+use crate::sigv4::Signer;
+
+/// The first path segment of the embedded endpoint's key administration routes. It is a
+/// valid bucket name, so it can never be a job bucket (job buckets start with the prefix).
+pub const ADMIN_PREFIX: &str = "dutgate-admin";
+
+/// A job's bucket and the credentials the DUT gets for it.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobBucket {
+    pub bucket: String,
+    /// The endpoint DUTs use (`minio_url`/`s3_url` in job templates).
+    pub endpoint_url: String,
+    pub access_key: String,
+    /// Serialised masked; use `secret_key.expose()` to hand it to the job template.
+    pub secret_key: Secret,
+    /// True when the backend cannot make per-job keys (external S3 in generic mode): the
+    /// DUT then holds the gateway's admin keys, which open every bucket.
+    pub shared_admin_keys: bool,
+}
+
+/// What an initial-state upload stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UploadSummary {
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries that are not regular files (links, devices, …): not uploaded.
+    pub skipped: u64,
+}
+
+/// What [`JobStorage::download_all`] wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DownloadSummary {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct IssuedKeys {
+    access_key: String,
+    secret_key: String,
+}
+
+/// Job buckets on the configured backend.
+#[derive(Clone, Debug)]
+pub struct JobStorage {
+    admin: S3Client,
+    backend: Backend,
+    dut_url: String,
+    bucket_prefix: String,
+    region: String,
+}
+
+impl JobStorage {
+    /// Builds the storage from the gateway config and its `s3` section. With the embedded
+    /// backend the admin keys come from `<state_dir>/s3/admin-keys.json` (created when
+    /// missing, so the executor may start before `dutgate s3`).
+    pub async fn new(gateway: &GatewayConfig, config: &Config) -> Result<Self, StorageError> {
+        let admin_keys = keys::admin_keys(gateway, config).await?;
+        let url = config
+            .service_url(gateway)
+            .ok_or_else(|| StorageError::Config("the external S3 backend needs s3.url".into()))?;
+        let dut_url = config.dut_url(gateway).unwrap_or_else(|| url.clone());
+        Self::with_endpoint(&url, &dut_url, admin_keys, config)
+    }
+
+    /// Storage on an explicit endpoint (tests, tools).
+    pub fn with_endpoint(
+        url: &str,
+        dut_url: &str,
+        admin_keys: keys::KeyPair,
+        config: &Config,
+    ) -> Result<Self, StorageError> {
+        check_prefix(&config.bucket_prefix)?;
+        let signer = Signer::new(
+            admin_keys.access_key,
+            admin_keys.secret_key.expose(),
+            config.region.clone(),
+        );
+        let admin = S3Client::new(
+            url,
+            signer,
+            config.request_timeout(),
+            config.transfer_idle_timeout(),
+        )?;
+        Ok(Self {
+            admin,
+            backend: config.backend,
+            dut_url: dut_url.trim_end_matches('/').to_string(),
+            bucket_prefix: config.bucket_prefix.clone(),
+            region: config.region.clone(),
+        })
+    }
+
+    /// The admin client, for the few callers that need a raw S3 call.
+    pub fn client(&self) -> &S3Client {
+        &self.admin
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// `<prefix><job id>`, made a valid bucket name: lower case, `[a-z0-9-]`, 3–63 chars.
+    pub fn bucket_name(&self, job_id: &str) -> Result<String, StorageError> {
+        bucket_name(&self.bucket_prefix, job_id)
+    }
+
+    /// Creates the job's bucket (an existing one is kept) and a key pair that opens only it.
+    #[tracing::instrument(skip(self), fields(job_id = %job_id))]
+    pub async fn create_job_bucket(&self, job_id: &str) -> Result<JobBucket, StorageError> {
+        let bucket = self.bucket_name(job_id)?;
+        self.admin.create_bucket(&bucket).await?;
+        let (access_key, secret_key, shared) = match self.backend {
+            Backend::Embedded => {
+                let body = self
+                    .admin
+                    .admin(
+                        "CreateJobKeys",
+                        Method::POST,
+                        &format!("/{ADMIN_PREFIX}/v1/keys"),
+                        &[("bucket".to_string(), bucket.clone())],
+                    )
+                    .await?;
+                let issued: IssuedKeys = serde_json::from_slice(&body).map_err(|e| {
+                    StorageError::Protocol(format!("key administration answer: {e}"))
+                })?;
+                (issued.access_key, Secret::new(issued.secret_key), false)
+            }
+            Backend::External => {
+                tracing::warn!(
+                    bucket = %bucket,
+                    "external S3 backend: the DUT gets the gateway's admin keys (no per-job keys)"
+                );
+                // The signer is the admin pair; re-read it from the client's signer state.
+                (
+                    self.admin.access_key().to_string(),
+                    self.admin_secret(),
+                    true,
+                )
+            }
+        };
+        metrics::counter!("dutgate_s3_job_buckets_created_total").increment(1);
+        tracing::info!(bucket = %bucket, shared_admin_keys = shared, "job bucket ready");
+        Ok(JobBucket {
+            bucket,
+            endpoint_url: self.dut_url.clone(),
+            access_key,
+            secret_key,
+            shared_admin_keys: shared,
+        })
+    }
+
+    fn admin_secret(&self) -> Secret {
+        Secret::new(self.admin.secret_key().to_string())
+    }
+
+    /// Extracts a tar archive (gzip-compressed or not) into the bucket: each regular file
+    /// becomes an object under its path in the archive, with mc's `mc-attrs` metadata (mode,
+    /// owner, mtime) so that `mc mirror --preserve`/boot2container restore them. Links and
+    /// special files are skipped: a link could otherwise make the gateway upload its own
+    /// files.
+    #[tracing::instrument(skip(self, reader), fields(bucket = %bucket))]
+    pub async fn upload_tarball<R>(
+        &self,
+        bucket: &str,
+        mut reader: R,
+    ) -> Result<UploadSummary, StorageError>
+    where
+        R: AsyncRead + Unpin + Send,
+    {
+        let work = tempfile::tempdir().map_err(|e| StorageError::io(&std::env::temp_dir(), e))?;
+        let archive = work.path().join("archive");
+        {
+            let mut f = tokio::fs::File::create(&archive)
+                .await
+                .map_err(|e| StorageError::io(&archive, e))?;
+            tokio::io::copy(&mut reader, &mut f)
+                .await
+                .map_err(|e| StorageError::io(&archive, e))?;
+            f.flush().await.map_err(|e| StorageError::io(&archive, e))?;
+        }
+        let tree = work.path().join("tree");
+        let (files, skipped) = {
+            let archive = archive.clone();
+            let tree = tree.clone();
+            tokio::task::spawn_blocking(move || unpack(&archive, &tree))
+                .await
+                .map_err(|e| StorageError::Tarball(format!("unpacking: {e}")))??
+        };
+        let mut summary = UploadSummary {
+            skipped,
+            ..Default::default()
+        };
+        for f in files {
+            let path = tree.join(&f.key);
+            let attrs = format!(
+                "gid:{}/gname:{}/mode:{}/mtime:{}/uid:{}/uname:{}",
+                f.gid,
+                f.gname,
+                0o100000 | (f.mode & 0o7777),
+                f.mtime,
+                f.uid,
+                f.uname
+            );
+            let n = self
+                .admin
+                .put_file(bucket, &f.key, &path, &[("mc-attrs".into(), attrs)])
+                .await?;
+            summary.files += 1;
+            summary.bytes += n;
+        }
+        tracing::info!(
+            files = summary.files,
+            bytes = summary.bytes,
+            skipped = summary.skipped,
+            "initial state uploaded"
+        );
+        Ok(summary)
+    }
+
+    pub async fn list(&self, bucket: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.admin.list(bucket).await
+    }
+
+    /// Streams one object.
+    pub async fn get(&self, bucket: &str, key: &str) -> Result<ObjectBody, StorageError> {
+        self.admin.get(bucket, key).await
+    }
+
+    /// Copies every object into `dest_dir` (created), keeping the key's path. Keys that would
+    /// leave `dest_dir` (`..`, absolute) are refused.
+    #[tracing::instrument(skip(self), fields(bucket = %bucket))]
+    pub async fn download_all(
+        &self,
+        bucket: &str,
+        dest_dir: &Path,
+    ) -> Result<DownloadSummary, StorageError> {
+        tokio::fs::create_dir_all(dest_dir)
+            .await
+            .map_err(|e| StorageError::io(dest_dir, e))?;
+        let mut summary = DownloadSummary::default();
+        for o in self.admin.list(bucket).await? {
+            // "Directory" markers that mc and the console create hold no data.
+            if o.key.ends_with('/') {
+                continue;
+            }
+            let rel = safe_relative(&o.key)?;
+            let path = dest_dir.join(rel);
+            if let Some(parent) = path.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| StorageError::io(parent, e))?;
+            }
+            let n = self
+                .admin
+                .get(bucket, &o.key)
+                .await?
+                .write_to(&path)
+                .await?;
+            summary.files += 1;
+            summary.bytes += n;
+        }
+        metrics::counter!("dutgate_s3_client_bytes_total", "direction" => "down")
+            .increment(summary.bytes);
+        tracing::info!(
+            files = summary.files,
+            bytes = summary.bytes,
+            "bucket downloaded"
+        );
+        Ok(summary)
+    }
+
+    /// Withdraws every DUT key of the bucket. With shared admin keys (external backend in
+    /// generic mode) there is nothing that can be withdrawn, which is logged.
+    #[tracing::instrument(skip(self), fields(bucket = %bucket))]
+    pub async fn revoke(&self, bucket: &str) -> Result<(), StorageError> {
+        match self.backend {
+            Backend::Embedded => {
+                self.admin
+                    .admin(
+                        "RevokeJobKeys",
+                        Method::DELETE,
+                        &format!("/{ADMIN_PREFIX}/v1/keys"),
+                        &[("bucket".to_string(), bucket.to_string())],
+                    )
+                    .await?;
+                tracing::info!("job keys revoked");
+            }
+            Backend::External => {
+                tracing::warn!(
+                    "external S3 backend: the DUT held the admin keys; nothing to revoke"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every object and the bucket (and revokes its keys). Gone already is fine.
+    #[tracing::instrument(skip(self), fields(bucket = %bucket))]
+    pub async fn delete_bucket(&self, bucket: &str) -> Result<(), StorageError> {
+        self.revoke(bucket).await?;
+        self.admin.remove_bucket(bucket).await?;
+        metrics::counter!("dutgate_s3_job_buckets_deleted_total").increment(1);
+        Ok(())
+    }
+}
+
+fn check_prefix(prefix: &str) -> Result<(), StorageError> {
+    let ok = prefix.len() <= 20
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && prefix
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(StorageError::Config(format!(
+            "s3.bucket_prefix {prefix:?}: use at most 20 of [a-z0-9-], starting with a letter or digit"
+        )))
+    }
+}
+
+/// `<prefix><job id>` as a valid S3 bucket name.
+pub fn bucket_name(prefix: &str, job_id: &str) -> Result<String, StorageError> {
+    let mut name = String::with_capacity(prefix.len() + job_id.len());
+    name.push_str(prefix);
+    for c in job_id.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            name.push(c);
+        } else if !name.ends_with('-') {
+            name.push('-');
+        }
+    }
+    let name: String = name.chars().take(63).collect();
+    let name = name.trim_matches('-').to_string();
+    if name.len() < 3 || job_id.chars().all(|c| !c.is_ascii_alphanumeric()) {
+        return Err(StorageError::InvalidName(format!(
+            "job id {job_id:?} gives no usable bucket name"
+        )));
+    }
+    if name == ADMIN_PREFIX {
+        return Err(StorageError::InvalidName(format!("{name:?} is reserved")));
+    }
+    Ok(name)
+}
+
+/// An object key as a relative path that stays inside the directory it is joined to.
+fn safe_relative(key: &str) -> Result<PathBuf, StorageError> {
+    let p = Path::new(key);
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            _ => {
+                return Err(StorageError::InvalidName(format!(
+                    "object key {key:?} would leave the download directory"
+                )));
+            }
+        }
+    }
+    if out.as_os_str().is_empty() {
+        return Err(StorageError::InvalidName(format!(
+            "object key {key:?} names no file"
+        )));
+    }
+    Ok(out)
+}
+
+struct TarFile {
+    key: String,
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    uname: String,
+    gname: String,
+    mtime: u64,
+}
+
+/// Unpacks the regular files of `archive` under `tree`. Blocking.
+fn unpack(archive: &Path, tree: &Path) -> Result<(Vec<TarFile>, u64), StorageError> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(archive).map_err(|e| StorageError::io(archive, e))?;
+    let mut magic = [0u8; 2];
+    let n = f
+        .read(&mut magic)
+        .map_err(|e| StorageError::io(archive, e))?;
+    f.rewind().map_err(|e| StorageError::io(archive, e))?;
+    std::fs::create_dir_all(tree).map_err(|e| StorageError::io(tree, e))?;
+    let reader: Box<dyn Read> = if n == 2 && magic == [0x1f, 0x8b] {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    let mut ar = tar::Archive::new(reader);
+    let mut files = Vec::new();
+    let mut skipped = 0;
+    let entries = ar
+        .entries()
+        .map_err(|e| StorageError::Tarball(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| StorageError::Tarball(e.to_string()))?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() || kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
+            continue;
+        }
+        let path = entry
+            .path()
+            .map_err(|e| StorageError::Tarball(e.to_string()))?
+            .into_owned();
+        if !(kind.is_file() || kind.is_contiguous()) {
+            tracing::warn!(path = %path.display(), kind = ?kind, "tarball entry is not a regular file; skipped");
+            skipped += 1;
+            continue;
+        }
+        let rel = match path.to_str().map(safe_relative) {
+            Some(Ok(rel)) => rel,
+            _ => {
+                tracing::warn!(path = %path.display(), "tarball entry path is unsafe or not UTF-8; skipped");
+                skipped += 1;
+                continue;
+            }
+        };
+        let key = rel
+            .components()
+            .filter_map(|c| c.as_os_str().to_str())
+            .collect::<Vec<_>>()
+            .join("/");
+        let header = entry.header();
+        let meta = TarFile {
+            mode: header.mode().unwrap_or(0o644),
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            uname: header.username().ok().flatten().unwrap_or("").to_string(),
+            gname: header.groupname().ok().flatten().unwrap_or("").to_string(),
+            mtime: header.mtime().unwrap_or(0),
+            key,
+        };
+        let dest = tree.join(&rel);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
+        }
+        let mut out = std::fs::File::create(&dest).map_err(|e| StorageError::io(&dest, e))?;
+        std::io::copy(&mut entry, &mut out)
+            .map_err(|e| StorageError::Tarball(format!("{}: {e}", meta.key)))?;
+        // A later entry with the same path replaces the earlier one, like tar does.
+        files.retain(|f: &TarFile| f.key != meta.key);
+        files.push(meta);
+    }
+    Ok((files, skipped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_are_valid() {
+        assert_eq!(bucket_name("job-", "42").unwrap(), "job-42");
+        assert_eq!(bucket_name("job-", "A_b.C:d").unwrap(), "job-a-b-c-d");
+        assert_eq!(bucket_name("job-", "--x--").unwrap(), "job-x");
+        let long = "x".repeat(100);
+        assert_eq!(bucket_name("job-", &long).unwrap().len(), 63);
+        assert!(bucket_name("job-", "").is_err());
+        assert!(bucket_name("job-", "///").is_err());
+        assert!(bucket_name("", "dutgate-admin").is_err());
+        assert!(check_prefix("Job_").is_err());
+        assert!(check_prefix("job-").is_ok());
+    }
+
+    #[test]
+    fn keys_cannot_escape_the_download_dir() {
+        assert_eq!(safe_relative("a/b.txt").unwrap(), PathBuf::from("a/b.txt"));
+        assert_eq!(safe_relative("./a").unwrap(), PathBuf::from("a"));
+        assert!(safe_relative("../x").is_err());
+        assert!(safe_relative("a/../../x").is_err());
+        assert!(safe_relative("/etc/passwd").is_err());
+        assert!(safe_relative("").is_err());
+    }
+}
