@@ -33,11 +33,7 @@ pub fn run(target: Option<String>, secs: u64) -> anyhow::Result<()> {
     }
     ensure_cargo_fuzz()?;
     for t in &targets {
-        println!(
-            "xtask fuzz: {}/{} for {secs} s",
-            crate_name(&t.dir),
-            t.name
-        );
+        println!("xtask fuzz: {}/{} for {secs} s", crate_name(&t.dir), t.name);
         let corpus = t.dir.join("corpus").join(&t.name);
         std::fs::create_dir_all(&corpus)
             .with_context(|| format!("cannot create {}", corpus.display()))?;
