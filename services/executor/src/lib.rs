@@ -1,12 +1,15 @@
 //! The executor service.
 
-use dutgate_core::{ServiceContext, ServiceError};
-use serde::{Deserialize, Serialize};
+pub mod config;
+pub mod control;
+pub mod model;
+pub mod process;
+pub mod storage;
+pub mod store;
 
-/// The `executor` section of the gateway config.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {}
+use dutgate_core::{ServiceContext, ServiceError};
+
+pub use config::Config;
 
 pub async fn run(ctx: ServiceContext, _config: Config) -> Result<(), ServiceError> {
     ctx.serve_http(axum::Router::new(), None).await

@@ -1,0 +1,125 @@
+//! The `executor` section of the gateway config (docs/jobs.md §8).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dutgate_core::ServiceName;
+use dutgate_core::config::GatewayConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This executor's name (jobs it dispatched carry it). Unset: the host name.
+    pub name: Option<String>,
+    /// Program and leading arguments started as `<cmd…> <id>` per job. Unset: this binary
+    /// with `job`.
+    pub job_command: Option<Vec<PathBuf>>,
+    /// SIGTERM → SIGKILL delay when a running job is cancelled.
+    pub cancel_grace_seconds: f64,
+    /// TTL of job leases; unset: mars' default.
+    pub lease_ttl_seconds: Option<u64>,
+    /// Largest submission body (job text + initial tarball).
+    pub max_upload_bytes: usize,
+    /// Finished jobs' files are deleted after this many days; 0 keeps them forever.
+    pub artifacts_retention_days: f64,
+    pub mars_url: Option<String>,
+    pub pdu_url: Option<String>,
+    pub boot_url: Option<String>,
+    pub salad_url: Option<String>,
+    /// Host of salad's console ports. Unset: `gateway.internal_host`.
+    pub console_host: Option<String>,
+    /// The `registry` template variable. Unset: `<public_host>:<registry port>`.
+    pub registry: Option<String>,
+    /// Extra template variables (valve-infra's `EXECUTOR_JOB__*`).
+    pub template_vars: BTreeMap<String, String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: None,
+            job_command: None,
+            cancel_grace_seconds: 30.0,
+            lease_ttl_seconds: None,
+            max_upload_bytes: 256 * 1024 * 1024,
+            artifacts_retention_days: 30.0,
+            mars_url: None,
+            pdu_url: None,
+            boot_url: None,
+            salad_url: None,
+            console_host: None,
+            registry: None,
+            template_vars: BTreeMap::new(),
+        }
+    }
+}
+
+impl Config {
+    pub fn executor_name(&self) -> String {
+        self.name.clone().unwrap_or_else(host_name)
+    }
+
+    pub fn cancel_grace(&self) -> Duration {
+        Duration::try_from_secs_f64(self.cancel_grace_seconds).unwrap_or(Duration::from_secs(30))
+    }
+
+    pub fn url_of(&self, gw: &GatewayConfig, service: ServiceName) -> String {
+        let configured = match service {
+            ServiceName::Mars => &self.mars_url,
+            ServiceName::Pdu => &self.pdu_url,
+            ServiceName::Boot => &self.boot_url,
+            ServiceName::Salad => &self.salad_url,
+            _ => &None,
+        };
+        configured
+            .clone()
+            .unwrap_or_else(|| gw.internal_url(service))
+    }
+
+    pub fn console_host(&self, gw: &GatewayConfig) -> String {
+        self.console_host
+            .clone()
+            .unwrap_or_else(|| gw.internal_host.clone())
+    }
+
+    pub fn registry(&self, gw: &GatewayConfig) -> String {
+        self.registry
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", gw.public_host, gw.ports.registry))
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=86_400.0).contains(&self.cancel_grace_seconds) {
+            return Err("executor.cancel_grace_seconds: must be between 0 and 86400".into());
+        }
+        if self.artifacts_retention_days < 0.0 || !self.artifacts_retention_days.is_finite() {
+            return Err("executor.artifacts_retention_days: must be >= 0".into());
+        }
+        if self.max_upload_bytes < 64 * 1024 {
+            return Err("executor.max_upload_bytes: must be at least 65536".into());
+        }
+        if let Some(cmd) = &self.job_command
+            && cmd.is_empty()
+        {
+            return Err("executor.job_command: must name a program".into());
+        }
+        if let Some(ttl) = self.lease_ttl_seconds
+            && !(3..=3600).contains(&ttl)
+        {
+            return Err("executor.lease_ttl_seconds: must be between 3 and 3600".into());
+        }
+        Ok(())
+    }
+}
+
+/// The host name (for the default executor name).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

@@ -1,0 +1,331 @@
+//! The per-job process, `dutgate job <id>`: runs one job from its lease to its teardown.
+//!
+//! It is started by the executor in its own process group, with a [`ProcessSetup`] on stdin
+//! (the config it needs, secrets included, so none are written to disk). It writes its
+//! events and final status to the executor's store itself and its console to
+//! `jobs/<id>/console.log`, so a restart of the executor loses nothing; it heartbeats the
+//! machine's lease, so if it dies the machine is not held forever.
+//!
+//! Steps: setup (bucket, render) → per boot: boot config, console, power cycle, watch →
+//! teardown, always (also on errors, SIGTERM and a lost lease).
+
+mod console;
+mod session;
+mod teardown;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dutgate_boot::client::BootClient;
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::secret::DatabaseUrl;
+use dutgate_core::{JobStatus, MachineId, Secret, ServiceName};
+use dutgate_mars::client::MarsClient;
+use dutgate_pdu::PduClient;
+use dutgate_salad::client::SaladClient;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::{self, Progress};
+use crate::model::{JobState, kind};
+use crate::store::{JobRow, Store, StoreError};
+
+/// What the executor hands a job process on stdin.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ProcessSetup {
+    /// The `gateway` section (its secrets are masked by serde; they travel below).
+    pub gateway: Value,
+    pub database_url: Option<String>,
+    pub admin_token: Option<String>,
+    pub user_token: Option<String>,
+    pub executor: Config,
+    /// TTL of the job's lease; heartbeats go out every third of it.
+    pub lease_ttl_seconds: u64,
+}
+
+impl ProcessSetup {
+    pub fn new(gateway: &GatewayConfig, executor: &Config, lease_ttl_seconds: u64) -> Self {
+        let dir = gateway.tokens_dir();
+        let admin = gateway
+            .auth
+            .admin_token
+            .clone()
+            .or_else(|| dutgate_core::auth::read_token(&dir.join("admin")));
+        let user = gateway
+            .auth
+            .user_token
+            .clone()
+            .or_else(|| dutgate_core::auth::read_token(&dir.join("user")));
+        Self {
+            gateway: serde_json::to_value(gateway).unwrap_or(Value::Null),
+            database_url: gateway.database_url.as_ref().map(|u| u.expose().to_string()),
+            admin_token: admin.map(|s| s.expose().to_string()),
+            user_token: user.map(|s| s.expose().to_string()),
+            executor: executor.clone(),
+            lease_ttl_seconds,
+        }
+    }
+
+    pub fn gateway_config(&self) -> Result<GatewayConfig, String> {
+        let mut gw: GatewayConfig = serde_json::from_value(self.gateway.clone())
+            .map_err(|e| format!("gateway config: {e}"))?;
+        gw.database_url = self.database_url.clone().map(DatabaseUrl::new);
+        gw.auth.admin_token = self.admin_token.clone().map(Secret::new);
+        gw.auth.user_token = self.user_token.clone().map(Secret::new);
+        Ok(gw)
+    }
+}
+
+/// Directory of job `id`'s files under the executor's state dir.
+pub fn job_dir(executor_state: &Path, id: i64) -> PathBuf {
+    executor_state.join("jobs").join(id.to_string())
+}
+
+/// The executor's state dir (`<state_dir>/executor`).
+pub fn executor_state_dir(gw: &GatewayConfig) -> PathBuf {
+    gw.state_dir.join(ServiceName::Executor.as_str())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("reading the setup from stdin: {0}")]
+    Setup(String),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("storage: {0}")]
+    Db(#[from] dutgate_core::db::DbError),
+    #[error("job {0} is {1}, not dispatched to this process")]
+    NotRunnable(i64, JobState),
+    #[error("job {0} has no machine or lease")]
+    NoLease(i64),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// `dutgate job <id>`: reads the setup from stdin and runs the job. The return value is the
+/// process exit code: 0 when a final status was stored.
+pub async fn main(id: i64) -> Result<JobStatus, ProcessError> {
+    // The executor writes the setup and closes the pipe at once; a blocking read is fine.
+    let raw = tokio::task::spawn_blocking(|| {
+        use std::io::Read;
+        let mut raw = Vec::new();
+        std::io::stdin().take(1 << 20).read_to_end(&mut raw).map(|_| raw)
+    })
+    .await
+    .map_err(|e| ProcessError::Setup(e.to_string()))?
+    .map_err(|e| ProcessError::Setup(e.to_string()))?;
+    let setup: ProcessSetup =
+        serde_json::from_slice(&raw).map_err(|e| ProcessError::Setup(e.to_string()))?;
+    run(id, setup).await
+}
+
+/// Clients of the peers, as the job process uses them.
+#[derive(Clone)]
+pub(crate) struct Peers {
+    pub mars: MarsClient,
+    pub pdu: PduClient,
+    pub boot: BootClient,
+    pub salad: SaladClient,
+    /// Plain HTTP client for boot artifacts (long downloads).
+    pub http: reqwest::Client,
+    pub boot_url: String,
+    pub user_token: Option<Secret>,
+    pub console_host: String,
+}
+
+impl Peers {
+    pub fn new(gw: &GatewayConfig, cfg: &Config) -> Self {
+        let admin = gw.auth.admin_token.clone();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            mars: MarsClient::new(cfg.url_of(gw, ServiceName::Mars), admin.clone()),
+            pdu: PduClient::new(cfg.url_of(gw, ServiceName::Pdu), admin.clone()),
+            boot: BootClient::new(cfg.url_of(gw, ServiceName::Boot), admin.clone()),
+            salad: SaladClient::new(cfg.url_of(gw, ServiceName::Salad), admin),
+            http,
+            boot_url: cfg.url_of(gw, ServiceName::Boot),
+            user_token: gw.auth.user_token.clone(),
+            console_host: cfg.console_host(gw),
+        }
+    }
+}
+
+/// Writes events and keeps the progress the control socket publishes.
+#[derive(Clone)]
+pub(crate) struct Reporter {
+    pub store: Store,
+    pub id: i64,
+    pub progress: Arc<watch::Sender<Progress>>,
+}
+
+impl Reporter {
+    pub async fn event(&self, kind: &str, message: impl Into<String>, data: Value) {
+        let message = message.into();
+        tracing::info!(job_id = self.id, kind, %message, "event");
+        match self.store.add_event(self.id, kind, &message, data).await {
+            Ok(seq) => {
+                self.progress.send_modify(|p| p.event_seq = p.event_seq.max(seq));
+            }
+            Err(e) => tracing::error!(job_id = self.id, error = %e, "cannot store an event"),
+        }
+    }
+
+    pub async fn phase(&self, phase: &str, message: impl Into<String>) {
+        if let Err(e) = self.store.set_phase(self.id, phase).await {
+            tracing::error!(job_id = self.id, error = %e, "cannot store the phase");
+        }
+        self.event(kind::PHASE, message, json!({"phase": phase}))
+            .await;
+    }
+}
+
+/// Runs job `id` with `setup` (what [`main`] does after reading stdin).
+pub async fn run(id: i64, setup: ProcessSetup) -> Result<JobStatus, ProcessError> {
+    let gw = setup.gateway_config().map_err(ProcessError::Setup)?;
+    let cfg = setup.executor.clone();
+    let db = dutgate_core::db::Db::open_for_service(
+        ServiceName::Executor.as_str(),
+        &gw,
+        crate::store::MIGRATIONS,
+    )
+    .await?;
+    let store = Store::new(db);
+    let row = store.require(id).await?;
+    if !matches!(row.state, JobState::Dispatched | JobState::Running) {
+        return Err(ProcessError::NotRunnable(id, row.state));
+    }
+    let (Some(machine), Some(lease)) = (row.machine_id, row.lease_id.clone()) else {
+        return Err(ProcessError::NoLease(id));
+    };
+    let dir = job_dir(&executor_state_dir(&gw), id);
+    std::fs::create_dir_all(&dir)?;
+    store.set_started(id, std::process::id()).await?;
+
+    let (ptx, prx) = watch::channel(Progress {
+        console_bytes: std::fs::metadata(dir.join("console.log"))
+            .map(|m| m.len())
+            .unwrap_or(0),
+        event_seq: 0,
+        finished: false,
+    });
+    let reporter = Reporter {
+        store: store.clone(),
+        id,
+        progress: Arc::new(ptx),
+    };
+    let stop_socket = CancellationToken::new();
+    let socket = tokio::spawn(control::serve(
+        control::socket_path(&dir),
+        prx,
+        stop_socket.clone(),
+    ));
+
+    // Cancellation (SIGTERM from the executor) and a lost lease both stop the session;
+    // teardown runs either way.
+    let cancel = CancellationToken::new();
+    let lease_lost = CancellationToken::new();
+    spawn_signal_watch(cancel.clone());
+    let peers = Peers::new(&gw, &cfg);
+    let heartbeat = tokio::spawn(heartbeat(
+        peers.mars.clone(),
+        lease.clone(),
+        Duration::from_secs(setup.lease_ttl_seconds.max(3)),
+        lease_lost.clone(),
+        reporter.clone(),
+    ));
+
+    let storage = crate::storage::from_config(&gw, &cfg);
+    let job = JobContext {
+        row,
+        machine,
+        lease,
+        dir: dir.clone(),
+        gw,
+        cfg,
+        peers,
+        reporter: reporter.clone(),
+        storage,
+    };
+    let mut state = session::SessionState::default();
+    let outcome = session::run(&job, &cancel, &lease_lost, &mut state).await;
+    let (status, reason) = teardown::run(&job, &outcome, &state).await;
+    heartbeat.abort();
+    let stored = store.finish(id, status, &reason).await;
+    reporter.progress.send_modify(|p| p.finished = true);
+    // Let followers read the final progress line before the socket goes away.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stop_socket.cancel();
+    let _ = socket.await;
+    let _ = std::fs::remove_file(control::socket_path(&dir));
+    stored?;
+    Ok(status)
+}
+
+/// Everything one job's steps need.
+pub(crate) struct JobContext {
+    pub row: JobRow,
+    pub machine: MachineId,
+    pub lease: String,
+    pub dir: PathBuf,
+    pub gw: GatewayConfig,
+    pub cfg: Config,
+    pub peers: Peers,
+    pub reporter: Reporter,
+    pub storage: Option<Arc<dyn crate::storage::JobStorage>>,
+}
+
+fn spawn_signal_watch(cancel: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers; cancellation needs SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("cancellation requested by signal");
+        cancel.cancel();
+    });
+}
+
+/// Extends the lease every third of its TTL. A lease mars says is gone stops the job.
+async fn heartbeat(
+    mars: MarsClient,
+    lease: String,
+    ttl: Duration,
+    lost: CancellationToken,
+    reporter: Reporter,
+) {
+    let period = ttl / 3;
+    loop {
+        tokio::time::sleep(period).await;
+        match mars.heartbeat(&lease).await {
+            Ok(_) => {}
+            Err(e) if dutgate_mars::client::is_gone(&e) => {
+                reporter
+                    .event(
+                        kind::EXECUTOR,
+                        format!("lease {lease} is gone: stopping the job"),
+                        json!({"action": "lease_lost"}),
+                    )
+                    .await;
+                lost.cancel();
+                return;
+            }
+            // A transient error: the next beat (well within the TTL) retries.
+            Err(e) => tracing::warn!(job_id = reporter.id, error = %e, "lease heartbeat failed"),
+        }
+    }
+}

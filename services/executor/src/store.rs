@@ -1,0 +1,671 @@
+//! The executor's tables: `jobs` (the queue and the records) and `job_events`. Nothing else
+//! touches them. Both the executor and the job processes write here (SQLite in WAL mode or
+//! PostgreSQL), so every state change is a conditional update checked against
+//! [`crate::model::transition`].
+
+use dutgate_core::db::{Backend, Db, DbError, Migrations};
+use dutgate_core::{JobStatus, MachineId};
+use serde_json::Value;
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyPool, Row, Transaction};
+
+use crate::model::{Event, JobState, Purpose, Timestamp, Trigger, transition};
+
+static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
+
+pub const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE,
+    postgres: &POSTGRES,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    #[error("job {0} not found")]
+    NotFound(i64),
+    #[error("job {id}: {source}")]
+    Transition {
+        id: i64,
+        #[source]
+        source: crate::model::InvalidTransition,
+    },
+    #[error("job {id}: stored {field} is invalid: {value:?}")]
+    Corrupt {
+        id: i64,
+        field: &'static str,
+        value: String,
+    },
+}
+
+impl From<DbError> for StoreError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Query(q) => StoreError::Db(q),
+            other => StoreError::Db(sqlx::Error::Protocol(other.to_string())),
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    Timestamp::now().millis()
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: i64,
+    pub external_id: Option<String>,
+    pub state: JobState,
+    pub phase: Option<String>,
+    pub status: Option<JobStatus>,
+    pub reason: Option<String>,
+    pub priority: i64,
+    pub purpose: Purpose,
+    pub job_yaml: String,
+    pub target_id: Option<MachineId>,
+    pub target_tags: Vec<String>,
+    pub deadline_ms: Option<i64>,
+    pub submitted_at: i64,
+    pub dispatched_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub machine_id: Option<MachineId>,
+    pub lease_id: Option<String>,
+    pub executor: Option<String>,
+    pub pid: Option<i64>,
+    pub boots: i64,
+    pub cancel_requested: bool,
+    pub has_tarball: bool,
+}
+
+/// What a submission stores.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub external_id: Option<String>,
+    pub priority: i64,
+    pub purpose: Purpose,
+    pub job_yaml: String,
+    pub target_id: Option<MachineId>,
+    pub target_tags: Vec<String>,
+    pub deadline_ms: Option<i64>,
+    pub has_tarball: bool,
+}
+
+/// The fields the scheduler needs to match a queued job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob {
+    pub id: i64,
+    pub priority: i64,
+    pub purpose: Purpose,
+    pub target_id: Option<MachineId>,
+    pub target_tags: Vec<String>,
+}
+
+/// Filters of `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub state: Option<JobState>,
+    pub status: Option<JobStatus>,
+    pub machine_id: Option<MachineId>,
+    pub tags: Vec<String>,
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+const JOB_COLUMNS: &str = "id, external_id, state, phase, status, reason, priority, purpose, \
+     job_yaml, target_id, target_tags, deadline_ms, submitted_at, dispatched_at, started_at, \
+     finished_at, machine_id, lease_id, executor, pid, boots, cancel_requested, has_tarball";
+
+fn corrupt(id: i64, field: &'static str, value: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        id,
+        field,
+        value: value.into(),
+    }
+}
+
+fn parse_row(r: &sqlx::any::AnyRow) -> Result<JobRow, StoreError> {
+    let id: i64 = r.try_get("id")?;
+    let state: String = r.try_get("state")?;
+    let status: Option<String> = r.try_get("status")?;
+    let purpose: String = r.try_get("purpose")?;
+    let target_id: Option<String> = r.try_get("target_id")?;
+    let machine_id: Option<String> = r.try_get("machine_id")?;
+    let tags: String = r.try_get("target_tags")?;
+    Ok(JobRow {
+        id,
+        external_id: r.try_get("external_id")?,
+        state: state.parse().map_err(|_| corrupt(id, "state", &state))?,
+        phase: r.try_get("phase")?,
+        status: match status {
+            Some(s) => Some(s.parse().map_err(|_| corrupt(id, "status", &s))?),
+            None => None,
+        },
+        reason: r.try_get("reason")?,
+        priority: r.try_get("priority")?,
+        purpose: purpose.parse().map_err(|_| corrupt(id, "purpose", &purpose))?,
+        job_yaml: r.try_get("job_yaml")?,
+        target_id: match target_id {
+            Some(s) => Some(MachineId::parse(&s).map_err(|_| corrupt(id, "target_id", &s))?),
+            None => None,
+        },
+        target_tags: serde_json::from_str(&tags).map_err(|_| corrupt(id, "target_tags", &tags))?,
+        deadline_ms: r.try_get("deadline_ms")?,
+        submitted_at: r.try_get("submitted_at")?,
+        dispatched_at: r.try_get("dispatched_at")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        machine_id: match machine_id {
+            Some(s) => Some(MachineId::parse(&s).map_err(|_| corrupt(id, "machine_id", &s))?),
+            None => None,
+        },
+        lease_id: r.try_get("lease_id")?,
+        executor: r.try_get("executor")?,
+        pid: r.try_get("pid")?,
+        boots: r.try_get("boots")?,
+        cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
+        has_tarball: r.try_get::<i64, _>("has_tarball")? != 0,
+    })
+}
+
+/// A job row claimed for dispatch. With PostgreSQL it holds the row lock (`FOR UPDATE SKIP
+/// LOCKED`) until [`Store::complete_dispatch`] or [`Store::abandon_dispatch`].
+pub struct Claim {
+    pub id: i64,
+    tx: Option<Transaction<'static, Any>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    db: Db,
+}
+
+impl Store {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    fn pool(&self) -> &AnyPool {
+        self.db.pool()
+    }
+
+    /// Persists a submitted job and its `submitted` event in one transaction.
+    pub async fn insert(&self, job: &NewJob) -> Result<i64, StoreError> {
+        let tags = serde_json::to_string(&job.target_tags).unwrap_or_else(|_| "[]".into());
+        let mut tx = self.pool().begin().await?;
+        let row = sqlx::query(
+            "INSERT INTO jobs (external_id, state, priority, purpose, job_yaml, target_id, \
+             target_tags, deadline_ms, submitted_at, has_tarball) \
+             VALUES ($1, 'QUEUED', $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(job.external_id.clone())
+        .bind(job.priority)
+        .bind(job.purpose.as_str())
+        .bind(job.job_yaml.clone())
+        .bind(job.target_id.map(|m| m.to_string()))
+        .bind(tags)
+        .bind(job.deadline_ms)
+        .bind(now_ms())
+        .bind(i64::from(job.has_tarball))
+        .fetch_one(&mut *tx)
+        .await?;
+        let id: i64 = row.try_get(0)?;
+        let data = serde_json::json!({
+            "priority": job.priority,
+            "target": {"id": job.target_id, "tags": job.target_tags},
+        });
+        insert_event(&mut tx, id, crate::model::kind::SUBMITTED, "job submitted", &data).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<JobRow>, StoreError> {
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(parse_row).transpose()
+    }
+
+    pub async fn require(&self, id: i64) -> Result<JobRow, StoreError> {
+        self.get(id).await?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// Jobs matching `filter`, newest first.
+    pub async fn list(&self, filter: &ListFilter) -> Result<Vec<JobRow>, StoreError> {
+        // The tag filter is applied after the query (tags are a JSON column); fetch enough rows
+        // to fill the page in the common case.
+        let fetch = if filter.tags.is_empty() {
+            filter.limit
+        } else {
+            filter.limit.saturating_mul(10).min(10_000)
+        };
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1 IS NULL OR state = $2) \
+             AND ($3 IS NULL OR status = $4) AND ($5 IS NULL OR machine_id = $6) \
+             AND id < $7 ORDER BY id DESC LIMIT $8"
+        );
+        let state = filter.state.map(|s| s.as_str().to_string());
+        let status = filter.status.map(|s| s.as_str().to_string());
+        let machine = filter.machine_id.map(|m| m.to_string());
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state.clone())
+            .bind(state)
+            .bind(status.clone())
+            .bind(status)
+            .bind(machine.clone())
+            .bind(machine)
+            .bind(filter.before.unwrap_or(i64::MAX))
+            .bind(i64::from(fetch))
+            .fetch_all(self.pool())
+            .await?;
+        let mut out = Vec::new();
+        for r in &rows {
+            let job = parse_row(r)?;
+            if filter.tags.iter().all(|t| job.target_tags.contains(t)) {
+                out.push(job);
+            }
+            if out.len() >= filter.limit as usize {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queued jobs in dispatch order: priority (high first), then FIFO.
+    pub async fn queued(&self, limit: u32) -> Result<Vec<QueuedJob>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, priority, purpose, target_id, target_tags FROM jobs \
+             WHERE state = 'QUEUED' ORDER BY priority DESC, id ASC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: i64 = r.try_get("id")?;
+            let purpose: String = r.try_get("purpose")?;
+            let target_id: Option<String> = r.try_get("target_id")?;
+            let tags: String = r.try_get("target_tags")?;
+            out.push(QueuedJob {
+                id,
+                priority: r.try_get("priority")?,
+                purpose: purpose.parse().map_err(|_| corrupt(id, "purpose", &purpose))?,
+                target_id: match target_id {
+                    Some(s) => {
+                        Some(MachineId::parse(&s).map_err(|_| corrupt(id, "target_id", &s))?)
+                    }
+                    None => None,
+                },
+                target_tags: serde_json::from_str(&tags)
+                    .map_err(|_| corrupt(id, "target_tags", &tags))?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Claims a queued job for dispatch. `None` when it is no longer queued, or (PostgreSQL)
+    /// when another executor holds it right now.
+    pub async fn claim(&self, id: i64) -> Result<Option<Claim>, StoreError> {
+        match self.db.backend() {
+            Backend::Postgres => {
+                let mut tx = self.pool().begin().await?;
+                let row = sqlx::query(
+                    "SELECT id FROM jobs WHERE id = $1 AND state = 'QUEUED' FOR UPDATE SKIP LOCKED",
+                )
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if row.is_none() {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                Ok(Some(Claim { id, tx: Some(tx) }))
+            }
+            // One executor per SQLite file: the conditional update in `complete_dispatch` is
+            // the guard (a cancellation in between wins).
+            Backend::Sqlite => Ok(Some(Claim { id, tx: None })),
+        }
+    }
+
+    /// Marks a claimed job `DISPATCHED` on `machine` with `lease_id`, with its event, in the
+    /// claim's transaction. `false` when the job left the queue meanwhile (SQLite).
+    pub async fn complete_dispatch(
+        &self,
+        claim: Claim,
+        machine: MachineId,
+        lease_id: &str,
+        executor: &str,
+    ) -> Result<bool, StoreError> {
+        let next = transition(JobState::Queued, Trigger::Dispatch).map_err(|source| {
+            StoreError::Transition {
+                id: claim.id,
+                source,
+            }
+        })?;
+        let mut tx = match claim.tx {
+            Some(tx) => tx,
+            None => self.pool().begin().await?,
+        };
+        let done = sqlx::query(
+            "UPDATE jobs SET state = $1, machine_id = $2, lease_id = $3, executor = $4, \
+             dispatched_at = $5 WHERE id = $6 AND state = 'QUEUED'",
+        )
+        .bind(next.as_str())
+        .bind(machine.to_string())
+        .bind(lease_id.to_string())
+        .bind(executor.to_string())
+        .bind(now_ms())
+        .bind(claim.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if done {
+            let data = serde_json::json!({"machine_id": machine, "lease_id": lease_id});
+            insert_event(
+                &mut tx,
+                claim.id,
+                crate::model::kind::DISPATCHED,
+                &format!("dispatched to {machine}"),
+                &data,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    pub async fn abandon_dispatch(&self, claim: Claim) -> Result<(), StoreError> {
+        if let Some(tx) = claim.tx {
+            tx.rollback().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies `trigger` to job `id` if its state allows it; returns the new row, or `None`
+    /// when the state did not allow it (e.g. already finished). `edit` sets extra columns.
+    async fn apply(
+        &self,
+        id: i64,
+        trigger: Trigger,
+        set: &'static str,
+        binds: Vec<Bind>,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let Some(cur) = self.get(id).await? else {
+            return Err(StoreError::NotFound(id));
+        };
+        let Ok(next) = transition(cur.state, trigger) else {
+            return Ok(None);
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = $1{set} WHERE id = $2 AND state = $3",
+            set = if set.is_empty() {
+                String::new()
+            } else {
+                format!(", {set}")
+            }
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(next.as_str())
+            .bind(id)
+            .bind(cur.state.as_str());
+        for b in binds {
+            q = match b {
+                Bind::Int(v) => q.bind(v),
+                Bind::Text(v) => q.bind(v),
+            };
+        }
+        let n = q.execute(self.pool()).await?.rows_affected();
+        if n == 0 {
+            // Lost a race with another writer; the caller re-reads.
+            return Ok(None);
+        }
+        self.get(id).await
+    }
+
+    /// The job process runs (pid recorded).
+    pub async fn set_started(&self, id: i64, pid: u32) -> Result<Option<JobRow>, StoreError> {
+        self.apply(
+            id,
+            Trigger::Start,
+            "pid = $4, started_at = COALESCE(started_at, $5)",
+            vec![Bind::Int(i64::from(pid)), Bind::Int(now_ms())],
+        )
+        .await
+    }
+
+    /// Back to the queue (dispatch could not complete).
+    pub async fn requeue(&self, id: i64) -> Result<Option<JobRow>, StoreError> {
+        self.apply(
+            id,
+            Trigger::Requeue,
+            "machine_id = NULL, lease_id = NULL, executor = NULL, dispatched_at = NULL",
+            vec![],
+        )
+        .await
+    }
+
+    /// Ends the job with `status` and `reason`, and stores the `finished` event. Returns
+    /// `None` when it was already finished (the first writer wins).
+    pub async fn finish(
+        &self,
+        id: i64,
+        status: JobStatus,
+        reason: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let row = self
+            .apply(
+                id,
+                Trigger::Finish,
+                "status = $4, reason = $5, finished_at = $6",
+                vec![
+                    Bind::Text(status.as_str().to_string()),
+                    Bind::Text(reason.to_string()),
+                    Bind::Int(now_ms()),
+                ],
+            )
+            .await?;
+        if row.is_some() {
+            let data = serde_json::json!({
+                "status": status,
+                "exit_code": status.exit_code(),
+                "reason": reason,
+            });
+            self.add_event(
+                id,
+                crate::model::kind::FINISHED,
+                &format!("{status}: {reason}"),
+                data,
+            )
+            .await?;
+            metrics::counter!("executor_jobs_finished_total", "status" => status.as_str())
+                .increment(1);
+        }
+        Ok(row)
+    }
+
+    pub async fn set_phase(&self, id: i64, phase: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET phase = $1 WHERE id = $2")
+            .bind(phase.to_string())
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_boots(&self, id: i64, boots: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET boots = $1 WHERE id = $2")
+            .bind(boots)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn set_has_tarball(&self, id: i64, has: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET has_tarball = $1 WHERE id = $2")
+            .bind(i64::from(has))
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Flags a cancellation request (for a dispatched or running job).
+    pub async fn request_cancel(&self, id: i64) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state <> 'FINISHED'",
+        )
+        .bind(id)
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Appends an event; returns its sequence number.
+    pub async fn add_event(
+        &self,
+        job_id: i64,
+        kind: &str,
+        message: &str,
+        data: Value,
+    ) -> Result<i64, StoreError> {
+        // Two writers (executor and job process) may race for the next seq on PostgreSQL;
+        // the primary key refuses the loser, which simply tries again.
+        let mut last = None;
+        for _ in 0..8 {
+            let mut tx = self.pool().begin().await?;
+            match insert_event(&mut tx, job_id, kind, message, &data).await {
+                Ok(seq) => {
+                    tx.commit().await?;
+                    return Ok(seq);
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.map_or_else(|| StoreError::NotFound(job_id), StoreError::Db))
+    }
+
+    /// Events of `job_id` with `seq > after`, oldest first.
+    pub async fn events(&self, job_id: i64, after: i64) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, message, data FROM job_events \
+             WHERE job_id = $1 AND seq > $2 ORDER BY seq ASC LIMIT 10000",
+        )
+        .bind(job_id)
+        .bind(after)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let data: String = r.try_get("data")?;
+                Ok(Event {
+                    seq: r.try_get("seq")?,
+                    at: Timestamp(r.try_get("at")?),
+                    kind: r.try_get("kind")?,
+                    message: r.try_get("message")?,
+                    data: serde_json::from_str(&data).unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    /// Queued jobs whose deadline is before `now`.
+    pub async fn expired_queued(&self, now: i64) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE state = 'QUEUED' AND deadline_ms IS NOT NULL \
+             AND deadline_ms < $1",
+        )
+        .bind(now)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<i64, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// The earliest deadline among queued jobs (to wake the scheduler then).
+    pub async fn next_deadline(&self) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query(
+            "SELECT MIN(deadline_ms) FROM jobs WHERE state = 'QUEUED' AND deadline_ms IS NOT NULL",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?)
+    }
+
+    /// Jobs `executor` dispatched that are not finished (re-attach after a restart).
+    pub async fn active_of(&self, executor: &str) -> Result<Vec<JobRow>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('DISPATCHED', 'RUNNING') \
+             AND executor = $1 ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(executor.to_string())
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(parse_row).collect()
+    }
+
+    /// Finished jobs whose end is older than `before_ms` (artifact retention).
+    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE state = 'FINISHED' AND finished_at < $1 ORDER BY id LIMIT $2",
+        )
+        .bind(before_ms)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<i64, _>(0).map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Number of queued jobs (metrics).
+    pub async fn queued_count(&self) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM jobs WHERE state = 'QUEUED'")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+}
+
+enum Bind {
+    Int(i64),
+    Text(String),
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'static, Any>,
+    job_id: i64,
+    kind: &str,
+    message: &str,
+    data: &Value,
+) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(
+        "INSERT INTO job_events (job_id, seq, at, kind, message, data) \
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5 FROM job_events WHERE job_id = $6 \
+         RETURNING seq",
+    )
+    .bind(job_id)
+    .bind(now_ms())
+    .bind(kind.to_string())
+    .bind(message.to_string())
+    .bind(data.to_string())
+    .bind(job_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    row.try_get(0)
+}
