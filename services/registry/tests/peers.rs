@@ -29,13 +29,22 @@ fn peers() {
 struct Proxy {
     addr: SocketAddr,
     reg: Arc<Registry>,
-    cache: tempfile::TempDir,
+    cache: Arc<tempfile::TempDir>,
     stop: CancellationToken,
 }
 
 impl Proxy {
     async fn start(upstream: &str, tag_ttl_seconds: u64) -> Self {
-        let cache = tempfile::tempdir().unwrap();
+        Self::start_in(
+            Arc::new(tempfile::tempdir().unwrap()),
+            upstream,
+            tag_ttl_seconds,
+        )
+        .await
+    }
+
+    /// A proxy on an existing cache directory (a restart).
+    async fn start_in(cache: Arc<tempfile::TempDir>, upstream: &str, tag_ttl_seconds: u64) -> Self {
         let config = Config {
             tag_ttl_seconds,
             upstream_timeout_seconds: 10.0,
@@ -409,6 +418,16 @@ async fn upstream_outage_serves_warm_content_and_fails_cold_pulls_fast() {
     pull_ok(&format!("{px}/lab/a@{digest}"), &w.join("dig"), false).await;
     assert_eq!(tree_digests(&w.join("dig")).unwrap(), want);
     assert!(proxy.reg.stats.snapshot().stale_serves >= 1);
+
+    // Restarted while the upstream is still down: the index comes back from disk.
+    let cache = proxy.cache.clone();
+    drop(proxy);
+    let proxy = Proxy::start_in(cache, &upstream.url(), 0).await;
+    let px = proxy.host();
+    pull_ok(&format!("{px}/lab/a:v1"), &w.join("restarted"), false).await;
+    assert_eq!(tree_digests(&w.join("restarted")).unwrap(), want);
+    let s = proxy.reg.stats.snapshot();
+    assert!(s.stale_serves >= 1 && s.blob_misses == 0, "{s:?}");
 
     // Cold: a clear error, quickly (the connection is refused; no retry loop).
     let started = std::time::Instant::now();
