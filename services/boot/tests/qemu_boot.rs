@@ -57,11 +57,15 @@ struct Boot {
     cmdline_hex: Option<String>,
 }
 
-/// Network-boots a QEMU VM with `mac` from the boot service on `port`; returns its console.
-async fn boot(qemu: &Path, port: u16, mac: &str) -> Boot {
-    let bootfile = format!(
+/// The DHCP bootfile URL QEMU's user-mode network hands out for the boot service on `port`.
+fn direct_bootfile(port: u16) -> String {
+    format!(
         "http://10.0.2.2:{port}/boot/${{mac}}/boot.ipxe?platform=${{platform}}&buildarch=${{buildarch}}"
-    );
+    )
+}
+
+/// Network-boots a QEMU VM with `mac` whose firmware is given `bootfile`; returns its console.
+async fn boot(qemu: &Path, bootfile: &str, mac: &str) -> Boot {
     let mut child = tokio::process::Command::new(qemu)
         .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults"])
         .args(["-display", "none", "-no-reboot", "-boot", "order=n"])
@@ -110,7 +114,7 @@ fn hex_of(bytes: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn default_config_boots_through_the_cache() {
+async fn chain_script_and_default_config_boot_through_the_cache() {
     let qemu = require_peers();
     let dir = tempfile::tempdir().unwrap();
     let initrd = initrd(dir.path(), "DUT_BOOTED_DEFAULT");
@@ -133,7 +137,15 @@ async fn default_config_boots_through_the_cache() {
         ..Config::default()
     };
     let svc = TestBoot::start(gateway(&dir.path().join("state")), config).await;
-    let out = boot(&qemu, svc.addr.port(), "52:54:00:12:34:56").await;
+    // This boot goes through the chain script of ipxe/ (what a DUT's embedded iPXE runs),
+    // with the boot service's port in place of 8003.
+    let chain =
+        include_str!("../../../ipxe/boot.ipxe").replace(":8003", &format!(":{}", svc.addr.port()));
+    assert_ne!(chain, include_str!("../../../ipxe/boot.ipxe"));
+    let scripts = common::Upstream::start(vec![("/chain.ipxe".into(), chain.into())]).await;
+    let bootfile = format!("http://10.0.2.2:{}/chain.ipxe", scripts.addr.port());
+    let out = boot(&qemu, &bootfile, "52:54:00:12:34:56").await;
+    assert_eq!(scripts.gets("/chain.ipxe"), 1);
     assert!(
         out.console.contains("DUT_BOOTED_DEFAULT"),
         "marker missing:\n{}",
@@ -188,7 +200,7 @@ async fn per_mac_config_with_special_cmdline_arrives_byte_for_byte() {
         )
         .await
         .unwrap();
-    let out = boot(&qemu, svc.addr.port(), &mac.to_string()).await;
+    let out = boot(&qemu, &direct_bootfile(svc.addr.port()), &mac.to_string()).await;
     assert!(
         out.console.contains("DUT_BOOTED_JOB"),
         "marker missing:\n{}",
