@@ -6,5 +6,6 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(dutgate_pdu_dummy::factories());
     r.register(dutgate_pdu_snmp::factories());
+    r.register(dutgate_pdu_mqtt::factories());
     r
 }
