@@ -4,7 +4,9 @@
 //! To add one: a module `bench/<name>.rs` with `pub fn run(args: &BenchArgs) -> anyhow::Result<()>`
 //! and one line in `BENCHES`.
 
+pub mod boot;
 pub mod footprint;
+pub mod jobspec;
 pub mod registry;
 pub mod report;
 pub mod salad;
@@ -44,7 +46,9 @@ type BenchFn = fn(&BenchArgs) -> anyhow::Result<()>;
 const BENCHES: &[(&str, BenchFn)] = &[
     ("footprint", footprint::run),
     ("salad", salad::run),
+    ("jobspec", jobspec::run),
     ("registry", registry::run),
+    ("boot", boot::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
