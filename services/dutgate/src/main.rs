@@ -48,6 +48,12 @@ enum Command {
     Pdu,
     /// Serial consoles relayed over TCP (port 8005).
     Salad,
+    /// The per-job process (started by the executor, setup on stdin).
+    #[command(hide = true)]
+    Job {
+        /// The job id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -73,7 +79,7 @@ fn main() -> ExitCode {
             print!("{}", dutgate_core::config::render(&loaded.config));
             return ExitCode::SUCCESS;
         }
-        Command::Up(_) => None,
+        Command::Up(_) | Command::Job { .. } => None,
         Command::Executor => Some(ServiceName::Executor),
         Command::Mars => Some(ServiceName::Mars),
         Command::Registry => Some(ServiceName::Registry),
@@ -95,6 +101,10 @@ fn main() -> ExitCode {
                 .await
                 .map_err(|e| anyhow::anyhow!("{name}: {e}")),
             (None, Command::Up(args)) => up::run(args, loaded, cli.config).await,
+            (None, Command::Job { id }) => match services::job(&id).await {
+                0 => Ok(()),
+                code => Err(anyhow::anyhow!("job {id}: job process ended with code {code}")),
+            },
             (None, _) => Ok(()),
         }
     });

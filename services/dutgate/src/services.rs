@@ -17,3 +17,8 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
         ServiceName::Salad => dutgate_salad::run(ctx, config.salad).await,
     }
 }
+
+/// `dutgate job <id>`: the per-job process the executor starts.
+pub async fn job(id: &str) -> i32 {
+    dutgate_executor::job_main(id).await
+}

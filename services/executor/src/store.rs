@@ -620,11 +620,18 @@ impl Store {
     }
 
     /// Finished jobs whose end is older than `before_ms` (artifact retention).
-    pub async fn finished_before(&self, before_ms: i64, limit: u32) -> Result<Vec<i64>, StoreError> {
+    pub async fn finished_before(
+        &self,
+        before_ms: i64,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<i64>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id FROM jobs WHERE state = 'FINISHED' AND finished_at < $1 ORDER BY id LIMIT $2",
+            "SELECT id FROM jobs WHERE state = 'FINISHED' AND finished_at < $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
         )
         .bind(before_ms)
+        .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(self.pool())
         .await?;

@@ -282,6 +282,28 @@ pub(crate) struct JobContext {
     pub storage: Option<Arc<dyn crate::storage::JobStorage>>,
 }
 
+pub(crate) async fn teardown_power_off(
+    peers: &Peers,
+    machine: Option<&dutgate_mars::model::Machine>,
+    id: MachineId,
+    r: &Reporter,
+) {
+    teardown::power_off(&peers.pdu, machine, id, r).await
+}
+
+pub(crate) async fn teardown_clear_boot(peers: &Peers, machine: MachineId, job: i64, r: &Reporter) {
+    teardown::clear_boot(&peers.boot, machine, job, r).await
+}
+
+pub(crate) async fn teardown_keep_bucket(
+    storage: &dyn crate::storage::JobStorage,
+    bucket: &str,
+    dir: &Path,
+    r: &Reporter,
+) {
+    teardown::keep_bucket(storage, bucket, dir, r).await
+}
+
 fn spawn_signal_watch(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {

@@ -56,6 +56,10 @@ pub(crate) async fn run(
     lease_lost: &CancellationToken,
     state: &mut SessionState,
 ) -> Outcome {
+    // Cancelled between dispatch and start: nothing to run.
+    if job.row.cancel_requested {
+        return Outcome::Cancelled;
+    }
     tokio::select! {
         o = session(job, state) => o,
         _ = cancel.cancelled() => Outcome::Cancelled,

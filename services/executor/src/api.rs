@@ -1,0 +1,824 @@
+//! The executor's REST routes (docs/jobs.md §4).
+
+use std::path::{Component, Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::from_fn_with_state;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use dutgate_core::auth::{Auth, Role, require_user};
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::{ApiError, JobStatus, MachineId, ServiceName};
+use dutgate_jobspec::{JobErrorKind, JobErrors, JobSpec, MAX_JOB_BYTES, TemplateVars};
+use futures::SinkExt;
+use futures::channel::mpsc;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::config::Config;
+use crate::model::{
+    Artifact, ArtifactList, EventList, Job, JobList, JobState, Purpose, Submitted, TargetView,
+    Timestamp,
+};
+use crate::scheduler::{Scheduler, TargetError};
+use crate::store::{JobRow, ListFilter, NewJob, Store, StoreError};
+use crate::supervisor::{CancelError, Supervisor};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub sched: Scheduler,
+    pub sup: Supervisor,
+    pub cfg: Arc<Config>,
+    pub gw: Arc<GatewayConfig>,
+    pub auth: Auth,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.cfg.max_upload_bytes;
+    Router::new()
+        .route("/api/v1/jobs", post(submit).get(list))
+        .route("/api/v1/jobs/{id}", get(show))
+        .route("/api/v1/jobs/{id}/events", get(events))
+        .route("/api/v1/jobs/{id}/console", get(console))
+        .route("/api/v1/jobs/{id}/console/ws", get(console_ws))
+        .route("/api/v1/jobs/{id}/artifacts", get(artifacts))
+        .route("/api/v1/jobs/{id}/artifacts/{*path}", get(artifact))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(from_fn_with_state(state.auth.clone(), require_user))
+        .with_state(state)
+}
+
+fn store_err(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(id) => ApiError::not_found(format!("no job {id}")),
+        other => ApiError::internal(other),
+    }
+}
+
+fn parse_id(s: &str) -> Result<i64, ApiError> {
+    s.parse::<i64>()
+        .ok()
+        .filter(|i| *i > 0)
+        .ok_or_else(|| ApiError::bad_request(format!("invalid job id {s:?}")).with_field("id"))
+}
+
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    let Some(q) = uri.query() else {
+        return Vec::new();
+    };
+    reqwest::Url::parse(&format!("http://q/?{q}"))
+        .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+        .unwrap_or_default()
+}
+
+fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn parse_bool(v: &str, field: &str) -> Result<bool, ApiError> {
+    match v {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ApiError::bad_request(format!("{field} must be true or false")).with_field(field)),
+    }
+}
+
+// ---- submission -------------------------------------------------------------------------
+
+/// valve-infra's multipart `metadata` part (unknown keys such as `minio` and `callback` are
+/// accepted and ignored: old clients send them).
+#[derive(Debug, Default, Deserialize)]
+struct Metadata {
+    #[serde(default)]
+    job_id: Option<serde_json::Value>,
+    #[serde(default)]
+    target: Option<MetadataTarget>,
+    #[serde(default)]
+    priority: Option<i64>,
+    #[serde(default)]
+    wait: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MetadataTarget {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+struct Submission {
+    yaml: String,
+    metadata: Metadata,
+    tarball: Option<Bytes>,
+}
+
+fn rejection(status: StatusCode, text: String) -> ApiError {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::payload_too_large(format!("the request body is too large: {text}"))
+    } else {
+        ApiError::new(status, text)
+    }
+}
+
+async fn read_submission(state: &AppState, req: Request) -> Result<Submission, ApiError> {
+    let is_multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    if !is_multipart {
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| rejection(e.status(), e.body_text()))?;
+        return Ok(Submission {
+            yaml: job_text(body)?,
+            metadata: Metadata::default(),
+            tarball: None,
+        });
+    }
+    let mut mp = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| rejection(e.status(), e.body_text()))?;
+    let mut yaml = None;
+    let mut metadata = Metadata::default();
+    let mut tarball = None;
+    while let Some(field) = mp
+        .next_field()
+        .await
+        .map_err(|e| rejection(e.status(), e.body_text()))?
+    {
+        let name = field.name().unwrap_or_default().to_string();
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| rejection(e.status(), e.body_text()))?;
+        match name.as_str() {
+            "metadata" => {
+                metadata = serde_json::from_slice(&data).map_err(|e| {
+                    ApiError::bad_request(format!("metadata: {e}")).with_field("metadata")
+                })?;
+            }
+            "job" => yaml = Some(job_text(data)?),
+            "job_bucket_initial_state_tarball_file" => tarball = Some(data),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown form part {other:?}: expected metadata, job, \
+                     job_bucket_initial_state_tarball_file"
+                ))
+                .with_field(other));
+            }
+        }
+    }
+    let yaml = yaml.ok_or_else(|| {
+        ApiError::bad_request("the form has no `job` part").with_field("job")
+    })?;
+    Ok(Submission {
+        yaml,
+        metadata,
+        tarball,
+    })
+}
+
+fn job_text(body: Bytes) -> Result<String, ApiError> {
+    if body.len() > MAX_JOB_BYTES {
+        return Err(ApiError::payload_too_large(format!(
+            "a job is at most {MAX_JOB_BYTES} bytes long"
+        )));
+    }
+    String::from_utf8(body.to_vec())
+        .map_err(|e| ApiError::bad_request(format!("the job is not UTF-8: {e}")).with_field("job"))
+}
+
+/// Maps job-description errors: syntax (YAML, template) → 400; schema → 422.
+fn job_errors(errors: &JobErrors) -> ApiError {
+    let Some(first) = errors.first() else {
+        return ApiError::bad_request("invalid job");
+    };
+    let mut e = match first.kind {
+        JobErrorKind::TooLarge => ApiError::payload_too_large(errors.to_string()),
+        JobErrorKind::Yaml | JobErrorKind::Template => ApiError::bad_request(errors.to_string()),
+        _ => ApiError::unprocessable(errors.to_string()),
+    };
+    e = e.with_field(first.field());
+    if let Some(loc) = first.location {
+        e = e.at(loc.line, loc.column);
+    }
+    e
+}
+
+async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let pairs = query_pairs(req.uri());
+    let headers = req.headers().clone();
+    let sub = read_submission(&s, req).await?;
+
+    let purpose: Purpose = match param(&pairs, "purpose") {
+        Some(p) => p
+            .parse()
+            .map_err(|e: String| ApiError::bad_request(e).with_field("purpose"))?,
+        None => Purpose::Job,
+    };
+    if purpose == Purpose::Training {
+        s.auth.check(&headers, Role::Admin)?;
+    }
+    let priority = match (sub.metadata.priority, param(&pairs, "priority")) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p.parse().map_err(|_| {
+            ApiError::bad_request("priority must be an integer").with_field("priority")
+        })?,
+        (None, None) => 0,
+    };
+    let wait = match (sub.metadata.wait, param(&pairs, "wait")) {
+        (Some(w), _) => w,
+        (None, Some(w)) => parse_bool(w, "wait")?,
+        (None, None) => true,
+    };
+    let external_id = match &sub.metadata.job_id {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => param(&pairs, "job_id").map(str::to_string),
+    };
+
+    // Validate as `dutctl job validate` does: placeholder machine variables plus the
+    // configured extras. The real render happens per machine in the job process.
+    let mut vars = TemplateVars::placeholders();
+    for (k, v) in &s.cfg.template_vars {
+        vars.set(k.clone(), v.clone());
+    }
+    let spec = JobSpec::parse_and_render(&sub.yaml, &vars).map_err(|e| job_errors(&e))?;
+
+    let (target_id, target_tags) = match &sub.metadata.target {
+        Some(t) => {
+            let id = match t.id.as_deref().filter(|s| !s.is_empty()) {
+                Some(s) => Some(MachineId::parse(s).map_err(|e| {
+                    ApiError::unprocessable(e.to_string()).with_field("metadata.target.id")
+                })?),
+                None => None,
+            };
+            (id, t.tags.clone())
+        }
+        None => (
+            spec.target.id,
+            spec.target.tags.iter().map(|t| t.as_str().to_string()).collect(),
+        ),
+    };
+    if purpose == Purpose::Training && target_id.is_none() {
+        return Err(ApiError::unprocessable("training jobs name their machine").with_field("target.id"));
+    }
+    let deadline_ms = spec
+        .deadline
+        .map(|d| (d.unix_timestamp_nanos() / 1_000_000) as i64);
+    if let Some(d) = deadline_ms
+        && d <= crate::store::now_ms()
+    {
+        return Err(ApiError::unprocessable("the deadline has already passed").with_field("deadline"));
+    }
+    match s.sched.check_target(target_id, &target_tags).await {
+        Ok(()) => {}
+        Err(TargetError::Mars(e)) => {
+            return Err(ApiError::unavailable(format!(
+                "cannot check the target, mars is unreachable: {e}"
+            )));
+        }
+        Err(e) => {
+            let field = if target_id.is_some() { "target.id" } else { "target.tags" };
+            return Err(ApiError::unprocessable(format!("the target can never match: {e}"))
+                .with_field(field));
+        }
+    }
+    if !wait {
+        match s.sched.any_free(purpose, target_id, &target_tags).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ApiError::conflict(
+                    "every machine matching the target is busy (wait=false)",
+                ));
+            }
+            Err(e) => return Err(ApiError::unavailable(e.to_string())),
+        }
+    }
+
+    // The tarball is on disk before the job is persisted, so the job never refers to a
+    // file that is not there.
+    let jobs_dir = crate::process::executor_state_dir(&s.gw).join("jobs");
+    let staged = match &sub.tarball {
+        Some(t) => {
+            std::fs::create_dir_all(&jobs_dir).map_err(ApiError::internal)?;
+            let path = jobs_dir.join(format!(
+                "upload-{}-{:x}.tar.gz",
+                std::process::id(),
+                rand_u64()
+            ));
+            let mut f = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
+            f.write_all(t).await.map_err(ApiError::internal)?;
+            f.sync_all().await.map_err(ApiError::internal)?;
+            Some(path)
+        }
+        None => None,
+    };
+    let new = NewJob {
+        external_id,
+        priority,
+        purpose,
+        job_yaml: sub.yaml,
+        target_id,
+        target_tags,
+        deadline_ms,
+        has_tarball: staged.is_some(),
+    };
+    let id = match s.store.insert(&new).await {
+        Ok(id) => id,
+        Err(e) => {
+            if let Some(p) = &staged {
+                let _ = std::fs::remove_file(p);
+            }
+            return Err(store_err(e));
+        }
+    };
+    if let Some(p) = staged {
+        let dir = s.sup.job_dir(id);
+        let moved = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::rename(&p, dir.join("initial.tar.gz")));
+        if let Err(e) = moved {
+            let _ = s
+                .store
+                .finish(id, JobStatus::SetupFail, &format!("cannot keep the tarball: {e}"))
+                .await;
+            return Err(ApiError::internal(e));
+        }
+    }
+    metrics::counter!("executor_jobs_submitted_total").increment(1);
+    tracing::info!(job_id = id, priority, "job submitted");
+    s.sched.wake();
+    let url = job_url(&s.gw, id);
+    let mut resp = (
+        StatusCode::CREATED,
+        axum::Json(Submitted {
+            id,
+            url: url.clone(),
+            state: JobState::Queued,
+        }),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/v1/jobs/{id}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0));
+    h.finish()
+}
+
+pub fn job_url(gw: &GatewayConfig, id: i64) -> String {
+    format!("{}/api/v1/jobs/{id}", gw.public_url(ServiceName::Executor))
+}
+
+fn view(s: &AppState, row: JobRow, with_job: bool) -> Job {
+    let console_bytes = std::fs::metadata(s.sup.job_dir(row.id).join("console.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Job {
+        id: row.id,
+        external_id: row.external_id,
+        url: job_url(&s.gw, row.id),
+        state: row.state,
+        phase: row.phase,
+        status: row.status,
+        exit_code: row.status.map(|st| st.exit_code()),
+        reason: row.reason,
+        priority: row.priority,
+        purpose: row.purpose,
+        target: TargetView {
+            id: row.target_id,
+            tags: row.target_tags,
+        },
+        deadline: row.deadline_ms.map(Timestamp),
+        machine_id: row.machine_id,
+        submitted_at: Timestamp(row.submitted_at),
+        dispatched_at: row.dispatched_at.map(Timestamp),
+        started_at: row.started_at.map(Timestamp),
+        finished_at: row.finished_at.map(Timestamp),
+        boots: row.boots,
+        console_bytes,
+        job: with_job.then_some(row.job_yaml),
+    }
+}
+
+// ---- list and show ----------------------------------------------------------------------
+
+async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>, ApiError> {
+    let pairs = query_pairs(&uri);
+    let mut f = ListFilter {
+        limit: 100,
+        ..Default::default()
+    };
+    for (k, v) in &pairs {
+        match k.as_str() {
+            "state" => {
+                f.state = Some(
+                    v.parse()
+                        .map_err(|e: String| ApiError::bad_request(e).with_field("state"))?,
+                )
+            }
+            "status" => {
+                f.status = Some(v.parse::<JobStatus>().map_err(|e| {
+                    ApiError::bad_request(e.to_string()).with_field("status")
+                })?)
+            }
+            "machine_id" => {
+                f.machine_id = Some(MachineId::parse(v).map_err(|e| {
+                    ApiError::bad_request(e.to_string()).with_field("machine_id")
+                })?)
+            }
+            "tag" => f.tags.push(v.clone()),
+            "limit" => {
+                f.limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request("limit must be between 1 and 1000").with_field("limit")
+                    })?
+            }
+            "before" => f.before = Some(parse_id(v)?),
+            other => {
+                return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))
+                    .with_field(other));
+            }
+        }
+    }
+    let rows = s.store.list(&f).await.map_err(store_err)?;
+    Ok(axum::Json(JobList {
+        jobs: rows.into_iter().map(|r| view(&s, r, false)).collect(),
+    }))
+}
+
+async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Job>, ApiError> {
+    let id = parse_id(&id)?;
+    let row = s.store.require(id).await.map_err(store_err)?;
+    Ok(axum::Json(view(&s, row, true)))
+}
+
+// ---- events -----------------------------------------------------------------------------
+
+/// Waits until the job may have changed: its process's progress moved, or a short while
+/// passed (jobs still queued, or followed by another executor, have no progress channel).
+async fn wait_change(s: &AppState, id: i64, seen: &mut Option<tokio::sync::watch::Receiver<crate::control::Progress>>) {
+    if seen.is_none() {
+        *seen = s.sup.progress(id);
+    }
+    match seen {
+        Some(rx) => {
+            let changed = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+            if matches!(changed, Ok(Err(_))) {
+                *seen = None;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        None => tokio::time::sleep(Duration::from_millis(250)).await,
+    }
+}
+
+async fn events(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    s.store.require(id).await.map_err(store_err)?;
+    let pairs = query_pairs(&uri);
+    let after = match param(&pairs, "after").or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+    }) {
+        Some(a) => a
+            .parse::<i64>()
+            .map_err(|_| ApiError::bad_request("after must be an integer").with_field("after"))?,
+        None => 0,
+    };
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if !sse {
+        let events = s.store.events(id, after).await.map_err(store_err)?;
+        return Ok(axum::Json(EventList { events }).into_response());
+    }
+    let (mut tx, rx) = mpsc::channel::<Result<SseEvent, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        let mut after = after;
+        let mut progress = None;
+        loop {
+            let evs = match s.store.events(id, after).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(job_id = id, error = %e, "event stream: store error");
+                    return;
+                }
+            };
+            for e in evs {
+                after = e.seq;
+                let last = e.kind == crate::model::kind::FINISHED;
+                let msg = SseEvent::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.clone())
+                    .data(serde_json::to_string(&e).unwrap_or_default());
+                if tx.send(Ok(msg)).await.is_err() || last {
+                    return;
+                }
+            }
+            wait_change(&s, id, &mut progress).await;
+        }
+    });
+    Ok(Sse::new(rx)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+// ---- console ----------------------------------------------------------------------------
+
+struct ConsoleQuery {
+    offset: u64,
+    follow: bool,
+}
+
+fn console_query(uri: &Uri) -> Result<ConsoleQuery, ApiError> {
+    let pairs = query_pairs(uri);
+    let offset = match param(&pairs, "offset") {
+        Some(o) => o
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request("offset must be a byte count").with_field("offset"))?,
+        None => 0,
+    };
+    let follow = match param(&pairs, "follow") {
+        Some(f) => parse_bool(f, "follow")?,
+        None => true,
+    };
+    Ok(ConsoleQuery { offset, follow })
+}
+
+/// Streams the console log from `offset` into `out` until the job is finished and every byte
+/// was sent (or, without `follow`, until the end of what is stored).
+async fn pump_console<F, Fut>(s: &AppState, id: i64, mut offset: u64, follow: bool, mut out: F)
+where
+    F: FnMut(Bytes) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let path = s.sup.job_dir(id).join("console.log");
+    let mut progress = None;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Read the job's state before the file: if it is finished now, the file is complete.
+        let finished = matches!(s.store.get(id).await, Ok(Some(r)) if r.state == JobState::Finished);
+        if let Ok(mut f) = tokio::fs::File::open(&path).await
+            && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
+        {
+            loop {
+                match f.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        offset += n as u64;
+                        if !out(Bytes::copy_from_slice(&buf[..n])).await {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if finished || !follow {
+            return;
+        }
+        wait_change(s, id, &mut progress).await;
+    }
+}
+
+async fn console(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let row = s.store.require(id).await.map_err(store_err)?;
+    let q = console_query(&uri)?;
+    let len = std::fs::metadata(s.sup.job_dir(id).join("console.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    if row.state == JobState::Finished && q.offset > len {
+        return Err(ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            format!("offset {} is past the end of the console log ({len} bytes)", q.offset),
+        )
+        .with_field("offset"));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::spawn(async move {
+        pump_console(&s, id, q.offset, q.follow, |b| {
+            let mut tx = tx.clone();
+            async move { tx.send(Ok(b)).await.is_ok() }
+        })
+        .await;
+    });
+    let mut resp = Response::new(Body::from_stream(rx));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if let Ok(v) = HeaderValue::from_str(&q.offset.to_string()) {
+        h.insert("x-console-offset", v);
+    }
+    Ok(resp)
+}
+
+async fn console_ws(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    s.store.require(id).await.map_err(store_err)?;
+    let q = console_query(&uri)?;
+    Ok(ws.on_upgrade(move |socket| ws_session(s, id, q.offset, socket)))
+}
+
+async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket) {
+    use futures::StreamExt;
+    let (mut sink, mut stream) = socket.split();
+    let (otx, mut orx) = mpsc::channel::<Bytes>(16);
+    let s2 = s.clone();
+    let output = tokio::spawn(async move {
+        pump_console(&s2, id, offset, true, |b| {
+            let mut otx = otx.clone();
+            async move { otx.send(b).await.is_ok() }
+        })
+        .await;
+    });
+    // Keystrokes go to the DUT through salad's console port, like any console client.
+    let input = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            let mut conn: Option<tokio::net::TcpStream> = None;
+            while let Some(Ok(msg)) = stream.next().await {
+                let data: Vec<u8> = match msg {
+                    Message::Binary(b) => b.to_vec(),
+                    Message::Text(t) => t.as_str().as_bytes().to_vec(),
+                    Message::Close(_) => return,
+                    _ => continue,
+                };
+                let Ok(Some(row)) = s.store.get(id).await else {
+                    return;
+                };
+                let (JobState::Running, Some(machine)) = (row.state, row.machine_id) else {
+                    continue;
+                };
+                if conn.is_none() {
+                    let salad = dutgate_salad::client::SaladClient::new(
+                        s.cfg.url_of(&s.gw, ServiceName::Salad),
+                        None,
+                    );
+                    conn = salad.connect(machine, &s.cfg.console_host(&s.gw)).await.ok();
+                }
+                if let Some(c) = conn.as_mut()
+                    && c.write_all(&data).await.is_err()
+                {
+                    conn = None;
+                }
+            }
+        })
+    };
+    while let Some(b) = futures::StreamExt::next(&mut orx).await {
+        if sink.send(Message::Binary(b)).await.is_err() {
+            input.abort();
+            output.abort();
+            return;
+        }
+    }
+    if let Ok(Some(row)) = s.store.get(id).await
+        && let Some(st) = row.status
+    {
+        let end = json!({"status": st, "exit_code": st.exit_code()}).to_string();
+        let _ = sink.send(Message::Text(end.into())).await;
+    }
+    let _ = sink.send(Message::Close(None)).await;
+    input.abort();
+}
+
+// ---- artifacts --------------------------------------------------------------------------
+
+fn walk(dir: &FsPath, prefix: &str, out: &mut Vec<Artifact>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut entries: Vec<_> = entries.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = format!("{prefix}{name}");
+        match e.file_type() {
+            Ok(t) if t.is_dir() => walk(&e.path(), &format!("{path}/"), out),
+            Ok(t) if t.is_file() => out.push(Artifact {
+                path,
+                size: e.metadata().map(|m| m.len()).unwrap_or(0),
+            }),
+            _ => {}
+        }
+    }
+}
+
+async fn events_json(s: &AppState, id: i64) -> Result<Vec<u8>, ApiError> {
+    let events = s.store.events(id, 0).await.map_err(store_err)?;
+    serde_json::to_vec_pretty(&EventList { events }).map_err(ApiError::internal)
+}
+
+async fn artifacts(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ArtifactList>, ApiError> {
+    let id = parse_id(&id)?;
+    s.store.require(id).await.map_err(store_err)?;
+    let dir = s.sup.job_dir(id);
+    let mut list = Vec::new();
+    if let Ok(m) = std::fs::metadata(dir.join("console.log")) {
+        list.push(Artifact {
+            path: "console.log".into(),
+            size: m.len(),
+        });
+    }
+    list.push(Artifact {
+        path: "events.json".into(),
+        size: events_json(&s, id).await?.len() as u64,
+    });
+    walk(&dir.join("artifacts"), "", &mut list);
+    Ok(axum::Json(ArtifactList { artifacts: list }))
+}
+
+/// Resolves an artifact path inside the job's directory; never outside it.
+fn artifact_path(dir: &FsPath, path: &str) -> Option<PathBuf> {
+    if path == "console.log" {
+        return Some(dir.join("console.log"));
+    }
+    let rel = FsPath::new(path);
+    if path.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    Some(dir.join("artifacts").join(rel))
+}
+
+async fn artifact(
+    State(s): State<AppState>,
+    Path((id, path)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    s.store.require(id).await.map_err(store_err)?;
+    if path == "events.json" {
+        let body = events_json(&s, id).await?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+    }
+    let not_found = || ApiError::not_found(format!("job {id} has no artifact {path:?}"));
+    let file = artifact_path(&s.sup.job_dir(id), &path).ok_or_else(not_found)?;
+    let f = tokio::fs::File::open(&file).await.map_err(|_| not_found())?;
+    let meta = f.metadata().await.map_err(|_| not_found())?;
+    if !meta.is_file() {
+        return Err(not_found());
+    }
+    let stream = tokio_util::io::ReaderStream::new(f);
+    let mut resp = Response::new(Body::from_stream(stream));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    if let Ok(v) = HeaderValue::from_str(&meta.len().to_string()) {
+        h.insert(header::CONTENT_LENGTH, v);
+    }
+    Ok(resp)
+}
+
+// ---- cancel -----------------------------------------------------------------------------
+
+async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match s.sup.cancel(id).await {
+        Ok(row) => {
+            s.sched.wake();
+            Ok((StatusCode::ACCEPTED, axum::Json(view(&s, row, false))).into_response())
+        }
+        Err(CancelError::Finished(_)) => Err(ApiError::conflict(format!("job {id} is already finished"))),
+        Err(CancelError::Store(e)) => Err(store_err(e)),
+    }
+}

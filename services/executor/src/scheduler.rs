@@ -1,0 +1,433 @@
+//! The queue's scheduler: matches queued jobs (priority, then FIFO) to free machines and
+//! dispatches them (a mars lease and the job row in one transaction, then the job process).
+//!
+//! Event-driven: it runs a round when woken — a submission, a machine freed (mars' event
+//! stream, followed with a long poll), a job finished — or at the next queued deadline. No
+//! polling loop with sleeps on the hot path.
+//!
+//! Machines come from a cache of mars' records kept current by the same event stream; a stale
+//! entry only costs a refused lease (409), after which the next machine is tried.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dutgate_core::{MachineId, Tag};
+use dutgate_mars::client::{MarsClient, is_conflict};
+use dutgate_mars::model::{LeasePurpose, Machine, MachineState};
+use tokio::sync::{Notify, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::model::Purpose;
+use crate::store::{QueuedJob, Store, now_ms};
+use crate::supervisor::Supervisor;
+
+/// Jobs looked at per round.
+const ROUND_LIMIT: u32 = 2000;
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    mars: MarsClient,
+    sup: Supervisor,
+    holder: String,
+    lease_ttl: Option<Duration>,
+    machines: RwLock<Option<BTreeMap<MachineId, Machine>>>,
+    wake: Arc<Notify>,
+}
+
+/// Why a target can never match.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("unknown machine {0}")]
+    UnknownMachine(MachineId),
+    #[error("machine {id} does not have the tags {missing:?}")]
+    MissingTags { id: MachineId, missing: Vec<String> },
+    #[error("no machine has all the tags {0:?}")]
+    NoMachineWithTags(Vec<String>),
+    #[error("mars cannot be reached: {0}")]
+    Mars(String),
+}
+
+fn fits(m: &Machine, purpose: Purpose) -> bool {
+    match purpose {
+        Purpose::Job => m.state == MachineState::Idle && m.lease.is_none(),
+        Purpose::Training => {
+            matches!(m.state, MachineState::Training | MachineState::QuickCheck)
+                && m.lease.is_none()
+        }
+    }
+}
+
+fn has_tags(m: &Machine, tags: &[String]) -> bool {
+    tags.iter()
+        .all(|t| m.all_tags().any(|mt: &Tag| mt.as_str() == t))
+}
+
+fn matches(m: &Machine, job: &QueuedJob) -> bool {
+    fits(m, job.purpose)
+        && job.target_id.is_none_or(|id| id == m.id)
+        && has_tags(m, &job.target_tags)
+}
+
+impl Scheduler {
+    pub fn new(
+        store: Store,
+        mars: MarsClient,
+        sup: Supervisor,
+        lease_ttl: Option<Duration>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        let holder = format!("{}/{}", sup.name(), std::process::id());
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                mars,
+                sup,
+                holder,
+                lease_ttl,
+                machines: RwLock::new(None),
+                wake,
+            }),
+        }
+    }
+
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    async fn load_machines(&self) -> Result<(), String> {
+        let list = self.inner.mars.machines().await.map_err(|e| e.to_string())?;
+        let map = list.into_iter().map(|m| (m.id, m)).collect();
+        *self.inner.machines.write().await = Some(map);
+        Ok(())
+    }
+
+    async fn machines(&self) -> Result<Vec<Machine>, TargetError> {
+        if self.inner.machines.read().await.is_none() {
+            self.load_machines().await.map_err(TargetError::Mars)?;
+        }
+        Ok(self
+            .inner
+            .machines
+            .read()
+            .await
+            .as_ref()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    /// Checks at submission that some machine could ever run a job with this target.
+    pub async fn check_target(
+        &self,
+        id: Option<MachineId>,
+        tags: &[String],
+    ) -> Result<(), TargetError> {
+        let machines = self.machines().await?;
+        let usable = |m: &&Machine| m.state != MachineState::Retired;
+        match id {
+            Some(id) => {
+                let m = machines
+                    .iter()
+                    .find(|m| m.id == id)
+                    .ok_or(TargetError::UnknownMachine(id))?;
+                let missing: Vec<String> = tags
+                    .iter()
+                    .filter(|t| !has_tags(m, std::slice::from_ref(t)))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(TargetError::MissingTags { id, missing });
+                }
+                Ok(())
+            }
+            None => {
+                if machines.iter().filter(usable).any(|m| has_tags(m, tags)) {
+                    Ok(())
+                } else {
+                    Err(TargetError::NoMachineWithTags(tags.to_vec()))
+                }
+            }
+        }
+    }
+
+    /// Whether a machine for this target is free right now (`?wait=false`).
+    pub async fn any_free(
+        &self,
+        purpose: Purpose,
+        id: Option<MachineId>,
+        tags: &[String],
+    ) -> Result<bool, TargetError> {
+        let probe = QueuedJob {
+            id: 0,
+            priority: 0,
+            purpose,
+            target_id: id,
+            target_tags: tags.to_vec(),
+        };
+        Ok(self.machines().await?.iter().any(|m| matches(m, &probe)))
+    }
+
+    /// Follows mars' event stream: keeps the machine cache current, wakes the scheduler when a
+    /// machine is freed, and reports expired leases to the supervisor.
+    pub async fn follow_mars(self, shutdown: CancellationToken) {
+        let mars = self.inner.mars.clone();
+        'outer: loop {
+            let cursor = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = mars.events_cursor() => c,
+            };
+            let mut cursor = match cursor {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mars events unavailable; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            // Load after taking the cursor so that no change falls in between.
+            if let Err(e) = self.load_machines().await {
+                tracing::warn!(error = %e, "cannot list machines");
+            }
+            self.wake();
+            loop {
+                let batch = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    b = mars.events(cursor, Duration::from_secs(30)) => b,
+                };
+                let batch = match batch {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mars events failed; reloading");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'outer,
+                        }
+                    }
+                };
+                cursor = batch.next;
+                let mut wake = false;
+                for ev in batch.events {
+                    let lease_event = ev.kind.starts_with("lease_");
+                    {
+                        let mut guard = self.inner.machines.write().await;
+                        if let Some(map) = guard.as_mut()
+                            && let Some(m) = map.get_mut(&ev.machine_id)
+                        {
+                            m.state = ev.to_state;
+                            if lease_event && ev.kind != "lease_acquired" {
+                                m.lease = None;
+                            }
+                        }
+                    }
+                    if !lease_event {
+                        // Tags, PDU or a new machine: take the record as mars has it.
+                        if let Ok(m) = mars.machine(ev.machine_id).await {
+                            let mut guard = self.inner.machines.write().await;
+                            if let Some(map) = guard.as_mut() {
+                                map.insert(m.id, m);
+                            }
+                        }
+                        wake = true;
+                    }
+                    if ev.frees_machine() {
+                        wake = true;
+                    }
+                    if ev.kind == "lease_expired"
+                        && let Some(job) = ev.job_id.as_deref().and_then(|j| j.parse().ok())
+                    {
+                        self.inner.sup.lease_expired(job).await;
+                    }
+                }
+                if wake {
+                    self.wake();
+                }
+            }
+        }
+    }
+
+    /// The dispatch loop.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let notified = self.inner.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let retry_soon = match self.round().await {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dispatch round failed");
+                    true
+                }
+            };
+            let next_deadline = self.inner.store.next_deadline().await.ok().flatten();
+            let sleep_for = match (retry_soon, next_deadline) {
+                (true, _) => Some(Duration::from_secs(1)),
+                (false, Some(at)) => Some(Duration::from_millis(
+                    (at - now_ms()).clamp(0, 3_600_000) as u64 + 1,
+                )),
+                (false, None) => None,
+            };
+            let sleep = async {
+                match sleep_for {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = notified => {}
+                _ = sleep => {}
+            }
+        }
+    }
+
+    async fn round(&self) -> Result<(), String> {
+        let store = &self.inner.store;
+        for id in store.expired_queued(now_ms()).await.map_err(|e| e.to_string())? {
+            let _ = store
+                .finish(
+                    id,
+                    dutgate_core::JobStatus::Incomplete,
+                    "deadline expired while queued",
+                )
+                .await;
+        }
+        let machines = self.machines().await.map_err(|e| e.to_string())?;
+        let mut free: Vec<Machine> = machines
+            .into_iter()
+            .filter(|m| m.lease.is_none() && m.state != MachineState::Running)
+            .collect();
+        if free.is_empty() {
+            return Ok(());
+        }
+        let queued = store.queued(ROUND_LIMIT).await.map_err(|e| e.to_string())?;
+        let mut taken: HashSet<MachineId> = HashSet::new();
+        for job in &queued {
+            if free.is_empty() {
+                break;
+            }
+            let candidates: Vec<MachineId> = free
+                .iter()
+                .filter(|m| !taken.contains(&m.id) && matches(m, job))
+                .map(|m| m.id)
+                .collect();
+            for machine in candidates {
+                match self.dispatch(job, machine).await {
+                    Ok(Dispatch::Done) => {
+                        taken.insert(machine);
+                        break;
+                    }
+                    Ok(Dispatch::MachineBusy) => {
+                        taken.insert(machine);
+                    }
+                    Ok(Dispatch::JobGone) => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            free.retain(|m| !taken.contains(&m.id));
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&self, job: &QueuedJob, machine: MachineId) -> Result<Dispatch, String> {
+        let started = Instant::now();
+        let store = &self.inner.store;
+        let Some(claim) = store.claim(job.id).await.map_err(|e| e.to_string())? else {
+            return Ok(Dispatch::JobGone);
+        };
+        let purpose = match job.purpose {
+            Purpose::Job => LeasePurpose::Job,
+            Purpose::Training => LeasePurpose::Training,
+        };
+        let lease = match self
+            .inner
+            .mars
+            .acquire(
+                machine,
+                &job.id.to_string(),
+                &self.inner.holder,
+                purpose,
+                self.inner.lease_ttl,
+            )
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = store.abandon_dispatch(claim).await;
+                if is_conflict(&e) || e.status() == Some(reqwest::StatusCode::NOT_FOUND) {
+                    self.mark_busy(machine).await;
+                    return Ok(Dispatch::MachineBusy);
+                }
+                return Err(format!("lease of {machine}: {e}"));
+            }
+        };
+        self.mark_busy(machine).await;
+        let done = store
+            .complete_dispatch(claim, machine, &lease.id, self.inner.sup.name())
+            .await
+            .map_err(|e| e.to_string())?;
+        if !done {
+            // Cancelled meanwhile: give the machine back untouched.
+            let _ = self
+                .inner
+                .mars
+                .release(
+                    &lease.id,
+                    dutgate_mars::model::ReleaseOutcome::Ok,
+                    Some("job cancelled before it started"),
+                )
+                .await;
+            return Ok(Dispatch::JobGone);
+        }
+        metrics::histogram!("executor_dispatch_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("executor_jobs_dispatched_total").increment(1);
+        tracing::info!(job_id = job.id, machine_id = %machine, lease = %lease.id, "dispatched");
+        if let Err(e) = self.inner.sup.launch(job.id, lease.ttl_seconds).await {
+            tracing::error!(job_id = job.id, error = %e, "cannot start the job process");
+            let _ = store
+                .add_event(
+                    job.id,
+                    crate::model::kind::EXECUTOR,
+                    &format!("cannot start the job process: {e}"),
+                    serde_json::json!({"action": "process_died"}),
+                )
+                .await;
+            let _ = self
+                .inner
+                .mars
+                .release(
+                    &lease.id,
+                    dutgate_mars::model::ReleaseOutcome::Ok,
+                    Some("the job process could not start"),
+                )
+                .await;
+            let _ = store
+                .finish(
+                    job.id,
+                    dutgate_core::JobStatus::SetupFail,
+                    &format!("the job process could not start: {e}"),
+                )
+                .await;
+        }
+        Ok(Dispatch::Done)
+    }
+
+    async fn mark_busy(&self, id: MachineId) {
+        let mut guard = self.inner.machines.write().await;
+        if let Some(m) = guard.as_mut().and_then(|map| map.get_mut(&id)) {
+            m.state = MachineState::Running;
+        }
+    }
+}
+
+enum Dispatch {
+    Done,
+    MachineBusy,
+    JobGone,
+}
