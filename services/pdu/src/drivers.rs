@@ -8,5 +8,6 @@ pub fn registry() -> Registry {
     r.register(dutgate_pdu_snmp::factories());
     r.register(dutgate_pdu_mqtt::factories());
     r.register(dutgate_pdu_http::factories());
+    r.register(dutgate_pdu_command::factories());
     r
 }
