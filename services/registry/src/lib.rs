@@ -6,6 +6,7 @@
 //! - [`blobs`]: content-addressed blob store, single-flight downloads, LRU eviction.
 //! - [`manifests`]: manifests by digest (forever) and tags (TTL, revalidation, stale-if-error).
 //! - [`api`]: the HTTP routes; [`error`]: spec error bodies; [`stats`]: counters and metrics.
+//! - [`client`]: typed client for `/api/v1/registry/stats`.
 //! - [`testkit`]: writes seeded OCI image layouts for tests and benchmarks.
 //!
 //! Invariant: the index (blob sizes and access times, tag records) lives next to the content on
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod blobs;
+pub mod client;
 pub mod config;
 pub mod error;
 pub mod manifests;
@@ -28,6 +30,7 @@ use std::time::Duration;
 use dutgate_core::auth::Auth;
 use dutgate_core::{ServiceContext, ServiceError};
 
+pub use client::RegistryClient;
 pub use config::{Config, UpstreamConfig};
 pub use stats::StatsSnapshot;
 

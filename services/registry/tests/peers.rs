@@ -378,6 +378,11 @@ async fn concurrent_cold_pulls_fetch_each_blob_once() {
         (CLIENTS * image.blobs.len()) as u64
     );
     assert!(stats.served_bytes >= CLIENTS as u64 * image.blob_bytes());
+    // The same counters over the API.
+    let client = dutgate_registry::RegistryClient::new(format!("http://{}", proxy.host()), None);
+    let over_api = client.stats().await.unwrap();
+    assert_eq!(over_api.blob_misses, stats.blob_misses);
+    assert_eq!(over_api.upstream_bytes, stats.upstream_bytes);
     upstream.stop().await;
 }
 
