@@ -9,5 +9,6 @@ pub fn registry() -> Registry {
     r.register(dutgate_pdu_mqtt::factories());
     r.register(dutgate_pdu_http::factories());
     r.register(dutgate_pdu_command::factories());
+    r.register(dutgate_pdu_virtual::factories());
     r
 }
