@@ -72,8 +72,11 @@ pub fn open_raw(path: &Path) -> Result<File, SerialError> {
         }
         libc::cfmakeraw(&mut tio);
         tio.c_cflag |= libc::CLOCAL | libc::CREAD;
-        libc::cfsetispeed(&mut tio, libc::B115200);
-        libc::cfsetospeed(&mut tio, libc::B115200);
+        // 115200 baud. Set in the flags rather than with cfset[io]speed: the libc crate links
+        // those by versioned symbol, which a static (crt-static) glibc link cannot resolve.
+        tio.c_cflag = (tio.c_cflag & !libc::CBAUD) | libc::B115200;
+        tio.c_ispeed = libc::B115200;
+        tio.c_ospeed = libc::B115200;
         tio.c_cc[libc::VMIN] = 0;
         tio.c_cc[libc::VTIME] = 0;
         if libc::tcsetattr(fd, libc::TCSANOW, &tio) != 0 {
