@@ -86,19 +86,39 @@ fn ipxe_word(v: Option<String>) -> Option<String> {
     })
 }
 
-async fn script_by_path(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let raw = uri
+/// What a DUT asked for, decoded leniently from the request URI (either URL form).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptRequest {
+    /// The MAC as written (not yet validated).
+    pub raw_mac: String,
+    /// `platform` and `buildarch` when they are plain words, else `None`.
+    pub platform: Option<String>,
+    pub buildarch: Option<String>,
+}
+
+/// Decodes `/boot/{mac}/boot.ipxe?…` or `/boot.ipxe?mac=…&…`; never fails.
+pub fn parse_script_request(uri: &Uri) -> ScriptRequest {
+    let raw_mac = match uri
         .path()
         .strip_prefix("/boot/")
         .and_then(|p| p.strip_suffix("/boot.ipxe"))
-        .unwrap_or("");
-    let raw = percent_decode(raw);
-    script(&app, &raw, &uri, &headers).await
+    {
+        Some(raw) => percent_decode(raw),
+        None => query_param(uri, "mac").unwrap_or_default(),
+    };
+    ScriptRequest {
+        raw_mac,
+        platform: ipxe_word(query_param(uri, "platform")),
+        buildarch: ipxe_word(query_param(uri, "buildarch")),
+    }
+}
+
+async fn script_by_path(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
+    script(&app, parse_script_request(&uri), &headers).await
 }
 
 async fn script_by_query(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    let raw = query_param(&uri, "mac").unwrap_or_default();
-    script(&app, &raw, &uri, &headers).await
+    script(&app, parse_script_request(&uri), &headers).await
 }
 
 fn script_response(text: String) -> Response {
@@ -143,10 +163,14 @@ impl AppState {
     }
 }
 
-async fn script(app: &AppState, raw_mac: &str, uri: &Uri, headers: &HeaderMap) -> Response {
+async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Response {
     let base = app.base_url(headers);
-    let platform = ipxe_word(query_param(uri, "platform"));
-    let buildarch = ipxe_word(query_param(uri, "buildarch"));
+    let ScriptRequest {
+        raw_mac,
+        platform,
+        buildarch,
+    } = req;
+    let raw_mac = raw_mac.as_str();
     let delay = app.config.retry_delay_seconds;
     let asked_for = |mac: &str| {
         format!("{base}/boot/{mac}/boot.ipxe?platform=${{platform}}&buildarch=${{buildarch}}")
@@ -366,5 +390,29 @@ mod tests {
         assert_eq!(query_param(&uri, "buildarch"), None);
         assert_eq!(ipxe_word(Some("x86_64".into())).as_deref(), Some("x86_64"));
         assert_eq!(ipxe_word(Some("a b".into())), None);
+        let r = parse_script_request(
+            &"/boot/52-54-00-12-34-56/boot.ipxe?platform=pcbios&buildarch=i%20386"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(r.raw_mac, "52-54-00-12-34-56");
+        assert_eq!(r.platform.as_deref(), Some("pcbios"));
+        assert_eq!(r.buildarch, None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn request_decoding_never_panics(s in "(?s).{0,60}") {
+            for candidate in [format!("/boot/{s}/boot.ipxe"), format!("/boot.ipxe?{s}"), s.clone()] {
+                if let Ok(uri) = candidate.parse::<Uri>() {
+                    let r = parse_script_request(&uri);
+                    for w in [&r.platform, &r.buildarch].into_iter().flatten() {
+                        proptest::prop_assert!(w.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+                    }
+                    let script = ipxe::render_retry_script(&r.raw_mac, "http://gw/r", 1);
+                    proptest::prop_assert_eq!(script.lines().filter(|l| l.starts_with("echo ")).count(), 2);
+                }
+            }
+        }
     }
 }

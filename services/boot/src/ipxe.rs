@@ -311,10 +311,9 @@ fn retry_tail(what: &str, retry_url: &str, delay_seconds: u64) -> String {
     )
 }
 
-/// Test support: a model of iPXE's line parser (rules 3–6 of the module docs), used to check
-/// the escaping against iPXE's own algorithm. The QEMU test checks it against real iPXE.
-#[cfg(test)]
-pub(crate) mod model {
+/// A model of iPXE's line parser (rules 3–6 of the module docs), for tests and fuzzing: it
+/// checks the escaping against iPXE's own algorithm. The QEMU test checks it against iPXE.
+pub mod model {
     use std::collections::HashMap;
 
     /// Settings defined by `set name:hex xx` lines in `script`.
@@ -327,7 +326,9 @@ pub(crate) mod model {
                     continue;
                 };
                 let name = name.trim_end_matches(":hex").to_string();
-                out.insert(name, hex::decode(hex).unwrap());
+                if let Ok(bytes) = hex::decode(hex) {
+                    out.insert(name, bytes);
+                }
             }
         }
         out

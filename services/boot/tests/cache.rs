@@ -258,6 +258,12 @@ async fn revalidates_after_ttl_and_serves_stale_when_upstream_is_down() {
     upstream.set_data("/r", v2.clone());
     assert_eq!(get(url.clone()).await.1, v2);
     assert_eq!(upstream.gets("/r"), 2);
+    assert_eq!(
+        svc.cache.stats().blobs,
+        1,
+        "the replaced content is dropped"
+    );
+    assert_eq!(blob_files(&svc), 1);
     // Upstream gone: the cached copy is still served.
     upstream.stop();
     tokio::time::sleep(Duration::from_millis(50)).await;

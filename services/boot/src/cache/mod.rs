@@ -489,9 +489,19 @@ impl ArtifactCache {
                     }
                     let phase = self.done_phase(&mut st, &entry, CacheStatus::Miss, now);
                     let keep = entry.sha256.clone();
-                    st.entries.insert(id.clone(), entry);
+                    let replaced = st.entries.insert(id.clone(), entry).map(|e| e.sha256);
                     st.dirty = true;
-                    evicted = self.evict(&mut st, &keep);
+                    // New content at a revalidated URL: the old blob goes unless another URL
+                    // still has the same content.
+                    if let Some(old) = replaced
+                        && old != keep
+                        && !st.entries.values().any(|e| e.sha256 == old)
+                        && let Some(meta) = st.blobs.remove(&old)
+                    {
+                        st.total_size = st.total_size.saturating_sub(meta.size);
+                        evicted.push(self.blob_path(&old));
+                    }
+                    evicted.extend(self.evict(&mut st, &keep));
                     phase
                 }
                 (Err(e), Some(mut entry)) if e.upstream_unavailable() => {
