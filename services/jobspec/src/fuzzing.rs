@@ -1,6 +1,8 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/`) and the in-suite random-input tests,
 //! so CI exercises exactly what the fuzzer runs. Both must never panic, whatever the bytes.
 
+use std::sync::LazyLock;
+
 use crate::{JobSpec, PatternEngine, TemplateVars};
 
 /// Renders and parses arbitrary bytes as a job; a parsed job must also survive its own
@@ -36,13 +38,15 @@ pub fn parse(data: &[u8]) {
 /// Drives the pattern engine with arbitrary bytes: the first bytes choose chunk boundaries,
 /// the rest is the console stream. Chunked feeding must give the same events as one feed.
 pub fn patterns(data: &[u8]) {
+    // Parsed once: building the job (YAML, regex compilation) would otherwise dominate a run.
+    static JOB: LazyLock<JobSpec> = LazyLock::new(example_job);
     let (cuts, stream) = data.split_at(data.len().min(8));
-    let job = example_job();
-    let mut whole = PatternEngine::for_job(&job);
+    let job = &*JOB;
+    let mut whole = PatternEngine::for_job(job);
     let mut expected = whole.feed(stream);
     expected.extend(whole.finish());
 
-    let mut chunked = PatternEngine::for_job(&job);
+    let mut chunked = PatternEngine::for_job(job);
     let mut got = Vec::new();
     let mut rest = stream;
     for &c in cuts
