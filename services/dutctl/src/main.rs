@@ -4,6 +4,7 @@
 //! pinned status code (design.md §8).
 
 mod cmd_job;
+mod cmd_machines;
 mod cmd_status;
 mod gateway;
 mod output;
@@ -43,6 +44,9 @@ enum Command {
     /// Job descriptions: `validate` checks one offline.
     #[command(subcommand)]
     Job(cmd_job::JobCommand),
+    /// Machines: list, show, retire, activate, set, discover, training, events.
+    #[command(subcommand)]
+    Machines(cmd_machines::MachinesCommand),
 }
 
 /// Exit code for usage errors and failed commands (job statuses use 0–6, see `run`).
@@ -79,6 +83,10 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }),
             Command::Job(cmd) => cmd_job::run(cmd, cli.output),
+            Command::Machines(cmd) => {
+                cmd_machines::run(cmd, &gw, cli.output).await?;
+                Ok(ExitCode::SUCCESS)
+            }
         }
     });
     match result {
