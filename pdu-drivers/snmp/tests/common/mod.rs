@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::UdpSocket;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +20,14 @@ pub const ROOTS: [&str; 4] = [
     ".1.3.6.1.4.1.318.1.1.12",
     ".1.3.6.1.4.1.3808.1.1.3",
     ".1.3.6.1.4.1.3808.1.1.5",
+];
+
+/// Outlet-name table of each model (same order as `MODELS`).
+pub const NAME_OIDS: [&str; 4] = [
+    ".1.3.6.1.4.1.318.1.1.4.4.2.1.4",
+    ".1.3.6.1.4.1.318.1.1.12.3.3.1.1.2",
+    ".1.3.6.1.4.1.3808.1.1.3.3.3.1.1.2",
+    ".1.3.6.1.4.1.3808.1.1.5.6.3.1.2",
 ];
 
 pub const V3_USER: &str = "labuser";
@@ -38,8 +47,14 @@ impl Drop for Agent {
     }
 }
 
+/// The pass_persist script; this module is also included by other crates' tests, so look
+/// it up from the workspace root rather than from the including crate.
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pdu_agent.py")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join("pdu-drivers/snmp/tests/pdu_agent.py"))
+        .find(|p| p.is_file())
+        .expect("pdu-drivers/snmp/tests/pdu_agent.py in the workspace")
 }
 
 fn free_udp_port() -> u16 {
@@ -90,26 +105,32 @@ impl Agent {
         agent
     }
 
+    /// Waits until every model's pass_persist handler answers. snmpd starts each handler
+    /// on its first request and answers "no such name" if the handler is slow to start, so
+    /// the first walk of a test must not be the one that starts it.
     fn wait_ready(&self) {
+        let snmpget = dutgate_core::testing::require_program("snmpget", "snmp");
         let start = Instant::now();
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        // A v2c GET of sysName.0 with community "public", hand-encoded: enough to see the
-        // agent answer without depending on the code under test.
-        let get: [u8; 41] = [
-            0x30, 0x27, 0x02, 0x01, 0x01, 0x04, 0x06, b'p', b'u', b'b', b'l', b'i', b'c', 0xa0,
-            0x1a, 0x02, 0x02, 0x12, 0x34, 0x02, 0x01, 0x00, 0x02, 0x01, 0x00, 0x30, 0x0e, 0x30,
-            0x0c, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x02, 0x01, 0x01, 0x05, 0x00, 0x05, 0x00,
-        ];
-        let mut buf = [0u8; 1500];
-        while start.elapsed() < Duration::from_secs(10) {
-            let _ = sock.send_to(&get, ("127.0.0.1", self.port));
-            if sock.recv_from(&mut buf).is_ok() {
-                return;
+        let oids: Vec<String> = NAME_OIDS.iter().map(|o| format!("{o}.1")).collect();
+        while start.elapsed() < Duration::from_secs(20) {
+            let out = Command::new(&snmpget)
+                .args(["-v2c", "-c", "public", "-r", "0", "-t", "1", "-On"])
+                .arg(format!("127.0.0.1:{}", self.port))
+                .args(&oids)
+                .env("MIBS", "")
+                .output();
+            if let Ok(out) = out {
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.matches("STRING").count() == oids.len() {
+                    return;
+                }
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("snmpd did not answer within 10 s; log:\n{}", self.log());
+        panic!(
+            "snmpd did not answer for every model within 20 s; log:\n{}",
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
