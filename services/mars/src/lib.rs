@@ -72,6 +72,7 @@ impl Default for Config {
 pub async fn sweep(mars: Mars, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -83,6 +84,23 @@ pub async fn sweep(mars: Mars, shutdown: CancellationToken) {
         if let Err(e) = mars.expire_discovery().await {
             tracing::warn!(error = %e, "discovery sweep failed");
         }
+        n += 1;
+        if n % 15 == 1 {
+            export_state_gauges(&mars).await;
+        }
+    }
+}
+
+/// `mars_machines{state}`: how many machines are in each state.
+async fn export_state_gauges(mars: &Mars) {
+    match mars.store.list().await {
+        Ok(rows) => {
+            for st in model::MachineState::ALL {
+                let count = rows.iter().filter(|r| r.state == st).count();
+                metrics::gauge!("mars_machines", "state" => st.as_str()).set(count as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count machines"),
     }
 }
 

@@ -534,6 +534,26 @@ impl Trainer {
         };
         let started = Timestamp::now();
         let clock = std::time::Instant::now();
+        if job_kind == "check" && self.mars.store.get(id).await?.local_tty_device.is_none() {
+            // The check job needs `console=<tty>`: without a registered console it cannot even
+            // be rendered. Say why instead of reporting a vague setup failure.
+            let report = LoopReport {
+                n,
+                job_kind: job_kind.to_string(),
+                job_id: None,
+                status: JobStatus::SetupFail,
+                started_at: started,
+                duration_ms: 0,
+                failed_stage: Some(FailedStage::Console),
+                console_log_url: None,
+                detail: Some(
+                    "no console registered: no serial port answered SALAD.ping at registration"
+                        .into(),
+                ),
+            };
+            self.mars.store.add_loop(run_id, &report).await?;
+            return Ok(BootResult::Report(report));
+        }
         let submitted = tokio::select! {
             _ = token.cancelled() => return Ok(BootResult::Cancelled),
             r = self.runner.submit(id, template) => r,
@@ -612,6 +632,48 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The embedded templates are valid v1 jobs once rendered with a machine's variables.
+    #[test]
+    fn job_templates_parse() {
+        use dutgate_jobspec::{JobSpec, TemplateVars};
+        let vars = TemplateVars::placeholders();
+        let reg = JobSpec::parse_and_render(DEFAULT_REGISTRATION_JOB, &vars)
+            .unwrap_or_else(|e| panic!("register.yml.j2: {e:?}"));
+        let check = JobSpec::parse_and_render(DEFAULT_CHECK_JOB, &vars)
+            .unwrap_or_else(|e| panic!("check.yml.j2: {e:?}"));
+        let reg_cmdline = &reg.deployment_for(1).1.kernel.cmdline;
+        assert!(
+            reg_cmdline.contains("dutgate.action=register"),
+            "{reg_cmdline}"
+        );
+        assert!(
+            reg_cmdline.contains("dutgate.mars_url=http://gateway:8001"),
+            "{reg_cmdline}"
+        );
+        let check_cmdline = &check.deployment_for(1).1.kernel.cmdline;
+        assert!(
+            check_cmdline.contains("console=ttyUSB0,115200"),
+            "{check_cmdline}"
+        );
+        assert!(check_cmdline.contains("SALAD.machine_id=52:54:00:00:00:01"));
+        // The patterns the trainer's verdicts rely on.
+        let mut engine = dutgate_jobspec::PatternEngine::for_job(&reg);
+        engine.feed(b"MaRS: Registration complete\r\n");
+        assert_eq!(engine.status(), JobStatus::Pass);
+        let mut engine = dutgate_jobspec::PatternEngine::for_job(&reg);
+        engine.feed(b"MaRS: Registration failed: mars answered 400\n");
+        assert_eq!(engine.status(), JobStatus::Fail);
+        let mut engine = dutgate_jobspec::PatternEngine::for_job(&check);
+        engine.feed(b"The configured console is not connected to SALAD\r\n");
+        engine.feed(b"+ Execution is over, pipeline status: 0\r\n");
+        engine.feed(b"It's now safe to turn off your computer\r\n");
+        assert_eq!(engine.status(), JobStatus::Warn);
+        let mut engine = dutgate_jobspec::PatternEngine::for_job(&check);
+        engine.feed(b"Execution is over, pipeline status: 1\r\n");
+        engine.feed(b"It's now safe to turn off your computer\r\n");
+        assert_eq!(engine.status(), JobStatus::Fail);
+    }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
