@@ -5,6 +5,7 @@
 
 mod cmd_job;
 mod cmd_machines;
+mod cmd_pdus;
 mod cmd_status;
 mod gateway;
 mod output;
@@ -47,6 +48,9 @@ enum Command {
     /// Machines: list, show, retire, activate, set, discover, training, events.
     #[command(subcommand)]
     Machines(cmd_machines::MachinesCommand),
+    /// PDUs and ports: list, ports, set, cycle.
+    #[command(subcommand)]
+    Pdus(cmd_pdus::PdusCommand),
 }
 
 /// Exit code for usage errors and failed commands (job statuses use 0–6, see `run`).
@@ -85,6 +89,10 @@ fn main() -> ExitCode {
             Command::Job(cmd) => cmd_job::run(cmd, cli.output),
             Command::Machines(cmd) => {
                 cmd_machines::run(cmd, &gw, cli.output).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Pdus(cmd) => {
+                cmd_pdus::run(cmd, &gw, cli.output).await?;
                 Ok(ExitCode::SUCCESS)
             }
         }

@@ -23,6 +23,7 @@ use dutgate_core::{ServiceContext, ServiceError};
 use serde::{Deserialize, Serialize};
 
 pub use client::PduClient;
+pub use dutgate_pdu_driver::Switch;
 pub use pdu::{CycleReport, OpResult, PortPatch, PortView, PowerError};
 pub use service::PduService;
 
