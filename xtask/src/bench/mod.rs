@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod footprint;
 pub mod jobspec;
+pub mod pdu;
 pub mod registry;
 pub mod report;
 pub mod salad;
@@ -49,6 +50,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("jobspec", jobspec::run),
     ("registry", registry::run),
     ("boot", boot::run),
+    ("pdu", pdu::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {

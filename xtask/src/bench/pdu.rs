@@ -1,0 +1,83 @@
+//! `cargo xtask bench pdu`: SNMP PDU state reads (one walk vs per-port GETs) and switching
+//! work (dutgate's REST API with read-back vs pdudaemon driving the same agent), in one run
+//! against one net-snmp agent playing a 24-outlet APC rack PDU.
+//!
+//! The measuring program is `services/pdu/examples/pdu_bench.rs` (it reuses the SNMP test
+//! agent and runs the pdu service in-process); this module builds it in release mode, runs
+//! it and writes its rows to docs/benchmarks.md. Peers: Debian packages snmpd, snmp,
+//! pdudaemon.
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+use super::BenchArgs;
+use super::report::append_table;
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(&cargo);
+    build
+        .args(["build", "-p", "dutgate-pdu", "--example", "pdu_bench"])
+        .current_dir(&args.root);
+    if !args.quick {
+        build.arg("--release");
+    }
+    if !build
+        .status()
+        .context("building the pdu benchmark")?
+        .success()
+    {
+        bail!("cargo build of the pdu benchmark failed");
+    }
+    let profile = if args.quick { "debug" } else { "release" };
+    let exe = args
+        .root
+        .join("target")
+        .join(profile)
+        .join("examples")
+        .join("pdu_bench");
+    let mut cmd = Command::new(&exe);
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pdu benchmark failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rows: Vec<Vec<String>> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ROW\t"))
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(figure, value)| vec![figure.to_string(), value.to_string()])
+        .collect();
+    if rows.is_empty() {
+        bail!("the pdu benchmark printed no results:\n{stdout}");
+    }
+    for r in &rows {
+        println!("{}: {}", r[0], r[1]);
+    }
+    if args.write && !args.quick {
+        append_table(
+            &args.root,
+            "PDU: SNMP state reads and switching (dutgate vs pdudaemon)",
+            "cargo xtask bench pdu",
+            &["figure", "value"],
+            &rows,
+            "One net-snmp 5.9 `snmpd` with a pass_persist APC rPDU (24 outlets) on 127.0.0.1; \
+             reads: 200 alternating iterations through dutgate's SNMP driver on one v2c session; \
+             switching: 3 alternating rounds of 48 commands. dutgate answers each PATCH with the \
+             state read back from the agent; pdudaemon (Debian 0.0.8, `localcmdline` + `snmpset`, \
+             because its SNMP driver only talks to UDP 161) only writes and cannot read back. \
+             Every command was checked to have reached the agent.",
+        )?;
+    }
+    Ok(())
+}
