@@ -1,6 +1,7 @@
 //! HTTP routes: iPXE scripts and artifacts for DUTs, boot configs for the executor.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -22,6 +23,11 @@ use crate::store::{Deleted, Store};
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
+    /// Every stored config, read by the script endpoint without a database round trip. Only
+    /// this service writes its table, and every write holds `write_lock` across the database
+    /// write and the map update, so the map always equals the table.
+    pub configs: Arc<RwLock<HashMap<MachineId, Arc<BootConfig>>>>,
+    pub write_lock: Arc<tokio::sync::Mutex<()>>,
     pub cache: ArtifactCache,
     pub config: Arc<Config>,
     pub gateway: Arc<GatewayConfig>,
@@ -47,12 +53,25 @@ pub fn router(state: AppState, auth: Auth) -> Router {
 }
 
 /// `?a=b&c=d`, decoded leniently: a DUT's query string never makes the request fail.
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    let Some(q) = uri.query() else {
+        return Vec::new();
+    };
+    reqwest::Url::parse(&format!("http://q/?{q}"))
+        .map(|url| {
+            url.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
 fn query_param(uri: &Uri, key: &str) -> Option<String> {
-    let q = uri.query()?;
-    let url = reqwest::Url::parse(&format!("http://q/?{q}")).ok()?;
-    url.query_pairs()
+    query_pairs(uri)
+        .into_iter()
         .find(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
+        .map(|(_, v)| v)
 }
 
 fn percent_decode(s: &str) -> String {
@@ -98,18 +117,20 @@ pub struct ScriptRequest {
 
 /// Decodes `/boot/{mac}/boot.ipxe?…` or `/boot.ipxe?mac=…&…`; never fails.
 pub fn parse_script_request(uri: &Uri) -> ScriptRequest {
+    let pairs = query_pairs(uri);
+    let param = |key: &str| pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let raw_mac = match uri
         .path()
         .strip_prefix("/boot/")
         .and_then(|p| p.strip_suffix("/boot.ipxe"))
     {
         Some(raw) => percent_decode(raw),
-        None => query_param(uri, "mac").unwrap_or_default(),
+        None => param("mac").unwrap_or_default(),
     };
     ScriptRequest {
         raw_mac,
-        platform: ipxe_word(query_param(uri, "platform")),
-        buildarch: ipxe_word(query_param(uri, "buildarch")),
+        platform: ipxe_word(param("platform")),
+        buildarch: ipxe_word(param("buildarch")),
     }
 }
 
@@ -189,18 +210,15 @@ async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Resp
         }
     };
     let retry = asked_for(&mac.to_string());
-    let (config, origin) = match app.store.get(mac).await {
-        Ok(Some(stored)) => (Some(stored.config), "job"),
-        Ok(None) => (app.config.default.clone(), "default"),
-        Err(e) => {
-            tracing::error!(machine_id = %mac, error = %e, "cannot read boot config");
-            metrics::counter!("boot_scripts_total", "config" => "error").increment(1);
-            return script_response(ipxe::render_retry_script(
-                "the gateway cannot read boot configs right now",
-                &retry,
-                delay,
-            ));
-        }
+    let stored = app
+        .configs
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&mac)
+        .cloned();
+    let (config, origin) = match stored {
+        Some(c) => (Some((*c).clone()), "job"),
+        None => (app.config.default.clone(), "default"),
     };
     let Some(config) = config else {
         tracing::info!(machine_id = %mac, platform, buildarch, "boot script asked; no boot config and no default");
@@ -307,11 +325,19 @@ async fn put_config(
             .register(url, sha)
             .map_err(|e| ApiError::unprocessable(e.to_string()).with_field(field))?;
     }
-    let stored = app
-        .store
-        .put(mac, &config, now_ms())
-        .await
-        .map_err(ApiError::internal)?;
+    let stored = {
+        let _writer = app.write_lock.lock().await;
+        let stored = app
+            .store
+            .put(mac, &config, now_ms())
+            .await
+            .map_err(ApiError::internal)?;
+        app.configs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mac, Arc::new(config.clone()));
+        stored
+    };
     tracing::info!(
         machine_id = %mac,
         job_id = config.job_id.as_deref().unwrap_or(""),
@@ -346,12 +372,19 @@ async fn delete_config(
     Query(q): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let mac = parse_mac(&mac)?;
-    match app
+    let _writer = app.write_lock.lock().await;
+    let deleted = app
         .store
         .delete(mac, q.job_id.as_deref())
         .await
-        .map_err(ApiError::internal)?
-    {
+        .map_err(ApiError::internal)?;
+    if deleted == Deleted::Yes {
+        app.configs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&mac);
+    }
+    match deleted {
         Deleted::Yes => {
             tracing::info!(machine_id = %mac, job_id = q.job_id.as_deref().unwrap_or(""), "boot config cleared");
             Ok(StatusCode::NO_CONTENT)

@@ -78,16 +78,20 @@ impl BootService {
             .list()
             .await
             .map_err(|e| startup(format!("reading boot configs: {e}")))?;
+        let mut configs = std::collections::HashMap::new();
         for s in stored {
             for (field, url, sha) in s.config.artifacts() {
                 if let Err(e) = cache.register(url, sha) {
                     tracing::warn!(machine_id = %s.mac, field, error = %e, "stored boot config names an artifact that is no longer allowed");
                 }
             }
+            configs.insert(s.mac, Arc::new(s.config));
         }
         Ok(Self {
             state: api::AppState {
                 store,
+                configs: Arc::new(std::sync::RwLock::new(configs)),
+                write_lock: Arc::new(tokio::sync::Mutex::new(())),
                 cache,
                 config: Arc::new(config),
                 gateway: ctx.gateway.clone(),
