@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use dutgate_core::{JobStatus, PowerState};
+use dutgate_executor::model::JobState;
 use dutgate_mars::model::MachineState;
 
 const T: Duration = Duration::from_secs(60);
@@ -14,24 +15,300 @@ fn by_id(n: u8) -> String {
     format!("  id: \"{}\"", mac(n))
 }
 
+fn kinds(events: &[dutgate_executor::model::Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| format!("{}: {}", e.kind, e.message))
+        .collect()
+}
+
+/// Acceptance 1: every status arises from the matching DUT behaviour.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn statuses_from_simulated_behaviour() {
     let farm = Farm::start(Options {
+        machines: 7,
+        ..Default::default()
+    })
+    .await;
+    let hang_timeouts = "  console_activity: {seconds: 1, retries: 0}";
+    let complete = job_yaml(&by_id(4), "fail", "fail", "", "")
+        .replace("  job_success: {regex: \"^RESULT: PASS$\"}\n", "");
+    let setup_fail = job_yaml(&by_id(6), "pass", "pass", "", "")
+        .replace("/vmlinuz\"", "/no-such-kernel\"");
+    let cases = vec![
+        (1u8, job_yaml(&by_id(1), "pass", "pass", "", ""), JobStatus::Pass),
+        (2, job_yaml(&by_id(2), "warn", "warn", "", ""), JobStatus::Warn),
+        (3, job_yaml(&by_id(3), "fail", "fail", "", ""), JobStatus::Fail),
+        (4, complete, JobStatus::Complete),
+        (5, job_yaml(&by_id(5), "hang", "hang", hang_timeouts, ""), JobStatus::Incomplete),
+        (6, setup_fail, JobStatus::SetupFail),
+        (7, job_yaml(&by_id(7), "unfit", "unfit", "", ""), JobStatus::Incomplete),
+    ];
+    let mut ids = Vec::new();
+    for (n, yaml, want) in &cases {
+        ids.push((*n, farm.submit(yaml, "").await, *want));
+    }
+    for (n, id, want) in &ids {
+        let job = farm.wait_finished(*id, T).await;
+        let events = farm.events(*id).await;
+        assert_eq!(job.status, Some(*want), "machine {n}: {job:#?}\n{:#?}", kinds(&events));
+        assert_eq!(job.exit_code, Some(want.exit_code()));
+        assert_eq!(job.machine_id, Some(mac(*n)));
+        // Every job ends with teardown and its final event; the DUT is off.
+        assert_eq!(events.last().unwrap().kind, "finished");
+        assert!(events.iter().any(|e| e.kind == "phase" && e.data["phase"] == "teardown"));
+        assert_eq!(farm.power(*n), PowerState::Off, "machine {n} left powered");
+        let console = farm.console(*id).await;
+        match want {
+            JobStatus::Pass => {
+                assert!(console.contains("RESULT: PASS\r\nSESSION END"), "{console:?}");
+                assert!(events.iter().any(|e| e.data["pattern"] == "job_success"));
+            }
+            JobStatus::Warn => assert!(console.contains("WARNING: flaky fan")),
+            JobStatus::SetupFail => {
+                assert!(job.reason.as_deref().unwrap().contains("no-such-kernel"), "{job:#?}");
+                // Refused before power-on: the DUT never booted.
+                assert!(!events.iter().any(|e| e.data["phase"] == "power"));
+                assert!(console.is_empty(), "{console:?}");
+            }
+            JobStatus::Incomplete if *n == 5 => {
+                assert!(job.reason.as_deref().unwrap().contains("console_activity"), "{job:#?}");
+            }
+            _ => {}
+        }
+    }
+    // Machines are given back: IDLE, except the one that declared itself unfit.
+    for n in 1..=6 {
+        farm.wait_machine(mac(n), MachineState::Idle, T).await;
+    }
+    farm.wait_machine(mac(7), MachineState::Training, T).await;
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+
+    // Artifacts: the console log and the events.
+    let list: serde_json::Value = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{}/artifacts", farm.url, ids[0].1))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let paths: Vec<&str> = list["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert!(paths.contains(&"console.log") && paths.contains(&"events.json"), "{paths:?}");
+    let log = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{}/artifacts/console.log", farm.url, ids[0].1))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(log.contains("SESSION END"));
+    let escape = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{}/artifacts/..%2F..%2Fexecutor.db", farm.url, ids[0].1))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(escape.status(), 404);
+    farm.stop().await;
+}
+
+/// Acceptance 2: a silent DUT hits `first_console_activity`, is power-cycled into `continue`
+/// `retries` times, then the job ends INCOMPLETE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_dut_retries_then_incomplete() {
+    let farm = Farm::start(Options {
+        machines: 3,
+        ..Default::default()
+    })
+    .await;
+    let silent = farm
+        .submit(
+            &job_yaml(
+                &by_id(1),
+                "silent",
+                "silent",
+                "  first_console_activity: {seconds: 1, retries: 2}",
+                "",
+            ),
+            "",
+        )
+        .await;
+    // A reboot request spends a boot_cycle retry and boots `continue`.
+    let reboot = farm
+        .submit(
+            &job_yaml(&by_id(2), "reboot", "pass", "  boot_cycle: {minutes: 1, retries: 1}", ""),
+            "",
+        )
+        .await;
+    // Watchdog: start, two resets and a stop keep it alive past its 1 s budget; the next
+    // start is never reset: it expires, once per boot (1 retry).
+    let wd_timeouts = "  watchdogs:\n    wd: {seconds: 1, retries: 1}";
+    let wd_patterns = "  watchdogs:\n    wd: {start: {regex: \"^wd start$\"}, reset: {regex: \"^wd reset$\"}, stop: {regex: \"^wd stop$\"}}";
+    let watchdog = farm
+        .submit(
+            &job_yaml(&by_id(3), "watchdog", "watchdog", wd_timeouts, wd_patterns),
+            "",
+        )
+        .await;
+
+    let job = farm.wait_finished(silent, T).await;
+    let events = farm.events(silent).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete), "{:#?}", kinds(&events));
+    assert!(job.reason.as_deref().unwrap().contains("first_console_activity"));
+    assert_eq!(job.boots, 3);
+    let boots: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "boot")
+        .map(|e| e.data["deployment"].as_str().unwrap())
+        .collect();
+    assert_eq!(boots, ["start", "continue", "continue"]);
+    let timeouts: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "timeout")
+        .map(|e| e.data["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(timeouts, ["retry", "retry", "abort"], "{:#?}", kinds(&events));
+    assert_eq!(events.iter().filter(|e| e.kind == "retry").count(), 2);
+    assert_eq!(farm.power(1), PowerState::Off);
+    // The boot config of the retries is the `continue` one, and it is cleared at the end.
+    assert!(events.iter().any(|e| e.data["step"] == "clear_boot_config" && e.data["ok"] == true));
+
+    let job = farm.wait_finished(reboot, T).await;
+    let events = farm.events(reboot).await;
+    assert_eq!(job.status, Some(JobStatus::Pass), "{job:#?} {:#?}", kinds(&events));
+    assert_eq!(job.boots, 2);
+    assert!(events.iter().any(|e| e.data["pattern"] == "session_reboot"));
+
+    let job = farm.wait_finished(watchdog, T).await;
+    let events = farm.events(watchdog).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete), "{:#?}", kinds(&events));
+    assert!(job.reason.as_deref().unwrap().contains("watchdog:wd"), "{job:#?}");
+    let first_boot: Vec<&str> = events
+        .iter()
+        .skip_while(|e| e.kind != "boot")
+        .skip(1)
+        .take_while(|e| e.kind != "boot")
+        .filter(|e| e.kind == "watchdog")
+        .map(|e| e.data["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(first_boot, ["start", "reset", "reset", "stop", "start"]);
+    let wd_timeouts: Vec<&str> = events
+        .iter()
+        .filter(|e| e.kind == "timeout")
+        .map(|e| e.data["timeout"].as_str().unwrap())
+        .collect();
+    assert_eq!(wd_timeouts, ["watchdog:wd", "watchdog:wd"]);
+    assert_eq!(job.boots, 2);
+    farm.stop().await;
+}
+
+/// Acceptance 3: the executor dies mid-job (the job finishes and is seen after the restart);
+/// a job process dies (INCOMPLETE, powered off, QUICK_CHECK, nothing leased).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn executor_and_job_process_deaths() {
+    let mut farm = Farm::start(Options {
         machines: 2,
         ..Default::default()
     })
     .await;
-    let id = farm
-        .submit(&job_yaml(&by_id(1), "pass", "pass", "", ""), "")
+    let survivor = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let victim = farm.submit(&job_yaml(&by_id(2), "slow", "slow", "", ""), "").await;
+    for id in [survivor, victim] {
+        let deadline = tokio::time::Instant::now() + T;
+        while farm.job(id).await.phase.as_deref() != Some("running") {
+            assert!(tokio::time::Instant::now() < deadline, "job {id} never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let pid = farm.job_pid(victim).await;
+    // kill -9 of the executor: its runtime and every task go at once.
+    farm.kill_executor();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: kill(2) on a pid this test's executor started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    farm.start_executor(None).await;
+
+    let job = farm.wait_finished(survivor, T).await;
+    let events = farm.events(survivor).await;
+    assert_eq!(job.status, Some(JobStatus::Pass), "{:#?}", kinds(&events));
+    assert!(
+        events.iter().any(|e| e.kind == "executor" && e.data["action"] == "attached"),
+        "{:#?}",
+        kinds(&events)
+    );
+    let job = farm.wait_finished(victim, T).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete));
+    assert!(job.reason.as_deref().unwrap().contains("job process died"), "{job:#?}");
+    assert_eq!(farm.power(2), PowerState::Off);
+    farm.wait_machine(mac(2), MachineState::QuickCheck, Duration::from_secs(15))
         .await;
+    farm.wait_machine(mac(1), MachineState::Idle, T).await;
+
+    // And a job process killed under a running executor.
+    let id = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let deadline = tokio::time::Instant::now() + T;
+    while farm.job(id).await.phase.as_deref() != Some("running") {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = farm.job_pid(id).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let job = farm.wait_finished(id, T).await;
-    let events: Vec<String> = farm
-        .events(id)
-        .await
-        .iter()
-        .map(|e| format!("{}: {}", e.kind, e.message))
-        .collect();
-    assert_eq!(job.status, Some(JobStatus::Pass), "{job:#?} {events:#?}");
-    for e in farm.events(id).await { eprintln!("{} {} {}", e.at, e.kind, e.message); }
+    assert_eq!(job.status, Some(JobStatus::Incomplete));
+    assert!(job.reason.as_deref().unwrap().contains("signal 9"), "{job:#?}");
+    assert_eq!(farm.power(1), PowerState::Off);
+    farm.wait_machine(mac(1), MachineState::QuickCheck, Duration::from_secs(15))
+        .await;
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+    farm.stop().await;
+}
+
+/// Cancellation: a queued job ends at once; a running one is torn down (powered off, lease
+/// released) and ends INCOMPLETE, reason `cancelled`; a finished one is 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancellation() {
+    let farm = Farm::start(Options {
+        machines: 1,
+        ..Default::default()
+    })
+    .await;
+    let running = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let queued = farm.submit(&job_yaml(&by_id(1), "pass", "pass", "", ""), "").await;
+    let deadline = tokio::time::Instant::now() + T;
+    while farm.job(running).await.phase.as_deref() != Some("running") {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(farm.job(queued).await.state, JobState::Queued);
+    let cancel = |id: i64| {
+        farm.http
+            .post(format!("{}/api/v1/jobs/{id}/cancel", farm.url))
+            .bearer_auth(USER)
+            .send()
+    };
+    assert_eq!(cancel(queued).await.unwrap().status(), 202);
+    let q = farm.job(queued).await;
+    assert_eq!((q.state, q.status), (JobState::Finished, Some(JobStatus::Incomplete)));
+    assert_eq!(q.reason.as_deref(), Some("cancelled"));
+    assert_eq!(cancel(running).await.unwrap().status(), 202);
+    let job = farm.wait_finished(running, T).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete));
+    assert_eq!(job.reason.as_deref(), Some("cancelled"));
+    assert_eq!(farm.power(1), PowerState::Off);
+    farm.wait_machine(mac(1), MachineState::Idle, T).await;
+    assert_eq!(cancel(running).await.unwrap().status(), 409);
     farm.stop().await;
 }

@@ -301,6 +301,14 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
             let _ = std::fs::remove_file(&tarball);
         }
     }
+    if job.storage.is_none() && job.row.has_tarball {
+        r.event(
+            kind::PHASE,
+            "no object storage is configured for jobs: the initial tarball is not used",
+            json!({"phase": phase::SETUP}),
+        )
+        .await;
+    }
     let mut vars = TemplateVars {
         machine: Some(MachineVars {
             id: machine.id.to_string(),

@@ -453,6 +453,17 @@ impl Farm {
         }
     }
 
+    /// The pid of the job's process (from its `process_started` event).
+    pub async fn job_pid(&self, id: i64) -> i32 {
+        self.events(id)
+            .await
+            .iter()
+            .rev()
+            .find(|e| e.kind == "process_started")
+            .and_then(|e| e.data["pid"].as_i64())
+            .unwrap() as i32
+    }
+
     pub async fn wait_machine(&self, id: MachineId, state: MachineState, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -527,11 +538,15 @@ fn script_lines(script: &str) -> (Vec<(&'static str, u64)>, bool) {
             vec![
                 ("booting", 20),
                 ("wd start", 20),
-                ("wd reset", 300),
-                ("wd reset", 300),
-                ("wd stop", 300),
+                ("wd reset", 700),
+                ("wd reset", 700),
+                ("wd stop", 700),
                 ("wd start", 20),
             ],
+            true,
+        ),
+        "block" => (
+            vec![("booting", 20), ("RESULT: PASS", 1000), ("SESSION END", 20)],
             true,
         ),
         "slow" => (
@@ -560,14 +575,23 @@ async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, ne
         format!("http://127.0.0.1:{boot_port}"),
         Some(Secret::new(ADMIN)),
     );
-    let on = |device: &str, port: &str| {
-        dutgate_pdu_dummy::device(device)
-            .and_then(|d| d.state(port))
-            .is_some_and(|s| s == PowerState::On)
+    // The PDU may switch a port off and on again within a few milliseconds (off delay 0):
+    // a DUT notices every OFF in the device's switch log, not only the state it polls.
+    let mut seen_sets = 0usize;
+    let mut powered_off = move |device: &str, port: &str| -> bool {
+        let Some(d) = dutgate_pdu_dummy::device(device) else {
+            return true;
+        };
+        let log = d.stats().set_log;
+        let new = &log[seen_sets.min(log.len())..];
+        seen_sets = log.len();
+        new.iter()
+            .any(|(p, s)| p == port && *s == dutgate_pdu_driver::Switch::Off)
+            || d.state(port) != Some(PowerState::On)
     };
     loop {
         // Power off: wait for power.
-        while !on(&device, &port) {
+        while powered_off(&device, &port) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // "Firmware": what would the machine boot?
@@ -581,6 +605,13 @@ async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, ne
                 .unwrap_or_default(),
             _ => String::new(),
         };
+        if script == "silent" {
+            // A machine that never gets to print anything (dead serial, firmware hang).
+            while !powered_off(&device, &port) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            continue;
+        }
         let mut conn = match TcpStream::connect(netconsole).await {
             Ok(c) => c,
             Err(_) => {
@@ -596,7 +627,7 @@ async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, ne
         for (line, delay) in lines {
             let end = tokio::time::Instant::now() + Duration::from_millis(delay);
             while tokio::time::Instant::now() < end {
-                if !on(&device, &port) {
+                if powered_off(&device, &port) {
                     powered = false;
                     break;
                 }
@@ -610,7 +641,7 @@ async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, ne
             }
         }
         // Stay on (silently) until powered off.
-        while on(&device, &port) {
+        while powered && !powered_off(&device, &port) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         drop(conn);
