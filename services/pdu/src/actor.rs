@@ -200,6 +200,12 @@ impl Actor {
         let result = self.call(req.call.clone()).await;
         match (&req.call, &result) {
             (Call::Get(port), Ok(Answer::State(s))) => self.observe(port, *s, req.cause).await,
+            (Call::GetAll, Ok(Answer::All(states))) => {
+                lock(&self.cache).last_polled = Some(now_ms());
+                for (port, s) in states {
+                    self.observe(port, *s, req.cause).await;
+                }
+            }
             (Call::Ports, Ok(Answer::Ports(ports))) => lock(&self.cache).set_ports(ports.clone()),
             (Call::Ports, Err(e)) => lock(&self.cache).last_error = Some(e.to_string()),
             _ => {}

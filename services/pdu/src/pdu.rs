@@ -293,15 +293,8 @@ impl Pdu {
 
     /// Asks the actor to list ports again and poll now; waits until it did.
     pub async fn refresh(&self) -> Result<(), PowerError> {
-        if let Answer::Ports(_) = self.request(Call::Ports, "poll").await? {}
-        let ids: Vec<String> = lock(&self.cache)
-            .ports
-            .iter()
-            .map(|p| p.id.clone())
-            .collect();
-        for id in ids {
-            self.read(&id, "poll").await?;
-        }
+        self.request(Call::Ports, "poll").await?;
+        self.request(Call::GetAll, "poll").await?;
         Ok(())
     }
 
