@@ -312,3 +312,217 @@ async fn cancellation() {
     assert_eq!(cancel(running).await.unwrap().status(), 409);
     farm.stop().await;
 }
+
+/// Acceptance 6: malformed jobs are refused with the field and the line, oversized bodies
+/// with 413, impossible targets with 422, a busy target with `wait=false` with 409; nothing
+/// refused is queued. Also: the valve-infra multipart form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submission_errors_and_forms() {
+    let farm = Farm::start(Options {
+        machines: 1,
+        tags: |_| vec!["gpu:vendor:a".into()],
+        ..Default::default()
+    })
+    .await;
+    let good = job_yaml("  tags: [\"gpu:vendor:a\"]", "pass", "pass", "", "");
+    let check = |status: u16, body: serde_json::Value, field: &str, line: Option<u64>| {
+        assert_eq!(body["field"], field, "{body}");
+        if let Some(l) = line {
+            assert_eq!(body["line"], l, "{body}");
+        }
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{status} {body}");
+    };
+    let cases: Vec<(String, u16, &str, Option<u64>)> = vec![
+        // YAML syntax error on line 3.
+        (good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1), 400, "", None),
+        // A misspelt key, line 4.
+        (good.replacen("  overall:", "  overal:", 1), 422, "timeouts.overal", Some(5)),
+        // `overall` cannot be retried.
+        (
+            good.replacen("{minutes: 2}", "{minutes: 2, retries: 1}", 1),
+            422,
+            "timeouts.overall.retries",
+            Some(5),
+        ),
+        // A bad regex.
+        (good.replacen("^SESSION END$", "(", 1), 422, "console_patterns.session_end.regex", None),
+        // An undefined template variable.
+        (good.replacen("{{ artifacts }}/vmlinuz", "{{ nope }}/vmlinuz", 1), 400, "", None),
+        // Targets that can never match.
+        (good.replacen("  tags: [\"gpu:vendor:a\"]", "  id: \"02:00:00:00:00:99\"", 1), 422, "target.id", None),
+        (good.replacen("gpu:vendor:a", "gpu:vendor:zz", 1), 422, "target.tags", None),
+    ];
+    for (yaml, status, field, line) in cases {
+        let r = farm.submit_raw(&yaml, "").await;
+        assert_eq!(r.status(), status, "{yaml}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        if field.is_empty() {
+            assert!(body["error"].as_str().is_some(), "{body}");
+            if status == 400 && body["line"].is_null() {
+                assert!(body["error"].as_str().unwrap().contains("nope") || body["error"].as_str().unwrap().contains("line"), "{body}");
+            }
+        } else {
+            check(status, body, field, line);
+        }
+    }
+    // The YAML syntax error names its line.
+    let r = farm
+        .submit_raw(&good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1), "")
+        .await;
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(body["line"].as_u64().is_some(), "{body}");
+
+    // Oversized: a job over 1 MiB, and a body over the upload limit.
+    let big = format!("{good}# {}\n", "x".repeat(1_100_000));
+    assert_eq!(farm.submit_raw(&big, "").await.status(), 413);
+    let huge = vec![b'#'; 300 * 1024 * 1024];
+    let r = farm
+        .http
+        .post(format!("{}/api/v1/jobs", farm.url))
+        .bearer_auth(USER)
+        .body(huge)
+        .send()
+        .await;
+    assert!(r.map(|r| r.status() == 413).unwrap_or(true));
+    // No token, wrong token.
+    let r = farm.http.post(format!("{}/api/v1/jobs", farm.url)).body(good.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Nothing was queued.
+    let list: serde_json::Value = farm
+        .http
+        .get(format!("{}/api/v1/jobs", farm.url))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
+
+    // wait=false: accepted while the machine is free, 409 while it is busy.
+    let slow = job_yaml("  tags: [\"gpu:vendor:a\"]", "slow", "slow", "", "");
+    let first = farm.submit(&slow, "?wait=false").await;
+    let deadline = tokio::time::Instant::now() + T;
+    while farm.job(first).await.state != JobState::Running {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(farm.submit_raw(&good, "?wait=false").await.status(), 409);
+
+    // valve-infra's multipart form; the metadata target replaces the job's.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "metadata",
+            reqwest::multipart::Part::text(
+                serde_json::json!({"version": 1, "job_id": "ci-123", "target": {"id": mac(1).to_string()},
+                                   "minio": {}, "callback": {"port": 1}})
+                .to_string(),
+            )
+            .mime_str("application/json")
+            .unwrap(),
+        )
+        .part("job", reqwest::multipart::Part::text(good.replacen("gpu:vendor:a", "sim:any:yes", 1)))
+        .part(
+            "job_bucket_initial_state_tarball_file",
+            reqwest::multipart::Part::bytes(vec![0x1f, 0x8b, 0, 0]),
+        );
+    let r = farm
+        .http
+        .post(format!("{}/api/v1/jobs", farm.url))
+        .bearer_auth(USER)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let sub: serde_json::Value = r.json().await.unwrap();
+    let id = sub["id"].as_i64().unwrap();
+    let job = farm.wait_finished(id, T).await;
+    assert_eq!(job.external_id.as_deref(), Some("ci-123"));
+    assert_eq!(job.target.id, Some(mac(1)));
+    assert_eq!(job.status, Some(JobStatus::Pass));
+    farm.stop().await;
+}
+
+/// The live streams: SSE events until `finished`, the console followed live and resumed from
+/// an offset without loss or duplication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_event_and_console_streams() {
+    use futures::StreamExt;
+    let farm = Farm::start(Options {
+        machines: 1,
+        ..Default::default()
+    })
+    .await;
+    let id = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let sse = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{id}/events", farm.url))
+        .bearer_auth(USER)
+        .header("accept", "text/event-stream")
+        .send();
+    let console = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{id}/console", farm.url))
+        .bearer_auth(USER)
+        .send();
+    let (sse, console) = tokio::join!(sse, console);
+    let sse = sse.unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let console = console.unwrap();
+    assert_eq!(console.headers()["x-console-offset"], "0");
+    let (sse_text, live) = tokio::join!(sse.text(), async {
+        let mut body = Vec::new();
+        let mut s = console.bytes_stream();
+        while let Some(chunk) = s.next().await {
+            body.extend_from_slice(&chunk.unwrap());
+        }
+        body
+    });
+    let sse_text = sse_text.unwrap();
+    let ids: Vec<i64> = sse_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: ").map(|v| v.parse().unwrap()))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    let last_event = sse_text.lines().filter(|l| l.starts_with("event: ")).last().unwrap();
+    assert_eq!(last_event, "event: finished");
+    let stored = farm.console(id).await;
+    assert_eq!(String::from_utf8_lossy(&live), stored);
+    assert!(stored.contains("SESSION END"));
+    // Resume from an offset.
+    let tail = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{id}/console?offset=10", farm.url))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(&tail[..], &stored.as_bytes()[10..]);
+    let past = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{id}/console?offset=999999", farm.url))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(past.status(), 416);
+    // Resuming the event stream after an id.
+    let rest: serde_json::Value = farm
+        .http
+        .get(format!("{}/api/v1/jobs/{id}/events?after={}", farm.url, ids[ids.len() - 2]))
+        .bearer_auth(USER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["events"].as_array().unwrap().len(), 1);
+    farm.stop().await;
+}
