@@ -526,3 +526,121 @@ async fn live_event_and_console_streams() {
     assert_eq!(rest["events"].as_array().unwrap().len(), 1);
     farm.stop().await;
 }
+
+/// Acceptance 4: 200 jobs submitted at once onto 8 DUTs with mixed tags and priorities: every
+/// job ends, no machine ever runs two jobs at once (from mars' lease log and the jobs'
+/// events), and priority order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_jobs_on_eight_duts() {
+    let farm = Farm::start(Options {
+        machines: 8,
+        tags: |n| {
+            let mut t = vec![format!("gpu:vendor:{}", if n % 2 == 0 { "a" } else { "b" })];
+            if n <= 4 {
+                t.push("ram:size:big".into());
+            }
+            t
+        },
+        lease_ttl: 10,
+        ..Default::default()
+    })
+    .await;
+    // Hold every machine so that all 200 jobs are queued before the first is dispatched.
+    let mut blockers = Vec::new();
+    for n in 1..=8u8 {
+        blockers.push(farm.submit(&job_yaml(&by_id(n), "block", "block", "", ""), "").await);
+    }
+    let targets = [
+        "  tags: []",
+        "  tags: [\"gpu:vendor:a\"]",
+        "  tags: [\"gpu:vendor:b\"]",
+        "  tags: [\"ram:size:big\"]",
+        "  tags: [\"gpu:vendor:a\", \"ram:size:big\"]",
+    ];
+    let subs = (0..200u32).map(|i| {
+        let target = targets[(i * 7 % 5) as usize];
+        let prio = (i * 13 % 4) as i64;
+        let yaml = job_yaml(target, "pass", "pass", "", "");
+        let farm = &farm;
+        async move { (farm.submit(&yaml, &format!("?priority={prio}")).await, prio, target) }
+    });
+    let jobs: Vec<(i64, i64, &str)> = futures::future::join_all(subs).await;
+    let mut finished = Vec::new();
+    for id in blockers.iter().copied().chain(jobs.iter().map(|j| j.0)) {
+        finished.push(farm.wait_finished(id, Duration::from_secs(240)).await);
+    }
+    for j in &finished {
+        assert_eq!(j.status, Some(JobStatus::Pass), "{j:#?}");
+    }
+
+    // One job at a time per machine: mars' lease log alternates acquire/release of one job.
+    for n in 1..=8u8 {
+        let log = farm.mars.machine_events(mac(n), Some(10_000)).await.unwrap().events;
+        let mut holder: Option<String> = None;
+        let mut held = 0;
+        for e in log.iter().filter(|e| e.kind.starts_with("lease_")) {
+            match e.kind.as_str() {
+                "lease_acquired" => {
+                    assert!(holder.is_none(), "machine {n} leased twice: {e:?}");
+                    holder = e.job_id.clone();
+                    held += 1;
+                }
+                _ => {
+                    assert_eq!(holder, e.job_id, "machine {n}: release of another job");
+                    holder = None;
+                }
+            }
+        }
+        assert!(held >= 2, "machine {n} ran {held} jobs");
+    }
+    // ... and from the jobs' own events: power-on to power-off intervals never overlap.
+    let mut spans: std::collections::BTreeMap<_, Vec<(i64, i64)>> = Default::default();
+    for j in &finished {
+        let ev = farm.events(j.id).await;
+        let on = ev.iter().find(|e| e.data["phase"] == "power").unwrap().at.millis();
+        let off = ev.iter().find(|e| e.data["step"] == "power_off").unwrap().at.millis();
+        spans.entry(j.machine_id.unwrap()).or_default().push((on, off));
+    }
+    for (m, mut s) in spans {
+        s.sort();
+        for w in s.windows(2) {
+            assert!(w[1].0 >= w[0].1, "machine {m}: overlapping jobs {w:?}");
+        }
+    }
+    // Priority: a job never went before a higher-priority (or older same-priority) job that
+    // could have used the same machine.
+    let view: std::collections::HashMap<i64, &dutgate_executor::model::Job> =
+        finished.iter().map(|j| (j.id, j)).collect();
+    let machine_tags = |n: u8| -> Vec<String> {
+        let mut t = vec!["sim:any:yes".to_string(), format!("gpu:vendor:{}", if n % 2 == 0 { "a" } else { "b" })];
+        if n <= 4 {
+            t.push("ram:size:big".into());
+        }
+        t
+    };
+    let fits = |target: &str, m: dutgate_core::MachineId| {
+        let n = m.bytes()[5];
+        let tags = machine_tags(n);
+        target
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .all(|t| tags.iter().any(|mt| mt == t))
+    };
+    let mut violations = Vec::new();
+    for (a, pa, ta) in &jobs {
+        for (b, pb, _) in &jobs {
+            let (ja, jb) = (view[a], view[b]);
+            let better = pa > pb || (pa == pb && a < b);
+            if better
+                && jb.dispatched_at.unwrap() < ja.dispatched_at.unwrap()
+                && fits(ta, jb.machine_id.unwrap())
+            {
+                violations.push((a, b));
+            }
+        }
+    }
+    assert!(violations.is_empty(), "priority order broken: {violations:?}");
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+    farm.stop().await;
+}
