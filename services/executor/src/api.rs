@@ -77,12 +77,19 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
         return Vec::new();
     };
     reqwest::Url::parse(&format!("http://q/?{q}"))
-        .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect())
+        .map(|u| {
+            u.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn param<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 fn parse_bool(v: &str, field: &str) -> Result<bool, ApiError> {
@@ -180,9 +187,8 @@ async fn read_submission(state: &AppState, req: Request) -> Result<Submission, A
             }
         }
     }
-    let yaml = yaml.ok_or_else(|| {
-        ApiError::bad_request("the form has no `job` part").with_field("job")
-    })?;
+    let yaml =
+        yaml.ok_or_else(|| ApiError::bad_request("the form has no `job` part").with_field("job"))?;
     Ok(Submission {
         yaml,
         metadata,
@@ -269,11 +275,17 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
         }
         None => (
             spec.target.id,
-            spec.target.tags.iter().map(|t| t.as_str().to_string()).collect(),
+            spec.target
+                .tags
+                .iter()
+                .map(|t| t.as_str().to_string())
+                .collect(),
         ),
     };
     if purpose == Purpose::Training && target_id.is_none() {
-        return Err(ApiError::unprocessable("training jobs name their machine").with_field("target.id"));
+        return Err(
+            ApiError::unprocessable("training jobs name their machine").with_field("target.id")
+        );
     }
     let deadline_ms = spec
         .deadline
@@ -281,7 +293,9 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
     if let Some(d) = deadline_ms
         && d <= crate::store::now_ms()
     {
-        return Err(ApiError::unprocessable("the deadline has already passed").with_field("deadline"));
+        return Err(
+            ApiError::unprocessable("the deadline has already passed").with_field("deadline")
+        );
     }
     match s.sched.check_target(target_id, &target_tags).await {
         Ok(()) => {}
@@ -291,9 +305,15 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
             )));
         }
         Err(e) => {
-            let field = if target_id.is_some() { "target.id" } else { "target.tags" };
-            return Err(ApiError::unprocessable(format!("the target can never match: {e}"))
-                .with_field(field));
+            let field = if target_id.is_some() {
+                "target.id"
+            } else {
+                "target.tags"
+            };
+            return Err(
+                ApiError::unprocessable(format!("the target can never match: {e}"))
+                    .with_field(field),
+            );
         }
     }
     if !wait {
@@ -319,7 +339,9 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
                 std::process::id(),
                 rand_u64()
             ));
-            let mut f = tokio::fs::File::create(&path).await.map_err(ApiError::internal)?;
+            let mut f = tokio::fs::File::create(&path)
+                .await
+                .map_err(ApiError::internal)?;
             f.write_all(t).await.map_err(ApiError::internal)?;
             f.sync_all().await.map_err(ApiError::internal)?;
             Some(path)
@@ -352,7 +374,11 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
         if let Err(e) = moved {
             let _ = s
                 .store
-                .finish(id, JobStatus::SetupFail, &format!("cannot keep the tarball: {e}"))
+                .finish(
+                    id,
+                    JobStatus::SetupFail,
+                    &format!("cannot keep the tarball: {e}"),
+                )
                 .await;
             return Err(ApiError::internal(e));
         }
@@ -379,10 +405,12 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -438,14 +466,16 @@ async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>
                 )
             }
             "status" => {
-                f.status = Some(v.parse::<JobStatus>().map_err(|e| {
-                    ApiError::bad_request(e.to_string()).with_field("status")
-                })?)
+                f.status = Some(
+                    v.parse::<JobStatus>()
+                        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("status"))?,
+                )
             }
             "machine_id" => {
-                f.machine_id = Some(MachineId::parse(v).map_err(|e| {
-                    ApiError::bad_request(e.to_string()).with_field("machine_id")
-                })?)
+                f.machine_id =
+                    Some(MachineId::parse(v).map_err(|e| {
+                        ApiError::bad_request(e.to_string()).with_field("machine_id")
+                    })?)
             }
             "tag" => f.tags.push(v.clone()),
             "limit" => {
@@ -454,13 +484,16 @@ async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>
                     .ok()
                     .filter(|l| (1..=1000).contains(l))
                     .ok_or_else(|| {
-                        ApiError::bad_request("limit must be between 1 and 1000").with_field("limit")
+                        ApiError::bad_request("limit must be between 1 and 1000")
+                            .with_field("limit")
                     })?
             }
             "before" => f.before = Some(parse_id(v)?),
             other => {
-                return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))
-                    .with_field(other));
+                return Err(
+                    ApiError::bad_request(format!("unknown query parameter {other:?}"))
+                        .with_field(other),
+                );
             }
         }
     }
@@ -470,7 +503,10 @@ async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>
     }))
 }
 
-async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Job>, ApiError> {
+async fn show(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Job>, ApiError> {
     let id = parse_id(&id)?;
     let row = s.store.require(id).await.map_err(store_err)?;
     Ok(axum::Json(view(&s, row, true)))
@@ -480,7 +516,11 @@ async fn show(State(s): State<AppState>, Path(id): Path<String>) -> Result<axum:
 
 /// Waits until the job may have changed: its process's progress moved, or a short while
 /// passed (jobs still queued, or followed by another executor, have no progress channel).
-async fn wait_change(s: &AppState, id: i64, seen: &mut Option<tokio::sync::watch::Receiver<crate::control::Progress>>) {
+async fn wait_change(
+    s: &AppState,
+    id: i64,
+    seen: &mut Option<tokio::sync::watch::Receiver<crate::control::Progress>>,
+) {
     if seen.is_none() {
         *seen = s.sup.progress(id);
     }
@@ -505,11 +545,9 @@ async fn events(
     let id = parse_id(&id)?;
     s.store.require(id).await.map_err(store_err)?;
     let pairs = query_pairs(&uri);
-    let after = match param(&pairs, "after").or_else(|| {
-        headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-    }) {
+    let after = match param(&pairs, "after")
+        .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
+    {
         Some(a) => a
             .parse::<i64>()
             .map_err(|_| ApiError::bad_request("after must be an integer").with_field("after"))?,
@@ -564,9 +602,9 @@ struct ConsoleQuery {
 fn console_query(uri: &Uri) -> Result<ConsoleQuery, ApiError> {
     let pairs = query_pairs(uri);
     let offset = match param(&pairs, "offset") {
-        Some(o) => o
-            .parse::<u64>()
-            .map_err(|_| ApiError::bad_request("offset must be a byte count").with_field("offset"))?,
+        Some(o) => o.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("offset must be a byte count").with_field("offset")
+        })?,
         None => 0,
     };
     let follow = match param(&pairs, "follow") {
@@ -588,7 +626,8 @@ where
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // Read the job's state before the file: if it is finished now, the file is complete.
-        let finished = matches!(s.store.get(id).await, Ok(Some(r)) if r.state == JobState::Finished);
+        let finished =
+            matches!(s.store.get(id).await, Ok(Some(r)) if r.state == JobState::Finished);
         if let Ok(mut f) = tokio::fs::File::open(&path).await
             && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
         {
@@ -625,7 +664,10 @@ async fn console(
     if row.state == JobState::Finished && q.offset > len {
         return Err(ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
-            format!("offset {} is past the end of the console log ({len} bytes)", q.offset),
+            format!(
+                "offset {} is past the end of the console log ({len} bytes)",
+                q.offset
+            ),
         )
         .with_field("offset"));
     }
@@ -639,7 +681,10 @@ async fn console(
     });
     let mut resp = Response::new(Body::from_stream(rx));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     if let Ok(v) = HeaderValue::from_str(&q.offset.to_string()) {
         h.insert("x-console-offset", v);
@@ -694,7 +739,10 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket) {
                         s.cfg.url_of(&s.gw, ServiceName::Salad),
                         None,
                     );
-                    conn = salad.connect(machine, &s.cfg.console_host(&s.gw)).await.ok();
+                    conn = salad
+                        .connect(machine, &s.cfg.console_host(&s.gw))
+                        .await
+                        .ok();
                 }
                 if let Some(c) = conn.as_mut()
                     && c.write_all(&data).await.is_err()
@@ -794,7 +842,9 @@ async fn artifact(
     }
     let not_found = || ApiError::not_found(format!("job {id} has no artifact {path:?}"));
     let file = artifact_path(&s.sup.job_dir(id), &path).ok_or_else(not_found)?;
-    let f = tokio::fs::File::open(&file).await.map_err(|_| not_found())?;
+    let f = tokio::fs::File::open(&file)
+        .await
+        .map_err(|_| not_found())?;
     let meta = f.metadata().await.map_err(|_| not_found())?;
     if !meta.is_file() {
         return Err(not_found());
@@ -802,7 +852,10 @@ async fn artifact(
     let stream = tokio_util::io::ReaderStream::new(f);
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     if let Ok(v) = HeaderValue::from_str(&meta.len().to_string()) {
         h.insert(header::CONTENT_LENGTH, v);
     }
@@ -818,7 +871,9 @@ async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Res
             s.sched.wake();
             Ok((StatusCode::ACCEPTED, axum::Json(view(&s, row, false))).into_response())
         }
-        Err(CancelError::Finished(_)) => Err(ApiError::conflict(format!("job {id} is already finished"))),
+        Err(CancelError::Finished(_)) => {
+            Err(ApiError::conflict(format!("job {id} is already finished")))
+        }
         Err(CancelError::Store(e)) => Err(store_err(e)),
     }
 }

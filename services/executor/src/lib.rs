@@ -66,7 +66,13 @@ impl Executor {
         let mars = MarsClient::new(cfg.url_of(&gw, ServiceName::Mars), admin);
         let storage = storage::from_config(&gw, &cfg);
         let wake = Arc::new(Notify::new());
-        let sup = Supervisor::new(store.clone(), gw.clone(), cfg.clone(), storage, wake.clone());
+        let sup = Supervisor::new(
+            store.clone(),
+            gw.clone(),
+            cfg.clone(),
+            storage,
+            wake.clone(),
+        );
         let sched = Scheduler::new(
             store.clone(),
             mars,
@@ -121,7 +127,8 @@ async fn retention(store: Store, sup: Supervisor, keep: Duration, shutdown: Canc
                     after_id = after_id.max(id);
                     let dir = sup.job_dir(id);
                     if dir.exists() {
-                        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                        let _ =
+                            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
                         metrics::counter!("executor_job_dirs_expired_total").increment(1);
                     }
                 }

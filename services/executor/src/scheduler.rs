@@ -101,7 +101,12 @@ impl Scheduler {
     }
 
     async fn load_machines(&self) -> Result<(), String> {
-        let list = self.inner.mars.machines().await.map_err(|e| e.to_string())?;
+        let list = self
+            .inner
+            .mars
+            .machines()
+            .await
+            .map_err(|e| e.to_string())?;
         let map = list.into_iter().map(|m| (m.id, m)).collect();
         *self.inner.machines.write().await = Some(map);
         Ok(())
@@ -289,7 +294,11 @@ impl Scheduler {
 
     async fn round(&self) -> Result<(), String> {
         let store = &self.inner.store;
-        for id in store.expired_queued(now_ms()).await.map_err(|e| e.to_string())? {
+        for id in store
+            .expired_queued(now_ms())
+            .await
+            .map_err(|e| e.to_string())?
+        {
             let _ = store
                 .finish(
                     id,

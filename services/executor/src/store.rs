@@ -145,7 +145,9 @@ fn parse_row(r: &sqlx::any::AnyRow) -> Result<JobRow, StoreError> {
         },
         reason: r.try_get("reason")?,
         priority: r.try_get("priority")?,
-        purpose: purpose.parse().map_err(|_| corrupt(id, "purpose", &purpose))?,
+        purpose: purpose
+            .parse()
+            .map_err(|_| corrupt(id, "purpose", &purpose))?,
         job_yaml: r.try_get("job_yaml")?,
         target_id: match target_id {
             Some(s) => Some(MachineId::parse(&s).map_err(|_| corrupt(id, "target_id", &s))?),
@@ -220,7 +222,14 @@ impl Store {
             "priority": job.priority,
             "target": {"id": job.target_id, "tags": job.target_tags},
         });
-        insert_event(&mut tx, id, crate::model::kind::SUBMITTED, "job submitted", &data).await?;
+        insert_event(
+            &mut tx,
+            id,
+            crate::model::kind::SUBMITTED,
+            "job submitted",
+            &data,
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -297,7 +306,9 @@ impl Store {
             out.push(QueuedJob {
                 id,
                 priority: r.try_get("priority")?,
-                purpose: purpose.parse().map_err(|_| corrupt(id, "purpose", &purpose))?,
+                purpose: purpose
+                    .parse()
+                    .map_err(|_| corrupt(id, "purpose", &purpose))?,
                 target_id: match target_id {
                     Some(s) => {
                         Some(MachineId::parse(&s).map_err(|_| corrupt(id, "target_id", &s))?)

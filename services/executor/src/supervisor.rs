@@ -234,7 +234,11 @@ impl Supervisor {
             }
         }
         if !attached {
-            tracing::warn!(job_id = id, pid, "could not follow the job process's control socket");
+            tracing::warn!(
+                job_id = id,
+                pid,
+                "could not follow the job process's control socket"
+            );
         }
         let Some(alive) = not_child else {
             return;
@@ -274,7 +278,10 @@ impl Supervisor {
                             json!({"action": "attached", "pid": pid}),
                         )
                         .await?;
-                    tokio::spawn(self.clone().follow(row.id, pid, Arc::new(ptx), Some(alive_tx)));
+                    tokio::spawn(
+                        self.clone()
+                            .follow(row.id, pid, Arc::new(ptx), Some(alive_tx)),
+                    );
                     n += 1;
                 }
                 (JobState::Dispatched, None) => {
@@ -282,7 +289,8 @@ impl Supervisor {
                     let ttl = self.inner.cfg.lease_ttl_seconds.unwrap_or(30);
                     if let Err(e) = self.launch(row.id, ttl).await {
                         tracing::error!(job_id = row.id, error = %e, "cannot start the job process");
-                        self.process_gone(row.id, &format!("cannot start: {e}")).await;
+                        self.process_gone(row.id, &format!("cannot start: {e}"))
+                            .await;
                     }
                     n += 1;
                 }
@@ -316,7 +324,11 @@ impl Supervisor {
                 return;
             }
         }
-        tracing::warn!(job_id = id, detail, "job process ended without a final status");
+        tracing::warn!(
+            job_id = id,
+            detail,
+            "job process ended without a final status"
+        );
         metrics::counter!("executor_job_processes_died_total").increment(1);
         let reason = if row.cancel_requested {
             "cancelled".to_string()
@@ -364,8 +376,12 @@ impl Supervisor {
                 .await
                 .ok()
                 .and_then(|evs| {
-                    evs.iter()
-                        .find_map(|e| e.data.get("bucket").and_then(|b| b.as_str()).map(String::from))
+                    evs.iter().find_map(|e| {
+                        e.data
+                            .get("bucket")
+                            .and_then(|b| b.as_str())
+                            .map(String::from)
+                    })
                 });
             if let Some(bucket) = bucket {
                 process::teardown_keep_bucket(storage.as_ref(), &bucket, &self.job_dir(row.id), &r)
@@ -396,7 +412,12 @@ impl Supervisor {
                 self.inner.store.request_cancel(id).await?;
                 self.inner
                     .store
-                    .add_event(id, kind::CANCEL_REQUESTED, "cancellation requested", json!({}))
+                    .add_event(
+                        id,
+                        kind::CANCEL_REQUESTED,
+                        "cancellation requested",
+                        json!({}),
+                    )
                     .await?;
                 let tracked = self.jobs().get(&id).cloned();
                 match tracked {

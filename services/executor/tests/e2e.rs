@@ -33,16 +33,36 @@ async fn statuses_from_simulated_behaviour() {
     let hang_timeouts = "  console_activity: {seconds: 1, retries: 0}";
     let complete = job_yaml(&by_id(4), "fail", "fail", "", "")
         .replace("  job_success: {regex: \"^RESULT: PASS$\"}\n", "");
-    let setup_fail = job_yaml(&by_id(6), "pass", "pass", "", "")
-        .replace("/vmlinuz\"", "/no-such-kernel\"");
+    let setup_fail =
+        job_yaml(&by_id(6), "pass", "pass", "", "").replace("/vmlinuz\"", "/no-such-kernel\"");
     let cases = vec![
-        (1u8, job_yaml(&by_id(1), "pass", "pass", "", ""), JobStatus::Pass),
-        (2, job_yaml(&by_id(2), "warn", "warn", "", ""), JobStatus::Warn),
-        (3, job_yaml(&by_id(3), "fail", "fail", "", ""), JobStatus::Fail),
+        (
+            1u8,
+            job_yaml(&by_id(1), "pass", "pass", "", ""),
+            JobStatus::Pass,
+        ),
+        (
+            2,
+            job_yaml(&by_id(2), "warn", "warn", "", ""),
+            JobStatus::Warn,
+        ),
+        (
+            3,
+            job_yaml(&by_id(3), "fail", "fail", "", ""),
+            JobStatus::Fail,
+        ),
         (4, complete, JobStatus::Complete),
-        (5, job_yaml(&by_id(5), "hang", "hang", hang_timeouts, ""), JobStatus::Incomplete),
+        (
+            5,
+            job_yaml(&by_id(5), "hang", "hang", hang_timeouts, ""),
+            JobStatus::Incomplete,
+        ),
         (6, setup_fail, JobStatus::SetupFail),
-        (7, job_yaml(&by_id(7), "unfit", "unfit", "", ""), JobStatus::Incomplete),
+        (
+            7,
+            job_yaml(&by_id(7), "unfit", "unfit", "", ""),
+            JobStatus::Incomplete,
+        ),
     ];
     let mut ids = Vec::new();
     for (n, yaml, want) in &cases {
@@ -51,28 +71,46 @@ async fn statuses_from_simulated_behaviour() {
     for (n, id, want) in &ids {
         let job = farm.wait_finished(*id, T).await;
         let events = farm.events(*id).await;
-        assert_eq!(job.status, Some(*want), "machine {n}: {job:#?}\n{:#?}", kinds(&events));
+        assert_eq!(
+            job.status,
+            Some(*want),
+            "machine {n}: {job:#?}\n{:#?}",
+            kinds(&events)
+        );
         assert_eq!(job.exit_code, Some(want.exit_code()));
         assert_eq!(job.machine_id, Some(mac(*n)));
         // Every job ends with teardown and its final event; the DUT is off.
         assert_eq!(events.last().unwrap().kind, "finished");
-        assert!(events.iter().any(|e| e.kind == "phase" && e.data["phase"] == "teardown"));
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "phase" && e.data["phase"] == "teardown")
+        );
         assert_eq!(farm.power(*n), PowerState::Off, "machine {n} left powered");
         let console = farm.console(*id).await;
         match want {
             JobStatus::Pass => {
-                assert!(console.contains("RESULT: PASS\r\nSESSION END"), "{console:?}");
+                assert!(
+                    console.contains("RESULT: PASS\r\nSESSION END"),
+                    "{console:?}"
+                );
                 assert!(events.iter().any(|e| e.data["pattern"] == "job_success"));
             }
             JobStatus::Warn => assert!(console.contains("WARNING: flaky fan")),
             JobStatus::SetupFail => {
-                assert!(job.reason.as_deref().unwrap().contains("no-such-kernel"), "{job:#?}");
+                assert!(
+                    job.reason.as_deref().unwrap().contains("no-such-kernel"),
+                    "{job:#?}"
+                );
                 // Refused before power-on: the DUT never booted.
                 assert!(!events.iter().any(|e| e.data["phase"] == "power"));
                 assert!(console.is_empty(), "{console:?}");
             }
             JobStatus::Incomplete if *n == 5 => {
-                assert!(job.reason.as_deref().unwrap().contains("console_activity"), "{job:#?}");
+                assert!(
+                    job.reason.as_deref().unwrap().contains("console_activity"),
+                    "{job:#?}"
+                );
             }
             _ => {}
         }
@@ -101,10 +139,16 @@ async fn statuses_from_simulated_behaviour() {
         .iter()
         .map(|a| a["path"].as_str().unwrap())
         .collect();
-    assert!(paths.contains(&"console.log") && paths.contains(&"events.json"), "{paths:?}");
+    assert!(
+        paths.contains(&"console.log") && paths.contains(&"events.json"),
+        "{paths:?}"
+    );
     let log = farm
         .http
-        .get(format!("{}/api/v1/jobs/{}/artifacts/console.log", farm.url, ids[0].1))
+        .get(format!(
+            "{}/api/v1/jobs/{}/artifacts/console.log",
+            farm.url, ids[0].1
+        ))
         .bearer_auth(USER)
         .send()
         .await
@@ -115,7 +159,10 @@ async fn statuses_from_simulated_behaviour() {
     assert!(log.contains("SESSION END"));
     let escape = farm
         .http
-        .get(format!("{}/api/v1/jobs/{}/artifacts/..%2F..%2Fexecutor.db", farm.url, ids[0].1))
+        .get(format!(
+            "{}/api/v1/jobs/{}/artifacts/..%2F..%2Fexecutor.db",
+            farm.url, ids[0].1
+        ))
         .bearer_auth(USER)
         .send()
         .await
@@ -148,7 +195,13 @@ async fn silent_dut_retries_then_incomplete() {
     // A reboot request spends a boot_cycle retry and boots `continue`.
     let reboot = farm
         .submit(
-            &job_yaml(&by_id(2), "reboot", "pass", "  boot_cycle: {minutes: 1, retries: 1}", ""),
+            &job_yaml(
+                &by_id(2),
+                "reboot",
+                "pass",
+                "  boot_cycle: {minutes: 1, retries: 1}",
+                "",
+            ),
             "",
         )
         .await;
@@ -165,8 +218,18 @@ async fn silent_dut_retries_then_incomplete() {
 
     let job = farm.wait_finished(silent, T).await;
     let events = farm.events(silent).await;
-    assert_eq!(job.status, Some(JobStatus::Incomplete), "{:#?}", kinds(&events));
-    assert!(job.reason.as_deref().unwrap().contains("first_console_activity"));
+    assert_eq!(
+        job.status,
+        Some(JobStatus::Incomplete),
+        "{:#?}",
+        kinds(&events)
+    );
+    assert!(
+        job.reason
+            .as_deref()
+            .unwrap()
+            .contains("first_console_activity")
+    );
     assert_eq!(job.boots, 3);
     let boots: Vec<&str> = events
         .iter()
@@ -179,22 +242,44 @@ async fn silent_dut_retries_then_incomplete() {
         .filter(|e| e.kind == "timeout")
         .map(|e| e.data["action"].as_str().unwrap())
         .collect();
-    assert_eq!(timeouts, ["retry", "retry", "abort"], "{:#?}", kinds(&events));
+    assert_eq!(
+        timeouts,
+        ["retry", "retry", "abort"],
+        "{:#?}",
+        kinds(&events)
+    );
     assert_eq!(events.iter().filter(|e| e.kind == "retry").count(), 2);
     assert_eq!(farm.power(1), PowerState::Off);
     // The boot config of the retries is the `continue` one, and it is cleared at the end.
-    assert!(events.iter().any(|e| e.data["step"] == "clear_boot_config" && e.data["ok"] == true));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.data["step"] == "clear_boot_config" && e.data["ok"] == true)
+    );
 
     let job = farm.wait_finished(reboot, T).await;
     let events = farm.events(reboot).await;
-    assert_eq!(job.status, Some(JobStatus::Pass), "{job:#?} {:#?}", kinds(&events));
+    assert_eq!(
+        job.status,
+        Some(JobStatus::Pass),
+        "{job:#?} {:#?}",
+        kinds(&events)
+    );
     assert_eq!(job.boots, 2);
     assert!(events.iter().any(|e| e.data["pattern"] == "session_reboot"));
 
     let job = farm.wait_finished(watchdog, T).await;
     let events = farm.events(watchdog).await;
-    assert_eq!(job.status, Some(JobStatus::Incomplete), "{:#?}", kinds(&events));
-    assert!(job.reason.as_deref().unwrap().contains("watchdog:wd"), "{job:#?}");
+    assert_eq!(
+        job.status,
+        Some(JobStatus::Incomplete),
+        "{:#?}",
+        kinds(&events)
+    );
+    assert!(
+        job.reason.as_deref().unwrap().contains("watchdog:wd"),
+        "{job:#?}"
+    );
     let first_boot: Vec<&str> = events
         .iter()
         .skip_while(|e| e.kind != "boot")
@@ -223,8 +308,12 @@ async fn executor_and_job_process_deaths() {
         ..Default::default()
     })
     .await;
-    let survivor = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
-    let victim = farm.submit(&job_yaml(&by_id(2), "slow", "slow", "", ""), "").await;
+    let survivor = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
+    let victim = farm
+        .submit(&job_yaml(&by_id(2), "slow", "slow", "", ""), "")
+        .await;
     for id in [survivor, victim] {
         let deadline = tokio::time::Instant::now() + T;
         while farm.job(id).await.phase.as_deref() != Some("running") {
@@ -244,20 +333,27 @@ async fn executor_and_job_process_deaths() {
     let events = farm.events(survivor).await;
     assert_eq!(job.status, Some(JobStatus::Pass), "{:#?}", kinds(&events));
     assert!(
-        events.iter().any(|e| e.kind == "executor" && e.data["action"] == "attached"),
+        events
+            .iter()
+            .any(|e| e.kind == "executor" && e.data["action"] == "attached"),
         "{:#?}",
         kinds(&events)
     );
     let job = farm.wait_finished(victim, T).await;
     assert_eq!(job.status, Some(JobStatus::Incomplete));
-    assert!(job.reason.as_deref().unwrap().contains("job process died"), "{job:#?}");
+    assert!(
+        job.reason.as_deref().unwrap().contains("job process died"),
+        "{job:#?}"
+    );
     assert_eq!(farm.power(2), PowerState::Off);
     farm.wait_machine(mac(2), MachineState::QuickCheck, Duration::from_secs(15))
         .await;
     farm.wait_machine(mac(1), MachineState::Idle, T).await;
 
     // And a job process killed under a running executor.
-    let id = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let id = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
     let deadline = tokio::time::Instant::now() + T;
     while farm.job(id).await.phase.as_deref() != Some("running") {
         assert!(tokio::time::Instant::now() < deadline);
@@ -268,7 +364,10 @@ async fn executor_and_job_process_deaths() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let job = farm.wait_finished(id, T).await;
     assert_eq!(job.status, Some(JobStatus::Incomplete));
-    assert!(job.reason.as_deref().unwrap().contains("signal 9"), "{job:#?}");
+    assert!(
+        job.reason.as_deref().unwrap().contains("signal 9"),
+        "{job:#?}"
+    );
     assert_eq!(farm.power(1), PowerState::Off);
     farm.wait_machine(mac(1), MachineState::QuickCheck, Duration::from_secs(15))
         .await;
@@ -285,8 +384,12 @@ async fn cancellation() {
         ..Default::default()
     })
     .await;
-    let running = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
-    let queued = farm.submit(&job_yaml(&by_id(1), "pass", "pass", "", ""), "").await;
+    let running = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
+    let queued = farm
+        .submit(&job_yaml(&by_id(1), "pass", "pass", "", ""), "")
+        .await;
     let deadline = tokio::time::Instant::now() + T;
     while farm.job(running).await.phase.as_deref() != Some("running") {
         assert!(tokio::time::Instant::now() < deadline);
@@ -301,7 +404,10 @@ async fn cancellation() {
     };
     assert_eq!(cancel(queued).await.unwrap().status(), 202);
     let q = farm.job(queued).await;
-    assert_eq!((q.state, q.status), (JobState::Finished, Some(JobStatus::Incomplete)));
+    assert_eq!(
+        (q.state, q.status),
+        (JobState::Finished, Some(JobStatus::Incomplete))
+    );
     assert_eq!(q.reason.as_deref(), Some("cancelled"));
     assert_eq!(cancel(running).await.unwrap().status(), 202);
     let job = farm.wait_finished(running, T).await;
@@ -330,13 +436,26 @@ async fn submission_errors_and_forms() {
         if let Some(l) = line {
             assert_eq!(body["line"], l, "{body}");
         }
-        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()), "{status} {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{status} {body}"
+        );
     };
     let cases: Vec<(String, u16, &str, Option<u64>)> = vec![
         // YAML syntax error on line 3.
-        (good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1), 400, "", None),
+        (
+            good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1),
+            400,
+            "",
+            None,
+        ),
         // A misspelt key, line 4.
-        (good.replacen("  overall:", "  overal:", 1), 422, "timeouts.overal", Some(5)),
+        (
+            good.replacen("  overall:", "  overal:", 1),
+            422,
+            "timeouts.overal",
+            Some(5),
+        ),
         // `overall` cannot be retried.
         (
             good.replacen("{minutes: 2}", "{minutes: 2, retries: 1}", 1),
@@ -345,12 +464,36 @@ async fn submission_errors_and_forms() {
             Some(5),
         ),
         // A bad regex.
-        (good.replacen("^SESSION END$", "(", 1), 422, "console_patterns.session_end.regex", None),
+        (
+            good.replacen("^SESSION END$", "(", 1),
+            422,
+            "console_patterns.session_end.regex",
+            None,
+        ),
         // An undefined template variable.
-        (good.replacen("{{ artifacts }}/vmlinuz", "{{ nope }}/vmlinuz", 1), 400, "", None),
+        (
+            good.replacen("{{ artifacts }}/vmlinuz", "{{ nope }}/vmlinuz", 1),
+            400,
+            "",
+            None,
+        ),
         // Targets that can never match.
-        (good.replacen("  tags: [\"gpu:vendor:a\"]", "  id: \"02:00:00:00:00:99\"", 1), 422, "target.id", None),
-        (good.replacen("gpu:vendor:a", "gpu:vendor:zz", 1), 422, "target.tags", None),
+        (
+            good.replacen(
+                "  tags: [\"gpu:vendor:a\"]",
+                "  id: \"02:00:00:00:00:99\"",
+                1,
+            ),
+            422,
+            "target.id",
+            None,
+        ),
+        (
+            good.replacen("gpu:vendor:a", "gpu:vendor:zz", 1),
+            422,
+            "target.tags",
+            None,
+        ),
     ];
     for (yaml, status, field, line) in cases {
         let r = farm.submit_raw(&yaml, "").await;
@@ -359,7 +502,11 @@ async fn submission_errors_and_forms() {
         if field.is_empty() {
             assert!(body["error"].as_str().is_some(), "{body}");
             if status == 400 && body["line"].is_null() {
-                assert!(body["error"].as_str().unwrap().contains("nope") || body["error"].as_str().unwrap().contains("line"), "{body}");
+                assert!(
+                    body["error"].as_str().unwrap().contains("nope")
+                        || body["error"].as_str().unwrap().contains("line"),
+                    "{body}"
+                );
             }
         } else {
             check(status, body, field, line);
@@ -367,7 +514,10 @@ async fn submission_errors_and_forms() {
     }
     // The YAML syntax error names its line.
     let r = farm
-        .submit_raw(&good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1), "")
+        .submit_raw(
+            &good.replacen("timeouts:\n", "timeouts:\n  overall: [oops\n", 1),
+            "",
+        )
         .await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert!(body["line"].as_u64().is_some(), "{body}");
@@ -385,7 +535,13 @@ async fn submission_errors_and_forms() {
         .await;
     assert!(r.map(|r| r.status() == 413).unwrap_or(true));
     // No token, wrong token.
-    let r = farm.http.post(format!("{}/api/v1/jobs", farm.url)).body(good.clone()).send().await.unwrap();
+    let r = farm
+        .http
+        .post(format!("{}/api/v1/jobs", farm.url))
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 
     // Nothing was queued.
@@ -456,7 +612,9 @@ async fn live_event_and_console_streams() {
         ..Default::default()
     })
     .await;
-    let id = farm.submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "").await;
+    let id = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
     let sse = farm
         .http
         .get(format!("{}/api/v1/jobs/{id}/events", farm.url))
@@ -487,7 +645,10 @@ async fn live_event_and_console_streams() {
         .filter_map(|l| l.strip_prefix("id: ").map(|v| v.parse().unwrap()))
         .collect();
     assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
-    let last_event = sse_text.lines().filter(|l| l.starts_with("event: ")).last().unwrap();
+    let last_event = sse_text
+        .lines()
+        .rfind(|l| l.starts_with("event: "))
+        .unwrap();
     assert_eq!(last_event, "event: finished");
     let stored = farm.console(id).await;
     assert_eq!(String::from_utf8_lossy(&live), stored);
@@ -506,7 +667,10 @@ async fn live_event_and_console_streams() {
     assert_eq!(&tail[..], &stored.as_bytes()[10..]);
     let past = farm
         .http
-        .get(format!("{}/api/v1/jobs/{id}/console?offset=999999", farm.url))
+        .get(format!(
+            "{}/api/v1/jobs/{id}/console?offset=999999",
+            farm.url
+        ))
         .bearer_auth(USER)
         .send()
         .await
@@ -515,7 +679,11 @@ async fn live_event_and_console_streams() {
     // Resuming the event stream after an id.
     let rest: serde_json::Value = farm
         .http
-        .get(format!("{}/api/v1/jobs/{id}/events?after={}", farm.url, ids[ids.len() - 2]))
+        .get(format!(
+            "{}/api/v1/jobs/{id}/events?after={}",
+            farm.url,
+            ids[ids.len() - 2]
+        ))
         .bearer_auth(USER)
         .send()
         .await
@@ -535,7 +703,10 @@ async fn two_hundred_jobs_on_eight_duts() {
     let farm = Farm::start(Options {
         machines: 8,
         tags: |n| {
-            let mut t = vec![format!("gpu:vendor:{}", if n % 2 == 0 { "a" } else { "b" })];
+            let mut t = vec![format!(
+                "gpu:vendor:{}",
+                if n.is_multiple_of(2) { "a" } else { "b" }
+            )];
             if n <= 4 {
                 t.push("ram:size:big".into());
             }
@@ -548,7 +719,10 @@ async fn two_hundred_jobs_on_eight_duts() {
     // Hold every machine so that all 200 jobs are queued before the first is dispatched.
     let mut blockers = Vec::new();
     for n in 1..=8u8 {
-        blockers.push(farm.submit(&job_yaml(&by_id(n), "block", "block", "", ""), "").await);
+        blockers.push(
+            farm.submit(&job_yaml(&by_id(n), "block", "block", "", ""), "")
+                .await,
+        );
     }
     let targets = [
         "  tags: []",
@@ -562,7 +736,13 @@ async fn two_hundred_jobs_on_eight_duts() {
         let prio = (i * 13 % 4) as i64;
         let yaml = job_yaml(target, "pass", "pass", "", "");
         let farm = &farm;
-        async move { (farm.submit(&yaml, &format!("?priority={prio}")).await, prio, target) }
+        async move {
+            (
+                farm.submit(&yaml, &format!("?priority={prio}")).await,
+                prio,
+                target,
+            )
+        }
     });
     let jobs: Vec<(i64, i64, &str)> = futures::future::join_all(subs).await;
     let mut finished = Vec::new();
@@ -575,7 +755,12 @@ async fn two_hundred_jobs_on_eight_duts() {
 
     // One job at a time per machine: mars' lease log alternates acquire/release of one job.
     for n in 1..=8u8 {
-        let log = farm.mars.machine_events(mac(n), Some(10_000)).await.unwrap().events;
+        let log = farm
+            .mars
+            .machine_events(mac(n), Some(10_000))
+            .await
+            .unwrap()
+            .events;
         let mut holder: Option<String> = None;
         let mut held = 0;
         for e in log.iter().filter(|e| e.kind.starts_with("lease_")) {
@@ -597,9 +782,22 @@ async fn two_hundred_jobs_on_eight_duts() {
     let mut spans: std::collections::BTreeMap<_, Vec<(i64, i64)>> = Default::default();
     for j in &finished {
         let ev = farm.events(j.id).await;
-        let on = ev.iter().find(|e| e.data["phase"] == "power").unwrap().at.millis();
-        let off = ev.iter().find(|e| e.data["step"] == "power_off").unwrap().at.millis();
-        spans.entry(j.machine_id.unwrap()).or_default().push((on, off));
+        let on = ev
+            .iter()
+            .find(|e| e.data["phase"] == "power")
+            .unwrap()
+            .at
+            .millis();
+        let off = ev
+            .iter()
+            .find(|e| e.data["step"] == "power_off")
+            .unwrap()
+            .at
+            .millis();
+        spans
+            .entry(j.machine_id.unwrap())
+            .or_default()
+            .push((on, off));
     }
     for (m, mut s) in spans {
         s.sort();
@@ -612,7 +810,10 @@ async fn two_hundred_jobs_on_eight_duts() {
     let view: std::collections::HashMap<i64, &dutgate_executor::model::Job> =
         finished.iter().map(|j| (j.id, j)).collect();
     let machine_tags = |n: u8| -> Vec<String> {
-        let mut t = vec!["sim:any:yes".to_string(), format!("gpu:vendor:{}", if n % 2 == 0 { "a" } else { "b" })];
+        let mut t = vec![
+            "sim:any:yes".to_string(),
+            format!("gpu:vendor:{}", if n.is_multiple_of(2) { "a" } else { "b" }),
+        ];
         if n <= 4 {
             t.push("ram:size:big".into());
         }
@@ -640,7 +841,10 @@ async fn two_hundred_jobs_on_eight_duts() {
             }
         }
     }
-    assert!(violations.is_empty(), "priority order broken: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "priority order broken: {violations:?}"
+    );
     assert!(farm.mars.leases().await.unwrap().is_empty());
     farm.stop().await;
 }

@@ -62,7 +62,10 @@ impl ProcessSetup {
             .or_else(|| dutgate_core::auth::read_token(&dir.join("user")));
         Self {
             gateway: serde_json::to_value(gateway).unwrap_or(Value::Null),
-            database_url: gateway.database_url.as_ref().map(|u| u.expose().to_string()),
+            database_url: gateway
+                .database_url
+                .as_ref()
+                .map(|u| u.expose().to_string()),
             admin_token: admin.map(|s| s.expose().to_string()),
             user_token: user.map(|s| s.expose().to_string()),
             executor: executor.clone(),
@@ -113,7 +116,10 @@ pub async fn main(id: i64) -> Result<JobStatus, ProcessError> {
     let raw = tokio::task::spawn_blocking(|| {
         use std::io::Read;
         let mut raw = Vec::new();
-        std::io::stdin().take(1 << 20).read_to_end(&mut raw).map(|_| raw)
+        std::io::stdin()
+            .take(1 << 20)
+            .read_to_end(&mut raw)
+            .map(|_| raw)
     })
     .await
     .map_err(|e| ProcessError::Setup(e.to_string()))?
@@ -172,7 +178,8 @@ impl Reporter {
         tracing::info!(job_id = self.id, kind, %message, "event");
         match self.store.add_event(self.id, kind, &message, data).await {
             Ok(seq) => {
-                self.progress.send_modify(|p| p.event_seq = p.event_seq.max(seq));
+                self.progress
+                    .send_modify(|p| p.event_seq = p.event_seq.max(seq));
             }
             Err(e) => tracing::error!(job_id = self.id, error = %e, "cannot store an event"),
         }
@@ -307,9 +314,10 @@ pub(crate) async fn teardown_keep_bucket(
 fn spawn_signal_watch(cancel: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) =
-            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers; cancellation needs SIGKILL");
             return;
         };

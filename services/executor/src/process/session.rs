@@ -28,7 +28,10 @@ use crate::storage::BucketAccess;
 pub(crate) enum Outcome {
     /// `session_end` (or `machine_unfit_for_service`) matched; the status comes from the
     /// console.
-    Ended { status: JobStatus, unfit: bool },
+    Ended {
+        status: JobStatus,
+        unfit: bool,
+    },
     /// A budget ran out (timeouts, reboots); the status comes from the console (INCOMPLETE,
     /// as `session_end` was not seen).
     Aborted {
@@ -38,7 +41,10 @@ pub(crate) enum Outcome {
         machine_fault: bool,
     },
     /// The job could not be set up. `infra`: the gateway or the machine failed (not the job).
-    SetupFailed { reason: String, infra: bool },
+    SetupFailed {
+        reason: String,
+        infra: bool,
+    },
     Cancelled,
     LeaseLost,
 }
@@ -105,11 +111,7 @@ async fn session(job: &JobContext, state: &mut SessionState) -> Outcome {
         return setup_fail(format!("machine {} has no PDU port", machine.id), true);
     };
     let off = Duration::try_from_secs_f64(machine.pdu_off_delay.max(0.0)).unwrap_or_default();
-    let overall_end = spec
-        .timeouts
-        .overall
-        .duration
-        .map(|d| started + d);
+    let overall_end = spec.timeouts.overall.duration.map(|d| started + d);
     let mut retried: BTreeMap<String, u32> = BTreeMap::new();
 
     for boot_index in 0u32.. {
@@ -118,7 +120,12 @@ async fn session(job: &JobContext, state: &mut SessionState) -> Outcome {
             BootKind::Start => "start",
             BootKind::Continue => "continue",
         };
-        if let Err(e) = job.reporter.store.set_boots(job.row.id, i64::from(boot_index) + 1).await {
+        if let Err(e) = job
+            .reporter
+            .store
+            .set_boots(job.row.id, i64::from(boot_index) + 1)
+            .await
+        {
             tracing::warn!(job_id = job.row.id, error = %e, "cannot store the boot count");
         }
         r.event(
@@ -164,7 +171,15 @@ async fn session(job: &JobContext, state: &mut SessionState) -> Outcome {
             return setup_fail(format!("power cycle of {pdu} port {port}: {e}"), true);
         }
         r.phase(phase::RUNNING, "watching the console").await;
-        let result = watch(job, &spec, &mut engine, &mut console, boot_index, overall_end).await;
+        let result = watch(
+            job,
+            &spec,
+            &mut engine,
+            &mut console,
+            boot_index,
+            overall_end,
+        )
+        .await;
         let expired = match result {
             Watch::Ended => {
                 let unfit = engine.machine_unfit();
@@ -424,7 +439,10 @@ async fn watch(
             }
         };
         consider(overall_end, "overall");
-        consider(t.boot_cycle.duration.map(|d| boot_started + d), "boot_cycle");
+        consider(
+            t.boot_cycle.duration.map(|d| boot_started + d),
+            "boot_cycle",
+        );
         if engine.has_activity() {
             consider(
                 t.console_activity.duration.map(|d| last_activity + d),

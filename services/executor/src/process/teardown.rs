@@ -109,7 +109,11 @@ pub(crate) async fn run(
                     step_ok(
                         r,
                         step,
-                        &format!("lease released ({}): machine is {}", outcome.as_str(), m.state),
+                        &format!(
+                            "lease released ({}): machine is {}",
+                            outcome.as_str(),
+                            m.state
+                        ),
                     )
                     .await
                 }

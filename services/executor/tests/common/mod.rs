@@ -182,7 +182,8 @@ impl Farm {
             mars_cfg,
             power,
         );
-        let router = dutgate_mars::start(mars_handle.clone(), auth.clone(), shutdown.clone()).unwrap();
+        let router =
+            dutgate_mars::start(mars_handle.clone(), auth.clone(), shutdown.clone()).unwrap();
         let app = dutgate_core::http::with_common_routes("mars", router, None);
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -219,7 +220,10 @@ impl Farm {
         .unwrap();
         let netconsole = salad.netconsole_addr.unwrap();
 
-        let mars = MarsClient::new(format!("http://127.0.0.1:{}", gw.ports.mars), Some(Secret::new(ADMIN)));
+        let mars = MarsClient::new(
+            format!("http://127.0.0.1:{}", gw.ports.mars),
+            Some(Secret::new(ADMIN)),
+        );
         let anon = MarsClient::new(format!("http://127.0.0.1:{}", gw.ports.mars), None);
         let mut machines = Vec::new();
         let mut sims = Vec::new();
@@ -270,9 +274,12 @@ impl Farm {
         let exec_cfg = ExecConfig {
             job_command: Some(vec![env!("CARGO_BIN_EXE_dutgate-job").into()]),
             cancel_grace_seconds: opts.cancel_grace,
-            template_vars: [("artifacts".to_string(), format!("http://127.0.0.1:{art_port}"))]
-                .into_iter()
-                .collect(),
+            template_vars: [(
+                "artifacts".to_string(),
+                format!("http://127.0.0.1:{art_port}"),
+            )]
+            .into_iter()
+            .collect(),
             ..Default::default()
         };
         let exec_port = port(&l_exec);
@@ -339,7 +346,8 @@ impl Farm {
             .unwrap();
             let app = dutgate_core::http::with_common_routes("executor", exec.router(), None);
             let _ = ready_tx.send(());
-            let _ = dutgate_core::http::serve(listener, app, stop, Duration::from_millis(200)).await;
+            let _ =
+                dutgate_core::http::serve(listener, app, stop, Duration::from_millis(200)).await;
         });
         ready_rx.await.unwrap();
         self.executor = Some(Executorish {
@@ -428,7 +436,10 @@ impl Farm {
     pub async fn console(&self, id: i64) -> String {
         let r = self
             .http
-            .get(format!("{}/api/v1/jobs/{id}/console?follow=false", self.url))
+            .get(format!(
+                "{}/api/v1/jobs/{id}/console?follow=false",
+                self.url
+            ))
             .bearer_auth(USER)
             .send()
             .await
@@ -446,7 +457,10 @@ impl Farm {
             }
             if tokio::time::Instant::now() > deadline {
                 let evs = self.events(id).await;
-                let msgs: Vec<String> = evs.iter().map(|e| format!("{} {}", e.kind, e.message)).collect();
+                let msgs: Vec<String> = evs
+                    .iter()
+                    .map(|e| format!("{} {}", e.kind, e.message))
+                    .collect();
                 panic!("job {id} not finished after {within:?}: {j:#?}\nevents: {msgs:#?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -472,7 +486,10 @@ impl Farm {
                 return;
             }
             if tokio::time::Instant::now() > deadline {
-                panic!("machine {id} is {} after {within:?}, expected {state}", m.state);
+                panic!(
+                    "machine {id} is {} after {within:?}, expected {state}",
+                    m.state
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -487,7 +504,13 @@ pub fn rand_u32() -> u32 {
 }
 
 /// A job for the simulated DUTs: `script` for the first boot, `cont` for later ones.
-pub fn job_yaml(target: &str, script: &str, cont: &str, timeouts: &str, extra_patterns: &str) -> String {
+pub fn job_yaml(
+    target: &str,
+    script: &str,
+    cont: &str,
+    timeouts: &str,
+    extra_patterns: &str,
+) -> String {
     format!(
         r#"version: 1
 target:
@@ -521,14 +544,27 @@ fn script_lines(script: &str) -> (Vec<(&'static str, u64)>, bool) {
     // (line, delay before it in ms), and whether the DUT then stays on silently.
     match script {
         "pass" => (
-            vec![("booting", 20), ("running tests", 20), ("RESULT: PASS", 20), ("SESSION END", 20)],
+            vec![
+                ("booting", 20),
+                ("running tests", 20),
+                ("RESULT: PASS", 20),
+                ("SESSION END", 20),
+            ],
             true,
         ),
         "warn" => (
-            vec![("booting", 20), ("WARNING: flaky fan", 20), ("RESULT: PASS", 20), ("SESSION END", 20)],
+            vec![
+                ("booting", 20),
+                ("WARNING: flaky fan", 20),
+                ("RESULT: PASS", 20),
+                ("SESSION END", 20),
+            ],
             true,
         ),
-        "fail" => (vec![("booting", 20), ("RESULT: FAIL", 20), ("SESSION END", 20)], true),
+        "fail" => (
+            vec![("booting", 20), ("RESULT: FAIL", 20), ("SESSION END", 20)],
+            true,
+        ),
         // Output, then silence: no session_end.
         "hang" => (vec![("booting", 20), ("running tests", 20)], true),
         "silent" => (vec![], true),
@@ -570,7 +606,13 @@ fn script_lines(script: &str) -> (Vec<(&'static str, u64)>, bool) {
 }
 
 /// One simulated DUT on port `port` of the dummy PDU `device`.
-async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, netconsole: std::net::SocketAddr) {
+async fn sim_dut(
+    device: String,
+    port: String,
+    id: MachineId,
+    boot_port: u16,
+    netconsole: std::net::SocketAddr,
+) {
     let boot = dutgate_boot::client::BootClient::new(
         format!("http://127.0.0.1:{boot_port}"),
         Some(Secret::new(ADMIN)),
@@ -636,7 +678,11 @@ async fn sim_dut(device: String, port: String, id: MachineId, boot_port: u16, ne
             if !powered {
                 break;
             }
-            if conn.write_all(format!("{line}\r\n").as_bytes()).await.is_err() {
+            if conn
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
