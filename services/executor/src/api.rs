@@ -282,6 +282,14 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
                 .collect(),
         ),
     };
+    // `?target_id=` (what the typed client and the trainer use) names the machine.
+    let target_id = match param(&pairs, "target_id") {
+        Some(v) => Some(
+            MachineId::parse(v)
+                .map_err(|e| ApiError::bad_request(e.to_string()).with_field("target_id"))?,
+        ),
+        None => target_id,
+    };
     if purpose == Purpose::Training && target_id.is_none() {
         return Err(
             ApiError::unprocessable("training jobs name their machine").with_field("target.id")

@@ -16,6 +16,7 @@
 //! powered off.
 
 pub mod api;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod model;

@@ -372,6 +372,33 @@ async fn executor_and_job_process_deaths() {
     farm.wait_machine(mac(1), MachineState::QuickCheck, Duration::from_secs(15))
         .await;
     assert!(farm.mars.leases().await.unwrap().is_empty());
+
+    // The trainer's verification boot goes through the queue with its privilege: a user may
+    // not submit one, the admin (mars' runner) may, and it runs on the QUICK_CHECK machine.
+    let pass = job_yaml(&by_id(1), "pass", "pass", "", "");
+    assert_eq!(
+        farm.submit_raw(&pass, "?purpose=training").await.status(),
+        403
+    );
+    let runner = dutgate_executor::client::ExecutorClient::new(
+        farm.url.clone(),
+        Some(dutgate_core::Secret::new(ADMIN)),
+    );
+    use dutgate_mars::training::JobRunner;
+    let jid = JobRunner::submit(&runner, mac(1), &pass).await.unwrap();
+    let out = JobRunner::wait(&runner, &jid).await.unwrap();
+    assert_eq!(out.status, JobStatus::Pass, "{out:?}");
+    assert!(
+        out.console_log_url
+            .unwrap()
+            .ends_with("/artifacts/console.log")
+    );
+    // Its outcome is the trainer's to judge: the machine is still in QUICK_CHECK.
+    assert_eq!(
+        farm.mars.machine(mac(1)).await.unwrap().state,
+        MachineState::QuickCheck
+    );
+    assert!(farm.mars.leases().await.unwrap().is_empty());
     farm.stop().await;
 }
 
