@@ -169,6 +169,24 @@ pub static MODELS: [&Model; 5] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn oid_text_round_trips(first in 0u64..=2, rest in proptest::collection::vec(any::<u64>(), 1..20)) {
+            let mut v = vec![first];
+            v.extend(rest);
+            let oid = Oid(v);
+            let text = oid.to_string();
+            prop_assert_eq!(text.parse::<Oid>().unwrap(), oid.clone());
+            prop_assert_eq!(format!(".{text}").parse::<Oid>().unwrap(), oid);
+        }
+
+        #[test]
+        fn oid_parser_never_panics(s in "\\PC{0,60}") {
+            let _ = s.parse::<Oid>();
+        }
+    }
 
     #[test]
     fn oids_parse_and_print() {

@@ -183,13 +183,15 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // The tick comes before the queue so that a steady stream of requests can
+                // not starve polling (it fires once per interval, so it cannot starve them).
                 biased;
                 _ = self.stop.cancelled() => break,
+                _ = tick.tick() => self.poll().await,
                 req = self.rx.recv() => match req {
                     Some(req) => self.handle(req).await,
                     None => break,
                 },
-                _ = tick.tick() => self.poll().await,
             }
         }
         self.driver.shutdown().await;
