@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod footprint;
 pub mod jobspec;
+pub mod mars;
 pub mod pdu;
 pub mod registry;
 pub mod report;
@@ -51,6 +52,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("registry", registry::run),
     ("boot", boot::run),
     ("pdu", pdu::run),
+    ("mars", mars::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
