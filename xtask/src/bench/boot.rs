@@ -414,8 +414,10 @@ fn run_in(
             &rows,
             &format!(
                 "{runs} alternating run(s) of {seconds} s per measure, medians; dutgate {profile} build. \
-                 dutgate renders the script per request from its database (SQLite); nginx serves the \
-                 same bytes as a static file. The artifact was fetched from nginx into dutgate's \
+                 dutgate renders the script per request from the boot config it keeps in memory \
+                 (written through to SQLite); nginx serves the same bytes as a static file. A DUT \
+                 asks for one script per boot, so either rate is far beyond a farm's needs; the \
+                 artifact rows are what a simultaneous boot of many DUTs costs. The artifact was fetched from nginx into dutgate's \
                  cache once before measuring (cold fetch of {} MB: {cold_s:.2} s); nginx serves it \
                  with sendfile. Load generator: `boot_load` (tokio + reqwest, kept-alive \
                  connections) on the same 2-core machine as both servers.",
