@@ -17,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod jobs;
 pub mod keys;
+pub mod server;
 pub mod sigv4;
 
 pub use client::{ObjectBody, ObjectInfo, S3Client};
@@ -24,3 +25,4 @@ pub use config::{Backend, Config};
 pub use error::StorageError;
 pub use jobs::{DownloadSummary, JobBucket, JobStorage, UploadSummary};
 pub use keys::KeyPair;
+pub use server::run;

@@ -1,0 +1,132 @@
+//! Key administration on the embedded endpoint, signed with the admin key pair like any
+//! S3 request (s3s verifies the signature before this route runs):
+//!
+//! - `POST   /dutgate-admin/v1/keys?bucket=B` → `201 {"access_key", "secret_key", "bucket"}`
+//! - `DELETE /dutgate-admin/v1/keys?bucket=B` → `200 {"bucket", "revoked": N}`
+//! - `GET    /dutgate-admin/v1/keys`          → `200 [{"access_key", "bucket", "created_unix_ms"}]`
+//!
+//! Errors are S3 XML errors (403 AccessDenied for non-admin keys, 404 NoSuchBucket,
+//! 400 InvalidArgument).
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, Uri};
+use s3s::route::S3Route;
+use s3s::{Body, S3Request, S3Response, S3Result, s3_error};
+
+use super::access::percent_decode;
+use super::keystore::{Identity, KeyStore};
+use crate::jobs::ADMIN_PREFIX;
+
+pub struct AdminRoute {
+    pub keys: KeyStore,
+    pub data_dir: PathBuf,
+}
+
+fn is_bucket_name(b: &str) -> bool {
+    (3..=63).contains(&b.len())
+        && b.bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'.')
+        && !b.contains("..")
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> S3Response<Body> {
+    let mut resp = S3Response::new(Body::from(Bytes::from(value.to_string())));
+    resp.status = Some(status);
+    if let Ok(v) = http::HeaderValue::from_str("application/json") {
+        resp.headers.insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+#[async_trait::async_trait]
+impl S3Route for AdminRoute {
+    fn is_match(
+        &self,
+        _method: &Method,
+        uri: &Uri,
+        _headers: &HeaderMap,
+        _: &mut http::Extensions,
+    ) -> bool {
+        uri.path()
+            .strip_prefix('/')
+            .and_then(|p| p.strip_prefix(ADMIN_PREFIX))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    async fn check_access(&self, req: &mut S3Request<Body>) -> S3Result<()> {
+        let admin = req
+            .credentials
+            .as_ref()
+            .and_then(|c| self.keys.identity(&c.access_key))
+            == Some(Identity::Admin);
+        if admin {
+            Ok(())
+        } else {
+            metrics::counter!("dutgate_s3_denied_total", "reason" => "admin_route").increment(1);
+            Err(s3_error!(
+                AccessDenied,
+                "key administration needs the admin key pair"
+            ))
+        }
+    }
+
+    async fn call(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
+        let path = req.uri.path().trim_end_matches('/');
+        if path != format!("/{ADMIN_PREFIX}/v1/keys") {
+            return Err(s3_error!(NoSuchKey, "no admin route {path}"));
+        }
+        let bucket = req.uri.query().unwrap_or("").split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == "bucket").then(|| percent_decode(v))
+        });
+        match (req.method.clone(), bucket) {
+            (Method::GET, _) => {
+                let list = serde_json::to_value(self.keys.list())
+                    .map_err(|e| s3_error!(InternalError, "{e}"))?;
+                Ok(json_response(StatusCode::OK, &list))
+            }
+            (Method::POST, Some(bucket)) => {
+                if !is_bucket_name(&bucket) {
+                    return Err(s3_error!(InvalidBucketName));
+                }
+                let dir = self.data_dir.join(&bucket);
+                if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+                    return Err(s3_error!(NoSuchBucket, "create the bucket first"));
+                }
+                let pair = self
+                    .keys
+                    .issue(&bucket)
+                    .await
+                    .map_err(|e| s3_error!(InternalError, "{e}"))?;
+                tracing::info!(bucket = %bucket, access_key = %pair.access_key, "job keys issued");
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    &serde_json::json!({
+                        "access_key": pair.access_key,
+                        "secret_key": pair.secret_key.expose(),
+                        "bucket": bucket,
+                    }),
+                ))
+            }
+            (Method::DELETE, Some(bucket)) => {
+                let revoked = self
+                    .keys
+                    .revoke_bucket(&bucket)
+                    .await
+                    .map_err(|e| s3_error!(InternalError, "{e}"))?;
+                tracing::info!(bucket = %bucket, revoked, "job keys revoked");
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"bucket": bucket, "revoked": revoked}),
+                ))
+            }
+            (Method::POST | Method::DELETE, None) => Err(s3_error!(
+                InvalidArgument,
+                "the bucket query parameter is required"
+            )),
+            _ => Err(s3_error!(MethodNotAllowed)),
+        }
+    }
+}

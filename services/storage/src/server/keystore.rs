@@ -1,0 +1,227 @@
+//! The embedded endpoint's credential store: the admin key pair, and the job key pairs,
+//! each bound to one bucket. Job keys live in `<state_dir>/s3/job-keys.json` (mode 0600),
+//! rewritten atomically on every change, so a restarted `dutgate s3` keeps honouring the
+//! keys of running jobs.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use dutgate_core::Secret;
+use serde::{Deserialize, Serialize};
+
+use crate::error::StorageError;
+use crate::keys::{self, KeyPair};
+
+pub const JOB_KEYS_FILE: &str = "job-keys.json";
+
+/// Who signed a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Admin,
+    /// A job's DUT: only this bucket.
+    Job {
+        bucket: String,
+    },
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct JobKey {
+    secret_key: String,
+    bucket: String,
+    created_unix_ms: i64,
+}
+
+/// A key as listed by the admin route (no secret).
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyListing {
+    pub access_key: String,
+    pub bucket: String,
+    pub created_unix_ms: i64,
+}
+
+#[derive(Clone)]
+pub struct KeyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    admin: KeyPair,
+    path: PathBuf,
+    jobs: RwLock<HashMap<String, JobKey>>,
+    /// Serialises file rewrites so that the file always holds the latest map.
+    write: tokio::sync::Mutex<()>,
+}
+
+impl KeyStore {
+    /// Loads the job keys from `dir` (blocking; call at start-up).
+    pub fn open(dir: &Path, admin: KeyPair) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io(dir, e))?;
+        let path = dir.join(JOB_KEYS_FILE);
+        let jobs: HashMap<String, JobKey> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                StorageError::Config(format!("{}: not a key file: {e}", path.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(StorageError::io(&path, e)),
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                admin,
+                path,
+                jobs: RwLock::new(jobs),
+                write: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    pub fn admin_access_key(&self) -> &str {
+        &self.inner.admin.access_key
+    }
+
+    /// The secret and identity behind an access key.
+    pub fn lookup(&self, access_key: &str) -> Option<(Secret, Identity)> {
+        if access_key == self.inner.admin.access_key {
+            return Some((self.inner.admin.secret_key.clone(), Identity::Admin));
+        }
+        let jobs = self.inner.jobs.read().unwrap_or_else(|p| p.into_inner());
+        jobs.get(access_key).map(|k| {
+            (
+                Secret::new(k.secret_key.clone()),
+                Identity::Job {
+                    bucket: k.bucket.clone(),
+                },
+            )
+        })
+    }
+
+    pub fn identity(&self, access_key: &str) -> Option<Identity> {
+        self.lookup(access_key).map(|(_, id)| id)
+    }
+
+    /// A new key pair that opens `bucket` only.
+    pub async fn issue(&self, bucket: &str) -> Result<KeyPair, StorageError> {
+        let pair = keys::generate("DGJOB");
+        let key = JobKey {
+            secret_key: pair.secret_key.expose().to_string(),
+            bucket: bucket.to_string(),
+            created_unix_ms: now_ms(),
+        };
+        self.update(|jobs| {
+            jobs.insert(pair.access_key.clone(), key);
+        })
+        .await?;
+        metrics::counter!("dutgate_s3_job_keys_issued_total").increment(1);
+        Ok(pair)
+    }
+
+    /// Withdraws every key of `bucket`; answers how many there were.
+    pub async fn revoke_bucket(&self, bucket: &str) -> Result<usize, StorageError> {
+        let mut removed = 0;
+        self.update(|jobs| {
+            let before = jobs.len();
+            jobs.retain(|_, k| k.bucket != bucket);
+            removed = before - jobs.len();
+        })
+        .await?;
+        metrics::counter!("dutgate_s3_job_keys_revoked_total").increment(removed as u64);
+        Ok(removed)
+    }
+
+    pub fn list(&self) -> Vec<KeyListing> {
+        let jobs = self.inner.jobs.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<KeyListing> = jobs
+            .iter()
+            .map(|(ak, k)| KeyListing {
+                access_key: ak.clone(),
+                bucket: k.bucket.clone(),
+                created_unix_ms: k.created_unix_ms,
+            })
+            .collect();
+        out.sort_by(|a, b| {
+            a.bucket
+                .cmp(&b.bucket)
+                .then(a.access_key.cmp(&b.access_key))
+        });
+        out
+    }
+
+    /// Applies `change` in memory, then persists the whole map. On a write failure the
+    /// in-memory change is rolled back, so memory and file never disagree.
+    async fn update(
+        &self,
+        change: impl FnOnce(&mut HashMap<String, JobKey>),
+    ) -> Result<(), StorageError> {
+        let _guard = self.inner.write.lock().await;
+        let (before, snapshot) = {
+            let mut jobs = self.inner.jobs.write().unwrap_or_else(|p| p.into_inner());
+            let before = jobs.clone();
+            change(&mut jobs);
+            (before, jobs.clone())
+        };
+        let path = self.inner.path.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &snapshot))
+            .await
+            .map_err(|e| StorageError::Config(format!("writing job keys: {e}")))
+            .and_then(|r| r);
+        if let Err(e) = written {
+            *self.inner.jobs.write().unwrap_or_else(|p| p.into_inner()) = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+fn write_atomically(path: &Path, jobs: &HashMap<String, JobKey>) -> Result<(), StorageError> {
+    let body = serde_json::to_vec(jobs).map_err(|e| StorageError::Config(e.to_string()))?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| StorageError::io(&tmp, e))?;
+    f.write_all(&body).map_err(|e| StorageError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| StorageError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| StorageError::io(path, e))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn issued_keys_survive_a_reopen_and_revocation_is_per_bucket() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = keys::generate("DGADMIN");
+        let store = KeyStore::open(dir.path(), admin.clone()).unwrap();
+        let a = store.issue("job-a").await.unwrap();
+        let b = store.issue("job-b").await.unwrap();
+        assert_eq!(store.identity(&admin.access_key), Some(Identity::Admin));
+
+        let reopened = KeyStore::open(dir.path(), admin.clone()).unwrap();
+        let (secret, id) = reopened.lookup(&a.access_key).unwrap();
+        assert_eq!(secret, a.secret_key);
+        assert_eq!(
+            id,
+            Identity::Job {
+                bucket: "job-a".into()
+            }
+        );
+
+        assert_eq!(reopened.revoke_bucket("job-a").await.unwrap(), 1);
+        assert!(reopened.lookup(&a.access_key).is_none());
+        assert!(reopened.lookup(&b.access_key).is_some());
+        assert_eq!(KeyStore::open(dir.path(), admin).unwrap().list().len(), 1);
+    }
+}

@@ -1,0 +1,150 @@
+//! The embedded S3 endpoint, `dutgate s3`: s3s in front of the filesystem backend under the
+//! state dir, with our credential store ([`keystore`]), access rules ([`access`]) and the
+//! key administration route ([`admin`]). `/healthz` and `/metrics` answer like every other
+//! service (which reserves the bucket names `healthz` and `metrics`).
+
+pub mod access;
+pub mod admin;
+pub mod backend;
+pub mod keystore;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::error_handling::HandleError;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::{ServiceContext, ServiceError};
+use http::StatusCode;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Backend, Config};
+use crate::error::StorageError;
+use crate::keys;
+
+pub use keystore::{Identity, KeyStore};
+
+/// The router of the embedded endpoint, plus its key store (tests inspect it).
+pub struct Embedded {
+    pub router: Router,
+    pub keys: KeyStore,
+}
+
+/// Builds the embedded endpoint from the config: data under `s3.data_dir`
+/// (default `<state_dir>/s3/data`), keys under `<state_dir>/s3`.
+pub async fn build(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, StorageError> {
+    let gateway = gateway.clone();
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || build_blocking(&gateway, &config))
+        .await
+        .map_err(|e| StorageError::Config(format!("starting the embedded S3 endpoint: {e}")))?
+}
+
+fn build_blocking(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, StorageError> {
+    let admin = keys::admin_keys_blocking(gateway, config)?;
+    let keys = KeyStore::open(&Config::state_dir(gateway), admin)?;
+    let data_dir = config.data_dir(gateway);
+    let backend = backend::Backend::open(data_dir.clone())?;
+    let s3 = {
+        let mut b = S3ServiceBuilder::new(backend);
+        b.set_auth(access::Auth(keys.clone()));
+        b.set_access(access::Access(keys.clone()));
+        b.set_route(admin::AdminRoute {
+            keys: keys.clone(),
+            data_dir,
+        });
+        b.build()
+    };
+    let s3 = HandleError::new(s3, |err: s3s::HttpError| async move {
+        tracing::error!(error = ?err, "S3 request failed");
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+    });
+    Ok(Embedded {
+        router: with_shared_routes(Router::new().fallback_service(s3)),
+        keys,
+    })
+}
+
+/// `/healthz` and `/metrics` from the core bootstrap, everything else to `s3`.
+fn with_shared_routes(s3: Router) -> Router {
+    let common = dutgate_core::http::with_common_routes("s3", Router::new(), None);
+    // `route_service` refuses a `Router`; its service form is accepted.
+    Router::new()
+        .route_service(
+            "/healthz",
+            common.clone().into_service::<axum::body::Body>(),
+        )
+        .route_service("/metrics", common.into_service::<axum::body::Body>())
+        .fallback_service(s3)
+        .layer(middleware::from_fn(record_request))
+}
+
+async fn record_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let response = next.run(req).await;
+    let labels = [
+        ("method", method),
+        ("status", response.status().as_u16().to_string()),
+    ];
+    metrics::counter!("dutgate_s3_requests_total", &labels).increment(1);
+    metrics::histogram!("dutgate_s3_request_duration_seconds", &labels[..1])
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+/// What `dutgate s3` serves when the gateway uses an external S3: only `/healthz` and a
+/// clear error for anything else, so `dutgate up` has nothing to restart.
+fn disabled_router(url: Option<String>) -> Router {
+    let message = format!(
+        "the embedded S3 endpoint is disabled: this gateway uses the external S3 at {}",
+        url.unwrap_or_else(|| "(s3.url unset)".into())
+    );
+    let fallback = move || {
+        let message = message.clone();
+        async move { dutgate_core::ApiError::unavailable(message) }
+    };
+    with_shared_routes(Router::new().fallback(fallback))
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), ServiceError> {
+    dutgate_core::http::serve(listener, router, shutdown, grace).await?;
+    Ok(())
+}
+
+/// `dutgate s3`.
+pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    let gw = &ctx.gateway;
+    let router = match config.backend {
+        Backend::Embedded => {
+            let embedded = build(gw, &config)
+                .await
+                .map_err(|e| ServiceError::Startup(e.to_string()))?;
+            tracing::info!(
+                data_dir = %config.data_dir(gw).display(),
+                admin_keys = %keys::admin_keys_path(gw).display(),
+                "embedded S3 endpoint ready"
+            );
+            embedded.router
+        }
+        Backend::External => {
+            tracing::info!(url = ?config.url, "external S3 in use; the embedded endpoint is disabled");
+            disabled_router(config.url.clone())
+        }
+    };
+    let addr = SocketAddr::new(gw.bind_address, gw.ports.s3);
+    let listener = dutgate_core::http::listener(addr).await?;
+    let grace = Duration::from_secs_f64(gw.shutdown_grace_seconds.max(0.0));
+    serve(listener, router, ctx.shutdown.clone(), grace).await
+}
