@@ -212,6 +212,14 @@ impl PduService {
     }
 
     fn build(&self, spec: &PduSpec) -> Result<Box<dyn PduDriver>, ConfigError> {
+        if let Some(p) = spec.poll_interval_seconds
+            && !(p.is_finite() && p > 0.0)
+        {
+            return Err(ConfigError::field(
+                "poll_interval_seconds",
+                "must be a positive number of seconds",
+            ));
+        }
         let value = to_yaml(&spec.config)?;
         self.inner.registry.build(&spec.driver, value)
     }

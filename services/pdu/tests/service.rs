@@ -349,6 +349,18 @@ async fn add_validates_config_and_device_then_persists() {
     );
 
     let e = c
+        .add(&NewPdu {
+            poll_interval_seconds: Some(-1.0),
+            ..new_pdu("bad", "dummy", serde_json::json!({"ports": 1}))
+        })
+        .await
+        .unwrap_err();
+    let dutgate_core::client::ClientError::Api { body, .. } = &e else {
+        panic!("{e}")
+    };
+    assert_eq!(body.field.as_deref(), Some("poll_interval_seconds"));
+
+    let e = c
         .add(&new_pdu(
             "bad name",
             "dummy",
