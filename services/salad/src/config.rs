@@ -43,7 +43,11 @@ impl Default for Config {
                 first: 8200,
                 last: 8999,
             },
-            client_queue_bytes: 256 * 1024,
+            // Queued chunks are shared by all clients of a machine, so this bounds memory per
+            // machine more than per client. At UART rates the write timeout drops a stalled
+            // client long before this fills; it matters for fast netconsoles and floods,
+            // where a reader descheduled for a few ms must not be mistaken for a dead one.
+            client_queue_bytes: 4 * 1024 * 1024,
             client_write_timeout_ms: 10_000,
             scrollback_kib: 64,
             console_log: ConsoleLogConfig::default(),
@@ -74,6 +78,14 @@ impl Config {
         }
         if self.client_queue_bytes < 4096 {
             return Err("salad.client_queue_bytes: must be at least 4096".into());
+        }
+        if self.scrollback_kib * 1024 + 4096 > self.client_queue_bytes {
+            // The replay is queued for a log-port client at once; it must leave room for
+            // live output or that client would be dropped on the next byte.
+            return Err(format!(
+                "salad.scrollback_kib ({}) must leave room in salad.client_queue_bytes ({})",
+                self.scrollback_kib, self.client_queue_bytes
+            ));
         }
         if self.default_baud == 0 {
             return Err("salad.default_baud: must be > 0".into());

@@ -134,6 +134,7 @@ async fn slow_client_is_dropped_others_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let config = dutgate_salad::Config {
         client_queue_bytes: 64 * 1024,
+        scrollback_kib: 16,
         ..test_config(
             &format!("{}/*-adapter", dir.path().display()),
             port_range(20),
