@@ -74,6 +74,7 @@ impl GatewayConfig {
             ServiceName::Boot => self.ports.boot,
             ServiceName::Pdu => self.ports.pdu,
             ServiceName::Salad => self.ports.salad,
+            ServiceName::S3 => self.ports.s3,
         }
     }
 

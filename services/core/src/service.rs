@@ -22,16 +22,19 @@ pub enum ServiceName {
     Boot,
     Pdu,
     Salad,
+    /// The embedded S3 endpoint (crate `dutgate-storage`).
+    S3,
 }
 
 impl ServiceName {
-    pub const ALL: [ServiceName; 6] = [
+    pub const ALL: [ServiceName; 7] = [
         ServiceName::Executor,
         ServiceName::Mars,
         ServiceName::Registry,
         ServiceName::Boot,
         ServiceName::Pdu,
         ServiceName::Salad,
+        ServiceName::S3,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl ServiceName {
             ServiceName::Boot => "boot",
             ServiceName::Pdu => "pdu",
             ServiceName::Salad => "salad",
+            ServiceName::S3 => "s3",
         }
     }
 }

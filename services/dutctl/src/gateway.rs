@@ -27,6 +27,7 @@ pub fn default_port(service: ServiceName) -> u16 {
         ServiceName::Boot => p.boot,
         ServiceName::Pdu => p.pdu,
         ServiceName::Salad => p.salad,
+        ServiceName::S3 => p.s3,
     }
 }
 

@@ -16,6 +16,7 @@ pub struct FileConfig {
     pub boot: dutgate_boot::Config,
     pub pdu: dutgate_pdu::Config,
     pub salad: dutgate_salad::Config,
+    pub s3: dutgate_storage::Config,
 }
 
 /// A loaded config and where it came from.

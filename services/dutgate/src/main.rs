@@ -48,6 +48,8 @@ enum Command {
     Pdu,
     /// Serial consoles relayed over TCP (port 8005).
     Salad,
+    /// The embedded S3 endpoint for job buckets (port 9000).
+    S3,
     /// The per-job process (started by the executor, setup on stdin).
     #[command(hide = true)]
     Job {
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
         Command::Boot => Some(ServiceName::Boot),
         Command::Pdu => Some(ServiceName::Pdu),
         Command::Salad => Some(ServiceName::Salad),
+        Command::S3 => Some(ServiceName::S3),
     };
     dutgate_core::telemetry::init_tracing(&loaded.config.gateway.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

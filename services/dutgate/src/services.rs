@@ -15,6 +15,7 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
         ServiceName::Boot => dutgate_boot::run(ctx, config.boot).await,
         ServiceName::Pdu => dutgate_pdu::run(ctx, config.pdu).await,
         ServiceName::Salad => dutgate_salad::run(ctx, config.salad).await,
+        ServiceName::S3 => dutgate_storage::run(ctx, config.s3).await,
     }
 }
 

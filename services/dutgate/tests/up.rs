@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SERVICES: [&str; 6] = ["executor", "mars", "registry", "boot", "pdu", "salad"];
+const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "salad", "s3"];
 
 fn dutgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dutgate"));
