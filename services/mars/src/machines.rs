@@ -393,6 +393,12 @@ impl Mars {
             .await?)
     }
 
+    /// When a machine quarantined now gets retrained by itself (None: only by an admin).
+    fn quarantine_retry_at(&self) -> Option<Timestamp> {
+        let h = self.config.training.quarantine_retry_hours;
+        (h > 0.0).then(|| Timestamp::now().plus_ms((h * 3_600_000.0) as i64))
+    }
+
     /// Best effort: a retired machine with no lease is switched off.
     pub async fn power_off(&self, row: &MachineRow) {
         if let (Some(pdu), Some(port)) = (&row.pdu, &row.pdu_port_id) {
@@ -520,6 +526,7 @@ impl Mars {
                 _ => Decision::Record("lease_released"),
             }
         };
+        let retry_at = self.quarantine_retry_at();
         let edit = move |r: &mut MachineRow| {
             let was_job = r
                 .lease
@@ -532,6 +539,9 @@ impl Mars {
                     ReleaseOutcome::InfrastructureFailure => r.consecutive_infra_failures += 1,
                     ReleaseOutcome::MachineUnfit => {}
                 }
+            }
+            if r.state == MachineState::Quarantined {
+                r.training_next_at = retry_at;
             }
         };
         let reason = reason.unwrap_or_else(|| format!("job ended: {}", outcome.as_str()));
@@ -580,7 +590,8 @@ impl Mars {
                     _ => Decision::Record("lease_expired"),
                 }
             };
-            let edit = |r: &mut MachineRow| {
+            let retry_at = self.quarantine_retry_at();
+            let edit = move |r: &mut MachineRow| {
                 if r.lease
                     .as_ref()
                     .is_some_and(|l| l.purpose == LeasePurpose::Job)
@@ -588,6 +599,9 @@ impl Mars {
                     r.consecutive_infra_failures += 1;
                 }
                 r.lease = None;
+                if r.state == MachineState::Quarantined {
+                    r.training_next_at = retry_at;
+                }
             };
             let cause = Cause::new(
                 "mars",

@@ -168,7 +168,15 @@ async fn release_outcomes_and_quarantine() {
             };
             assert_eq!(m.state, want);
         }
-        // A released lease is gone.
+        // Retrained by itself after the quarantine period (default 24 h).
+        let m = t.admin.machine(id).await.unwrap();
+        let retry = m
+            .training
+            .next_attempt_at
+            .expect("a retraining is scheduled");
+        let in_hours =
+            (retry.millis() - dutgate_mars::model::Timestamp::now().millis()) as f64 / 3.6e6;
+        assert!((23.9..=24.1).contains(&in_hours), "{in_hours}");
         let ev = t.admin.machine_events(id, None).await.unwrap().events;
         let last = ev.last().unwrap();
         assert_eq!(last.kind, "quarantined");
