@@ -233,8 +233,9 @@ async fn cycle_port(
 async fn port_history(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
-    Query(q): Query<HistoryQuery>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<ApiJson<Vec<crate::store::HistoryEntry>>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()).with_field("limit"))?;
     let p = pdu(&s, &name).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     Ok(ApiJson(

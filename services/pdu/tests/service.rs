@@ -94,6 +94,17 @@ async fn reserved_ports_refuse_changes_with_409() {
     assert_eq!(res.port.state, PowerState::On);
     assert_eq!(dev.state("1"), Some(PowerState::On));
 
+    // Bad query strings are JSON errors too.
+    let resp = reqwest::get(format!(
+        "{}/api/v1/pdus/rack/ports/1/history?limit=lots",
+        r.url()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["field"], "limit", "{body}");
+
     // Mutations need the admin token; reads do not.
     let e = anonymous(&r)
         .set("rack", "3", Switch::On)
