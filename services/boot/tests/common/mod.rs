@@ -55,6 +55,8 @@ pub struct Counts {
 
 #[derive(Clone, Default)]
 struct Shared {
+    /// Set by `stop`: a request on a connection that outlives the listener gets a 503.
+    down: Arc<std::sync::atomic::AtomicBool>,
     resources: Arc<Mutex<HashMap<String, Resource>>>,
     counts: Arc<Mutex<HashMap<String, Counts>>>,
 }
@@ -128,8 +130,12 @@ impl Upstream {
         self.counts(path).gets
     }
 
-    /// Stops listening: later requests are refused.
+    /// Stops listening: later requests are refused (or answered 503 on a kept-alive
+    /// connection that is still open).
     pub fn stop(&self) {
+        self.shared
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop.cancel();
     }
 }
@@ -145,6 +151,9 @@ async fn serve(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    if shared.down.load(std::sync::atomic::Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     let path = uri.path().to_string();
     let Some(res) = shared.resources.lock().unwrap().get(&path).cloned() else {
         return StatusCode::NOT_FOUND.into_response();
