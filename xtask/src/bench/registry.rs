@@ -303,6 +303,15 @@ fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
     Ok((dir.join("dutgate"), dir.join("examples").join("oci_layout")))
 }
 
+/// Copies a built binary into the lab: the shared `target/` may be rebuilt by someone else
+/// while the benchmark runs, and a binary that vanishes mid-run ruins the measurement.
+fn private_copy(exe: &Path, lab: &Path) -> anyhow::Result<PathBuf> {
+    let name = exe.file_name().context("binary path without a file name")?;
+    let copy = lab.join(name);
+    std::fs::copy(exe, &copy).with_context(|| format!("copying {}", exe.display()))?;
+    Ok(copy)
+}
+
 fn median(v: &[f64]) -> f64 {
     stats(v).map(|s| s.median).unwrap_or(f64::NAN)
 }
@@ -331,7 +340,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (exe, layout_tool) = build(args)?;
     let lab = std::env::temp_dir().join(format!("dutgate-bench-registry-{}", std::process::id()));
     std::fs::create_dir_all(&lab)?;
-    let result = run_in(args, &lab, &exe, &layout_tool, clients, layer, runs);
+    let result = private_copy(&exe, &lab).and_then(|exe| {
+        let layout_tool = private_copy(&layout_tool, &lab)?;
+        run_in(args, &lab, &exe, &layout_tool, clients, layer, runs)
+    });
     let _ = std::fs::remove_dir_all(&lab);
     result
 }
