@@ -155,6 +155,41 @@ async fn machines_commands() {
         "{out}"
     );
 
+    // `discover --wait` returns the machine once one registers on the port.
+    let u = url.clone();
+    let waiter = tokio::spawn(async move {
+        dutctl(
+            &u,
+            &[
+                "machines",
+                "discover",
+                "pdu1",
+                "5",
+                "--timeout",
+                "30",
+                "--wait",
+            ],
+        )
+        .await
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while power.state("pdu1", "5") != PowerState::On {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "discovery did not power port 5"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut second = reg.clone();
+    second.mac_address = "52:54:00:aa:bb:02".parse().unwrap();
+    mars.register(&second).await.unwrap();
+    let (code, out, err) = waiter.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("lab-virtio-2") && out.contains("pdu1 5"),
+        "{out}"
+    );
+
     // Errors: one line, non-zero.
     let (code, _, err) = dutctl(&url, &["machines", "show", "nope"]).await;
     assert_ne!(code, 0);
