@@ -65,6 +65,8 @@ pub struct S3Client {
     endpoint: reqwest::Url,
     signer: Signer,
     control_timeout: Duration,
+    /// `max-keys` of listing requests; unset: the server's default (1000 on S3).
+    list_page_size: Option<u32>,
 }
 
 impl S3Client {
@@ -92,7 +94,14 @@ impl S3Client {
             endpoint,
             signer,
             control_timeout,
+            list_page_size: None,
         })
+    }
+
+    /// Lists in pages of `n` keys (the server may answer fewer).
+    pub fn with_list_page_size(mut self, n: u32) -> Self {
+        self.list_page_size = Some(n.max(1));
+        self
     }
 
     pub fn endpoint(&self) -> &str {
@@ -244,6 +253,9 @@ impl S3Client {
         let mut token: Option<String> = None;
         loop {
             let mut query = vec![("list-type".to_string(), "2".to_string())];
+            if let Some(n) = self.list_page_size {
+                query.push(("max-keys".into(), n.to_string()));
+            }
             if let Some(t) = &token {
                 query.push(("continuation-token".into(), t.clone()));
             }

@@ -59,6 +59,8 @@ pub struct UploadSummary {
 pub struct DownloadSummary {
     pub files: u64,
     pub bytes: u64,
+    /// The files written, in key order.
+    pub paths: Vec<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +288,7 @@ impl JobStorage {
                 .await?;
             summary.files += 1;
             summary.bytes += n;
+            summary.paths.push(path);
         }
         metrics::counter!("dutgate_s3_client_bytes_total", "direction" => "down")
             .increment(summary.bytes);

@@ -65,6 +65,17 @@ async fn job_bucket_life_initial_state_dut_writes_artifacts_revoke_delete() {
     )
     .await
     .unwrap();
+    // Listing in pages of one key gives the same answer.
+    let paged: Vec<String> = dut
+        .clone()
+        .with_list_page_size(1)
+        .list(&job.bucket)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(paged, ["results/junit.xml", "run.sh", "share/input.txt"]);
     let dest = tempfile::tempdir().unwrap();
     let got = e
         .storage
