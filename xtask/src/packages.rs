@@ -25,7 +25,54 @@ fn is_installed(package: &str) -> bool {
 }
 
 pub fn install(root: &Path) -> anyhow::Result<()> {
-    install_packages(&listed(root)?)
+    install_packages(&listed(root)?)?;
+    install_python(root)
+}
+
+/// pip requirement files of Python test peers (moto), installed into `target/test-venv`.
+const PYTHON_REQUIREMENTS: &[&str] = &["services/storage/tests/requirements.txt"];
+
+/// Creates `target/test-venv` and installs each requirement file into it, again only when
+/// the file changed since the last install (a copy is kept next to the venv).
+fn install_python(root: &Path) -> anyhow::Result<()> {
+    let venv = root.join("target/test-venv");
+    if !venv.join("bin/pip").exists() {
+        let python = if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
+        let ok = Command::new(python)
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .context("running python3 -m venv")?;
+        if !ok.success() {
+            bail!(
+                "python3 -m venv {} failed (Debian package python3-venv)",
+                venv.display()
+            );
+        }
+    }
+    for req in PYTHON_REQUIREMENTS {
+        let wanted =
+            std::fs::read_to_string(root.join(req)).with_context(|| format!("reading {req}"))?;
+        let stamp = venv.join(format!(".installed-{}", req.replace('/', "_")));
+        if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+            continue;
+        }
+        println!("xtask: pip install -r {req}");
+        let ok = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "-r"])
+            .arg(root.join(req))
+            .status()
+            .context("running pip")?;
+        if !ok.success() {
+            bail!("pip install -r {req} failed");
+        }
+        std::fs::write(&stamp, wanted)?;
+    }
+    Ok(())
 }
 
 pub fn install_packages(packages: &[String]) -> anyhow::Result<()> {
