@@ -15,6 +15,7 @@ are skipped, or the handler would get out of step and answer later GETs with NON
 import json
 import os
 import sys
+import time
 
 ROOTS = {
     "apc_masterswitch": "1.3.6.1.4.1.318.1.1.4",
@@ -100,8 +101,20 @@ class Agent:
             return ("string", f"Outlet {n}")
         return ("integer", str(read(self.state.get(n, False))))
 
+    def slow_down(self, key):
+        """Tests make an outlet slow to answer by listing "<outlet> <ms>" in <state-dir>/slow."""
+        try:
+            with open(os.path.join(os.path.dirname(self.path), "slow")) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 2 and key and key[-1] == int(parts[0]):
+                        time.sleep(int(parts[1]) / 1000)
+        except OSError:
+            pass
+
     def get(self, oid):
         key = oid_key(oid)
+        self.slow_down(key)
         v = self.value(key)
         return None if v is None else (key, v)
 

@@ -228,3 +228,22 @@ async fn bad_configs_name_the_field() {
         assert_eq!(e.field.as_deref(), Some(field), "{cfg}: {e}");
     }
 }
+
+#[tokio::test]
+async fn a_late_reply_is_never_taken_for_the_next_answer() {
+    let agent = Agent::start(8);
+    let cfg = with(base(&agent), serde_json::json!({"timeout_ms": 300}));
+    let mut d = driver("apc_masterswitch", cfg);
+    d.set("1", Switch::On).await.unwrap();
+    // Outlet 7 answers after 450 ms: the GET times out, and its reply arrives while the
+    // next request (outlet 1, ON) waits behind it in the single-threaded agent.
+    agent.slow(7, 450);
+    let e = d.get("7").await.unwrap_err();
+    assert!(matches!(e, DriverError::Timeout { .. }), "{e}");
+    assert_eq!(
+        d.get("1").await.unwrap(),
+        PowerState::On,
+        "the answer for outlet 1, not 7's late OFF"
+    );
+    assert_eq!(d.get("2").await.unwrap(), PowerState::Off);
+}

@@ -145,6 +145,15 @@ impl Agent {
         v[n.to_string()].as_bool().unwrap()
     }
 
+    /// Makes GETs of outlet `n` (any model) take `ms` before the agent answers.
+    pub fn slow(&self, n: usize, ms: u64) {
+        std::fs::write(
+            self.dir.path().join("state").join("slow"),
+            format!("{n} {ms}\n"),
+        )
+        .unwrap();
+    }
+
     /// Every SET the agent applied to `model`, as "<outlet> <value>" lines.
     pub fn set_log(&self, model: &str) -> Vec<String> {
         let path = self.dir.path().join("state").join(format!("{model}.log"));
