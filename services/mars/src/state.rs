@@ -253,6 +253,42 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Random walks through the machine's life: a retired machine only leaves RETIRED by
+        /// activation, a machine without a PDU port never trains, and only a lease makes a
+        /// machine RUNNING.
+        #[test]
+        fn random_lives_keep_the_invariants(picks in proptest::collection::vec(0usize..64, 0..200)) {
+            let triggers = all_triggers();
+            let mut state = WaitForConfig;
+            let mut configured = false;
+            for p in picks {
+                let mut t = triggers[p % triggers.len()];
+                // Activation knows whether the machine has a port.
+                if let Trigger::Activate { trained, .. } = t {
+                    t = Trigger::Activate { configured, trained };
+                }
+                let Ok(next) = transition(state, t) else { continue };
+                match t {
+                    Trigger::Configure => configured = true,
+                    Trigger::Unconfigure => configured = false,
+                    _ => {}
+                }
+                if state == Retired && next != Retired {
+                    let activated = matches!(t, Trigger::Activate { .. });
+                    proptest::prop_assert!(activated, "left RETIRED by {:?}", t);
+                }
+                if next == Running {
+                    proptest::prop_assert_eq!((state, t), (Idle, Trigger::LeaseAcquired));
+                }
+                if matches!(next, Training | QuickCheck | Idle) {
+                    proptest::prop_assert!(configured, "{:?} without a PDU port", next);
+                }
+                state = next;
+            }
+        }
+    }
+
     #[test]
     fn only_the_lease_path_reaches_running() {
         for from in MachineState::ALL {
