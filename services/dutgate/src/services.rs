@@ -10,7 +10,19 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
     tracing::info!(service = %name, "starting");
     match name {
         ServiceName::Executor => dutgate_executor::run(ctx, config.executor).await,
-        ServiceName::Mars => dutgate_mars::run(ctx, config.mars).await,
+        ServiceName::Mars => {
+            // Sergeant Hartman's boots go through the executor's queue like any job, with the
+            // admin token (the trainer's privilege).
+            let admin = config.gateway.auth.admin_token.clone().or_else(|| {
+                dutgate_core::auth::read_token(&config.gateway.tokens_dir().join("admin"))
+            });
+            let runner = dutgate_executor::client::ExecutorClient::new(
+                config.gateway.internal_url(ServiceName::Executor),
+                admin,
+            );
+            dutgate_mars::run_with_runner(ctx, config.mars, Some(std::sync::Arc::new(runner)))
+                .await
+        }
         ServiceName::Registry => dutgate_registry::run(ctx, config.registry).await,
         ServiceName::Boot => dutgate_boot::run(ctx, config.boot).await,
         ServiceName::Pdu => dutgate_pdu::run(ctx, config.pdu).await,
