@@ -362,3 +362,28 @@ async fn healthz_answers_and_unknown_bucket_errors_are_s3_errors() {
     assert_eq!(r.status(), 403);
     e.stop().await;
 }
+
+/// Job keys are DUT credentials: outside the DUT networks they open nothing, while the
+/// executor's admin key keeps working from anywhere.
+#[tokio::test]
+async fn job_keys_work_only_from_the_dut_networks() {
+    let e = Embedded::start_with(tempfile::tempdir().unwrap(), |gw| {
+        gw.auth.dut_networks = vec!["10.0.2.0/24".parse().unwrap()];
+    })
+    .await;
+    let job = e.storage.create_job_bucket("net").await.unwrap();
+    let from_loopback = e.dut_client(&job);
+    assert!(is_denied(from_loopback.list(&job.bucket).await));
+    assert!(is_denied(
+        from_loopback
+            .put_bytes(&job.bucket, "x", Bytes::from_static(b"1"))
+            .await
+    ));
+    e.storage
+        .client()
+        .put_bytes(&job.bucket, "x", Bytes::from_static(b"1"))
+        .await
+        .unwrap();
+    assert_eq!(e.storage.list(&job.bucket).await.unwrap().len(), 1);
+    e.stop().await;
+}

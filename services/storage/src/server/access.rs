@@ -5,6 +5,8 @@
 //! - [`Access`] runs after the signature check, before the operation: the admin key may do
 //!   everything; a job key may only use object and read-only bucket operations on its own
 //!   bucket (ListBuckets, CreateBucket, DeleteBucket, bucket configuration: 403).
+//! - Job keys are accepted only from the DUT networks (`gateway.auth.dut_networks`), like
+//!   every DUT-facing endpoint; the admin key from anywhere.
 //! - For everyone, object keys and list prefixes with a `..` segment are refused: the
 //!   filesystem backend maps keys to paths, and `../other-bucket/x` would otherwise reach
 //!   another bucket's directory.
@@ -33,7 +35,11 @@ impl S3Auth for Auth {
     }
 }
 
-pub struct Access(pub KeyStore);
+pub struct Access {
+    pub keys: KeyStore,
+    /// Only its DUT-network check is used.
+    pub networks: dutgate_core::auth::Auth,
+}
 
 /// Operations a job key may use on its own bucket besides the read-only ones
 /// (`Get*`, `Head*`, `List*`).
@@ -103,11 +109,15 @@ fn deny(reason: &'static str, op: &str, message: String) -> s3s::S3Error {
 #[async_trait::async_trait]
 impl S3Access for Access {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
+        let peer = cx
+            .extensions_mut()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         let op = cx.s3_op().name();
         let Some(cred) = cx.credentials() else {
             return Err(deny("anonymous", op, "a signature is required".into()));
         };
-        let Some(identity) = self.0.identity(&cred.access_key) else {
+        let Some(identity) = self.keys.identity(&cred.access_key) else {
             return Err(deny("unknown_key", op, "unknown access key".into()));
         };
         if let S3Path::Object { key, .. } = cx.s3_path()
@@ -132,6 +142,16 @@ impl S3Access for Access {
         match identity {
             Identity::Admin => Ok(()),
             Identity::Job { bucket } => {
+                // No peer address (not served over TCP) fails closed.
+                if !peer.is_some_and(|ip| self.networks.is_dut_address(ip)) {
+                    return Err(deny(
+                        "network",
+                        op,
+                        format!(
+                            "job keys are accepted from the DUT networks only, not from {peer:?}"
+                        ),
+                    ));
+                }
                 let own = match cx.s3_path() {
                     S3Path::Root => false,
                     S3Path::Bucket { bucket: b } | S3Path::Object { bucket: b, .. } => {
@@ -155,7 +175,7 @@ impl S3Access for Access {
 
     async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
         check_copy_source(
-            &self.0,
+            &self.keys,
             req.credentials.as_ref(),
             &req.input.copy_source,
             "CopyObject",
@@ -164,7 +184,7 @@ impl S3Access for Access {
 
     async fn upload_part_copy(&self, req: &mut S3Request<UploadPartCopyInput>) -> S3Result<()> {
         check_copy_source(
-            &self.0,
+            &self.keys,
             req.credentials.as_ref(),
             &req.input.copy_source,
             "UploadPartCopy",

@@ -49,11 +49,15 @@ fn build_blocking(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, 
     let admin = keys::admin_keys_blocking(gateway, config)?;
     let keys = KeyStore::open(&Config::state_dir(gateway), admin)?;
     let data_dir = config.data_dir(gateway);
+    let data_dir_for_health = data_dir.clone();
     let backend = backend::Backend::open(data_dir.clone())?;
     let s3 = {
         let mut b = S3ServiceBuilder::new(backend);
         b.set_auth(access::Auth(keys.clone()));
-        b.set_access(access::Access(keys.clone()));
+        b.set_access(access::Access {
+            keys: keys.clone(),
+            networks: dutgate_core::auth::Auth::new(None, None, gateway.auth.dut_networks.clone()),
+        });
         b.set_route(admin::AdminRoute {
             keys: keys.clone(),
             data_dir,
@@ -65,14 +69,31 @@ fn build_blocking(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, 
         (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
     });
     Ok(Embedded {
-        router: with_shared_routes(Router::new().fallback_service(s3)),
+        router: with_shared_routes(
+            Router::new().fallback_service(s3),
+            Some(data_dir_health(data_dir_for_health)),
+        ),
         keys,
     })
 }
 
+/// Healthy while the data directory is there (a removed or unmounted disk is not).
+fn data_dir_health(dir: std::path::PathBuf) -> dutgate_core::http::HealthCheck {
+    std::sync::Arc::new(move || {
+        let dir = dir.clone();
+        Box::pin(async move {
+            match tokio::fs::metadata(&dir).await {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(format!("{} is not a directory", dir.display())),
+                Err(e) => Err(format!("{}: {e}", dir.display())),
+            }
+        })
+    })
+}
+
 /// `/healthz` and `/metrics` from the core bootstrap, everything else to `s3`.
-fn with_shared_routes(s3: Router) -> Router {
-    let common = dutgate_core::http::with_common_routes("s3", Router::new(), None);
+fn with_shared_routes(s3: Router, health: Option<dutgate_core::http::HealthCheck>) -> Router {
+    let common = dutgate_core::http::with_common_routes("s3", Router::new(), health);
     // `route_service` refuses a `Router`; its service form is accepted.
     Router::new()
         .route_service(
@@ -109,7 +130,7 @@ fn disabled_router(url: Option<String>) -> Router {
         let message = message.clone();
         async move { dutgate_core::ApiError::unavailable(message) }
     };
-    with_shared_routes(Router::new().fallback(fallback))
+    with_shared_routes(Router::new().fallback(fallback), None)
 }
 
 /// Serves `router` on `listener` until `shutdown`.

@@ -31,6 +31,14 @@ impl Embedded {
 
     /// Starts on a state dir (reused to test restarts).
     pub async fn start_in(state: tempfile::TempDir) -> Self {
+        Self::start_with(state, |_| {}).await
+    }
+
+    /// Starts with a gateway config adjusted by `tweak` (e.g. other DUT networks).
+    pub async fn start_with(
+        state: tempfile::TempDir,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mut gateway = GatewayConfig {
@@ -38,6 +46,7 @@ impl Embedded {
             ..Default::default()
         };
         gateway.ports.s3 = port;
+        tweak(&mut gateway);
         let config = Config {
             request_timeout_seconds: 10.0,
             ..Default::default()
