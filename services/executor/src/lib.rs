@@ -57,6 +57,19 @@ impl Executor {
         auth: Auth,
         shutdown: CancellationToken,
     ) -> Result<Self, ServiceError> {
+        Self::start_with(gw, cfg, store, auth, shutdown, None).await
+    }
+
+    /// [`Executor::start`] with jobs run by `inline` instead of job processes (the scheduler
+    /// benchmark).
+    pub async fn start_with(
+        gw: Arc<GatewayConfig>,
+        cfg: Config,
+        store: Store,
+        auth: Auth,
+        shutdown: CancellationToken,
+        inline: Option<supervisor::InlineRunner>,
+    ) -> Result<Self, ServiceError> {
         cfg.validate().map_err(ServiceError::Startup)?;
         let _ = dutgate_core::telemetry::metrics_handle();
         let admin = gw
@@ -73,6 +86,7 @@ impl Executor {
             cfg.clone(),
             storage,
             wake.clone(),
+            inline,
         );
         let sched = Scheduler::new(
             store.clone(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use dutgate_core::{MachineId, Tag};
 use dutgate_mars::client::{MarsClient, is_conflict};
 use dutgate_mars::model::{LeasePurpose, Machine, MachineState};
+use futures::StreamExt;
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,8 @@ use crate::supervisor::Supervisor;
 
 /// Jobs looked at per round.
 const ROUND_LIMIT: u32 = 2000;
+/// Leases taken at the same time within a round.
+const DISPATCH_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -38,6 +41,7 @@ struct Inner {
     lease_ttl: Option<Duration>,
     machines: RwLock<Option<BTreeMap<MachineId, Machine>>>,
     wake: Arc<Notify>,
+    rounds: std::sync::atomic::AtomicU64,
 }
 
 /// Why a target can never match.
@@ -92,6 +96,7 @@ impl Scheduler {
                 lease_ttl,
                 machines: RwLock::new(None),
                 wake,
+                rounds: Default::default(),
             }),
         }
     }
@@ -293,6 +298,11 @@ impl Scheduler {
     }
 
     async fn round(&self) -> Result<(), String> {
+        let round = self
+            .inner
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         let store = &self.inner.store;
         for id in store
             .expired_queued(now_ms())
@@ -308,7 +318,7 @@ impl Scheduler {
                 .await;
         }
         let machines = self.machines().await.map_err(|e| e.to_string())?;
-        let mut free: Vec<Machine> = machines
+        let free: Vec<Machine> = machines
             .into_iter()
             .filter(|m| m.lease.is_none() && m.state != MachineState::Running)
             .collect();
@@ -316,40 +326,68 @@ impl Scheduler {
             return Ok(());
         }
         let queued = store.queued(ROUND_LIMIT).await.map_err(|e| e.to_string())?;
+        // Plan in priority order (each job takes the first free machine it fits), then take
+        // the leases concurrently: the plan alone decides who gets which machine.
         let mut taken: HashSet<MachineId> = HashSet::new();
+        // Targets that found no free machine: later jobs with the same target cannot either
+        // (the free set only shrinks), so they are skipped without a scan.
+        let mut hopeless: HashSet<(Purpose, Option<MachineId>, &[String])> = HashSet::new();
+        let mut plan: Vec<(QueuedJob, MachineId)> = Vec::new();
         for job in &queued {
-            if free.is_empty() {
+            if taken.len() == free.len() {
                 break;
             }
-            let candidates: Vec<MachineId> = free
+            let key = (job.purpose, job.target_id, job.target_tags.as_slice());
+            if hopeless.contains(&key) {
+                continue;
+            }
+            match free
                 .iter()
-                .filter(|m| !taken.contains(&m.id) && matches(m, job))
-                .map(|m| m.id)
-                .collect();
-            for machine in candidates {
-                match self.dispatch(job, machine).await {
-                    Ok(Dispatch::Done) => {
-                        taken.insert(machine);
-                        break;
-                    }
-                    Ok(Dispatch::MachineBusy) => {
-                        taken.insert(machine);
-                    }
-                    Ok(Dispatch::JobGone) => break,
-                    Err(e) => return Err(e),
+                .find(|m| !taken.contains(&m.id) && matches(m, job))
+            {
+                Some(m) => {
+                    taken.insert(m.id);
+                    plan.push((job.clone(), m.id));
+                }
+                None => {
+                    hopeless.insert(key);
                 }
             }
-            free.retain(|m| !taken.contains(&m.id));
+        }
+        let results: Vec<Result<Dispatch, String>> = futures::stream::iter(plan)
+            .map(|(job, m)| {
+                let me = self.clone();
+                async move { me.dispatch(&job, m, round).await }
+            })
+            .buffer_unordered(DISPATCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut busy = false;
+        for r in results {
+            match r? {
+                Dispatch::MachineBusy => busy = true,
+                Dispatch::Done | Dispatch::JobGone => {}
+            }
+        }
+        if busy {
+            // Some machine was taken behind the cache's back: plan again with what is left.
+            self.wake();
         }
         Ok(())
     }
 
-    async fn dispatch(&self, job: &QueuedJob, machine: MachineId) -> Result<Dispatch, String> {
+    async fn dispatch(
+        &self,
+        job: &QueuedJob,
+        machine: MachineId,
+        round: u64,
+    ) -> Result<Dispatch, String> {
         let started = Instant::now();
         let store = &self.inner.store;
-        let Some(claim) = store.claim(job.id).await.map_err(|e| e.to_string())? else {
+        let Some(mut claim) = store.claim(job.id).await.map_err(|e| e.to_string())? else {
             return Ok(Dispatch::JobGone);
         };
+        claim.round = round;
         let purpose = match job.purpose {
             Purpose::Job => LeasePurpose::Job,
             Purpose::Training => LeasePurpose::Training,
@@ -397,7 +435,12 @@ impl Scheduler {
         metrics::histogram!("executor_dispatch_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("executor_jobs_dispatched_total").increment(1);
         tracing::info!(job_id = job.id, machine_id = %machine, lease = %lease.id, "dispatched");
-        if let Err(e) = self.inner.sup.launch(job.id, lease.ttl_seconds).await {
+        if let Err(e) = self
+            .inner
+            .sup
+            .launch(job.id, machine, &lease.id, lease.ttl_seconds)
+            .await
+        {
             tracing::error!(job_id = job.id, error = %e, "cannot start the job process");
             let _ = store
                 .add_event(

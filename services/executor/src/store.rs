@@ -176,6 +176,9 @@ fn parse_row(r: &sqlx::any::AnyRow) -> Result<JobRow, StoreError> {
 /// LOCKED`) until [`Store::complete_dispatch`] or [`Store::abandon_dispatch`].
 pub struct Claim {
     pub id: i64,
+    /// The scheduler round that claimed it (recorded in the `dispatched` event, so that the
+    /// order of assignment can be checked even though leases are taken concurrently).
+    pub round: u64,
     tx: Option<Transaction<'static, Any>>,
 }
 
@@ -338,11 +341,19 @@ impl Store {
                     tx.rollback().await?;
                     return Ok(None);
                 }
-                Ok(Some(Claim { id, tx: Some(tx) }))
+                Ok(Some(Claim {
+                    id,
+                    round: 0,
+                    tx: Some(tx),
+                }))
             }
             // One executor per SQLite file: the conditional update in `complete_dispatch` is
             // the guard (a cancellation in between wins).
-            Backend::Sqlite => Ok(Some(Claim { id, tx: None })),
+            Backend::Sqlite => Ok(Some(Claim {
+                id,
+                round: 0,
+                tx: None,
+            })),
         }
     }
 
@@ -380,7 +391,11 @@ impl Store {
         .rows_affected()
             == 1;
         if done {
-            let data = serde_json::json!({"machine_id": machine, "lease_id": lease_id});
+            let data = serde_json::json!({
+                "machine_id": machine,
+                "lease_id": lease_id,
+                "round": claim.round,
+            });
             insert_event(
                 &mut tx,
                 claim.id,
