@@ -463,6 +463,22 @@ async fn main() {
         "jobs_per_s": remaining as f64 / total_secs,
     });
     println!("{result}");
+    // One plain line for `cargo xtask bench scheduler` (which has no JSON parser).
+    println!(
+        "RESULT {backend} {machines} {jobs} {:.2} {:.2} {:.2} {:.2} {} {} {:.0} {:.0}",
+        result["submit_to_power_on_ms"]["p50"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        result["submit_to_power_on_ms"]["p99"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        result["dispatch_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
+        result["dispatch_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
+        dispatch_p50 * 1000.0,
+        dispatch_p99 * 1000.0,
+        result["jobs_per_s"].as_f64().unwrap_or(f64::NAN),
+        result["submit_per_s"].as_f64().unwrap_or(f64::NAN),
+    );
     shutdown.cancel();
     pdu_running.stop().await;
     if backend == "postgres" {

@@ -12,6 +12,7 @@ pub mod pdu;
 pub mod registry;
 pub mod report;
 pub mod salad;
+pub mod scheduler;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("boot", boot::run),
     ("pdu", pdu::run),
     ("mars", mars::run),
+    ("scheduler", scheduler::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
