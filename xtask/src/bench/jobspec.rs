@@ -38,6 +38,11 @@ print(int(statistics.median(samples)))
 "#;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    // Other builds on a shared machine skew micro-benchmarks: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut bench = Command::new(cargo);
     bench
@@ -128,7 +133,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             &format!(
                 "Job: `{JOB}` (valve-infra's documented test job). Goal: < 1 ms for render + parse. \
                  The Python column renders with Jinja2 and loads with PyYAML's `safe_load`, median of \
-                 {rounds} rounds; valve-infra additionally validates with marshmallow."
+                 {rounds} rounds; valve-infra additionally validates with marshmallow. Load \
+                 average when the run started: {load}."
             ),
         )?;
     }
