@@ -11,6 +11,7 @@ pub mod mars;
 pub mod pdu;
 pub mod registry;
 pub mod report;
+pub mod s3;
 pub mod salad;
 pub mod scheduler;
 
@@ -54,6 +55,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("boot", boot::run),
     ("pdu", pdu::run),
     ("mars", mars::run),
+    ("s3", s3::run),
     ("scheduler", scheduler::run),
 ];
 
