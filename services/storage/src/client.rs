@@ -208,6 +208,25 @@ impl S3Client {
             Ok(_) => Ok(()),
             // Ours already: creating it again is what a retried job set-up does.
             Err(StorageError::Server { code, .. }) if code == "BucketAlreadyOwnedByYou" => Ok(()),
+            // Some servers (s3s-fs) say "exists" for their owner's bucket too: it is ours when
+            // these credentials can open it (on a shared S3, someone else's answers 403).
+            Err(StorageError::Server {
+                code,
+                op,
+                status,
+                message,
+            }) if code == "BucketAlreadyExists" => {
+                if self.bucket_exists(bucket).await? {
+                    Ok(())
+                } else {
+                    Err(StorageError::Server {
+                        code,
+                        op,
+                        status,
+                        message,
+                    })
+                }
+            }
             Err(e) => Err(e),
         }
     }

@@ -244,6 +244,8 @@ impl JobStorage {
             skipped = summary.skipped,
             "initial state uploaded"
         );
+        // Removing the unpacked tree is blocking file-system work.
+        let _ = tokio::task::spawn_blocking(move || drop(work)).await;
         Ok(summary)
     }
 

@@ -24,6 +24,10 @@ async fn job_bucket_life_initial_state_dut_writes_artifacts_revoke_delete() {
     );
     assert!(!job.shared_admin_keys);
     assert_ne!(job.access_key, e.admin.access_key);
+    // A retried set-up keeps the bucket and gets fresh keys; the first keys stay valid.
+    let again = e.storage.create_job_bucket("1234").await.unwrap();
+    assert_eq!(again.bucket, job.bucket);
+    assert_ne!(again.access_key, job.access_key);
 
     // The submitter's initial state, extracted into the bucket; the symlink is not followed.
     let tgz = tarball(

@@ -46,6 +46,14 @@ pub async fn build(gateway: &GatewayConfig, config: &Config) -> Result<Embedded,
 }
 
 fn build_blocking(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, StorageError> {
+    // Job files and keys are the DUTs' and submitters' data: not for other local users.
+    let dir = Config::state_dir(gateway);
+    std::fs::create_dir_all(&dir).map_err(|e| StorageError::io(&dir, e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| StorageError::io(&dir, e))?;
+    }
     let admin = keys::admin_keys_blocking(gateway, config)?;
     let keys = KeyStore::open(&Config::state_dir(gateway), admin)?;
     let data_dir = config.data_dir(gateway);
