@@ -2,6 +2,7 @@
 //! (`dutgate salad`, `dutgate pdu`, …); `dutgate up` starts and supervises all of them.
 
 mod config;
+mod dut_image;
 mod services;
 mod up;
 
@@ -50,6 +51,9 @@ enum Command {
     Salad,
     /// The embedded S3 endpoint for job buckets (port 9000).
     S3,
+    /// Assemble the DUT environment (kernel, initramfs) the virtual farm boots; see
+    /// `cargo xtask dut-image`, which builds the static agents first.
+    DutImage(dut_image::DutImageArgs),
     /// The per-job process (started by the executor, setup on stdin).
     #[command(hide = true)]
     Job {
@@ -80,6 +84,15 @@ fn main() -> ExitCode {
             println!("# effective configuration from {}", loaded.source);
             print!("{}", dutgate_core::config::render(&loaded.config));
             return ExitCode::SUCCESS;
+        }
+        Command::DutImage(args) => {
+            return match dut_image::run(args, &loaded.config.gateway.state_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dutgate: dut-image: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Up(_) | Command::Job { .. } => None,
         Command::Executor => Some(ServiceName::Executor),

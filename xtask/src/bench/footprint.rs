@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use super::BenchArgs;
 use super::report::{append_table, stats};
 
-const SERVICES: [&str; 6] = ["executor", "mars", "registry", "boot", "pdu", "salad"];
+const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "salad", "s3"];
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let profile = if args.quick { "debug" } else { "release" };
