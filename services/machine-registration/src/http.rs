@@ -1,4 +1,5 @@
-//! A blocking HTTP/1.1 client over `std::net::TcpStream`, enough for two JSON calls to mars.
+//! A blocking HTTP/1.1 client over `std::net::TcpStream`, enough for the DUT-side agents: two
+//! JSON calls to mars, and S3 object transfers of the job bucket.
 //!
 //! No DNS: the host must be an IP address or listed in `/etc/hosts` (a statically linked
 //! binary cannot use glibc's NSS resolver, and an initramfs rarely has one configured).
@@ -109,12 +110,29 @@ impl Endpoint {
         })
     }
 
-    /// Sends one request (`Connection: close`) and reads the whole answer.
+    /// Sends one JSON request (`Connection: close`) and reads the whole answer.
     pub fn request(
         &self,
         method: &str,
         path: &str,
         json: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<Response, HttpError> {
+        let mut headers = vec![("Accept".to_string(), "application/json".to_string())];
+        if json.is_some() {
+            headers.push(("Content-Type".to_string(), "application/json".to_string()));
+        }
+        self.send(method, path, &headers, json, timeout)
+    }
+
+    /// Sends one request with the given extra headers and body (`Connection: close`) and reads
+    /// the whole answer (at most 16 MiB). `path` may carry a query string.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+        body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Response, HttpError> {
         let io = |source| HttpError::Io {
@@ -125,19 +143,21 @@ impl Endpoint {
         s.set_read_timeout(Some(timeout)).map_err(io)?;
         s.set_write_timeout(Some(timeout)).map_err(io)?;
         let mut req = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: machine-registration\r\nAccept: application/json\r\nConnection: close\r\n",
+            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: dutgate-dut-agent\r\nConnection: close\r\n",
             self.base_path, self.host
         );
-        if let Some(body) = json {
-            req.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            ));
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!("Content-Length: {}\r\n", b.len()));
+        } else if matches!(method, "PUT" | "POST") {
+            req.push_str("Content-Length: 0\r\n");
         }
         req.push_str("\r\n");
         s.write_all(req.as_bytes()).map_err(io)?;
-        if let Some(body) = json {
-            s.write_all(body).map_err(io)?;
+        if let Some(b) = body {
+            s.write_all(b).map_err(io)?;
         }
         let mut raw = Vec::new();
         s.take(16 << 20).read_to_end(&mut raw).map_err(io)?;
