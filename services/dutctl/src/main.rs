@@ -3,9 +3,12 @@
 //! Errors are one line on stderr and a non-zero exit code; `dutctl run` exits with the job's
 //! pinned status code (design.md §8).
 
+mod cmd_gitlab;
 mod cmd_job;
+mod cmd_jobs;
 mod cmd_machines;
 mod cmd_pdus;
+mod cmd_run;
 mod cmd_status;
 mod gateway;
 mod output;
@@ -19,7 +22,11 @@ use gateway::Gateway;
 use output::Format;
 
 #[derive(Parser)]
-#[command(name = "dutctl", version, about = "Client of a dutgate CI farm gateway")]
+#[command(
+    name = "dutctl",
+    version,
+    about = "Client of a dutgate CI farm gateway"
+)]
 struct Cli {
     /// The gateway's executor URL, e.g. http://gateway:8000 (other services: same host, their
     /// default ports, unless DUTGATE_<SERVICE>_URL or the state dir says otherwise).
@@ -51,6 +58,14 @@ enum Command {
     /// PDUs and ports: list, ports, set, cycle.
     #[command(subcommand)]
     Pdus(cmd_pdus::PdusCommand),
+    /// Submit a job, follow its phases and console, exit with its status code (0–6).
+    Run(cmd_run::RunArgs),
+    /// Jobs: list, show, cancel, log.
+    #[command(subcommand)]
+    Jobs(cmd_jobs::JobsCommand),
+    /// GitLab Runner custom executor driver and runner configuration.
+    #[command(subcommand)]
+    Gitlab(cmd_gitlab::GitlabCommand),
 }
 
 /// Exit code for usage errors and failed commands (job statuses use 0–6, see `run`).
@@ -95,6 +110,12 @@ fn main() -> ExitCode {
                 cmd_pdus::run(cmd, &gw, cli.output).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Run(args) => cmd_run::run(args, &gw).await,
+            Command::Jobs(cmd) => {
+                cmd_jobs::run(cmd, &gw, cli.output).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Gitlab(cmd) => cmd_gitlab::run(cmd, &gw).await,
         }
     });
     match result {

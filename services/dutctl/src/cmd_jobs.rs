@@ -1,0 +1,185 @@
+//! `dutctl jobs list|show|cancel|log`: the executor's jobs (docs/jobs.md §4).
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use dutgate_core::ServiceName;
+use dutgate_executor::client::ExecutorClient;
+use dutgate_executor::model::{EventList, Job, JobList};
+use reqwest::Method;
+use tokio::io::AsyncWriteExt;
+
+use crate::cmd_run;
+use crate::gateway::Gateway;
+use crate::output::{Format, print};
+
+#[derive(Subcommand)]
+pub enum JobsCommand {
+    /// The newest jobs.
+    List {
+        /// Only jobs in this state (QUEUED, DISPATCHED, RUNNING, FINISHED).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only jobs that ended with this status (PASS, FAIL, …).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only jobs that ran on this machine.
+        #[arg(long)]
+        machine: Option<String>,
+        /// Only jobs whose target has this tag (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One job's record and its events.
+    Show { id: i64 },
+    /// Cancel a queued or running job (it ends INCOMPLETE, reason `cancelled`).
+    Cancel { id: i64 },
+    /// A job's console log; `-f` follows a running job live.
+    Log {
+        id: i64,
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map_or_else(|| "-".to_string(), |x| x.to_string())
+}
+
+fn job_line(j: &Job) -> String {
+    format!(
+        "{:>6}  {:<10}  {:<10}  {:<17}  {:<11}  {}\n",
+        j.id,
+        j.state.to_string(),
+        j.status.map_or("-", |s| s.as_str()),
+        opt(&j.machine_id),
+        j.phase.as_deref().unwrap_or("-"),
+        j.reason.as_deref().unwrap_or(""),
+    )
+}
+
+pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Result<()> {
+    let exec = ExecutorClient::new(gw.url(ServiceName::Executor), gw.token().cloned());
+    match cmd {
+        JobsCommand::List {
+            state,
+            status,
+            machine,
+            tags,
+            limit,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(s) = state {
+                q.push(format!("state={}", encode(&s.to_uppercase())));
+            }
+            if let Some(s) = status {
+                q.push(format!("status={}", encode(&s.to_uppercase())));
+            }
+            if let Some(m) = machine {
+                q.push(format!("machine_id={}", encode(&m)));
+            }
+            for t in tags {
+                q.push(format!("tag={}", encode(&t)));
+            }
+            let list: JobList = exec
+                .api()
+                .get(&format!("/api/v1/jobs?{}", q.join("&")))
+                .await?;
+            print(format, &list.jobs, |jobs| {
+                let mut s = format!(
+                    "{:>6}  {:<10}  {:<10}  {:<17}  {:<11}  REASON\n",
+                    "ID", "STATE", "STATUS", "MACHINE", "PHASE"
+                );
+                for j in jobs {
+                    s.push_str(&job_line(j));
+                }
+                s
+            });
+        }
+        JobsCommand::Show { id } => {
+            let job = exec.job(id).await?;
+            let events: EventList = exec.events(id, 0).await?;
+            let value = serde_json::json!({"job": job, "events": events.events});
+            print(format, &value, |_| {
+                let mut s = String::new();
+                let _ = writeln!(s, "job {}  {}", job.id, job.url);
+                let _ = writeln!(s, "  state     {}", job.state);
+                let _ = writeln!(
+                    s,
+                    "  status    {} (exit code {})",
+                    job.status.map_or("-", |x| x.as_str()),
+                    opt(&job.exit_code)
+                );
+                let _ = writeln!(s, "  reason    {}", job.reason.as_deref().unwrap_or("-"));
+                let _ = writeln!(s, "  machine   {}", opt(&job.machine_id));
+                let _ = writeln!(
+                    s,
+                    "  target    id={} tags=[{}]",
+                    opt(&job.target.id),
+                    job.target.tags.join(", ")
+                );
+                let _ = writeln!(s, "  priority  {}", job.priority);
+                let _ = writeln!(s, "  submitted {}", job.submitted_at);
+                let _ = writeln!(s, "  finished  {}", opt(&job.finished_at));
+                let _ = writeln!(s, "  boots     {}", job.boots);
+                let _ = writeln!(s, "  console   {} bytes", job.console_bytes);
+                let _ = writeln!(s, "events:");
+                for e in &events.events {
+                    let _ = writeln!(s, "  {:>4}  {}  {:<16} {}", e.seq, e.at, e.kind, e.message);
+                }
+                s
+            });
+        }
+        JobsCommand::Cancel { id } => {
+            let job = exec
+                .cancel(id)
+                .await
+                .with_context(|| format!("cancelling job {id}"))?;
+            print(format, &job, |j| {
+                format!("job {}: cancellation requested ({})\n", j.id, j.state)
+            });
+        }
+        JobsCommand::Log { id, follow } => {
+            let mut out = tokio::io::stdout();
+            if follow {
+                let http = cmd_run::stream_client(gw);
+                cmd_run::follow_console(&exec, &http, id, &mut out).await?;
+            } else {
+                let path = format!("/api/v1/jobs/{id}/console?follow=false");
+                let resp = exec
+                    .api()
+                    .request(Method::GET, &path)
+                    .send()
+                    .await
+                    .with_context(|| format!("console of job {id}"))?;
+                let status = resp.status();
+                if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+                    return Ok(());
+                }
+                if !status.is_success() {
+                    bail!("console of job {id}: {status}");
+                }
+                let bytes = resp.bytes().await?;
+                out.write_all(&bytes).await?;
+                out.flush().await?;
+            }
+        }
+    }
+    Ok(())
+}

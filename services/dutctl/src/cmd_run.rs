@@ -1,0 +1,585 @@
+//! `dutctl run job.yml`: submit a job, show its phases as they happen, stream its console live,
+//! download its artifacts, exit with its pinned status code (docs/jobs.md §2).
+//!
+//! The console and the event stream are both resumable (`?offset=` and `?after=`): a dropped
+//! connection is re-opened where it stopped, so nothing is lost or printed twice. SIGINT and
+//! SIGTERM cancel the job before `dutctl` exits: a CI that gives up on a job must not leave a
+//! machine running it.
+
+use std::io::Write as _;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dutgate_core::client::{ApiClient, ClientError};
+use dutgate_core::{JobStatus, ServiceName};
+use dutgate_executor::client::{ExecutorClient, SubmitOptions};
+use dutgate_executor::model::{ArtifactList, Event, Job, JobState, Submitted};
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use tokio::io::AsyncWriteExt;
+
+use crate::gateway::Gateway;
+
+/// Environment variable naming a file where `dutctl run` records the jobs it submitted and how
+/// they ended (`submitted <id>`, `finished <id> <STATUS>`): the GitLab driver reads it to map
+/// the status and to cancel what is left.
+pub const RUN_RECORD_ENV: &str = "DUTGATE_RUN_RECORD";
+
+/// How long a stream may stay unreachable before `dutctl run` gives up (the job keeps running).
+const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
+/// A stream that delivers nothing for this long is re-opened (a silent console is normal, a
+/// half-open connection is not distinguishable from it otherwise).
+const READ_IDLE: Duration = Duration::from_secs(30);
+/// After a cancellation, how long to wait for the job's final status before exiting anyway.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The job description (YAML, a template rendered by the gateway per machine).
+    pub file: PathBuf,
+    /// Run on this machine (MAC address); replaces the job's `target`.
+    #[arg(short = 'i', long = "machine", env = "DUTGATE_MACHINE_ID")]
+    pub machine: Option<String>,
+    /// Run on a machine with these tags (repeatable); replaces the job's `target`.
+    #[arg(short = 't', long = "tag")]
+    pub tags: Vec<String>,
+    /// Download the job's artifacts into this directory.
+    #[arg(long)]
+    pub share_dir: Option<PathBuf>,
+    /// Template variable for this job, `name=value` (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// Queue priority (higher runs first).
+    #[arg(long, default_value_t = 0)]
+    pub priority: i64,
+    /// Fail at once (exit 10) when no matching machine is free instead of queueing.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Client-side label of the job (kept as `external_id`).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Do not print the console (phases and the result are still shown).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `name=value` pairs as `{% set %}` statements glued to the front of the first line, so that
+/// line numbers in the gateway's error messages still match the user's file.
+pub fn with_vars(yaml: &str, vars: &[String]) -> anyhow::Result<String> {
+    let mut prefix = String::new();
+    for v in vars {
+        let Some((name, value)) = v.split_once('=') else {
+            bail!("--var {v:?}: expected NAME=VALUE");
+        };
+        let ident = !name.is_empty()
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !ident {
+            bail!("--var {v:?}: {name:?} is not a valid variable name");
+        }
+        // A JSON string is a valid Jinja string literal (same escapes).
+        let lit = serde_json::to_string(value)?;
+        prefix.push_str(&format!("{{% set {name} = {lit} %}}"));
+    }
+    Ok(format!("{prefix}{yaml}"))
+}
+
+/// Appends a line to the run record, if one is asked for. Best effort: the record serves the
+/// GitLab driver; failing to write it must not fail the job.
+fn record(line: &str) {
+    let Some(path) = std::env::var_os(RUN_RECORD_ENV) else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// A client of the executor for long-lived streams: bounded connect and idle read, no total
+/// timeout (a console may legitimately stream for hours).
+pub fn stream_client(gw: &Gateway) -> ApiClient {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .read_timeout(READ_IDLE)
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new());
+    ApiClient::with_http(gw.url(ServiceName::Executor), gw.token().cloned(), http)
+}
+
+pub struct Progress {
+    pub start: Instant,
+}
+
+impl Progress {
+    pub fn line(&self, msg: &str) {
+        let s = self.start.elapsed().as_secs_f64();
+        eprintln!("[{s:7.1}s] {msg}");
+    }
+}
+
+fn describe(e: &Event) -> String {
+    match e.kind.as_str() {
+        "phase" => {
+            let p = e.data["phase"].as_str().unwrap_or("?");
+            if e.message.is_empty() {
+                format!("phase {p}")
+            } else {
+                format!("phase {p}: {}", e.message)
+            }
+        }
+        k if e.message.is_empty() => k.to_string(),
+        k => format!("{k}: {}", e.message),
+    }
+}
+
+/// Submits `yaml`; `-i`/`-t` go through valve-infra's multipart `metadata.target`.
+pub async fn submit(
+    exec: &ExecutorClient,
+    yaml: &str,
+    machine: Option<&str>,
+    tags: &[String],
+    opts: &SubmitOptions,
+) -> Result<Submitted, ClientError> {
+    if machine.is_none() && tags.is_empty() {
+        return exec.submit(yaml, opts).await;
+    }
+    let mut target = serde_json::Map::new();
+    if let Some(m) = machine {
+        target.insert("id".into(), m.into());
+    }
+    if !tags.is_empty() {
+        target.insert("tags".into(), tags.to_vec().into());
+    }
+    let metadata = serde_json::json!({
+        "version": 1,
+        "job_id": opts.job_id,
+        "target": target,
+        "priority": opts.priority,
+        "wait": opts.wait,
+    });
+    let form = reqwest::multipart::Form::new()
+        .text("metadata", metadata.to_string())
+        .text("job", yaml.to_string());
+    let path = "/api/v1/jobs";
+    let rb = exec.api().request(Method::POST, path).multipart(form);
+    exec.api().send(rb, path).await
+}
+
+/// `dutctl run`.
+pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
+    let progress = Progress {
+        start: Instant::now(),
+    };
+    let text = tokio::fs::read_to_string(&args.file)
+        .await
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let yaml = with_vars(&text, &args.vars)?;
+    if let Some(dir) = &args.share_dir {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let exec = ExecutorClient::new(gw.url(ServiceName::Executor), gw.token().cloned());
+    let opts = SubmitOptions {
+        priority: args.priority,
+        wait: !args.no_wait,
+        job_id: args.label.clone(),
+        ..SubmitOptions::new()
+    };
+    let machine = args.machine.as_deref().filter(|m| !m.is_empty());
+    let submitted = submit(&exec, &yaml, machine, &args.tags, &opts)
+        .await
+        .context("submission failed")?;
+    let id = submitted.id;
+    record(&format!("submitted {id}"));
+    progress.line(&format!("job {id} submitted: {}", submitted.url));
+
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let http = stream_client(gw);
+    let follow = follow(&exec, &http, id, &progress, args.quiet);
+    tokio::pin!(follow);
+    let outcome = tokio::select! {
+        r = &mut follow => Some(r),
+        _ = sigint.recv() => None,
+        _ = sigterm.recv() => None,
+    };
+    let job = match outcome {
+        Some(r) => r?,
+        None => {
+            progress.line(&format!("cancelling job {id}"));
+            match exec.cancel(id).await {
+                Ok(_) => {}
+                Err(e) if e.status() == Some(StatusCode::CONFLICT) => {}
+                Err(e) => bail!("cancelling job {id}: {e}"),
+            }
+            let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+            loop {
+                match exec.job(id).await {
+                    Ok(j) if j.state == JobState::Finished => break j,
+                    Ok(j) if tokio::time::Instant::now() >= deadline => break j,
+                    Ok(_) => {}
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        bail!("job {id}: {e}")
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    if let Some(dir) = &args.share_dir
+        && job.state == JobState::Finished
+    {
+        download_artifacts(&exec, &http, id, dir, &progress).await?;
+    }
+    let status = job.status.unwrap_or(JobStatus::Unknown);
+    // A job still being torn down after a cancellation ends INCOMPLETE (reason `cancelled`).
+    let status = if job.state == JobState::Finished {
+        status
+    } else {
+        JobStatus::Incomplete
+    };
+    record(&format!("finished {id} {}", status.as_str()));
+    progress.line(&format!(
+        "job {id} {}: {}",
+        status.as_str(),
+        job.reason.as_deref().unwrap_or("")
+    ));
+    Ok(ExitCode::from(
+        u8::try_from(status.exit_code()).unwrap_or(5),
+    ))
+}
+
+/// Follows the job's events (shown on stderr) and console (stdout) until it is finished and
+/// every console byte was printed.
+pub async fn follow(
+    exec: &ExecutorClient,
+    http: &ApiClient,
+    id: i64,
+    progress: &Progress,
+    quiet: bool,
+) -> anyhow::Result<Job> {
+    let events = follow_events(exec, http, id, progress);
+    let console = async {
+        if quiet {
+            Ok(())
+        } else {
+            follow_console(exec, http, id, &mut tokio::io::stdout()).await
+        }
+    };
+    let (e, c) = tokio::join!(events, console);
+    e?;
+    c?;
+    Ok(exec.job(id).await?)
+}
+
+/// Tracks how long a stream has been failing, to give up after [`RECONNECT_BUDGET`].
+struct Retry {
+    failing_since: Option<Instant>,
+}
+
+impl Retry {
+    async fn failed(&mut self, what: &str, err: impl std::fmt::Display) -> anyhow::Result<()> {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > RECONNECT_BUDGET {
+            bail!("{what}: {err} (gave up after {RECONNECT_BUDGET:?}; the job keeps running)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+    fn ok(&mut self) {
+        self.failing_since = None;
+    }
+}
+
+async fn follow_events(
+    exec: &ExecutorClient,
+    http: &ApiClient,
+    id: i64,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let mut after = 0i64;
+    let mut retry = Retry {
+        failing_since: None,
+    };
+    loop {
+        let rb = http
+            .request(
+                Method::GET,
+                &format!("/api/v1/jobs/{id}/events?after={after}"),
+            )
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let resp = match rb.send().await {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                bail!("events of job {id}: {status}: {}", error_text(&body));
+            }
+            Ok(r) => {
+                retry.failed("events", r.status()).await?;
+                continue;
+            }
+            Err(e) => {
+                retry.failed("events", e).await?;
+                continue;
+            }
+        };
+        retry.ok();
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut finished = false;
+        // A transport error ends this connection; the loop around re-opens it.
+        while let Some(Ok(chunk)) = stream.next().await {
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = find_blank_line(&buf) {
+                let block: Vec<u8> = buf.drain(..end.1).collect();
+                if let Some(ev) = parse_sse(&block[..end.0]) {
+                    after = after.max(ev.seq);
+                    progress.line(&describe(&ev));
+                    if ev.kind == "finished" {
+                        finished = true;
+                    }
+                }
+            }
+        }
+        if finished {
+            return Ok(());
+        }
+        // The stream ended without `finished` (dropped connection): resume after `after`.
+        match exec.job(id).await {
+            Ok(j) if j.state == JobState::Finished => {
+                // Print what the stream did not deliver, then stop.
+                if let Ok(list) = exec.events(id, after).await {
+                    for ev in list.events {
+                        progress.line(&describe(&ev));
+                    }
+                }
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => retry.failed("events", e).await?,
+        }
+    }
+}
+
+/// The end of the first SSE message in `buf`: (end of its text, end including the blank line).
+fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|p| (p, p + 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, p + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn parse_sse(block: &[u8]) -> Option<Event> {
+    let text = String::from_utf8_lossy(block);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    if data.is_empty() {
+        return None;
+    }
+    serde_json::from_str(&data.join("\n")).ok()
+}
+
+fn error_text(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.chars().take(200).collect())
+}
+
+/// Streams the console from byte 0 into `out`, resuming by offset after a dropped connection.
+pub async fn follow_console<W: tokio::io::AsyncWrite + Unpin>(
+    exec: &ExecutorClient,
+    http: &ApiClient,
+    id: i64,
+    out: &mut W,
+) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    let mut retry = Retry {
+        failing_since: None,
+    };
+    loop {
+        let rb = http.request(
+            Method::GET,
+            &format!("/api/v1/jobs/{id}/console?offset={offset}&follow=true"),
+        );
+        let resp = match rb.send().await {
+            Ok(r) if r.status() == StatusCode::RANGE_NOT_SATISFIABLE => return Ok(()),
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) if r.status().is_client_error() => {
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                bail!("console of job {id}: {status}: {}", error_text(&body));
+            }
+            Ok(r) => {
+                retry.failed("console", r.status()).await?;
+                continue;
+            }
+            Err(e) => {
+                retry.failed("console", e).await?;
+                continue;
+            }
+        };
+        retry.ok();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    out.write_all(&bytes).await?;
+                    out.flush().await?;
+                    offset += bytes.len() as u64;
+                }
+                Err(_) => break,
+            }
+        }
+        // Ended: either the job is finished and everything was sent, or the connection dropped.
+        match exec.job(id).await {
+            Ok(j) if j.state == JobState::Finished && offset >= j.console_bytes => return Ok(()),
+            Ok(_) => {}
+            Err(e) => retry.failed("console", e).await?,
+        }
+    }
+}
+
+/// `path` from the artifact list as a relative path under the share dir, or `None` when it
+/// would escape it.
+fn safe_relative(path: &str) -> Option<PathBuf> {
+    let p = Path::new(path);
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+pub async fn download_artifacts(
+    exec: &ExecutorClient,
+    http: &ApiClient,
+    id: i64,
+    dir: &Path,
+    progress: &Progress,
+) -> anyhow::Result<()> {
+    let list: ArtifactList = exec
+        .api()
+        .get(&format!("/api/v1/jobs/{id}/artifacts"))
+        .await
+        .context("listing artifacts")?;
+    let mut total = 0u64;
+    for a in &list.artifacts {
+        let Some(rel) = safe_relative(&a.path) else {
+            progress.line(&format!("skipping artifact with unsafe path {:?}", a.path));
+            continue;
+        };
+        let dest = dir.join(&rel);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        let encoded: Vec<String> = a.path.split('/').map(encode_segment).collect();
+        let rb = http.request(
+            Method::GET,
+            &format!("/api/v1/jobs/{id}/artifacts/{}", encoded.join("/")),
+        );
+        let resp = rb
+            .send()
+            .await
+            .with_context(|| format!("downloading {}", a.path))?;
+        if !resp.status().is_success() {
+            bail!("downloading {}: {}", a.path, resp.status());
+        }
+        let tmp = dest.with_extension("part");
+        let mut f = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.with_context(|| format!("downloading {}", a.path))?;
+            total += chunk.len() as u64;
+            f.write_all(&chunk).await?;
+        }
+        f.flush().await?;
+        drop(f);
+        tokio::fs::rename(&tmp, &dest).await?;
+    }
+    progress.line(&format!(
+        "{} artifacts ({total} bytes) in {}",
+        list.artifacts.len(),
+        dir.display()
+    ));
+    Ok(())
+}
+
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vars_keep_line_numbers() {
+        let y = with_vars("version: 1\nx: 2\n", &["a=b \"c\"".into(), "n_1=".into()]).unwrap();
+        assert_eq!(y.lines().count(), 2);
+        assert!(y.starts_with("{% set a = \"b \\\"c\\\"\" %}{% set n_1 = \"\" %}version: 1"));
+        assert!(with_vars("", &["1a=x".into()]).is_err());
+        assert!(with_vars("", &["novalue".into()]).is_err());
+        assert!(with_vars("", &["a-b=x".into()]).is_err());
+    }
+
+    #[test]
+    fn sse_blocks() {
+        let raw = b"id: 3\nevent: phase\ndata: {\"seq\":3,\"at\":\"2026-11-22T12:00:01.250Z\",\"kind\":\"phase\",\"message\":\"m\",\"data\":{\"phase\":\"power\"}}\n\nrest";
+        let (end, next) = find_blank_line(raw).unwrap();
+        let ev = parse_sse(&raw[..end]).unwrap();
+        assert_eq!(ev.seq, 3);
+        assert_eq!(describe(&ev), "phase power: m");
+        assert_eq!(&raw[next..], b"rest");
+        assert!(parse_sse(b": keep-alive").is_none());
+    }
+
+    #[test]
+    fn artifact_paths_stay_inside() {
+        assert_eq!(
+            safe_relative("bucket/a/b.xml"),
+            Some(PathBuf::from("bucket/a/b.xml"))
+        );
+        assert_eq!(safe_relative("../etc/passwd"), None);
+        assert_eq!(safe_relative("/etc/passwd"), None);
+        assert_eq!(safe_relative(""), None);
+    }
+}

@@ -1,0 +1,979 @@
+//! End to end: `dutctl run` and the GitLab custom executor driver against a gateway in this
+//! process (real mars, pdu with the dummy driver, boot, salad, executor, real job processes)
+//! and simulated DUTs.
+//!
+//! This file has its own `main` (`harness = false`) because the test binary is also the job
+//! process: the executor starts `<this binary> job <id>`, as it would start `dutgate job <id>`.
+//!
+//! The GitLab side is a harness that follows GitLab Runner's documented custom-executor
+//! contract: `config_exec` (JSON on stdout), `prepare_exec`, `run_exec <script> <stage>` for
+//! each stage with the job's variables as `CUSTOM_ENV_*` and `BUILD_FAILURE_EXIT_CODE` /
+//! `SYSTEM_FAILURE_EXIT_CODE` / `BUILD_EXIT_CODE_FILE` set, then `cleanup_exec`; SIGTERM to the
+//! running stage on cancel.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dutgate_core::auth::Auth;
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::db::Db;
+use dutgate_core::{MachineId, PowerState, Secret, ServiceContext, ServiceName};
+use dutgate_executor::model::{Job, JobState};
+use dutgate_mars::client::MarsClient;
+use dutgate_mars::model::{MachinePatch, MachineState, Registration, RetireRequest};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const ADMIN: &str = "admin-token";
+const USER: &str = "user-token";
+const BUILD_FAILURE: i32 = 77;
+const SYSTEM_FAILURE: i32 = 88;
+const T: Duration = Duration::from_secs(60);
+
+// ---- the gateway ------------------------------------------------------------------------------
+
+struct Farm {
+    tmp: tempfile::TempDir,
+    exec_url: String,
+    mars_url: String,
+    mars: MarsClient,
+    machines: Vec<MachineId>,
+    device: String,
+    shutdown: CancellationToken,
+}
+
+fn mac(n: u8) -> MachineId {
+    MachineId::from_bytes([0x52, 0x54, 0x00, 0xdc, 0x00, n])
+}
+
+async fn bind() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.unwrap()
+}
+
+fn port(l: &TcpListener) -> u16 {
+    l.local_addr().unwrap().port()
+}
+
+fn spawn_serve(name: &'static str, l: TcpListener, router: axum::Router, stop: CancellationToken) {
+    let app = dutgate_core::http::with_common_routes(name, router, None);
+    tokio::spawn(async move {
+        let _ = dutgate_core::http::serve(l, app, stop, Duration::from_millis(200)).await;
+    });
+}
+
+impl Farm {
+    async fn start(machines: u8) -> Farm {
+        let tmp = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let (l_mars, l_pdu, l_boot, l_salad, l_net, l_exec, l_art) = (
+            bind().await,
+            bind().await,
+            bind().await,
+            bind().await,
+            bind().await,
+            bind().await,
+            bind().await,
+        );
+        let mut gw = GatewayConfig {
+            state_dir: tmp.path().to_path_buf(),
+            bind_address: "127.0.0.1".parse().unwrap(),
+            internal_host: "127.0.0.1".into(),
+            public_host: "127.0.0.1".into(),
+            shutdown_grace_seconds: 0.5,
+            ..Default::default()
+        };
+        gw.ports.mars = port(&l_mars);
+        gw.ports.pdu = port(&l_pdu);
+        gw.ports.boot = port(&l_boot);
+        gw.ports.salad = port(&l_salad);
+        gw.ports.executor = port(&l_exec);
+        gw.auth.admin_token = Some(Secret::new(ADMIN));
+        gw.auth.user_token = Some(Secret::new(USER));
+        let gw = Arc::new(gw);
+        let auth = Auth::new(
+            Some(Secret::new(ADMIN)),
+            Some(Secret::new(USER)),
+            dutgate_core::config::default_dut_networks(),
+        );
+
+        // Boot artifacts the jobs point at.
+        let art_port = port(&l_art);
+        let art = axum::Router::new()
+            .route("/vmlinuz", axum::routing::get(|| async { "kernel" }))
+            .route("/initrd", axum::routing::get(|| async { "initrd" }));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l_art, art)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+
+        // pdu: one dummy PDU, whose ports the simulated DUTs watch.
+        let device = format!("dutctl-e2e-{}", std::process::id());
+        let mut pdu_cfg = dutgate_pdu::Config {
+            poll_interval_seconds: 0.2,
+            settle_timeout_seconds: 2.0,
+            readback_interval_ms: 10,
+            verify_interval_ms: 10,
+            default_off_seconds: 0.0,
+            ..Default::default()
+        };
+        pdu_cfg.pdus.insert(
+            "pdu1".into(),
+            dutgate_pdu::PduSpec {
+                driver: "dummy".into(),
+                config: json!({"ports": 8, "device": device, "initial": "OFF"}),
+                reserved: vec![],
+                labels: BTreeMap::new(),
+                poll_interval_seconds: None,
+            },
+        );
+        let pdu_db = Db::open_sqlite(&tmp.path().join("pdu.db"), dutgate_pdu::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let pdu = dutgate_pdu::start_on(
+            l_pdu,
+            dutgate_pdu::store::Store::new(pdu_db),
+            pdu_cfg,
+            auth.clone(),
+        )
+        .await
+        .unwrap();
+        // Stopped with the process.
+        std::mem::forget(pdu);
+
+        // mars without a trainer: the test admits its machines itself.
+        let mars_db = Db::open_sqlite(&tmp.path().join("mars.db"), dutgate_mars::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let mut mars_cfg = dutgate_mars::Config {
+            lease_ttl_seconds: 5,
+            ..Default::default()
+        };
+        mars_cfg.training.enabled = false;
+        let power = Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None));
+        let mars_handle = dutgate_mars::machines::Mars::new(
+            dutgate_mars::store::Store::new(mars_db, "farm"),
+            mars_cfg,
+            power,
+        );
+        let router =
+            dutgate_mars::start(mars_handle.clone(), auth.clone(), shutdown.clone()).unwrap();
+        spawn_serve("mars", l_mars, router, shutdown.clone());
+
+        let boot_ctx = ServiceContext::new(ServiceName::Boot, (*gw).clone(), shutdown.clone());
+        let boot = dutgate_boot::BootService::open(&boot_ctx, dutgate_boot::Config::default())
+            .await
+            .unwrap();
+        tokio::spawn(boot.serve(l_boot, shutdown.clone()));
+
+        // salad: netconsole ingest only; console ports far from the defaults.
+        let base = 40_000 + (std::process::id() % 1000) as u16 * 8;
+        let salad_cfg = dutgate_salad::Config {
+            serial_ports: vec![],
+            console_ports: dutgate_salad::config::PortRange {
+                first: base,
+                last: base + 7,
+            },
+            ..Default::default()
+        };
+        let salad_ctx = ServiceContext::new(ServiceName::Salad, (*gw).clone(), shutdown.clone());
+        let salad = dutgate_salad::start(
+            salad_ctx,
+            salad_cfg,
+            dutgate_salad::Listeners {
+                http: l_salad,
+                netconsole: Some(l_net),
+            },
+        )
+        .await
+        .unwrap();
+        let netconsole = salad.netconsole_addr.unwrap();
+        std::mem::forget(salad);
+
+        let mars_url = format!("http://127.0.0.1:{}", gw.ports.mars);
+        let mars = MarsClient::new(&mars_url, Some(Secret::new(ADMIN)));
+        let anon = MarsClient::new(&mars_url, None);
+        let mut ids = Vec::new();
+        for n in 1..=machines {
+            let id = mac(n);
+            anon.register(&Registration {
+                base_name: "sim".into(),
+                tags: vec![
+                    "sim:any:yes".parse().unwrap(),
+                    format!("sim:n:{n}").parse().unwrap(),
+                ],
+                mac_address: id,
+                ip_address: format!("10.0.3.{}", 10 + n).parse().unwrap(),
+                local_tty_device: Some("ttyS0".into()),
+            })
+            .await
+            .unwrap();
+            mars.patch(
+                id,
+                &MachinePatch {
+                    pdu: Some(Some("pdu1".into())),
+                    pdu_port_id: Some(Some(n.to_string())),
+                    pdu_off_delay: Some(0.0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            mars_handle
+                .store
+                .trigger(
+                    id,
+                    dutgate_mars::state::Trigger::TrainingPassed,
+                    &dutgate_mars::store::Cause::new("test", "admitted by the test"),
+                    &|r| r.trained_at = Some(dutgate_mars::model::Timestamp::now()),
+                )
+                .await
+                .unwrap();
+            ids.push(id);
+            tokio::spawn(sim_dut(
+                device.clone(),
+                n.to_string(),
+                id,
+                gw.ports.boot,
+                netconsole,
+            ));
+        }
+
+        let exec_cfg = dutgate_executor::Config {
+            job_command: Some(vec![std::env::current_exe().unwrap(), PathBuf::from("job")]),
+            cancel_grace_seconds: 3.0,
+            template_vars: [(
+                "artifacts".to_string(),
+                format!("http://127.0.0.1:{art_port}"),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let db = Db::open_for_service("executor", &gw, dutgate_executor::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let exec = dutgate_executor::Executor::start(
+            gw.clone(),
+            exec_cfg,
+            dutgate_executor::store::Store::new(db),
+            auth,
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        let exec_url = format!("http://127.0.0.1:{}", port(&l_exec));
+        spawn_serve("executor", l_exec, exec.router(), shutdown.clone());
+
+        Farm {
+            tmp,
+            exec_url,
+            mars_url,
+            mars,
+            machines: ids,
+            device,
+            shutdown,
+        }
+    }
+
+    fn exec(&self) -> dutgate_executor::client::ExecutorClient {
+        dutgate_executor::client::ExecutorClient::new(&self.exec_url, Some(Secret::new(ADMIN)))
+    }
+
+    async fn wait_finished(&self, id: i64) -> Job {
+        let end = Instant::now() + T;
+        loop {
+            let j = self.exec().job(id).await.unwrap();
+            if j.state == JobState::Finished {
+                return j;
+            }
+            assert!(Instant::now() < end, "job {id} not finished: {j:#?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_machine(&self, id: MachineId, state: MachineState) {
+        let end = Instant::now() + T;
+        loop {
+            let m = self.mars.machine(id).await.unwrap();
+            if m.state == state {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "machine {id} is {}, not {state}",
+                m.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn power(&self, n: u8) -> PowerState {
+        dutgate_pdu_dummy::device(&self.device)
+            .and_then(|d| d.state(&n.to_string()))
+            .unwrap_or(PowerState::Unknown)
+    }
+
+    /// `dutctl` pointed at this gateway (URLs by environment, user token).
+    fn dutctl(&self) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_dutctl"));
+        c.env_clear()
+            .env("PATH", path_with_dutctl())
+            .env("DUTGATE_URL", &self.exec_url)
+            .env("DUTGATE_MARS_URL", &self.mars_url)
+            .env("DUTGATE_TOKEN", USER)
+            .kill_on_drop(true);
+        c
+    }
+}
+
+fn path_with_dutctl() -> String {
+    let dir = Path::new(env!("CARGO_BIN_EXE_dutctl")).parent().unwrap();
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+    )
+}
+
+/// A job for the simulated DUTs: the console script `sim` for every boot.
+fn job_yaml(sim: &str, timeouts: &str) -> String {
+    format!(
+        r#"version: 1
+target:
+  tags: ["sim:any:yes"]
+timeouts:
+  overall: {{minutes: 2}}
+{timeouts}
+console_patterns:
+  session_end: {{regex: "^SESSION END$"}}
+  job_success: {{regex: "^RESULT: PASS$"}}
+deployment:
+  start:
+    kernel:
+      url: "{{{{ artifacts }}}}/vmlinuz"
+      cmdline: ["SALAD.machine_id={{{{ machine_id }}}}", "sim={sim}"]
+    initramfs:
+      url: "{{{{ artifacts }}}}/initrd"
+"#
+    )
+}
+
+/// The console lines a `sim=` script prints after power-on.
+fn script_lines(script: &str) -> Vec<&'static str> {
+    match script {
+        "pass" => vec!["booting", "running tests", "RESULT: PASS", "SESSION END"],
+        "fail" => vec!["booting", "running tests", "RESULT: FAIL", "SESSION END"],
+        // Output, then silence until powered off.
+        "hang" => vec!["booting", "running tests"],
+        _ => vec!["unknown sim script"],
+    }
+}
+
+/// One simulated DUT on port `port` of the dummy PDU: boots what its boot config says when
+/// powered on, prints on salad's netconsole, stops the moment it is powered off.
+async fn sim_dut(
+    device: String,
+    port: String,
+    id: MachineId,
+    boot_port: u16,
+    netconsole: std::net::SocketAddr,
+) {
+    let boot = dutgate_boot::client::BootClient::new(
+        format!("http://127.0.0.1:{boot_port}"),
+        Some(Secret::new(ADMIN)),
+    );
+    // With an off delay of 0 the PDU may switch off and on between two polls: every OFF in the
+    // device's switch log counts, not only the state seen now.
+    let mut seen = 0usize;
+    let mut powered_off = move || -> bool {
+        let Some(d) = dutgate_pdu_dummy::device(&device) else {
+            return true;
+        };
+        let log = d.stats().set_log;
+        let new = &log[seen.min(log.len())..];
+        seen = log.len();
+        new.iter()
+            .any(|(p, s)| *p == port && *s == dutgate_pdu_driver::Switch::Off)
+            || d.state(&port) != Some(PowerState::On)
+    };
+    loop {
+        while powered_off() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let script = match boot.get(id).await {
+            Ok(Some(c)) => c
+                .config
+                .kernel
+                .cmdline
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("sim=").map(str::to_string))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let Ok(mut conn) = TcpStream::connect(netconsole).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = conn
+            .write_all(format!("SALAD.machine_id={id}\n").as_bytes())
+            .await;
+        let mut on = true;
+        for line in script_lines(&script) {
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                if powered_off() {
+                    on = false;
+                    break;
+                }
+            }
+            if !on
+                || conn
+                    .write_all(format!("{line}\r\n").as_bytes())
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+        while on && !powered_off() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+// ---- GitLab Runner's side of the custom executor contract ---------------------------------------
+
+struct GitlabJob<'a> {
+    farm: &'a Farm,
+    machine: MachineId,
+    job_id: String,
+    scratch: PathBuf,
+    /// What `get_sources` "clones": the repository's files.
+    repo: Vec<(&'static str, String)>,
+    /// The job's `script:` lines.
+    script: Vec<String>,
+}
+
+struct StageResult {
+    code: i32,
+    stdout: String,
+    exit_code_file: Option<String>,
+}
+
+struct GitlabOutcome {
+    build_code: i32,
+    log: String,
+    exit_code_file: Option<String>,
+    builds_dir: PathBuf,
+}
+
+impl GitlabJob<'_> {
+    fn custom_env(&self) -> Vec<(String, String)> {
+        let m = self.farm.machines.iter().position(|m| *m == self.machine);
+        vec![
+            ("CUSTOM_ENV_CI_JOB_ID".into(), self.job_id.clone()),
+            (
+                "CUSTOM_ENV_CI_RUNNER_DESCRIPTION".into(),
+                format!("farm-sim-{}", m.unwrap_or(0) + 1),
+            ),
+            ("CUSTOM_ENV_CI_PROJECT_PATH".into(), "lab/gpu-tests".into()),
+            ("CUSTOM_ENV_CI_PIPELINE_ID".into(), "900".into()),
+        ]
+    }
+
+    fn driver(&self, stage: &str) -> tokio::process::Command {
+        let mut c = self.farm.dutctl();
+        c.args(["gitlab", stage, "--machine", &self.machine.to_string()])
+            .arg("--scratch-dir")
+            .arg(&self.scratch)
+            .envs(self.custom_env())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        c
+    }
+
+    async fn config(&self) -> serde_json::Value {
+        let out = self.driver("config").output().await.unwrap();
+        assert!(out.status.success(), "config_exec failed");
+        serde_json::from_slice(&out.stdout).expect("config_exec prints JSON")
+    }
+
+    /// The runner writes each stage's script to a file and calls `run_exec <script> <stage>`.
+    fn stage_command(
+        &self,
+        cfg: &serde_json::Value,
+        stage: &str,
+        body: &str,
+    ) -> (tokio::process::Command, PathBuf) {
+        let dir = self.scratch.join("runner-scripts").join(&self.job_id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = dir.join(format!("script.{stage}"));
+        let builds_dir = cfg["builds_dir"].as_str().unwrap();
+        let project = format!("{builds_dir}/lab/gpu-tests");
+        // Like the runner's generated scripts: job variables exported, errexit, cd to the
+        // project directory for user stages.
+        let text = format!(
+            "#!/usr/bin/env bash\nset -eo pipefail\nexport CI_JOB_ID={job}\nexport CI_PROJECT_DIR={project}\nmkdir -p {project}\ncd {project}\n{body}\n",
+            job = self.job_id
+        );
+        std::fs::write(&script, text).unwrap();
+        let mut c = self.driver("run");
+        c.arg(&script).arg(stage);
+        for (k, v) in cfg["job_env"].as_object().unwrap() {
+            c.env(k, v.as_str().unwrap());
+        }
+        c.env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string());
+        (c, dir.join(format!("exit-code.{stage}")))
+    }
+
+    async fn stage(&self, cfg: &serde_json::Value, stage: &str, body: &str) -> StageResult {
+        let (mut c, code_file) = self.stage_command(cfg, stage, body);
+        c.env("BUILD_EXIT_CODE_FILE", &code_file);
+        let out = c.output().await.unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        print!("{stdout}");
+        StageResult {
+            code: out.status.code().unwrap_or(-1),
+            stdout,
+            exit_code_file: std::fs::read_to_string(&code_file).ok(),
+        }
+    }
+
+    async fn cleanup(&self) {
+        let out = self.driver("cleanup").output().await.unwrap();
+        assert!(out.status.success(), "cleanup_exec must not fail");
+    }
+
+    fn sources_script(&self) -> String {
+        self.repo
+            .iter()
+            .map(|(name, text)| format!("cat > {name} <<'EOF_REPO'\n{text}EOF_REPO"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// config → prepare → the stages in the runner's order → cleanup.
+    async fn run(&self) -> GitlabOutcome {
+        let cfg = self.config().await;
+        assert_eq!(cfg["builds_dir_is_shared"], false);
+        assert_eq!(cfg["driver"]["name"], "dutgate");
+        let builds_dir = PathBuf::from(cfg["builds_dir"].as_str().unwrap());
+        let mut prep = self.driver("prepare");
+        prep.env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+            .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string());
+        let out = prep.output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "prepare_exec: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let mut log = String::from_utf8_lossy(&out.stdout).into_owned();
+        for (stage, body) in [
+            (
+                "prepare_script",
+                "echo preparing on $(hostname)".to_string(),
+            ),
+            ("get_sources", self.sources_script()),
+            ("restore_cache", "true".to_string()),
+            ("download_artifacts", "true".to_string()),
+        ] {
+            let r = self.stage(&cfg, stage, &body).await;
+            log.push_str(&r.stdout);
+            assert_eq!(r.code, 0, "stage {stage}");
+        }
+        let build = self
+            .stage(&cfg, "step_script", &self.script.join("\n"))
+            .await;
+        log.push_str(&build.stdout);
+        let after = self.stage(&cfg, "after_script", "ls").await;
+        log.push_str(&after.stdout);
+        let upload = if build.code == 0 {
+            "upload_artifacts_on_success"
+        } else {
+            "upload_artifacts_on_failure"
+        };
+        let r = self.stage(&cfg, upload, "ls out").await;
+        log.push_str(&r.stdout);
+        self.cleanup().await;
+        GitlabOutcome {
+            build_code: build.code,
+            log,
+            exit_code_file: build.exit_code_file,
+            builds_dir,
+        }
+    }
+}
+
+// ---- tests ----------------------------------------------------------------------------------
+
+type TestFn = for<'a> fn(&'a Farm) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let dir = farm.tmp.path().join("run");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (sim, want, verdict) in [("pass", 0, "RESULT: PASS"), ("fail", 3, "RESULT: FAIL")] {
+            let job = dir.join(format!("{sim}.yml"));
+            std::fs::write(&job, job_yaml(sim, "")).unwrap();
+            let share = dir.join(format!("share-{sim}"));
+            let out = farm
+                .dutctl()
+                .arg("run")
+                .arg(&job)
+                .args(["-i", &farm.machines[0].to_string()])
+                .arg("--share-dir")
+                .arg(&share)
+                .output()
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(want),
+                "dutctl run {sim}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            );
+            assert!(stdout.contains(verdict), "console printed: {stdout}");
+            assert!(stdout.contains("SESSION END"), "whole console: {stdout}");
+            assert!(stderr.contains("phase power"), "phases shown: {stderr}");
+            assert!(stderr.contains("phase running"), "phases shown: {stderr}");
+            let log = std::fs::read_to_string(share.join("console.log")).unwrap();
+            assert!(log.contains(verdict), "console.log artifact: {log}");
+            assert!(share.join("events.json").exists());
+        }
+        // Client-side errors: one line, exit 10.
+        let out = farm
+            .dutctl()
+            .args(["run", "/nonexistent/job.yml"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(10));
+        assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+        let out = farm
+            .dutctl()
+            .env("DUTGATE_URL", "http://127.0.0.1:9")
+            .arg("run")
+            .arg(dir.join("pass.yml"))
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(10), "gateway down");
+        // The jobs are listed and their console is there.
+        let out = farm.dutctl().args(["jobs", "list"]).output().await.unwrap();
+        let list = String::from_utf8_lossy(&out.stdout);
+        assert!(list.contains("PASS") && list.contains("FAIL"), "{list}");
+    })
+}
+
+fn gitlab_statuses(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let hang = job_yaml("hang", "  console_activity: {seconds: 1, retries: 0}");
+        for (n, (sim, yaml, want)) in [
+            ("pass", job_yaml("pass", ""), 0),
+            ("fail", job_yaml("fail", ""), BUILD_FAILURE),
+            ("hang", hang, SYSTEM_FAILURE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let job = GitlabJob {
+                farm,
+                machine: farm.machines[1],
+                job_id: format!("10{n}"),
+                scratch: farm.tmp.path().join("gitlab"),
+                repo: vec![("job.yml", yaml)],
+                script: vec!["dutctl run job.yml --share-dir out".into()],
+            };
+            let o = job.run().await;
+            assert_eq!(
+                o.build_code, want,
+                "{sim}: build stage exit code\n{}",
+                o.log
+            );
+            assert_eq!(
+                o.exit_code_file.as_deref().map(str::trim),
+                Some(want.to_string().as_str()),
+                "{sim}: BUILD_EXIT_CODE_FILE"
+            );
+            assert!(
+                o.log.contains("booting"),
+                "{sim}: console on stdout\n{}",
+                o.log
+            );
+            if sim != "hang" {
+                assert!(
+                    o.log.contains("SESSION END"),
+                    "{sim}: whole console\n{}",
+                    o.log
+                );
+                assert!(
+                    o.log.contains("console.log"),
+                    "artifacts downloaded\n{}",
+                    o.log
+                );
+            }
+            assert!(!o.builds_dir.exists(), "cleanup removes scratch data");
+        }
+        farm.wait_machine(farm.machines[1], MachineState::Idle)
+            .await;
+    })
+}
+
+fn gitlab_sigterm_cancels(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let job = GitlabJob {
+            farm,
+            machine: farm.machines[2],
+            job_id: "200".into(),
+            scratch: farm.tmp.path().join("gitlab"),
+            repo: vec![],
+            script: vec![],
+        };
+        let cfg = job.config().await;
+        std::fs::create_dir_all(cfg["builds_dir"].as_str().unwrap()).unwrap();
+        let yaml = farm.tmp.path().join("hang.yml");
+        std::fs::write(&yaml, job_yaml("hang", "")).unwrap();
+        let (mut c, _) = job.stage_command(
+            &cfg,
+            "step_script",
+            &format!("dutctl run {}", yaml.display()),
+        );
+        let mut child = c.spawn().unwrap();
+        // Wait until the job runs on the machine (the DUT printed its first lines).
+        let exec = farm.exec();
+        let end = Instant::now() + T;
+        let id = loop {
+            let jobs = exec.jobs(Some(JobState::Running), 10).await.unwrap();
+            if let Some(j) = jobs
+                .iter()
+                .find(|j| j.machine_id == Some(farm.machines[2]) && j.console_bytes > 0)
+            {
+                break j.id;
+            }
+            assert!(Instant::now() < end, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(farm.power(3), PowerState::On);
+        let sent = Instant::now();
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(child.id().unwrap() as i32, libc::SIGTERM);
+        }
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .expect("the driver exits within 10 s of SIGTERM")
+            .unwrap();
+        eprintln!("driver exited {:?} after SIGTERM", sent.elapsed());
+        assert_eq!(status.code(), Some(SYSTEM_FAILURE));
+        job.cleanup().await;
+        let j = farm.wait_finished(id).await;
+        assert_eq!(j.status, Some(dutgate_core::JobStatus::Incomplete));
+        assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
+        farm.wait_machine(farm.machines[2], MachineState::Idle)
+            .await;
+        let m = farm.mars.machine(farm.machines[2]).await.unwrap();
+        assert!(m.lease.is_none(), "machine released: {m:#?}");
+        assert_eq!(farm.power(3), PowerState::Off);
+    })
+}
+
+fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let dir = farm.tmp.path().join("runner");
+        std::fs::create_dir_all(&dir).unwrap();
+        let tokens = dir.join("tokens.toml");
+        std::fs::write(
+            &tokens,
+            "gateway = \"glrt-gw\"\n[machines]\n\"farm-sim-1\" = \"glrt-1\"\n\"farm-sim-2\" = \"glrt-2\"\n\"52:54:00:dc:00:03\" = \"glrt-3\"\n",
+        )
+        .unwrap();
+        let config = dir.join("config.toml");
+        // A runner the admin wrote by hand stays.
+        std::fs::write(
+            &config,
+            "concurrent = 2\n\n[[runners]]\nname = \"docker\"\nurl = \"https://gitlab.example.com\"\ntoken = \"glrt-docker\"\nexecutor = \"docker\"\n",
+        )
+        .unwrap();
+        let write = || {
+            let mut c = farm.dutctl();
+            c.args([
+                "gitlab",
+                "runner-config",
+                "--gitlab-url",
+                "https://gitlab.example.com",
+            ])
+            .arg("--token-file")
+            .arg(&tokens)
+            .arg("--config")
+            .arg(&config);
+            c
+        };
+        let out = write().output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let first = std::fs::read(&config).unwrap();
+        let doc: toml::Table = toml::from_str(std::str::from_utf8(&first).unwrap()).unwrap();
+        let runners = doc["runners"].as_array().unwrap();
+        assert_eq!(runners.len(), 1 + 1 + farm.machines.len(), "{doc:#?}");
+        assert_eq!(runners[0]["name"].as_str(), Some("docker"));
+        for (n, id) in farm.machines.iter().enumerate() {
+            let r = runners
+                .iter()
+                .find(|r| r["name"].as_str() == Some(&format!("farm-sim-{}", n + 1)))
+                .unwrap_or_else(|| panic!("runner for machine {id}: {doc:#?}"));
+            assert_eq!(r["limit"].as_integer(), Some(1));
+            assert_eq!(r["executor"].as_str(), Some("custom"));
+            assert_eq!(
+                r["token"].as_str(),
+                Some(format!("glrt-{}", n + 1).as_str())
+            );
+            let env: Vec<&str> = r["environment"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            assert!(env.contains(&format!("DUTGATE_MACHINE_ID={id}").as_str()));
+            assert!(
+                env.contains(&format!("DUTGATE_MACHINE_TAGS=sim:any:yes,sim:n:{}", n + 1).as_str()),
+                "{env:?}"
+            );
+            let args: Vec<&str> = r["custom"]["run_args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect();
+            assert!(args.ends_with(&["gitlab", "run", "--machine", &id.to_string()]));
+        }
+        // Unchanged machines: byte-identical, and GitLab's own additions are kept.
+        let out = write().output().await.unwrap();
+        assert!(out.status.success());
+        assert_eq!(std::fs::read(&config).unwrap(), first);
+        let added = String::from_utf8(first.clone()).unwrap().replacen(
+            "token = \"glrt-1\"",
+            "token = \"glrt-1\"\nid = 42",
+            1,
+        );
+        std::fs::write(&config, &added).unwrap();
+        write().output().await.unwrap();
+        let again = std::fs::read_to_string(&config).unwrap();
+        assert!(again.contains("id = 42"), "{again}");
+        // A retired machine leaves the config.
+        farm.mars
+            .retire(
+                farm.machines[2],
+                &RetireRequest {
+                    reason: Some("broken fan".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        write().output().await.unwrap();
+        let doc: toml::Table = toml::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        let names: Vec<&str> = doc["runners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["docker", "dutgate-gateway", "farm-sim-1", "farm-sim-2"]
+        );
+    })
+}
+
+// ---- main -------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("job") {
+        // The job process the executor starts.
+        let Some(id) = args.get(2) else {
+            return ExitCode::from(2);
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let code = rt.block_on(dutgate_executor::job_main(id));
+        rt.shutdown_timeout(Duration::from_millis(500));
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let tests: [(&str, TestFn); 4] = [
+        ("dutctl_run_pass_and_fail", dutctl_run_pass_and_fail),
+        ("gitlab_statuses", gitlab_statuses),
+        ("gitlab_sigterm_cancels", gitlab_sigterm_cancels),
+        // Last: it retires a machine.
+        ("runner_config", runner_config),
+    ];
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in &tests {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
+    if selected.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let failed = rt.block_on(async {
+        let farm = Arc::new(Farm::start(3).await);
+        let mut failed = Vec::new();
+        for (name, f) in selected {
+            let start = Instant::now();
+            let farm2 = farm.clone();
+            let f = *f;
+            let r = tokio::spawn(async move { f(&farm2).await }).await;
+            let ok = r.is_ok();
+            println!(
+                "test {name} ... {} ({:.1} s)",
+                if ok { "ok" } else { "FAILED" },
+                start.elapsed().as_secs_f64()
+            );
+            if !ok {
+                failed.push(name.to_string());
+            }
+        }
+        farm.shutdown.cancel();
+        dutgate_pdu_dummy::forget(&farm.device);
+        failed
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if failed.is_empty() {
+        println!("test result: ok");
+        ExitCode::SUCCESS
+    } else {
+        println!("test result: FAILED: {failed:?}");
+        ExitCode::from(101)
+    }
+}
