@@ -70,6 +70,10 @@ pub struct DriverArgs {
     /// driver cancels them itself and exits (GitLab's graceful kill time is longer).
     #[arg(long, default_value_t = 5.0)]
     cancel_grace_seconds: f64,
+    /// Token given to the build stage's script (`DUTGATE_TOKEN`): a user token, since the
+    /// script is the project's code. Default: the token this driver uses.
+    #[arg(long)]
+    job_token_file: Option<PathBuf>,
 }
 
 fn env(k: &str) -> Option<String> {
@@ -320,7 +324,14 @@ async fn run_stage_inner(
             let m = find_machine(&mars_client(gw), &name).await?;
             cmd.env("DUTGATE_MACHINE_ID", m.id.to_string());
         }
-        if let Some(t) = gw.token() {
+        let token = match &d.job_token_file {
+            Some(f) => Some(
+                dutgate_core::auth::read_token(f)
+                    .with_context(|| format!("no token in {}", f.display()))?,
+            ),
+            None => gw.token().cloned(),
+        };
+        if let Some(t) = token {
             cmd.env("DUTGATE_TOKEN", t.expose());
         }
         cmd.env(RUN_RECORD_ENV, d.record_path());

@@ -64,6 +64,18 @@ pub struct RunArgs {
     /// Do not print the console (phases and the result are still shown).
     #[arg(long)]
     pub quiet: bool,
+    /// Interactive console: keystrokes go to the DUT, Ctrl-A Ctrl-C quits and cancels the
+    /// job. Only when stdin is a terminal (otherwise the console is only shown).
+    #[arg(short = 'I', long, conflicts_with = "quiet")]
+    pub interactive: bool,
+}
+
+/// How the console is shown.
+pub enum ConsoleMode {
+    Quiet,
+    Stream,
+    /// Two-way, through the WebSocket, with the keyboard's input.
+    Interactive(tokio::sync::mpsc::Receiver<crate::interactive::Input>),
 }
 
 /// `name=value` pairs as `{% set %}` statements glued to the front of the first line, so that
@@ -207,13 +219,29 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let http = stream_client(gw);
-    let follow = follow(&exec, &http, id, &progress, args.quiet);
+    let mut raw = None;
+    let mode = if args.quiet {
+        ConsoleMode::Quiet
+    } else if args.interactive && crate::interactive::stdin_is_tty() {
+        raw = crate::interactive::RawMode::enable();
+        progress.line("interactive console: Ctrl-A Ctrl-C quits and cancels the job");
+        ConsoleMode::Interactive(crate::interactive::keyboard())
+    } else {
+        ConsoleMode::Stream
+    };
+    let follow = follow(&exec, &http, gw, id, &progress, mode);
     tokio::pin!(follow);
     let outcome = tokio::select! {
-        r = &mut follow => Some(r),
+        r = &mut follow => match r {
+            Ok(Some(job)) => Some(Ok(job)),
+            // Ctrl-A Ctrl-C.
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        },
         _ = sigint.recv() => None,
         _ = sigterm.recv() => None,
     };
+    drop(raw);
     let job = match outcome {
         Some(r) => r?,
         None => {
@@ -262,26 +290,55 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
 }
 
 /// Follows the job's events (shown on stderr) and console (stdout) until it is finished and
-/// every console byte was printed.
+/// every console byte was printed; `None` when the user quit the interactive console.
 pub async fn follow(
     exec: &ExecutorClient,
     http: &ApiClient,
+    gw: &Gateway,
     id: i64,
     progress: &Progress,
-    quiet: bool,
-) -> anyhow::Result<Job> {
+    mode: ConsoleMode,
+) -> anyhow::Result<Option<Job>> {
     let events = follow_events(exec, http, id, progress);
     let console = async {
-        if quiet {
-            Ok(())
-        } else {
-            follow_console(exec, http, id, &mut tokio::io::stdout()).await
+        match mode {
+            ConsoleMode::Quiet => Ok(true),
+            ConsoleMode::Stream => follow_console(exec, http, id, &mut tokio::io::stdout())
+                .await
+                .map(|()| true),
+            ConsoleMode::Interactive(mut keys) => {
+                let token = gw.token().map(|t| t.expose().to_string());
+                crate::interactive::console(
+                    gw.url(ServiceName::Executor),
+                    token.as_deref(),
+                    id,
+                    &mut keys,
+                )
+                .await
+                .map(|end| matches!(end, crate::interactive::End::Finished))
+            }
         }
     };
-    let (e, c) = tokio::join!(events, console);
-    e?;
-    c?;
-    Ok(exec.job(id).await?)
+    tokio::pin!(events);
+    tokio::pin!(console);
+    // The user quitting ends everything at once; otherwise both streams run to their end.
+    let mut events_done = false;
+    let mut console_done = false;
+    while !(events_done && console_done) {
+        tokio::select! {
+            r = &mut events, if !events_done => {
+                r?;
+                events_done = true;
+            }
+            r = &mut console, if !console_done => {
+                if !r? {
+                    return Ok(None);
+                }
+                console_done = true;
+            }
+        }
+    }
+    Ok(Some(exec.job(id).await?))
 }
 
 /// Tracks how long a stream has been failing, to give up after [`RECONNECT_BUDGET`].

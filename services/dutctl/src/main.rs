@@ -11,6 +11,7 @@ mod cmd_pdus;
 mod cmd_run;
 mod cmd_status;
 mod gateway;
+mod interactive;
 mod output;
 
 use std::path::PathBuf;

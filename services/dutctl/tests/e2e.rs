@@ -324,7 +324,11 @@ impl Farm {
 
     /// `dutctl` pointed at this gateway (URLs by environment, user token).
     fn dutctl(&self) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_dutctl"));
+        self.command(env!("CARGO_BIN_EXE_dutctl"))
+    }
+
+    fn command(&self, program: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(program);
         c.env_clear()
             .env("PATH", path_with_dutctl())
             .env("DUTGATE_URL", &self.exec_url)
@@ -676,6 +680,55 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
     })
 }
 
+fn dutctl_run_interactive_quit(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let job = farm.tmp.path().join("interactive.yml");
+        std::fs::write(&job, job_yaml("hang", "")).unwrap();
+        // `script` gives dutctl a terminal on stdin (bsdutils, always installed).
+        let cmd = format!(
+            "{} run -I -i {} {}",
+            env!("CARGO_BIN_EXE_dutctl"),
+            farm.machines[0],
+            job.display()
+        );
+        let mut c = farm.command("script");
+        c.args(["-qec", &cmd, "/dev/null"]);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exec = farm.exec();
+        let end = Instant::now() + T;
+        let id = loop {
+            let jobs = exec.jobs(Some(JobState::Running), 10).await.unwrap();
+            if let Some(j) = jobs
+                .iter()
+                .find(|j| j.machine_id == Some(farm.machines[0]) && j.console_bytes > 0)
+            {
+                break j.id;
+            }
+            assert!(Instant::now() < end, "the job never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo hi\r\x01\x03").await.unwrap();
+        stdin.flush().await.unwrap();
+        let out = tokio::time::timeout(T, child.wait_with_output())
+            .await
+            .expect("Ctrl-A Ctrl-C quits")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(4), "{stdout}");
+        assert!(stdout.contains("booting"), "console shown: {stdout}");
+        let j = farm.wait_finished(id).await;
+        assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
+        farm.wait_machine(farm.machines[0], MachineState::Idle)
+            .await;
+    })
+}
+
 fn gitlab_statuses(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
         let hang = job_yaml("hang", "  console_activity: {seconds: 1, retries: 0}");
@@ -916,8 +969,9 @@ fn main() -> ExitCode {
         rt.shutdown_timeout(Duration::from_millis(500));
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let tests: [(&str, TestFn); 4] = [
+    let tests: [(&str, TestFn); 5] = [
         ("dutctl_run_pass_and_fail", dutctl_run_pass_and_fail),
+        ("dutctl_run_interactive_quit", dutctl_run_interactive_quit),
         ("gitlab_statuses", gitlab_statuses),
         ("gitlab_sigterm_cancels", gitlab_sigterm_cancels),
         // Last: it retires a machine.

@@ -142,7 +142,7 @@ pub fn render(
     plan: &Plan<'_>,
     machines: &[Machine],
     tokens: &TokenFileView,
-    scratch: Option<&Path>,
+    driver_args: &[String],
 ) -> anyhow::Result<(String, Vec<Missing>)> {
     let mut doc: Table = if old.trim().is_empty() {
         Table::new()
@@ -170,9 +170,7 @@ pub fn render(
             None => foreign.push(r),
         }
     }
-    let scratch_args: Vec<String> = scratch
-        .map(|s| vec!["--scratch-dir".to_string(), s.display().to_string()])
-        .unwrap_or_default();
+    let scratch_args = driver_args.to_vec();
     let mut specs = vec![Spec {
         key: "gateway".into(),
         name: "dutgate-gateway".into(),
@@ -277,8 +275,16 @@ pub async fn run(args: &RunnerConfigArgs, gw: &Gateway) -> anyhow::Result<()> {
         .driver_state_dir
         .clone()
         .or_else(|| super::env("DUTGATE_STATE_DIR").map(PathBuf::from));
+    let mut driver_args = args
+        .scratch_dir
+        .as_ref()
+        .map(|s| vec!["--scratch-dir".to_string(), s.display().to_string()])
+        .unwrap_or_default();
     if let Some(d) = state_dir {
         global_args.extend(["--state-dir".to_string(), d.display().to_string()]);
+        // The build script is the project's code: it gets the user token, never the admin one.
+        let user = d.join("tokens").join("user");
+        driver_args.extend(["--job-token-file".to_string(), user.display().to_string()]);
     }
     let plan = Plan {
         gitlab_url: &args.gitlab_url,
@@ -292,7 +298,7 @@ pub async fn run(args: &RunnerConfigArgs, gw: &Gateway) -> anyhow::Result<()> {
             return Err(e).with_context(|| format!("cannot read {}", args.config_file.display()));
         }
     };
-    let (text, missing) = render(&old, &plan, &machines, &tokens, args.scratch_dir.as_deref())?;
+    let (text, missing) = render(&old, &plan, &machines, &tokens, &driver_args)?;
     for (name, tags) in &missing {
         eprintln!(
             "dutctl: no runner token for {name}: create a runner in GitLab with description \
