@@ -883,6 +883,9 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         let runners = doc["runners"].as_array().unwrap();
         assert_eq!(runners.len(), 1 + 1 + farm.machines.len(), "{doc:#?}");
         assert_eq!(runners[0]["name"].as_str(), Some("docker"));
+        assert_eq!(runners[1]["name"].as_str(), Some("dutgate-gateway"));
+        assert_eq!(runners[1]["token"].as_str(), Some("glrt-gw"));
+        assert_eq!(runners[1]["limit"].as_integer(), Some(3));
         for (n, id) in farm.machines.iter().enumerate() {
             let r = runners
                 .iter()

@@ -84,6 +84,7 @@ fn managed_key(runner: &Table) -> Option<String> {
 
 struct Spec {
     key: String,
+    limit: i64,
     name: String,
     token: Option<String>,
     env: Vec<String>,
@@ -116,7 +117,7 @@ impl Plan<'_> {
         t.insert("url".into(), Value::String(self.gitlab_url.to_string()));
         t.insert("token".into(), Value::String(token));
         t.insert("executor".into(), Value::String("custom".into()));
-        t.insert("limit".into(), Value::Integer(1));
+        t.insert("limit".into(), Value::Integer(spec.limit));
         t.insert("environment".into(), strs(&spec.env));
         let mut custom = t
             .get("custom")
@@ -170,16 +171,18 @@ pub fn render(
             None => foreign.push(r),
         }
     }
-    let scratch_args = driver_args.to_vec();
+    let extra_args = driver_args.to_vec();
+    let mut sorted: Vec<&Machine> = machines.iter().filter(|m| exposed(m)).collect();
+    sorted.sort_by(|a, b| a.full_name.cmp(&b.full_name).then(a.id.cmp(&b.id)));
     let mut specs = vec![Spec {
         key: "gateway".into(),
+        // Its jobs only wait on the gateway: as many at once as there are machines.
+        limit: (sorted.len() as i64).max(1),
         name: "dutgate-gateway".into(),
         token: tokens.gateway.clone(),
         env: vec![],
-        driver_args: [vec!["--gateway-only".to_string()], scratch_args.clone()].concat(),
+        driver_args: [vec!["--gateway-only".to_string()], extra_args.clone()].concat(),
     }];
-    let mut sorted: Vec<&Machine> = machines.iter().filter(|m| exposed(m)).collect();
-    sorted.sort_by(|a, b| a.full_name.cmp(&b.full_name).then(a.id.cmp(&b.id)));
     for m in sorted {
         let mut tags: Vec<String> = m.all_tags().map(|t| t.to_string()).collect();
         tags.sort();
@@ -187,6 +190,7 @@ pub fn render(
         let id = m.id.to_string();
         specs.push(Spec {
             key: id.clone(),
+            limit: 1,
             name: m.full_name.clone(),
             token: tokens
                 .machines
@@ -197,7 +201,7 @@ pub fn render(
                 format!("DUTGATE_MACHINE_ID={id}"),
                 format!("DUTGATE_MACHINE_TAGS={}", tags.join(",")),
             ],
-            driver_args: [vec!["--machine".to_string(), id], scratch_args.clone()].concat(),
+            driver_args: [vec!["--machine".to_string(), id], extra_args.clone()].concat(),
         });
     }
     let mut runners: Vec<Value> = foreign.into_iter().map(Value::Table).collect();
