@@ -378,6 +378,20 @@ fn script_lines(script: &str) -> Vec<&'static str> {
         "fail" => vec!["booting", "running tests", "RESULT: FAIL", "SESSION END"],
         // Output, then silence until powered off.
         "hang" => vec!["booting", "running tests"],
+        "slow" => vec![
+            "booting",
+            "tick 1",
+            "tick 2",
+            "tick 3",
+            "tick 4",
+            "tick 5",
+            "tick 6",
+            "tick 7",
+            "tick 8",
+            "tick 9",
+            "RESULT: PASS",
+            "SESSION END",
+        ],
         _ => vec!["unknown sim script"],
     }
 }
@@ -431,8 +445,9 @@ async fn sim_dut(
             .write_all(format!("SALAD.machine_id={id}\n").as_bytes())
             .await;
         let mut on = true;
+        let pause = if script == "slow" { 30 } else { 4 };
         for line in script_lines(&script) {
-            for _ in 0..4 {
+            for _ in 0..pause {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 if powered_off() {
                     on = false;
@@ -729,6 +744,101 @@ fn dutctl_run_interactive_quit(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> +
     })
 }
 
+/// A proxy in front of the executor that cuts every console and event stream after 250 ms:
+/// `dutctl run` must resume both where they stopped, printing each console byte once.
+async fn cutting_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = streams.clone();
+    let l = bind().await;
+    let addr = format!("http://127.0.0.1:{}", port(&l));
+    let upstream = upstream.trim_start_matches("http://").to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = l.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut head = vec![0u8; 4096];
+                let n = match tokio::io::AsyncReadExt::read(&mut client, &mut head).await {
+                    Ok(n) if n > 0 => n,
+                    _ => return,
+                };
+                let first = String::from_utf8_lossy(&head[..n])
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
+                let stream = first.contains("/console") || first.contains("/events");
+                if stream {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                if server.write_all(&head[..n]).await.is_err() {
+                    return;
+                }
+                let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                if stream {
+                    let _ = tokio::time::timeout(Duration::from_millis(250), copy).await;
+                } else {
+                    let _ = copy.await;
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+fn dutctl_run_resumes_streams(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        let (proxy, streams) = cutting_proxy(farm.exec_url.clone()).await;
+        let job = farm.tmp.path().join("slow.yml");
+        std::fs::write(&job, job_yaml("slow", "")).unwrap();
+        let out = farm
+            .dutctl()
+            .env("DUTGATE_URL", &proxy)
+            .arg("run")
+            .arg(&job)
+            .args(["-i", &farm.machines[0].to_string()])
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+        // Exactly the job's console log, nothing lost, nothing twice.
+        let id: i64 = stderr
+            .split("job ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.trim_end_matches(':').parse().ok())
+            .unwrap();
+        let log = farm
+            .exec()
+            .api()
+            .request(
+                reqwest::Method::GET,
+                &format!("/api/v1/jobs/{id}/console?follow=false"),
+            )
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(stdout.as_bytes(), &log[..], "stderr:\n{stderr}");
+        assert_eq!(stdout.matches("tick 5").count(), 1);
+        assert_eq!(stderr.matches("phase running").count(), 1, "{stderr}");
+        assert_eq!(stderr.matches("finished:").count(), 1, "{stderr}");
+        let n = streams.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= 6, "the streams were re-opened {n} times only");
+        eprintln!("console and event streams opened {n} times");
+    })
+}
+
 fn gitlab_statuses(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
         let hang = job_yaml("hang", "  console_activity: {seconds: 1, retries: 0}");
@@ -972,8 +1082,9 @@ fn main() -> ExitCode {
         rt.shutdown_timeout(Duration::from_millis(500));
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let tests: [(&str, TestFn); 5] = [
+    let tests: [(&str, TestFn); 6] = [
         ("dutctl_run_pass_and_fail", dutctl_run_pass_and_fail),
+        ("dutctl_run_resumes_streams", dutctl_run_resumes_streams),
         ("dutctl_run_interactive_quit", dutctl_run_interactive_quit),
         ("gitlab_statuses", gitlab_statuses),
         ("gitlab_sigterm_cancels", gitlab_sigterm_cancels),
