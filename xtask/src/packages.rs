@@ -7,7 +7,8 @@ use anyhow::{Context, bail};
 
 pub fn listed(root: &Path) -> anyhow::Result<Vec<String>> {
     let path = root.join("xtask/test-packages.txt");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())

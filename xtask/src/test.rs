@@ -42,11 +42,23 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         envs.push((POSTGRES_ENV.to_string(), url));
     }
     if !args.no_lint {
-        step("cargo fmt --check", &root, &["fmt", "--all", "--", "--check"], &envs)?;
+        step(
+            "cargo fmt --check",
+            &root,
+            &["fmt", "--all", "--", "--check"],
+            &envs,
+        )?;
         step(
             "cargo clippy",
             &root,
-            &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
             &envs,
         )?;
     }
@@ -82,7 +94,10 @@ fn step(
 fn postgres_addr(url: &str) -> Option<SocketAddr> {
     let rest = url.split_once("://")?.1;
     let hostport = rest.split(['/', '?']).next()?;
-    let hostport = hostport.rsplit_once('@').map(|(_, h)| h).unwrap_or(hostport);
+    let hostport = hostport
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(hostport);
     let with_port = if hostport.contains(':') {
         hostport.to_string()
     } else {
@@ -135,10 +150,17 @@ mod tests {
     #[test]
     fn parses_postgres_urls() {
         assert_eq!(
-            postgres_addr("postgres://postgres@127.0.0.1/test").unwrap().port(),
+            postgres_addr("postgres://postgres@127.0.0.1/test")
+                .unwrap()
+                .port(),
             5432
         );
-        assert_eq!(postgres_addr("postgres://u:p@127.0.0.1:6543/x").unwrap().port(), 6543);
+        assert_eq!(
+            postgres_addr("postgres://u:p@127.0.0.1:6543/x")
+                .unwrap()
+                .port(),
+            6543
+        );
         assert!(postgres_addr("nonsense").is_none());
     }
 }

@@ -57,7 +57,11 @@ impl ApiClient {
         Self::with_http(base, token, http)
     }
 
-    pub fn with_http(base: impl Into<String>, token: Option<Secret>, http: reqwest::Client) -> Self {
+    pub fn with_http(
+        base: impl Into<String>,
+        token: Option<Secret>,
+        http: reqwest::Client,
+    ) -> Self {
         let base = base.into().trim_end_matches('/').to_string();
         Self { base, token, http }
     }
@@ -96,7 +100,8 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.request(Method::POST, path).json(body), path).await
+        self.send(self.request(Method::POST, path).json(body), path)
+            .await
     }
 
     pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -104,7 +109,8 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.request(Method::PUT, path).json(body), path).await
+        self.send(self.request(Method::PUT, path).json(body), path)
+            .await
     }
 
     pub async fn patch<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -112,7 +118,8 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> Result<T, ClientError> {
-        self.send(self.request(Method::PATCH, path).json(body), path).await
+        self.send(self.request(Method::PATCH, path).json(body), path)
+            .await
     }
 
     /// Sends a prepared request and decodes a JSON answer (an empty body decodes as `null`).
@@ -127,10 +134,13 @@ impl ApiClient {
             source,
         })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport {
-            url: url.clone(),
-            source,
-        })?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: url.clone(),
+                source,
+            })?;
         if !status.is_success() {
             let body = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
                 error: String::from_utf8_lossy(&bytes[..bytes.len().min(512)]).into_owned(),

@@ -442,7 +442,10 @@ mod tests {
         let env = vec![
             ("DUTGATE_SALAD__BAUD".to_string(), "57600".to_string()),
             ("DUTGATE_SALAD__NAME".to_string(), "1234".to_string()),
-            ("DUTGATE_GATEWAY__PORTS__PDU".to_string(), "18004".to_string()),
+            (
+                "DUTGATE_GATEWAY__PORTS__PDU".to_string(),
+                "18004".to_string(),
+            ),
             ("DUTGATE_URL".to_string(), "ignored".to_string()),
         ];
         let c: TestFile = ConfigSource::from_text(text).load(env).unwrap();
@@ -460,7 +463,11 @@ mod tests {
             .to_string();
         assert!(err.contains("DUTGATE_SALAD__BAUDS"), "{err}");
         let env = vec![("DUTGATE_SALAD__BAUD".to_string(), "fast".to_string())];
-        assert!(ConfigSource::from_text("").load::<TestFile, _>(env).is_err());
+        assert!(
+            ConfigSource::from_text("")
+                .load::<TestFile, _>(env)
+                .is_err()
+        );
     }
 
     #[test]
@@ -468,7 +475,14 @@ mod tests {
         let text = "gateway:\n  auth:\n    admin_token: s3cret\n";
         let env = vec![("DUTGATE_SALAD__BAUD".to_string(), "1".to_string())];
         let c: TestFile = ConfigSource::from_text(text).load(env).unwrap();
-        assert!(c.gateway.auth.admin_token.as_ref().unwrap().matches("s3cret"));
+        assert!(
+            c.gateway
+                .auth
+                .admin_token
+                .as_ref()
+                .unwrap()
+                .matches("s3cret")
+        );
         let shown = render(&c);
         assert!(!shown.contains("s3cret"));
         assert!(shown.contains(crate::secret::MASK));

@@ -95,7 +95,10 @@ impl Db {
         }
     }
 
-    pub async fn open_sqlite(path: &std::path::Path, migrations: Migrations) -> Result<Self, DbError> {
+    pub async fn open_sqlite(
+        path: &std::path::Path,
+        migrations: Migrations,
+    ) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let target = path.display().to_string();
         let url = format!("sqlite://{}?mode=rwc", path.display());
@@ -138,14 +141,21 @@ impl Db {
         })
     }
 
-    pub async fn open_postgres(url: &str, schema: &str, migrations: Migrations) -> Result<Self, DbError> {
+    pub async fn open_postgres(
+        url: &str,
+        schema: &str,
+        migrations: Migrations,
+    ) -> Result<Self, DbError> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(DbError::UnsupportedUrl(
                 crate::secret::DatabaseUrl::new(url).masked(),
             ));
         }
         sqlx::any::install_default_drivers();
-        let target = format!("{} schema {schema}", crate::secret::DatabaseUrl::new(url).masked());
+        let target = format!(
+            "{} schema {schema}",
+            crate::secret::DatabaseUrl::new(url).masked()
+        );
         let open_err = |source| DbError::Open {
             target: target.clone(),
             source,
@@ -160,7 +170,9 @@ impl Db {
                 .await
                 .map_err(open_err)?;
             bootstrap
-                .execute(AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
+                .execute(AssertSqlSafe(format!(
+                    "CREATE SCHEMA IF NOT EXISTS {schema}"
+                )))
                 .await
                 .map_err(open_err)?;
             bootstrap.close().await;
@@ -256,7 +268,9 @@ pub mod testing {
                     let _ = self
                         .db
                         .pool
-                        .execute(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE")))
+                        .execute(AssertSqlSafe(format!(
+                            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                        )))
                         .await;
                     self.db.close().await;
                 }
@@ -286,12 +300,14 @@ pub mod testing {
         });
         if let Ok(url) = std::env::var(POSTGRES_ENV) {
             let schema = unique(service);
-            let db = Db::open_postgres(&url, &schema, migrations).await.unwrap_or_else(|e| {
-                panic!(
-                    "{POSTGRES_ENV} is set but PostgreSQL is not usable ({e}); \
+            let db = Db::open_postgres(&url, &schema, migrations)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{POSTGRES_ENV} is set but PostgreSQL is not usable ({e}); \
                      install and start the `postgresql` package or unset the variable"
-                )
-            });
+                    )
+                });
             out.push(TestDb {
                 db,
                 cleanup: Cleanup::Schema(schema),

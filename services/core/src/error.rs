@@ -65,7 +65,10 @@ impl ApiError {
     /// A server-side failure: the detail goes to the log, the client gets a generic sentence.
     pub fn internal(detail: impl std::fmt::Display) -> Self {
         tracing::error!(error = %detail, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the service log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the service log",
+        )
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {

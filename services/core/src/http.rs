@@ -74,9 +74,12 @@ async fn healthz(State(h): State<HealthState>) -> Response {
             axum::Json(json!({"status": "ok", "service": h.service})),
         )
             .into_response(),
-        Ok(Err(e)) => ApiError::unavailable(format!("{} unhealthy: {e}", h.service)).into_response(),
-        Err(_) => ApiError::unavailable(format!("{} health check timed out", h.service))
-            .into_response(),
+        Ok(Err(e)) => {
+            ApiError::unavailable(format!("{} unhealthy: {e}", h.service)).into_response()
+        }
+        Err(_) => {
+            ApiError::unavailable(format!("{} health check timed out", h.service)).into_response()
+        }
     }
 }
 
@@ -87,13 +90,18 @@ async fn metrics_endpoint() -> Response {
             h.render(),
         )
             .into_response(),
-        None => ApiError::unavailable("metrics recorder not installed in this process")
-            .into_response(),
+        None => {
+            ApiError::unavailable("metrics recorder not installed in this process").into_response()
+        }
     }
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn record_request(State(service): State<&'static str>, req: Request, next: Next) -> Response {

@@ -117,6 +117,9 @@ mod tests {
     fn masks_database_passwords() {
         let u = DatabaseUrl::new("postgres://dut:pw@db:5432/farm");
         assert_eq!(u.masked(), format!("postgres://dut:{MASK}@db:5432/farm"));
-        assert_eq!(DatabaseUrl::new("postgres://db/farm").masked(), "postgres://db/farm");
+        assert_eq!(
+            DatabaseUrl::new("postgres://db/farm").masked(),
+            "postgres://db/farm"
+        );
     }
 }

@@ -124,7 +124,8 @@ impl ServiceContext {
     ) -> Result<(), ServiceError> {
         let app = crate::http::with_common_routes(self.name.as_str(), router, health);
         let listener = crate::http::listener(self.listen_addr()).await?;
-        let grace = std::time::Duration::from_secs_f64(self.gateway.shutdown_grace_seconds.max(0.0));
+        let grace =
+            std::time::Duration::from_secs_f64(self.gateway.shutdown_grace_seconds.max(0.0));
         crate::http::serve(listener, app, self.shutdown.clone(), grace).await?;
         Ok(())
     }

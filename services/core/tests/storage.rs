@@ -27,23 +27,27 @@ async fn same_queries_on_every_backend() {
             .await
             .unwrap();
         // A conditional update: the building block of leases and state transitions.
-        let updated = sqlx::query("UPDATE kv SET value = $1, version = version + 1 WHERE key = $2 AND version = $3")
-            .bind("2")
-            .bind("a")
-            .bind(0i64)
-            .execute(db.pool())
-            .await
-            .unwrap()
-            .rows_affected();
+        let updated = sqlx::query(
+            "UPDATE kv SET value = $1, version = version + 1 WHERE key = $2 AND version = $3",
+        )
+        .bind("2")
+        .bind("a")
+        .bind(0i64)
+        .execute(db.pool())
+        .await
+        .unwrap()
+        .rows_affected();
         assert_eq!(updated, 1, "{:?}", db.backend());
-        let stale = sqlx::query("UPDATE kv SET value = $1, version = version + 1 WHERE key = $2 AND version = $3")
-            .bind("3")
-            .bind("a")
-            .bind(0i64)
-            .execute(db.pool())
-            .await
-            .unwrap()
-            .rows_affected();
+        let stale = sqlx::query(
+            "UPDATE kv SET value = $1, version = version + 1 WHERE key = $2 AND version = $3",
+        )
+        .bind("3")
+        .bind("a")
+        .bind(0i64)
+        .execute(db.pool())
+        .await
+        .unwrap()
+        .rows_affected();
         assert_eq!(stale, 0);
         let row = sqlx::query("SELECT value, version FROM kv WHERE key = $1")
             .bind("a")
@@ -70,7 +74,9 @@ async fn reopening_keeps_data_and_migrations_are_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("svc.db");
     {
-        let db = dutgate_core::db::Db::open_sqlite(&path, MIGRATIONS).await.unwrap();
+        let db = dutgate_core::db::Db::open_sqlite(&path, MIGRATIONS)
+            .await
+            .unwrap();
         sqlx::query("INSERT INTO kv (key, value) VALUES ($1, $2)")
             .bind("k")
             .bind("v")
@@ -79,7 +85,9 @@ async fn reopening_keeps_data_and_migrations_are_idempotent() {
             .unwrap();
         db.close().await;
     }
-    let db = dutgate_core::db::Db::open_sqlite(&path, MIGRATIONS).await.unwrap();
+    let db = dutgate_core::db::Db::open_sqlite(&path, MIGRATIONS)
+        .await
+        .unwrap();
     let row = sqlx::query("SELECT value FROM kv WHERE key = $1")
         .bind("k")
         .fetch_one(db.pool())

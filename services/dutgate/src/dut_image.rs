@@ -58,7 +58,12 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("vmlinuz-"))
         .map(str::to_string)
-        .with_context(|| format!("{}: expected a /boot/vmlinuz-<release> file", kernel.display()))?;
+        .with_context(|| {
+            format!(
+                "{}: expected a /boot/vmlinuz-<release> file",
+                kernel.display()
+            )
+        })?;
     let modules_dir = PathBuf::from("/lib/modules").join(&release);
     let busybox = std::fs::read(&args.busybox).with_context(|| {
         format!(
@@ -67,15 +72,36 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
         )
     })?;
     let mut fs = Initramfs::new();
-    for d in ["sbin", "usr", "usr/bin", "run", "results", "etc/dutgate", "lib", "lib/modules"] {
+    for d in [
+        "sbin",
+        "usr",
+        "usr/bin",
+        "run",
+        "results",
+        "etc/dutgate",
+        "lib",
+        "lib/modules",
+    ] {
         fs.dir(d);
     }
     fs.file("bin/busybox", 0o755, busybox);
     fs.symlink("bin/sh", "busybox");
-    fs.file("bin/machine-registration", 0o755, read_agent(&args.registration_agent)?);
+    fs.file(
+        "bin/machine-registration",
+        0o755,
+        read_agent(&args.registration_agent)?,
+    );
     fs.file("bin/dutgate-dut", 0o755, read_agent(&args.dut_agent)?);
-    fs.file("etc/dutgate/cmdline.awk", 0o644, CMDLINE_AWK.as_bytes().to_vec());
-    fs.file("etc/dutgate/udhcpc.script", 0o755, UDHCPC_SCRIPT.as_bytes().to_vec());
+    fs.file(
+        "etc/dutgate/cmdline.awk",
+        0o644,
+        CMDLINE_AWK.as_bytes().to_vec(),
+    );
+    fs.file(
+        "etc/dutgate/udhcpc.script",
+        0o755,
+        UDHCPC_SCRIPT.as_bytes().to_vec(),
+    );
     fs.file("etc/hosts", 0o644, b"127.0.0.1 localhost\n".to_vec());
     fs.init(INIT);
 
@@ -101,12 +127,8 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
     let initramfs_out = out.join("initramfs.cpio");
     // Write next to the target and rename, so a running farm never boots half a file.
     let tmp = out.join(".vmlinuz.tmp");
-    std::fs::copy(&kernel, &tmp).with_context(|| {
-        format!(
-            "copying {} (package linux-image-amd64)",
-            kernel.display()
-        )
-    })?;
+    std::fs::copy(&kernel, &tmp)
+        .with_context(|| format!("copying {} (package linux-image-amd64)", kernel.display()))?;
     std::fs::rename(&tmp, &kernel_out)?;
     let tmp = out.join(".initramfs.tmp");
     fs.write(&tmp)?;
@@ -130,7 +152,10 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
 fn read_agent(path: &Path) -> anyhow::Result<Vec<u8>> {
     let data = std::fs::read(path).with_context(|| format!("reading agent {}", path.display()))?;
     // A dynamically linked agent would fail inside the initramfs with a confusing "not found".
-    if data.windows(b"/lib64/ld-linux".len()).any(|w| w == b"/lib64/ld-linux") {
+    if data
+        .windows(b"/lib64/ld-linux".len())
+        .any(|w| w == b"/lib64/ld-linux")
+    {
         bail!(
             "{} is dynamically linked; build it with RUSTFLAGS=\"-C target-feature=+crt-static\" (cargo xtask dut-image does)",
             path.display()
@@ -159,12 +184,8 @@ fn newest_kernel() -> anyhow::Result<PathBuf> {
 /// Modules to insmod, dependencies first, from `modules.dep` (`path: dep dep …`).
 fn module_load_order(modules_dir: &Path, wanted: &[&str]) -> anyhow::Result<Vec<String>> {
     let dep_file = modules_dir.join("modules.dep");
-    let text = std::fs::read_to_string(&dep_file).with_context(|| {
-        format!(
-            "reading {} (package linux-image-amd64)",
-            dep_file.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(&dep_file)
+        .with_context(|| format!("reading {} (package linux-image-amd64)", dep_file.display()))?;
     let mut deps: HashMap<String, Vec<String>> = HashMap::new();
     let mut by_name: HashMap<String, String> = HashMap::new();
     for line in text.lines() {

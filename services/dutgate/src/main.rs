@@ -16,7 +16,11 @@ use dutgate_core::ServiceName;
 const EXIT_CONFIG: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "dutgate", version, about = "CI farm gateway: time-shares test machines between jobs")]
+#[command(
+    name = "dutgate",
+    version,
+    about = "CI farm gateway: time-shares test machines between jobs"
+)]
 struct Cli {
     /// Config file (default: /etc/dutgate/gateway.yml when it exists, else embedded defaults).
     #[arg(long, env = "DUTGATE_CONFIG", global = true)]
@@ -104,7 +108,10 @@ fn main() -> ExitCode {
         Command::S3 => Some(ServiceName::S3),
     };
     dutgate_core::telemetry::init_tracing(&loaded.config.gateway.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("dutgate: cannot start the async runtime: {e}");
@@ -119,7 +126,9 @@ fn main() -> ExitCode {
             (None, Command::Up(args)) => up::run(args, loaded, cli.config).await,
             (None, Command::Job { id }) => match services::job(&id).await {
                 0 => Ok(()),
-                code => Err(anyhow::anyhow!("job {id}: job process ended with code {code}")),
+                code => Err(anyhow::anyhow!(
+                    "job {id}: job process ended with code {code}"
+                )),
             },
             (None, _) => Ok(()),
         }

@@ -20,8 +20,7 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
                 config.gateway.internal_url(ServiceName::Executor),
                 admin,
             );
-            dutgate_mars::run_with_runner(ctx, config.mars, Some(std::sync::Arc::new(runner)))
-                .await
+            dutgate_mars::run_with_runner(ctx, config.mars, Some(std::sync::Arc::new(runner))).await
         }
         ServiceName::Registry => dutgate_registry::run(ctx, config.registry).await,
         ServiceName::Boot => dutgate_boot::run(ctx, config.boot).await,

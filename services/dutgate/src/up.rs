@@ -87,7 +87,11 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
     for name in &names {
         let url = gw.internal_url(*name);
         let ready = wait_healthy(&http, &url, deadline).await;
-        let state = if ready { "ready" } else { "NOT READY (see its log lines)" };
+        let state = if ready {
+            "ready"
+        } else {
+            "NOT READY (see its log lines)"
+        };
         println!("  {:<9} {url:<24} {state}", name.as_str());
     }
     println!(
@@ -211,7 +215,9 @@ async fn stop_all(children: &mut [Supervised]) {
     }
     let deadline = Instant::now() + STOP_BUDGET;
     for s in children.iter_mut() {
-        let Some(child) = s.child.as_mut() else { continue };
+        let Some(child) = s.child.as_mut() else {
+            continue;
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, child.wait()).await {
             Ok(_) => {}

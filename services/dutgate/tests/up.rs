@@ -11,8 +11,7 @@ const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "sal
 fn dutgate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dutgate"));
     // Never pick up a machine-wide config or the caller's overrides.
-    c.env("DUTGATE_CONFIG", "/dev/null")
-        .env_remove("RUST_LOG");
+    c.env("DUTGATE_CONFIG", "/dev/null").env_remove("RUST_LOG");
     for (k, _) in std::env::vars() {
         if k.starts_with("DUTGATE_") && k.contains("__") {
             c.env_remove(k);
@@ -70,7 +69,10 @@ fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
     for svc in SERVICES {
         let p = free_port();
         ports.push(p);
-        cmd.env(format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()), p.to_string());
+        cmd.env(
+            format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
+            p.to_string(),
+        );
     }
     cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
         .stdout(Stdio::piped())
@@ -110,10 +112,23 @@ fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
     while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(stop.elapsed() < Duration::from_secs(5), "stopping took {:?}", stop.elapsed());
-    assert_eq!(processes_mentioning(&needle), Vec::<String>::new(), "orphans left");
+    assert!(
+        stop.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        stop.elapsed()
+    );
+    assert_eq!(
+        processes_mentioning(&needle),
+        Vec::<String>::new(),
+        "orphans left"
+    );
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     for svc in SERVICES {
         assert!(out.contains(svc), "no line for {svc} in:\n{out}");
     }
@@ -173,7 +188,11 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 fn unknown_key_and_bad_value_exit_2_naming_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("gateway:\n  farm_name: lab\n  colour: blue\n", "colour", ":3:"),
+        (
+            "gateway:\n  farm_name: lab\n  colour: blue\n",
+            "colour",
+            ":3:",
+        ),
         ("gateway:\n  ports:\n    pdu: high\n", "pdu", ":3:"),
         ("salad:\n  nonsense_key: 1\n", "nonsense_key", ":2:"),
         ("gatewy:\n  farm_name: lab\n", "gatewy", ":1:"),
@@ -234,6 +253,9 @@ fn config_check_prints_effective_config_with_secrets_masked() {
     assert!(!text.contains("sup3rsecret"));
     assert!(!text.contains(":pw@"));
     for section in SERVICES {
-        assert!(text.contains(&format!("\n{section}:")), "section {section} missing:\n{text}");
+        assert!(
+            text.contains(&format!("\n{section}:")),
+            "section {section} missing:\n{text}"
+        );
     }
 }

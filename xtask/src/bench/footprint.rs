@@ -17,7 +17,9 @@ const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "sal
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let profile = if args.quick { "debug" } else { "release" };
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.args(["build", "-p", "dutgate"]).current_dir(&args.root);
+    build
+        .args(["build", "-p", "dutgate"])
+        .current_dir(&args.root);
     if !args.quick {
         build.arg("--release");
     }
@@ -27,7 +29,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let exe = args.root.join("target").join(profile).join("dutgate");
     // `cargo xtask bench footprint -- N` runs N times instead of 5.
     let runs = match args.extra.first() {
-        Some(n) => n.parse().context("the extra argument is the number of runs")?,
+        Some(n) => n
+            .parse()
+            .context("the extra argument is the number of runs")?,
         None if args.quick => 1,
         None => 5,
     };
@@ -44,16 +48,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let fmt = |v: &[f64]| {
         stats(v)
-            .map(|s| format!("{:.0} / {:.0} / {:.0} (p99 {:.0}, n={})", s.min, s.median, s.max, s.p99, s.n))
+            .map(|s| {
+                format!(
+                    "{:.0} / {:.0} / {:.0} (p99 {:.0}, n={})",
+                    s.min, s.median, s.max, s.p99, s.n
+                )
+            })
             .unwrap_or_else(|| "-".into())
     };
     let mut rows = vec![
-        vec!["`dutgate up` until all /healthz answer (ms)".into(), fmt(&start_ms)],
-        vec!["SIGTERM until every process is gone (ms)".into(), fmt(&stop_ms)],
+        vec![
+            "`dutgate up` until all /healthz answer (ms)".into(),
+            fmt(&start_ms),
+        ],
+        vec![
+            "SIGTERM until every process is gone (ms)".into(),
+            fmt(&stop_ms),
+        ],
     ];
     let mut total = vec![0.0; runs];
     for (svc, v) in &rss_kib {
-        rows.push(vec![format!("idle RSS of `{svc}` (MiB)"), fmt(&v.iter().map(|k| k / 1024.0).collect::<Vec<_>>())]);
+        rows.push(vec![
+            format!("idle RSS of `{svc}` (MiB)"),
+            fmt(&v.iter().map(|k| k / 1024.0).collect::<Vec<_>>()),
+        ]);
         for (i, k) in v.iter().enumerate() {
             if let Some(t) = total.get_mut(i) {
                 *t += k / 1024.0;
@@ -69,7 +87,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "cargo xtask bench footprint",
             &["figure", "min / median / max"],
             &rows,
-            &format!("{runs} runs of a release build with the embedded defaults (SQLite, empty state dir)."),
+            &format!(
+                "{runs} runs of a release build with the embedded defaults (SQLite, empty state dir)."
+            ),
         )?;
     }
     Ok(())
@@ -86,14 +106,21 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 fn one_run(exe: &std::path::Path) -> anyhow::Result<RunResult> {
-    let state = std::env::temp_dir().join(format!("dutgate-bench-{}-{}", std::process::id(), free_port()?));
+    let state = std::env::temp_dir().join(format!(
+        "dutgate-bench-{}-{}",
+        std::process::id(),
+        free_port()?
+    ));
     let mut cmd = Command::new(exe);
     cmd.arg("--state-dir").arg(&state).arg("up");
     let mut ports = Vec::new();
     for svc in SERVICES {
         let p = free_port()?;
         ports.push(p);
-        cmd.env(format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()), p.to_string());
+        cmd.env(
+            format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
+            p.to_string(),
+        );
     }
     cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
         .stdout(Stdio::null())
@@ -115,7 +142,9 @@ fn one_run(exe: &std::path::Path) -> anyhow::Result<RunResult> {
     let rss = children_rss(child.id());
     let t1 = Instant::now();
     // SAFETY-free: signal through the kill command to avoid a libc dependency here.
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     child.wait()?;
     let stop = t1.elapsed();
     let _ = std::fs::remove_dir_all(&state);
@@ -131,8 +160,7 @@ fn healthy(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .is_err()
     {
         return false;

@@ -86,7 +86,10 @@ pub fn append_table(
     );
     let mut out = String::new();
     out.push_str(&format!("\n## {title} ({date})\n\n"));
-    out.push_str(&format!("Command: `{command}`  \nMachine: {}\n\n", machine_description()));
+    out.push_str(&format!(
+        "Command: `{command}`  \nMachine: {}\n\n",
+        machine_description()
+    ));
     out.push_str(&format!("| {} |\n", header.join(" | ")));
     out.push_str(&format!("|{}\n", "---|".repeat(header.len())));
     for row in rows {

@@ -104,7 +104,10 @@ mod tests {
             "525400123456",
             "52:54:00:12:34:56".to_uppercase().as_str(),
         ] {
-            assert_eq!(MachineId::parse(s).unwrap().to_string(), "52:54:00:12:34:56");
+            assert_eq!(
+                MachineId::parse(s).unwrap().to_string(),
+                "52:54:00:12:34:56"
+            );
         }
     }
 

@@ -54,6 +54,9 @@ mod tests {
         assert_eq!("on".parse::<PowerState>().unwrap(), PowerState::On);
         assert_eq!("Off".parse::<PowerState>().unwrap(), PowerState::Off);
         assert!("maybe".parse::<PowerState>().is_err());
-        assert_eq!(serde_json::to_string(&PowerState::Unknown).unwrap(), "\"UNKNOWN\"");
+        assert_eq!(
+            serde_json::to_string(&PowerState::Unknown).unwrap(),
+            "\"UNKNOWN\""
+        );
     }
 }
