@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use dutgate_core::MachineId;
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +42,8 @@ struct Client {
     id: u64,
     read_only: bool,
     peer: SocketAddr,
+    /// Shared with the client's tasks: the fan-out writes directly when nothing is queued.
+    sock: Arc<TcpStream>,
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
     cancel: CancellationToken,
@@ -181,13 +182,27 @@ impl Machine {
             inner.scrollback.push(&chunk, cap);
             inner.clients.retain(|c| {
                 let queued = c.queued.load(Ordering::Acquire);
-                if queued + chunk.len() > self.limits.queue_bytes {
+                let mut rest = chunk.clone();
+                if queued == 0 {
+                    // Nothing queued means nothing in flight either (the writer counts a chunk
+                    // down only once written), so writing here keeps the order and saves the
+                    // hop through the writer task: this is the latency path.
+                    match c.sock.try_write(&chunk) {
+                        Ok(n) if n == chunk.len() => return true,
+                        Ok(n) => rest = chunk.slice(n..),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            c.cancel.cancel();
+                            return false;
+                        }
+                    }
+                } else if queued + chunk.len() > self.limits.queue_bytes {
                     dropped.push((c.id, c.peer, c.read_only, queued, c.cancel.clone()));
                     return false;
                 }
-                c.queued.fetch_add(chunk.len(), Ordering::AcqRel);
+                c.queued.fetch_add(rest.len(), Ordering::AcqRel);
                 // A closed channel means the client's writer already ended; it removes itself.
-                c.tx.send(chunk.clone()).is_ok()
+                c.tx.send(rest).is_ok()
             });
             self.update_gauges(&inner);
         }
@@ -251,6 +266,7 @@ impl Machine {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let cancel = self.cancel.child_token();
+        let sock = Arc::new(stream);
         {
             let mut inner = self.lock();
             if read_only {
@@ -265,6 +281,7 @@ impl Machine {
                 id,
                 read_only,
                 peer,
+                sock: sock.clone(),
                 tx,
                 queued: queued.clone(),
                 cancel: cancel.clone(),
@@ -272,16 +289,17 @@ impl Machine {
             self.update_gauges(&inner);
         }
         tracing::info!(machine = %self.id, client = id, %peer, read_only, "console client connected");
-        let (read_half, write_half) = stream.into_split();
         let me = self.clone();
         let c = cancel.clone();
+        let write_sock = sock.clone();
         tasks.spawn(async move {
-            me.client_writer(id, peer, write_half, rx, queued, c).await;
+            me.client_writer(id, peer, &write_sock, rx, queued, c).await;
+            // Dropping the last reference to the socket closes it.
             me.remove_client(id);
         });
         let me = self.clone();
         tasks.spawn(async move {
-            me.client_reader(id, read_half, read_only, &cancel).await;
+            me.client_reader(id, &sock, read_only, &cancel).await;
             // The client left (or must go): end its writer too.
             cancel.cancel();
             tracing::info!(machine = %me.id, client = id, %peer, "console client disconnected");
@@ -292,7 +310,7 @@ impl Machine {
         &self,
         id: u64,
         peer: SocketAddr,
-        mut sock: tokio::net::tcp::OwnedWriteHalf,
+        sock: &TcpStream,
         mut rx: mpsc::UnboundedReceiver<Bytes>,
         queued: Arc<AtomicUsize>,
         cancel: CancellationToken,
@@ -303,7 +321,7 @@ impl Machine {
                 c = rx.recv() => match c { Some(c) => c, None => break },
             };
             let n = chunk.len();
-            let write = tokio::time::timeout(self.limits.write_timeout, sock.write_all(&chunk));
+            let write = tokio::time::timeout(self.limits.write_timeout, write_all(sock, &chunk));
             let result = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = write => r,
@@ -327,23 +345,27 @@ impl Machine {
             }
         }
         cancel.cancel();
-        // Best effort: tell the client we are done. Bounded, as the peer may be stalled.
-        let _ = tokio::time::timeout(Duration::from_millis(200), sock.shutdown()).await;
     }
 
     async fn client_reader(
         &self,
         id: u64,
-        mut sock: tokio::net::tcp::OwnedReadHalf,
+        sock: &TcpStream,
         read_only: bool,
         cancel: &CancellationToken,
     ) {
         let mut buf = vec![0u8; 16 * 1024];
         let mut warned = false;
         loop {
-            let n = tokio::select! {
+            tokio::select! {
                 _ = cancel.cancelled() => return,
-                r = sock.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                r = sock.readable() => if r.is_err() { return },
+            }
+            let n = match sock.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
             };
             if read_only {
                 continue;
@@ -374,6 +396,19 @@ impl Machine {
             }
         }
     }
+}
+
+/// `write_all` through a shared socket (the fan-out may write to it directly too).
+async fn write_all(sock: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        sock.writable().await?;
+        match sock.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Accepts clients on one of a machine's ports until the machine is cancelled. `listener` is
