@@ -197,7 +197,7 @@ fn children_rss(parent: u32) -> Vec<(String, u64)> {
         let name = cmdline
             .split(|b| *b == 0)
             .filter(|a| !a.is_empty())
-            .last()
+            .next_back()
             .map(|a| String::from_utf8_lossy(a).to_string())
             .unwrap_or_default();
         if let Some(kib) = field("VmRSS:") {
