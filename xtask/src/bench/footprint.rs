@@ -196,8 +196,7 @@ fn children_rss(parent: u32) -> Vec<(String, u64)> {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let name = cmdline
             .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .next_back()
+            .rfind(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).to_string())
             .unwrap_or_default();
         if let Some(kib) = field("VmRSS:") {
