@@ -714,29 +714,45 @@ fn dutctl_run_interactive_quit(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> +
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let exec = farm.exec();
-        let end = Instant::now() + T;
-        let id = loop {
-            let jobs = exec.jobs(Some(JobState::Running), 10).await.unwrap();
-            if let Some(j) = jobs
-                .iter()
-                .find(|j| j.machine_id == Some(farm.machines[0]) && j.console_bytes > 0)
-            {
-                break j.id;
+        // Wait until the DUT's output is on the terminal, then type and quit.
+        let mut stdout = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let read_until = async {
+            let mut buf = [0u8; 1024];
+            while !String::from_utf8_lossy(&seen).contains("running tests") {
+                let n = tokio::io::AsyncReadExt::read(&mut stdout, &mut buf)
+                    .await
+                    .unwrap();
+                assert!(
+                    n > 0,
+                    "dutctl ended early: {}",
+                    String::from_utf8_lossy(&seen)
+                );
+                seen.extend_from_slice(&buf[..n]);
             }
-            assert!(Instant::now() < end, "the job never ran");
-            tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        tokio::time::timeout(T, read_until)
+            .await
+            .expect("the console is shown");
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(b"echo hi\r\x01\x03").await.unwrap();
         stdin.flush().await.unwrap();
-        let out = tokio::time::timeout(T, child.wait_with_output())
+        let status = tokio::time::timeout(T, child.wait())
             .await
             .expect("Ctrl-A Ctrl-C quits")
             .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(4), "{stdout}");
-        assert!(stdout.contains("booting"), "console shown: {stdout}");
+        let mut rest = Vec::new();
+        let _ = tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut rest).await;
+        seen.extend_from_slice(&rest);
+        let text = String::from_utf8_lossy(&seen);
+        assert_eq!(status.code(), Some(4), "{text}");
+        assert!(text.contains("cancelling job"), "{text}");
+        let id: i64 = text
+            .split("job ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.trim_end_matches(':').parse().ok())
+            .unwrap();
         let j = farm.wait_finished(id).await;
         assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
         farm.wait_machine(farm.machines[0], MachineState::Idle)
