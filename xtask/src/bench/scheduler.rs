@@ -21,7 +21,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(&cargo);
     build
-        .args(["build", "-p", "dutgate-executor", "--example", "scheduler_bench"])
+        .args([
+            "build",
+            "-p",
+            "dutgate-executor",
+            "--example",
+            "scheduler_bench",
+        ])
         .current_dir(&args.root);
     if !args.quick {
         build.arg("--release");
@@ -50,6 +56,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for backend in ["sqlite", "postgres"] {
         println!("  scheduler: {backend}, {machines} machines, {jobs} jobs");
+        // Other work on the machine shows in every figure: record how busy it was.
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_string))
+            .unwrap_or_else(|| "?".into());
         let out = Command::new(&exe)
             .args(["--backend", backend, "--postgres-url", &pg])
             .args(["--machines", &machines, "--jobs", &jobs])
@@ -79,6 +90,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             format!("{} / {}", f[5], f[6]),
             f[9].to_string(),
             f[10].to_string(),
+            load,
         ]);
     }
     if args.write && !args.quick {
@@ -94,6 +106,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 "machine freed → next job launched p50 / p99 (ms, loaded)",
                 "jobs/s",
                 "submissions/s",
+                "load avg at start",
             ],
             &rows,
             "Jobs run inline in the executor (power on, power off through the pdu service, \
