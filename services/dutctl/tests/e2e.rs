@@ -360,6 +360,7 @@ timeouts:
 console_patterns:
   session_end: {{regex: "^SESSION END$"}}
   job_success: {{regex: "^RESULT: PASS$"}}
+  job_warn: {{regex: "^WARNING: "}}
 deployment:
   start:
     kernel:
@@ -376,6 +377,12 @@ fn script_lines(script: &str) -> Vec<&'static str> {
     match script {
         "pass" => vec!["booting", "running tests", "RESULT: PASS", "SESSION END"],
         "fail" => vec!["booting", "running tests", "RESULT: FAIL", "SESSION END"],
+        "warn" => vec![
+            "booting",
+            "WARNING: flaky fan",
+            "RESULT: PASS",
+            "SESSION END",
+        ],
         // Output, then silence until powered off.
         "hang" => vec!["booting", "running tests"],
         "slow" => vec![
@@ -633,6 +640,16 @@ impl GitlabJob<'_> {
     }
 }
 
+/// The job id from `dutctl run`'s first line (`job N submitted: …`).
+fn job_id_in(stderr: &str) -> i64 {
+    stderr
+        .split("job ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.trim_end_matches(':').parse().ok())
+        .unwrap_or_else(|| panic!("no job id in {stderr}"))
+}
+
 // ---- tests ----------------------------------------------------------------------------------
 
 type TestFn = for<'a> fn(&'a Farm) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -641,9 +658,18 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
     Box::pin(async move {
         let dir = farm.tmp.path().join("run");
         std::fs::create_dir_all(&dir).unwrap();
-        for (sim, want, verdict) in [("pass", 0, "RESULT: PASS"), ("fail", 3, "RESULT: FAIL")] {
+        let complete =
+            job_yaml("fail", "").replace("  job_success: {regex: \"^RESULT: PASS$\"}\n", "");
+        let setup_fail = job_yaml("pass", "").replace("/vmlinuz\"", "/no-such-kernel\"");
+        for (sim, yaml, want, verdict) in [
+            ("pass", job_yaml("pass", ""), 0, "RESULT: PASS"),
+            ("warn", job_yaml("warn", ""), 1, "WARNING: flaky fan"),
+            ("complete", complete, 2, "RESULT: FAIL"),
+            ("fail", job_yaml("fail", ""), 3, "RESULT: FAIL"),
+            ("setup_fail", setup_fail, 6, ""),
+        ] {
             let job = dir.join(format!("{sim}.yml"));
-            std::fs::write(&job, job_yaml(sim, "")).unwrap();
+            std::fs::write(&job, yaml).unwrap();
             let share = dir.join(format!("share-{sim}"));
             let out = farm
                 .dutctl()
@@ -662,14 +688,43 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
                 Some(want),
                 "dutctl run {sim}\nstdout:\n{stdout}\nstderr:\n{stderr}"
             );
+            assert!(share.join("events.json").exists(), "artifacts downloaded");
+            if sim == "setup_fail" {
+                assert!(stderr.contains("SETUP_FAIL"), "{stderr}");
+                continue;
+            }
             assert!(stdout.contains(verdict), "console printed: {stdout}");
             assert!(stdout.contains("SESSION END"), "whole console: {stdout}");
             assert!(stderr.contains("phase power"), "phases shown: {stderr}");
             assert!(stderr.contains("phase running"), "phases shown: {stderr}");
             let log = std::fs::read_to_string(share.join("console.log")).unwrap();
             assert!(log.contains(verdict), "console.log artifact: {log}");
-            assert!(share.join("events.json").exists());
+            // `jobs log` gives the same console.
+            let id = job_id_in(&stderr);
+            let out = farm
+                .dutctl()
+                .args(["jobs", "log", &id.to_string()])
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), log);
         }
+        // `jobs show` lists the events; cancelling a finished job is refused (exit 10).
+        let out = farm
+            .dutctl()
+            .args(["jobs", "show", "1"])
+            .output()
+            .await
+            .unwrap();
+        let show = String::from_utf8_lossy(&out.stdout);
+        assert!(show.contains("PASS") && show.contains("finished"), "{show}");
+        let out = farm
+            .dutctl()
+            .args(["jobs", "cancel", "1"])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(10));
         // Client-side errors: one line, exit 10.
         let out = farm
             .dutctl()
@@ -747,12 +802,7 @@ fn dutctl_run_interactive_quit(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> +
         let text = String::from_utf8_lossy(&seen);
         assert_eq!(status.code(), Some(4), "{text}");
         assert!(text.contains("cancelling job"), "{text}");
-        let id: i64 = text
-            .split("job ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.trim_end_matches(':').parse().ok())
-            .unwrap();
+        let id = job_id_in(&text);
         let j = farm.wait_finished(id).await;
         assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
         farm.wait_machine(farm.machines[0], MachineState::Idle)
@@ -826,12 +876,7 @@ fn dutctl_run_resumes_streams(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + 
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
         // Exactly the job's console log, nothing lost, nothing twice.
-        let id: i64 = stderr
-            .split("job ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.trim_end_matches(':').parse().ok())
-            .unwrap();
+        let id = job_id_in(&stderr);
         let log = farm
             .exec()
             .api()
