@@ -206,7 +206,11 @@ async fn prepare_checks(d: &DriverArgs, gw: &Gateway) -> anyhow::Result<String> 
         return Ok(format!("gateway {} reachable", exec.base()));
     };
     let m = find_machine(&mars_client(gw), &name).await?;
-    if m.state == MachineState::Retired || m.state == MachineState::WaitForConfig {
+    // Jobs for these would wait in the queue until GitLab's timeout.
+    if matches!(
+        m.state,
+        MachineState::Retired | MachineState::WaitForConfig | MachineState::Quarantined
+    ) {
         anyhow::bail!(
             "machine {} ({}) is {} and takes no jobs",
             m.full_name,

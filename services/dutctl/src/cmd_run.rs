@@ -187,6 +187,29 @@ pub async fn submit(
     exec.api().send(rb, path).await
 }
 
+/// One line saying why the gateway refused the job, pointing into the file when it can.
+fn submission_error(file: &Path, e: &ClientError) -> String {
+    match e {
+        ClientError::Api { status, body, .. } => {
+            let mut at = String::new();
+            if let Some(line) = body.line {
+                at = format!("{}:{line}", file.display());
+                if let Some(col) = body.column {
+                    at.push_str(&format!(":{col}"));
+                }
+                at.push_str(": ");
+            }
+            let field = body
+                .field
+                .as_deref()
+                .map(|f| format!(" (field {f})"))
+                .unwrap_or_default();
+            format!("{at}job refused ({status}): {}{field}", body.error)
+        }
+        other => format!("cannot submit the job: {other}"),
+    }
+}
+
 /// `dutctl run`.
 pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
     let progress = Progress {
@@ -209,9 +232,10 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
         ..SubmitOptions::new()
     };
     let machine = args.machine.as_deref().filter(|m| !m.is_empty());
-    let submitted = submit(&exec, &yaml, machine, &args.tags, &opts)
-        .await
-        .context("submission failed")?;
+    let submitted = match submit(&exec, &yaml, machine, &args.tags, &opts).await {
+        Ok(s) => s,
+        Err(e) => bail!("{}", submission_error(&args.file, &e)),
+    };
     let id = submitted.id;
     record(&format!("submitted {id}"));
     progress.line(&format!("job {id} submitted: {}", submitted.url));

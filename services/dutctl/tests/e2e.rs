@@ -662,7 +662,13 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
             job_yaml("fail", "").replace("  job_success: {regex: \"^RESULT: PASS$\"}\n", "");
         let setup_fail = job_yaml("pass", "").replace("/vmlinuz\"", "/no-such-kernel\"");
         for (sim, yaml, want, verdict) in [
-            ("pass", job_yaml("pass", ""), 0, "RESULT: PASS"),
+            // The script's name comes from --var (below).
+            (
+                "pass",
+                job_yaml("pass", "").replace("sim=pass", "sim={{ sim_script }}"),
+                0,
+                "RESULT: PASS",
+            ),
             ("warn", job_yaml("warn", ""), 1, "WARNING: flaky fan"),
             ("complete", complete, 2, "RESULT: FAIL"),
             ("fail", job_yaml("fail", ""), 3, "RESULT: FAIL"),
@@ -678,6 +684,7 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
                 .args(["-i", &farm.machines[0].to_string()])
                 .arg("--share-dir")
                 .arg(&share)
+                .args(["--var", "sim_script=pass"])
                 .output()
                 .await
                 .unwrap();
@@ -725,6 +732,14 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
             .await
             .unwrap();
         assert_eq!(out.status.code(), Some(10));
+        // A job the gateway refuses: one line pointing into the file, exit 10.
+        let bad = dir.join("bad.yml");
+        std::fs::write(&bad, job_yaml("pass", "  overall2: {minutes: 1}")).unwrap();
+        let out = farm.dutctl().arg("run").arg(&bad).output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(10), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("bad.yml:6"), "{stderr}");
         // Client-side errors: one line, exit 10.
         let out = farm
             .dutctl()
