@@ -35,6 +35,9 @@ pub struct Config {
     pub request_timeout_seconds: f64,
     /// Transfers (object put/get) fail when no byte moves for this long.
     pub transfer_idle_timeout_seconds: f64,
+    /// Largest unpacked size of a job's initial-state tarball (bytes); a larger one (or a
+    /// decompression bomb) fails the upload instead of filling the disk.
+    pub max_initial_state_bytes: u64,
 }
 
 impl Default for Config {
@@ -50,6 +53,7 @@ impl Default for Config {
             data_dir: None,
             request_timeout_seconds: 30.0,
             transfer_idle_timeout_seconds: 60.0,
+            max_initial_state_bytes: 4 << 30,
         }
     }
 }

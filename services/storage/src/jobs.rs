@@ -77,6 +77,7 @@ pub struct JobStorage {
     dut_url: String,
     bucket_prefix: String,
     region: String,
+    max_initial_state_bytes: u64,
 }
 
 impl JobStorage {
@@ -117,6 +118,7 @@ impl JobStorage {
             dut_url: dut_url.trim_end_matches('/').to_string(),
             bucket_prefix: config.bucket_prefix.clone(),
             region: config.region.clone(),
+            max_initial_state_bytes: config.max_initial_state_bytes,
         })
     }
 
@@ -212,7 +214,8 @@ impl JobStorage {
         let (files, skipped) = {
             let archive = archive.clone();
             let tree = tree.clone();
-            tokio::task::spawn_blocking(move || unpack(&archive, &tree))
+            let max = self.max_initial_state_bytes;
+            tokio::task::spawn_blocking(move || unpack(&archive, &tree, max))
                 .await
                 .map_err(|e| StorageError::Tarball(format!("unpacking: {e}")))??
         };
@@ -414,7 +417,11 @@ struct TarFile {
 }
 
 /// Unpacks the regular files of `archive` under `tree`. Blocking.
-fn unpack(archive: &Path, tree: &Path) -> Result<(Vec<TarFile>, u64), StorageError> {
+fn unpack(
+    archive: &Path,
+    tree: &Path,
+    max_bytes: u64,
+) -> Result<(Vec<TarFile>, u64), StorageError> {
     use std::io::{Read, Seek};
     let mut f = std::fs::File::open(archive).map_err(|e| StorageError::io(archive, e))?;
     let mut magic = [0u8; 2];
@@ -431,6 +438,7 @@ fn unpack(archive: &Path, tree: &Path) -> Result<(Vec<TarFile>, u64), StorageErr
     let mut ar = tar::Archive::new(reader);
     let mut files = Vec::new();
     let mut skipped = 0;
+    let mut total: u64 = 0;
     let entries = ar
         .entries()
         .map_err(|e| StorageError::Tarball(e.to_string()))?;
@@ -477,8 +485,16 @@ fn unpack(archive: &Path, tree: &Path) -> Result<(Vec<TarFile>, u64), StorageErr
             std::fs::create_dir_all(parent).map_err(|e| StorageError::io(parent, e))?;
         }
         let mut out = std::fs::File::create(&dest).map_err(|e| StorageError::io(&dest, e))?;
-        std::io::copy(&mut entry, &mut out)
+        // Counted while copying: the header's size field is the archive's word, not a fact.
+        let budget = max_bytes.saturating_sub(total).saturating_add(1);
+        let copied = std::io::copy(&mut std::io::Read::take(&mut entry, budget), &mut out)
             .map_err(|e| StorageError::Tarball(format!("{}: {e}", meta.key)))?;
+        total = total.saturating_add(copied);
+        if total > max_bytes {
+            return Err(StorageError::Tarball(format!(
+                "unpacked initial state exceeds {max_bytes} bytes (s3.max_initial_state_bytes)"
+            )));
+        }
         // A later entry with the same path replaces the earlier one, like tar does.
         files.retain(|f: &TarFile| f.key != meta.key);
         files.push(meta);
@@ -512,5 +528,26 @@ mod tests {
         assert!(safe_relative("a/../../x").is_err());
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("").is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever the job id, the name is a valid S3 bucket name or a clear error.
+        #[test]
+        fn any_job_id_gives_a_valid_bucket_name_or_an_error(id in "\\PC{0,80}") {
+            if let Ok(name) = bucket_name("job-", &id) {
+                proptest::prop_assert!((3..=63).contains(&name.len()));
+                proptest::prop_assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                proptest::prop_assert!(name.starts_with("job-"));
+                proptest::prop_assert!(!name.ends_with('-'));
+            }
+        }
+
+        /// A key accepted for download never leaves the directory it is joined to.
+        #[test]
+        fn accepted_keys_stay_inside(key in "[a-z./]{0,30}") {
+            if let Ok(rel) = safe_relative(&key) {
+                proptest::prop_assert!(rel.components().all(|c| matches!(c, Component::Normal(_))));
+            }
+        }
     }
 }

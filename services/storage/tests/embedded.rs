@@ -341,6 +341,23 @@ async fn plain_tar_and_garbage_tarballs() {
         .await
         .unwrap();
     assert_eq!(s.files, 1);
+    // A tarball that unpacks to more than the configured limit is refused.
+    let small = dutgate_storage::Config {
+        max_initial_state_bytes: 1000,
+        ..e.config.clone()
+    };
+    let limited = dutgate_storage::JobStorage::new(&e.gateway, &small)
+        .await
+        .unwrap();
+    let big = tarball(
+        &[("a", &[0u8; 600], 0o644), ("b", &[0u8; 600], 0o644)],
+        true,
+    );
+    let r = limited.upload_tarball(&job.bucket, &big[..]).await;
+    assert!(
+        matches!(&r, Err(StorageError::Tarball(m)) if m.contains("1000 bytes")),
+        "{r:?}"
+    );
     let garbage =
         b"this is not a tarball at all, not even close; it is long enough to be read".repeat(10);
     let r = e.storage.upload_tarball(&job.bucket, &garbage[..]).await;

@@ -272,4 +272,14 @@ mod tests {
         );
         assert_eq!(percent_decode("a%20b+c%zz"), "a b c%zz");
     }
+
+    proptest::proptest! {
+        /// Decoding never panics, and encoding then decoding gives the input back.
+        #[test]
+        fn percent_decoding_round_trips(s in "\\PC{0,40}") {
+            let encoded = crate::sigv4::uri_encode(&s, false);
+            proptest::prop_assert_eq!(percent_decode(&encoded), s.clone());
+            let _ = percent_decode(&s);
+        }
+    }
 }
