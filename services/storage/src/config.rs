@@ -26,6 +26,7 @@ pub struct Config {
     /// Admin key pair. Embedded: unset means generated once into
     /// `<state_dir>/s3/admin-keys.json` (mode 0600). External: required.
     pub access_key: Option<String>,
+    /// Secret of the admin key pair (set together with `access_key`).
     pub secret_key: Option<Secret>,
     /// Prefix of job bucket names (`<prefix><job id>`); lower-case letters, digits, `-`.
     pub bucket_prefix: String,
