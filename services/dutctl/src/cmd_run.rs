@@ -232,6 +232,9 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
         ..SubmitOptions::new()
     };
     let machine = args.machine.as_deref().filter(|m| !m.is_empty());
+    // Before the submission: a signal arriving while it is in flight still cancels the job.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let submitted = match submit(&exec, &yaml, machine, &args.tags, &opts).await {
         Ok(s) => s,
         Err(e) => bail!("{}", submission_error(&args.file, &e)),
@@ -240,8 +243,6 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
     record(&format!("submitted {id}"));
     progress.line(&format!("job {id} submitted: {}", submitted.url));
 
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let http = stream_client(gw);
     let mut raw = None;
     let mode = if args.quiet {
