@@ -913,3 +913,53 @@ async fn two_hundred_jobs_on_eight_duts() {
     assert!(farm.mars.leases().await.unwrap().is_empty());
     farm.stop().await;
 }
+
+/// The interactive console: output over a WebSocket, keystrokes back to the DUT through salad,
+/// and the final status as the last message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interactive_console_over_websocket() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let farm = Farm::start(Options {
+        machines: 1,
+        ..Default::default()
+    })
+    .await;
+    let id = farm
+        .submit(&job_yaml(&by_id(1), "echo", "echo", "", ""), "")
+        .await;
+    let mut req = format!(
+        "ws://127.0.0.1:{}/api/v1/jobs/{id}/console/ws",
+        farm.exec_listener_port
+    )
+    .into_client_request()
+    .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {USER}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut output = Vec::new();
+    let mut sent = false;
+    let mut end = None;
+    let deadline = tokio::time::Instant::now() + T;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match msg.unwrap() {
+            Message::Binary(b) => {
+                output.extend_from_slice(&b);
+                if !sent && String::from_utf8_lossy(&output).contains("READY_FOR_INPUT") {
+                    ws.send(Message::Text("hello-ws\n".into())).await.unwrap();
+                    sent = true;
+                }
+            }
+            Message::Text(t) => end = Some(t.to_string()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let output = String::from_utf8_lossy(&output);
+    assert!(output.contains("ECHO:hello-ws"), "{output:?}");
+    let end: serde_json::Value = serde_json::from_str(&end.expect("no final status")).unwrap();
+    assert_eq!(end["status"], "PASS");
+    assert_eq!(end["exit_code"], 0);
+    farm.stop().await;
+}

@@ -23,7 +23,7 @@ use dutgate_executor::{Config as ExecConfig, Executor};
 use dutgate_mars::client::MarsClient;
 use dutgate_mars::model::{MachinePatch, MachineState, Registration};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -569,6 +569,8 @@ fn script_lines(script: &str) -> (Vec<(&'static str, u64)>, bool) {
         "hang" => (vec![("booting", 20), ("running tests", 20)], true),
         "silent" => (vec![], true),
         "reboot" => (vec![("booting", 20), ("REBOOT ME", 20)], true),
+        // Prints the prompt; the echo and the end come from `sim_dut` once a line arrives.
+        "echo" => (vec![("booting", 20), ("READY_FOR_INPUT", 20)], true),
         "unfit" => (vec![("booting", 20), ("MCE: Hardware Error", 20)], true),
         "watchdog" => (
             vec![
@@ -685,6 +687,25 @@ async fn sim_dut(
             {
                 break;
             }
+        }
+        if script == "echo" && powered {
+            // Read one line from the console (typed by a client through salad) and answer.
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while tokio::time::Instant::now() < deadline && !powered_off(&device, &port) {
+                match tokio::time::timeout(Duration::from_millis(20), conn.read(&mut byte)).await {
+                    Ok(Ok(1)) if byte[0] == b'\n' => break,
+                    Ok(Ok(1)) => line.push(byte[0]),
+                    Ok(_) => break,
+                    Err(_) => {}
+                }
+            }
+            let answer = format!(
+                "ECHO:{}\r\nRESULT: PASS\r\nSESSION END\r\n",
+                String::from_utf8_lossy(&line).trim_end_matches('\r')
+            );
+            let _ = conn.write_all(answer.as_bytes()).await;
         }
         // Stay on (silently) until powered off.
         while powered && !powered_off(&device, &port) {
