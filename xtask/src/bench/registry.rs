@@ -11,7 +11,8 @@
 //! - warm: the same N pulls again; wall time, aggregate MB/s, upstream requests.
 //!
 //! `--quick`: a 4 MB image and N = 1, 2 (checks the harness only). `-- <runs>` repeats every
-//! measurement (default 1) and reports the median.
+//! measurement (default 1) and reports the median. `DUTGATE_BENCH_BIN_DIR=<dir>` uses
+//! `<dir>/dutgate` and `<dir>/examples/oci_layout` instead of building them.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -279,6 +280,11 @@ fn measure(
 }
 
 fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    // Binaries built elsewhere (e.g. from a clean checkout while the working tree is mid-edit).
+    if let Some(dir) = std::env::var_os("DUTGATE_BENCH_BIN_DIR") {
+        let dir = PathBuf::from(dir);
+        return Ok((dir.join("dutgate"), dir.join("examples").join("oci_layout")));
+    }
     let profile = if args.quick { "debug" } else { "release" };
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args([
