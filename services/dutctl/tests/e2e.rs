@@ -1138,6 +1138,30 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
             names,
             ["docker", "dutgate-gateway", "farm-sim-1", "farm-sim-2"]
         );
+        // `prepare` for the retired machine, or with the gateway down: a system failure with
+        // one clear line.
+        for (url, want) in [
+            (farm.exec_url.as_str(), "RETIRED"),
+            ("http://127.0.0.1:9", "unreachable"),
+        ] {
+            let mut c = farm.dutctl();
+            c.env("DUTGATE_URL", url)
+                .env("SYSTEM_FAILURE_EXIT_CODE", SYSTEM_FAILURE.to_string())
+                .env("BUILD_FAILURE_EXIT_CODE", BUILD_FAILURE.to_string())
+                .args([
+                    "gitlab",
+                    "prepare",
+                    "--machine",
+                    "farm-sim-3",
+                    "--scratch-dir",
+                ])
+                .arg(dir.join("scratch"));
+            let out = c.output().await.unwrap();
+            let line = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(out.status.code(), Some(SYSTEM_FAILURE), "{line}");
+            assert_eq!(line.lines().count(), 1, "{line}");
+            assert!(line.contains(want), "{line}");
+        }
     })
 }
 
