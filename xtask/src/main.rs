@@ -1,6 +1,8 @@
 //! `cargo xtask …`: developer tasks, so that no shell scripts are scattered around.
 
 mod bench;
+mod demo;
+mod dut_image;
 mod fuzz;
 mod packages;
 mod test;
@@ -32,8 +34,12 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         time: u64,
     },
+    /// Build the DUT environment (kernel, initramfs, static agents) into a gateway's state dir.
+    DutImage(dut_image::DutImageArgs),
     /// Install the system packages the test suite needs (what `test` does first).
     InstallDeps,
+    /// Start a virtual farm (one QEMU DUT), run examples/hello.yml on it, stop it.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,7 +48,9 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz { target, time } => fuzz::run(target, time),
+        Command::DutImage(args) => dut_image::run(&args),
         Command::InstallDeps => packages::install(&workspace_root()),
+        Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
