@@ -325,35 +325,31 @@ impl Scheduler {
         if free.is_empty() {
             return Ok(());
         }
-        let queued = store.queued(ROUND_LIMIT).await.map_err(|e| e.to_string())?;
-        // Plan in priority order (each job takes the first free machine it fits), then take
-        // the leases concurrently: the plan alone decides who gets which machine.
-        let mut taken: HashSet<MachineId> = HashSet::new();
-        // Targets that found no free machine: later jobs with the same target cannot either
-        // (the free set only shrinks), so they are skipped without a scan.
-        let mut hopeless: HashSet<(Purpose, Option<MachineId>, &[String])> = HashSet::new();
-        let mut plan: Vec<(QueuedJob, MachineId)> = Vec::new();
-        for job in &queued {
-            if taken.len() == free.len() {
-                break;
-            }
-            let key = (job.purpose, job.target_id, job.target_tags.as_slice());
-            if hopeless.contains(&key) {
-                continue;
-            }
-            match free
+        // Read the head of the queue first (a few jobs per free machine), and the whole
+        // window only when free IDLE machines are left over: in steady state a round reads a
+        // few dozen rows, not thousands.
+        let idle = free
+            .iter()
+            .filter(|m| m.state == MachineState::Idle)
+            .count();
+        let mut limit = u32::try_from(free.len().saturating_mul(4))
+            .unwrap_or(ROUND_LIMIT)
+            .clamp(64, ROUND_LIMIT);
+        let plan = loop {
+            let queued = store.queued(limit).await.map_err(|e| e.to_string())?;
+            let plan = plan_round(&queued, &free);
+            let planned_idle = plan
                 .iter()
-                .find(|m| !taken.contains(&m.id) && matches(m, job))
-            {
-                Some(m) => {
-                    taken.insert(m.id);
-                    plan.push((job.clone(), m.id));
-                }
-                None => {
-                    hopeless.insert(key);
-                }
+                .filter(|(_, m)| {
+                    free.iter()
+                        .any(|f| f.id == *m && f.state == MachineState::Idle)
+                })
+                .count();
+            if planned_idle == idle || (queued.len() as u32) < limit || limit >= ROUND_LIMIT {
+                break plan;
             }
-        }
+            limit = ROUND_LIMIT;
+        };
         let results: Vec<Result<Dispatch, String>> = futures::stream::iter(plan)
             .map(|(job, m)| {
                 let me = self.clone();
@@ -478,8 +474,124 @@ impl Scheduler {
     }
 }
 
+/// Plans a round in priority order: each job takes the first free machine it fits. The plan
+/// alone decides who gets which machine; the leases are then taken concurrently.
+fn plan_round(queued: &[QueuedJob], free: &[Machine]) -> Vec<(QueuedJob, MachineId)> {
+    let mut taken: HashSet<MachineId> = HashSet::new();
+    // Targets that found no free machine: later jobs with the same target cannot either (the
+    // free set only shrinks), so they are skipped without a scan.
+    let mut hopeless: HashSet<(Purpose, Option<MachineId>, &[String])> = HashSet::new();
+    let mut plan = Vec::new();
+    for job in queued {
+        if taken.len() == free.len() {
+            break;
+        }
+        let key = (job.purpose, job.target_id, job.target_tags.as_slice());
+        if hopeless.contains(&key) {
+            continue;
+        }
+        match free
+            .iter()
+            .find(|m| !taken.contains(&m.id) && matches(m, job))
+        {
+            Some(m) => {
+                taken.insert(m.id);
+                plan.push((job.clone(), m.id));
+            }
+            None => {
+                hopeless.insert(key);
+            }
+        }
+    }
+    plan
+}
+
 enum Dispatch {
     Done,
     MachineBusy,
     JobGone,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dutgate_mars::model::Timestamp;
+
+    fn machine(n: u8, state: MachineState, tags: &[&str]) -> Machine {
+        let id = MachineId::from_bytes([2, 0, 0, 0, 0, n]);
+        Machine {
+            id,
+            mac_address: id,
+            base_name: "m".into(),
+            full_name: format!("farm-m-{n}"),
+            tags: tags.iter().map(|t| t.parse().unwrap()).collect(),
+            manual_tags: vec![],
+            ip_address: None,
+            local_tty_device: None,
+            pdu: None,
+            pdu_port_id: None,
+            pdu_off_delay: 0.0,
+            state,
+            comment: None,
+            first_seen: Timestamp(0),
+            last_seen: Timestamp(0),
+            consecutive_infra_failures: 0,
+            lease: None,
+            training: Default::default(),
+            ready_for_service: true,
+            is_retired: false,
+        }
+    }
+
+    fn job(id: i64, tags: &[&str]) -> QueuedJob {
+        QueuedJob {
+            id,
+            priority: 0,
+            purpose: Purpose::Job,
+            target_id: None,
+            target_tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn plan_follows_queue_order_and_tags() {
+        let free = vec![
+            machine(1, MachineState::Idle, &["gpu:vendor:a"]),
+            machine(2, MachineState::Idle, &["gpu:vendor:b"]),
+            machine(3, MachineState::Training, &["gpu:vendor:a"]),
+        ];
+        // Queue order is the store's (priority, FIFO); the plan keeps it.
+        let queued = vec![
+            job(10, &["gpu:vendor:a"]),
+            job(11, &["gpu:vendor:a"]),
+            job(12, &["gpu:vendor:b"]),
+            job(13, &[]),
+        ];
+        let plan: Vec<(i64, u8)> = plan_round(&queued, &free)
+            .into_iter()
+            .map(|(j, m)| (j.id, m.bytes()[5]))
+            .collect();
+        // 11 finds no free "a" machine (3 is training, not for users' jobs); 13 finds none
+        // left.
+        assert_eq!(plan, vec![(10, 1), (12, 2)]);
+    }
+
+    #[test]
+    fn training_jobs_take_training_machines_by_id() {
+        let free = vec![
+            machine(1, MachineState::Idle, &[]),
+            machine(3, MachineState::QuickCheck, &[]),
+        ];
+        let mut t = job(20, &[]);
+        t.purpose = Purpose::Training;
+        t.target_id = Some(MachineId::from_bytes([2, 0, 0, 0, 0, 3]));
+        let mut wrong = t.clone();
+        wrong.id = 21;
+        wrong.target_id = Some(MachineId::from_bytes([2, 0, 0, 0, 0, 1]));
+        let plan: Vec<i64> = plan_round(&[wrong, t], &free)
+            .into_iter()
+            .map(|(j, _)| j.id)
+            .collect();
+        assert_eq!(plan, vec![20], "an IDLE machine is not a training machine");
+    }
 }
