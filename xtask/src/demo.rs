@@ -1,0 +1,248 @@
+//! `cargo xtask demo`: the virtual farm from a fresh clone. Installs what is missing, builds
+//! the DUT environment and the binaries, starts `dutgate up --virtual-duts 1` in a fresh state
+//! dir, waits for the QEMU DUT to be registered, trained and `IDLE`, runs
+//! `examples/hello.yml` with `dutctl run`, prints the result and the artifacts, and stops the
+//! gateway. Uses the default ports (8000–8005, 8100, 9000): nothing else may hold them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use crate::{dut_image, packages};
+
+const PACKAGES: [&str; 4] = [
+    "qemu-system-x86",
+    "ipxe-qemu",
+    "linux-image-amd64",
+    "busybox-static",
+];
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// State dir of the demo gateway (default: a new directory under /tmp). Reusing one keeps
+    /// its trained machine, so a second run skips registration and training.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Longest wait for the virtual DUT to become IDLE (seconds).
+    #[arg(long, default_value_t = 900)]
+    pub idle_timeout: u64,
+    /// Leave the gateway running after the job (stop it with Ctrl-C).
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// Stops the gateway when the demo ends, however it ends.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SIGTERM (not Child::kill's SIGKILL) lets `dutgate up` stop its services, and their
+        // VMs, in order.
+        let pid = self.0.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                println!("demo: gateway stopped");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    packages::install_packages(&PACKAGES.map(String::from))?;
+    let state = match &args.state_dir {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => std::env::current_dir()?.join(d),
+        None => std::env::temp_dir().join(format!("dutgate-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+    println!("demo: state dir {}", state.display());
+
+    dut_image::build(&root, &state)?;
+    println!("demo: building dutgate and dutctl");
+    let status = cargo()
+        .args(["build", "-p", "dutgate", "-p", "dutctl"])
+        .current_dir(&root)
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building dutgate and dutctl failed ({status})");
+    }
+    let bin = target_dir(&root).join("debug");
+    let dutgate = bin.join("dutgate");
+    let dutctl = bin.join("dutctl");
+
+    let log_path = state.join("gateway.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    println!(
+        "demo: starting `dutgate up --virtual-duts 1` (service logs: {})",
+        log_path.display()
+    );
+    let child = Command::new(&dutgate)
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["up", "--virtual-duts", "1"])
+        // Embedded defaults only: a gateway.yml of this machine must not change the demo.
+        .env("DUTGATE_CONFIG", "/dev/null")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", dutgate.display()))?;
+    let mut gateway = Gateway(child);
+
+    let dutctl_cmd = |args: &[&str]| {
+        let mut c = Command::new(&dutctl);
+        c.arg("--state-dir").arg(&state).args(args);
+        c
+    };
+    let machine = wait_idle(&mut gateway, &dutctl_cmd, args.idle_timeout, &log_path)?;
+    println!("demo: machine {machine} is IDLE; running examples/hello.yml");
+
+    let share = state.join("hello-results");
+    let job = root.join("examples").join("hello.yml");
+    let status = dutctl_cmd(&["run"])
+        .arg(&job)
+        .arg("--share-dir")
+        .arg(&share)
+        .status()
+        .context("running dutctl run")?;
+    let verdict = match status.code() {
+        Some(0) => "PASS",
+        Some(1) => "WARN",
+        Some(2) => "COMPLETE",
+        Some(3) => "FAIL",
+        Some(4) => "INCOMPLETE",
+        Some(5) => "UNKNOWN",
+        Some(6) => "SETUP_FAIL",
+        _ => "an error of dutctl",
+    };
+    println!("demo: examples/hello.yml ended with {verdict}");
+    println!("demo: artifacts in {}:", share.display());
+    for f in list_files(&share) {
+        let size = std::fs::metadata(&f).map(|m| m.len()).unwrap_or(0);
+        println!("  {} ({size} bytes)", f.display());
+        if f.file_name().is_some_and(|n| n == "hello.txt") {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            println!("    {}", text.trim_end());
+        }
+    }
+    println!(
+        "demo: the DUT's console: `nc 127.0.0.1 $(curl -s http://127.0.0.1:8005/api/v1/machine/{machine} \
+         | grep -o '\"tcp_port\":[0-9]*' | cut -d: -f2)` (the read-only replay: `tcp_port_logs`)"
+    );
+    if let Some(port) = salad_port(&machine) {
+        println!("demo: that is `nc 127.0.0.1 {port}` right now");
+    }
+    if args.keep_running {
+        println!(
+            "demo: the gateway keeps running (state dir {}); Ctrl-C stops it",
+            state.display()
+        );
+        let _ = gateway.0.wait();
+    }
+    drop(gateway);
+    if status.code() != Some(0) {
+        bail!(
+            "the example job did not pass ({verdict}); see {}",
+            log_path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Polls `dutctl machines list` until a machine is IDLE; prints every state change.
+fn wait_idle(
+    gateway: &mut Gateway,
+    dutctl: &dyn Fn(&[&str]) -> Command,
+    timeout: u64,
+    log_path: &Path,
+) -> anyhow::Result<String> {
+    let start = Instant::now();
+    let mut last = String::new();
+    println!("demo: waiting for the virtual DUT to register and train (a few minutes under TCG)");
+    while start.elapsed() < Duration::from_secs(timeout) {
+        if let Ok(Some(status)) = gateway.0.try_wait() {
+            bail!("dutgate up exited ({status}); see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let out = match dutctl(&["machines", "list"]).stderr(Stdio::null()).output() {
+            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+            _ => continue,
+        };
+        if out != last {
+            println!("[{:>6.1}s] machines:", start.elapsed().as_secs_f64());
+            for line in out.lines() {
+                println!("    {line}");
+            }
+            last = out.clone();
+        }
+        // Columns: NAME ID STATE …; the header names them.
+        for line in out.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.get(2) == Some(&"IDLE")
+                && let Some(id) = cols.get(1)
+            {
+                return Ok((*id).to_string());
+            }
+        }
+    }
+    bail!(
+        "no machine became IDLE within {timeout} s; see {}",
+        log_path.display()
+    )
+}
+
+fn salad_port(machine: &str) -> Option<u16> {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "5"])
+        .arg(format!("http://127.0.0.1:8005/api/v1/machine/{machine}"))
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = text.split("\"tcp_port\":").nth(1)?;
+    rest.chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(list_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
