@@ -5,6 +5,7 @@ mod config;
 mod dut_image;
 mod services;
 mod up;
+mod virtual_farm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -16,12 +16,15 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::config::Loaded;
+use crate::virtual_farm::{self, VirtualFarmArgs};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// Start only these services (comma-separated), e.g. `--only salad,pdu`.
     #[arg(long, value_delimiter = ',')]
     only: Vec<ServiceName>,
+    #[command(flatten)]
+    virtual_farm: VirtualFarmArgs,
 }
 
 /// Total time children get to stop after SIGTERM before they are killed.
@@ -57,12 +60,30 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
             .with_context(|| format!("port {} for {name} is not available", addr.port()))?;
     }
     let exe = std::env::current_exe().context("locating the dutgate binary")?;
+    // Kept alive for as long as the services run: jobs' kernels come from it.
+    let mut image_server = None;
+    let overlay = if args.virtual_farm.enabled() {
+        let dir = virtual_farm::image_dir(&args.virtual_farm, &loaded.config)?;
+        let server = virtual_farm::ImageServer::start(&dir).await?;
+        let env = virtual_farm::overrides(&args.virtual_farm, &loaded.config, &server.base_url)?;
+        image_server = Some(server);
+        println!(
+            "dutgate: virtual farm of {} QEMU DUT(s); config overlay:",
+            args.virtual_farm.virtual_duts
+        );
+        for (k, v) in &env {
+            println!("  {k}={v}");
+        }
+        env
+    } else {
+        Vec::new()
+    };
     let shutdown = dutgate_core::shutdown::on_signal();
 
     println!("dutgate: state dir {}", gw.state_dir.display());
     let mut children = Vec::new();
     for name in &names {
-        let child = spawn(&exe, *name, config_path.as_deref(), &gw.state_dir)?;
+        let child = spawn(&exe, *name, config_path.as_deref(), &gw.state_dir, &overlay)?;
         children.push(Supervised {
             name: *name,
             child: Some(child),
@@ -99,6 +120,15 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
         gw.tokens_dir().join("admin").display(),
         gw.tokens_dir().join("user").display()
     );
+    let discovery = (args.virtual_farm.enabled()
+        && !args.virtual_farm.no_discover
+        && names.contains(&ServiceName::Mars))
+    .then(|| {
+        tokio::spawn(virtual_farm::discover_all(
+            args.virtual_farm.clone(),
+            loaded.config.clone(),
+        ))
+    });
 
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -122,7 +152,13 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
                 }
             } else if s.restart_at.is_some_and(|t| Instant::now() >= t) {
                 s.restart_at = None;
-                match spawn(&exe, s.name, config_path.as_deref(), &gw.state_dir) {
+                match spawn(
+                    &exe,
+                    s.name,
+                    config_path.as_deref(),
+                    &gw.state_dir,
+                    &overlay,
+                ) {
                     Ok(child) => {
                         s.child = Some(child);
                         s.started = Instant::now();
@@ -136,7 +172,11 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
         }
     }
 
+    if let Some(d) = discovery {
+        d.abort();
+    }
     stop_all(&mut children).await;
+    drop(image_server);
     let _ = std::fs::remove_file(&endpoints_file);
     println!("dutgate: all services stopped");
     Ok(())
@@ -147,8 +187,10 @@ fn spawn(
     name: ServiceName,
     config: Option<&Path>,
     state_dir: &Path,
+    env: &[(String, String)],
 ) -> anyhow::Result<Child> {
     let mut cmd = Command::new(exe);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
