@@ -210,11 +210,7 @@ fn message(i: usize) -> [u8; MSG] {
 }
 
 /// Round trips of 16-byte messages; microseconds per message.
-fn latency(
-    src: &mut dyn Write,
-    dst: &mut dyn Read,
-    p: &Params,
-) -> anyhow::Result<Vec<f64>> {
+fn latency(src: &mut dyn Write, dst: &mut dyn Read, p: &Params) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(p.msgs);
     let mut buf = [0u8; MSG];
     for i in 0..p.warmup + p.msgs {
@@ -224,7 +220,10 @@ fn latency(
         dst.read_exact(&mut buf)?;
         let dt = t0.elapsed();
         if buf != m {
-            bail!("message {i} arrived corrupted: {:?}", String::from_utf8_lossy(&buf));
+            bail!(
+                "message {i} arrived corrupted: {:?}",
+                String::from_utf8_lossy(&buf)
+            );
         }
         if i >= p.warmup {
             out.push(dt.as_secs_f64() * 1e6);
@@ -344,7 +343,9 @@ fn measure(
 
 fn dutgate_exe(args: &BenchArgs) -> anyhow::Result<PathBuf> {
     let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build.args(["build", "-p", "dutgate"]).current_dir(&args.root);
+    build
+        .args(["build", "-p", "dutgate"])
+        .current_dir(&args.root);
     if !args.quick {
         build.arg("--release");
     }
@@ -394,7 +395,12 @@ fn start_salad(exe: &Path, lab: &Path, adapters: &[&Path]) -> anyhow::Result<Sal
 }
 
 /// Binds the DUT end to `machine` and returns the machine's console port.
-fn bind_machine(salad: &SaladRun, dut: &mut File, adapter: &Path, machine: &str) -> anyhow::Result<u16> {
+fn bind_machine(
+    salad: &SaladRun,
+    dut: &mut File,
+    adapter: &Path,
+    machine: &str,
+) -> anyhow::Result<u16> {
     let adapter = adapter.display().to_string();
     wait_until("salad to open the adapter", Duration::from_secs(10), || {
         http_get(salad.http, "/api/v1/ports").is_ok_and(|(_, b)| b.contains(&adapter))
@@ -410,7 +416,14 @@ fn bind_machine(salad: &SaladRun, dut: &mut File, adapter: &Path, machine: &str)
         .with_context(|| format!("no tcp_port in {body}"))
 }
 
-fn run_salad(exe: &Path, lab: &Path, p: &Params, data: &[u8], fig: &mut Figures, iso: &mut Figures) -> anyhow::Result<()> {
+fn run_salad(
+    exe: &Path,
+    lab: &Path,
+    p: &Params,
+    data: &[u8],
+    fig: &mut Figures,
+    iso: &mut Figures,
+) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(lab.join("state"));
     let (_sa, dut_a, adapter_a) = pty_pair(lab, "salad-a")?;
     let (_sb, dut_b, adapter_b) = pty_pair(lab, "salad-b")?;
@@ -452,7 +465,9 @@ fn run_salad(exe: &Path, lab: &Path, p: &Params, data: &[u8], fig: &mut Figures,
             Ok(0) => break,
             Ok(n) => drained += n,
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut {
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut
+                {
                     bail!("the stalled client was not disconnected");
                 }
                 break;
@@ -464,7 +479,13 @@ fn run_salad(exe: &Path, lab: &Path, p: &Params, data: &[u8], fig: &mut Figures,
     Ok(())
 }
 
-fn run_ser2net(lab: &Path, p: &Params, data: &[u8], default: &mut Figures, nodelay: &mut Figures) -> anyhow::Result<()> {
+fn run_ser2net(
+    lab: &Path,
+    p: &Params,
+    data: &[u8],
+    default: &mut Figures,
+    nodelay: &mut Figures,
+) -> anyhow::Result<()> {
     let (_s, dut_path, adapter) = pty_pair(lab, "ser2net")?;
     let (p1, p2) = (free_port()?, free_port()?);
     let cfg = format!(
@@ -537,7 +558,10 @@ fn lat(v: &[f64]) -> String {
 
 fn med(v: &[f64], digits: usize) -> String {
     match stats(v) {
-        Some(s) if s.n > 1 => format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max),
+        Some(s) if s.n > 1 => format!(
+            "{:.*} ({:.*}–{:.*})",
+            digits, s.median, digits, s.min, digits, s.max
+        ),
         Some(s) => format!("{:.*}", digits, s.median),
         None => "-".into(),
     }
@@ -556,7 +580,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         warmup: if args.quick { 5 } else { 100 },
         flood: if args.quick { 1 << 20 } else { 16 << 20 },
         runs: match args.extra.first() {
-            Some(n) => n.parse().context("the extra argument is the number of runs")?,
+            Some(n) => n
+                .parse()
+                .context("the extra argument is the number of runs")?,
             None if args.quick => 1,
             None => 3,
         },
@@ -599,7 +625,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             med(&f.to_tcp_mbs, 1),
             med(&f.to_pty_mbs, 1),
             med(&f.cpu_per_mb, 3),
-            if f.intact { "yes".into() } else { "**NO**".into() },
+            if f.intact {
+                "yes".into()
+            } else {
+                "**NO**".into()
+            },
         ]
     };
     let rows = vec![
@@ -614,7 +644,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "-".into(),
             "-".into(),
             "-".into(),
-            if iso.intact { "stalled client dropped".into() } else { "**stalled client not dropped**".into() },
+            if iso.intact {
+                "stalled client dropped".into()
+            } else {
+                "**stalled client not dropped**".into()
+            },
         ],
     ];
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
@@ -656,7 +690,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         )?;
     }
     if !(salad.intact && s2n_default.intact && s2n_nodelay.intact && iso.intact) {
-        bail!("a relay lost or corrupted bytes, or a stalled client was not dropped (see the table)");
+        bail!(
+            "a relay lost or corrupted bytes, or a stalled client was not dropped (see the table)"
+        );
     }
     Ok(())
 }
