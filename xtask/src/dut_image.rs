@@ -48,7 +48,10 @@ pub fn build(root: &Path, state_dir: &Path) -> anyhow::Result<PathBuf> {
     if !status.success() {
         bail!("building the static agents failed ({status})");
     }
-    let bin_dir = root.join("target").join(TARGET).join("release");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin_dir = target_dir.join(TARGET).join("release");
     let status = cargo()
         .args(["run", "--quiet", "-p", "dutgate", "--"])
         .arg("--state-dir")
