@@ -273,6 +273,18 @@ async fn unplug_and_replug_keeps_the_console() {
     let again = salad.client.machine(id).await.unwrap();
     assert_eq!(again.tcp_port, console.tcp_port);
     assert_eq!(again.tcp_port_logs, console.tcp_port_logs);
+    let metrics = reqwest::get(format!("http://{}/metrics", salad.handle().http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = pair.adapter.display().to_string();
+    let reopens = metrics
+        .lines()
+        .find(|l| l.starts_with("salad_port_reopens_total") && l.contains(&key))
+        .unwrap_or_else(|| panic!("no reopen counter for {key} in:\n{metrics}"));
+    assert!(reopens.ends_with(" 1"), "{reopens}");
 
     // The replugged adapter now leads to another machine: its next announcement re-binds it.
     let other = machine(33);
@@ -432,4 +444,31 @@ async fn netconsole_is_a_console() {
     .await;
     client.write_all(b"input\n").await.unwrap();
     read_until(&mut dut, b"input\n", "netconsole input").await;
+}
+
+/// Ports held by another program are skipped; a full range is a 503, not a panic or a reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_skips_busy_ports_and_reports_exhaustion() {
+    let dir = tempfile::tempdir().unwrap();
+    let range = port_range(3);
+    // Someone else holds the first port of the range.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", range.first)).unwrap();
+    let salad = Salad::start(
+        &dir.path().join("state"),
+        test_config(&format!("{}/none-*", dir.path().display()), range),
+    )
+    .await;
+    let first = salad.client.machine(machine(70)).await.unwrap();
+    assert_eq!(
+        (first.tcp_port, first.tcp_port_logs),
+        (range.first + 1, range.first + 2)
+    );
+    let err = salad.client.machine(machine(71)).await.unwrap_err();
+    assert!(err.to_string().contains("503"), "{err}");
+    assert!(err.to_string().contains("console_ports"), "{err}");
+    drop(squatter);
+    // Once the port is free again, a new machine can have it.
+    let _ = salad.client.delete_machine(machine(70)).await;
+    let second = salad.client.machine(machine(71)).await.unwrap();
+    assert!(range.contains(second.tcp_port) && range.contains(second.tcp_port_logs));
 }
