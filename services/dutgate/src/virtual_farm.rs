@@ -192,6 +192,8 @@ pub fn overrides(
     let template_vars = json!({
         "dut_kernel_url": format!("{image_url}/vmlinuz"),
         "dut_initramfs_url": format!("{image_url}/initramfs.cpio"),
+        // The trainer's templates default to mars on 8001.
+        "mars_port": gw.ports.mars.to_string(),
     });
     let v = |value: serde_json::Value| value.to_string();
     Ok(vec![
