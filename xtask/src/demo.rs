@@ -79,7 +79,15 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if !status.success() {
         bail!("building dutgate and dutctl failed ({status})");
     }
-    let bin = target_dir(&root).join("debug");
+    // Run copies: the executor starts `dutgate job` from its own executable, which a rebuild
+    // of target/ while the demo runs would otherwise pull from under it.
+    let built = target_dir(&root).join("debug");
+    let bin = state.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    for name in ["dutgate", "dutctl"] {
+        std::fs::copy(built.join(name), bin.join(name))
+            .with_context(|| format!("copying {name} to {}", bin.display()))?;
+    }
     let dutgate = bin.join("dutgate");
     let dutctl = bin.join("dutctl");
 
