@@ -213,6 +213,12 @@ pub fn overrides(
         ),
         // A failed virtual training is retried soon: nothing about a VM gets better by waiting.
         env("MARS__TRAINING__RETRY_DELAY_SECONDS", "10".to_string()),
+        // The first run of a just-registered machine can race the executor learning of it;
+        // that must not count towards quarantine as 1 of 3.
+        env(
+            "MARS__TRAINING__QUARANTINE_AFTER_FAILED_TRAININGS",
+            "5".to_string(),
+        ),
     ])
 }
 
