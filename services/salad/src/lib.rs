@@ -113,6 +113,7 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("restoring console servers: {e}")))?;
     tracing::info!(machines = restored, "console servers restored");
 
+    let auth = ctx.auth();
     tasks.spawn(serial::run(hub.clone(), shutdown.clone()));
     let netconsole_addr = match listeners.netconsole {
         Some(l) => {
@@ -135,7 +136,7 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("REST listener: {e}")))?;
     let app = dutgate_core::http::with_common_routes(
         ctx.name.as_str(),
-        api::router(hub.clone(), ctx.auth()),
+        api::router(hub.clone(), auth),
         Some(dutgate_core::service::db_health(db)),
     );
     let grace = Duration::from_secs_f64(ctx.gateway.shutdown_grace_seconds.max(0.0));
