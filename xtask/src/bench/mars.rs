@@ -7,63 +7,11 @@
 //! (machine state lived in one process's memory), so there is no peer to run side by side;
 //! the reference is the executor's goal of a dispatch p99 under 10 ms.
 
-use std::process::Command;
-
-use anyhow::{Context, bail};
-
 use super::BenchArgs;
 use super::report::append_table;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .args(["build", "-p", "dutgate-mars", "--example", "mars_bench"])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build
-        .status()
-        .context("building the mars benchmark")?
-        .success()
-    {
-        bail!("cargo build of the mars benchmark failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let exe = args
-        .root
-        .join("target")
-        .join(profile)
-        .join("examples")
-        .join("mars_bench");
-    let mut cmd = Command::new(&exe);
-    if args.quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "mars benchmark failed ({}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rows: Vec<Vec<String>> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("ROW\t"))
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(figure, value)| vec![figure.to_string(), value.to_string()])
-        .collect();
-    if rows.is_empty() {
-        bail!("the mars benchmark printed no results:\n{stdout}");
-    }
-    for r in &rows {
-        println!("{}: {}", r[0], r[1]);
-    }
+    let rows = super::run_example_rows(args, "dutgate-mars", "mars_bench")?;
     if args.write && !args.quick {
         append_table(
             &args.root,

@@ -85,3 +85,62 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Builds `example` of `package` (release unless `--quick`), runs it (with `--quick` when asked)
+/// and returns the `ROW\t<figure>\t<value>` lines it printed, for benchmarks whose measuring
+/// program lives next to the service it measures.
+pub fn run_example_rows(
+    args: &BenchArgs,
+    package: &str,
+    example: &str,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    use anyhow::Context;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(&cargo);
+    build
+        .args(["build", "-p", package, "--example", example])
+        .current_dir(&args.root);
+    if !args.quick {
+        build.arg("--release");
+    }
+    if !build
+        .status()
+        .with_context(|| format!("building the {example} benchmark"))?
+        .success()
+    {
+        bail!("cargo build of the {example} benchmark failed");
+    }
+    let profile = if args.quick { "debug" } else { "release" };
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| args.root.join("target"));
+    let exe = target_dir.join(profile).join("examples").join(example);
+    let mut cmd = std::process::Command::new(&exe);
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{example} failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rows: Vec<Vec<String>> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("ROW\t"))
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(figure, value)| vec![figure.to_string(), value.to_string()])
+        .collect();
+    if rows.is_empty() {
+        bail!("{example} printed no results:\n{stdout}");
+    }
+    for r in &rows {
+        println!("{}: {}", r[0], r[1]);
+    }
+    Ok(rows)
+}

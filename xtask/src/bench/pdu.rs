@@ -7,63 +7,11 @@
 //! it and writes its rows to docs/benchmarks.md. Peers: Debian packages snmpd, snmp,
 //! pdudaemon.
 
-use std::process::Command;
-
-use anyhow::{Context, bail};
-
 use super::BenchArgs;
 use super::report::append_table;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .args(["build", "-p", "dutgate-pdu", "--example", "pdu_bench"])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build
-        .status()
-        .context("building the pdu benchmark")?
-        .success()
-    {
-        bail!("cargo build of the pdu benchmark failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let exe = args
-        .root
-        .join("target")
-        .join(profile)
-        .join("examples")
-        .join("pdu_bench");
-    let mut cmd = Command::new(&exe);
-    if args.quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        bail!(
-            "pdu benchmark failed ({}):\n{stdout}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rows: Vec<Vec<String>> = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("ROW\t"))
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(figure, value)| vec![figure.to_string(), value.to_string()])
-        .collect();
-    if rows.is_empty() {
-        bail!("the pdu benchmark printed no results:\n{stdout}");
-    }
-    for r in &rows {
-        println!("{}: {}", r[0], r[1]);
-    }
+    let rows = super::run_example_rows(args, "dutgate-pdu", "pdu_bench")?;
     if args.write && !args.quick {
         append_table(
             &args.root,
