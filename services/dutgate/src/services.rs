@@ -9,7 +9,11 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
     let ctx = ServiceContext::new(name, config.gateway.clone(), shutdown);
     tracing::info!(service = %name, "starting");
     match name {
-        ServiceName::Executor => dutgate_executor::run(ctx, config.executor).await,
+        ServiceName::Executor => {
+            let mut executor = config.executor;
+            executor.object_store = Some(dutgate_executor::storage::ObjectStore(config.s3));
+            dutgate_executor::run(ctx, executor).await
+        }
         ServiceName::Mars => {
             // Sergeant Hartman's boots go through the executor's queue like any job, with the
             // admin token (the trainer's privilege).

@@ -34,6 +34,10 @@ pub struct Config {
     pub registry: Option<String>,
     /// Extra template variables (valve-infra's `EXECUTOR_JOB__*`).
     pub template_vars: BTreeMap<String, String>,
+    /// Object storage for job buckets: the gateway's `s3` section, set by the `dutgate`
+    /// binary (not a key of the `executor` section). Unset: jobs run without a bucket.
+    #[serde(skip)]
+    pub object_store: Option<crate::storage::ObjectStore>,
 }
 
 impl Default for Config {
@@ -52,6 +56,7 @@ impl Default for Config {
             console_host: None,
             registry: None,
             template_vars: BTreeMap::new(),
+            object_store: None,
         }
     }
 }

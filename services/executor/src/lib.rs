@@ -78,7 +78,9 @@ impl Executor {
             .clone()
             .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("admin")));
         let mars = MarsClient::new(cfg.url_of(&gw, ServiceName::Mars), admin);
-        let storage = storage::from_config(&gw, &cfg);
+        let storage = storage::from_config(&gw, &cfg)
+            .await
+            .map_err(|e| ServiceError::Startup(format!("object storage: {e}")))?;
         let wake = Arc::new(Notify::new());
         let sup = Supervisor::new(
             store.clone(),

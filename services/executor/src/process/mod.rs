@@ -45,6 +45,11 @@ pub struct ProcessSetup {
     pub executor: Config,
     /// TTL of the job's lease; heartbeats go out every third of it.
     pub lease_ttl_seconds: u64,
+    /// The `s3` section (`Config::object_store`, skipped by serde), its secret below.
+    #[serde(default)]
+    pub s3: Option<dutgate_storage::Config>,
+    #[serde(default)]
+    pub s3_secret_key: Option<String>,
 }
 
 impl ProcessSetup {
@@ -70,6 +75,12 @@ impl ProcessSetup {
             user_token: user.map(|s| s.expose().to_string()),
             executor: executor.clone(),
             lease_ttl_seconds,
+            s3: executor.object_store.as_ref().map(|o| o.0.clone()),
+            s3_secret_key: executor
+                .object_store
+                .as_ref()
+                .and_then(|o| o.0.secret_key.as_ref())
+                .map(|s| s.expose().to_string()),
         }
     }
 
@@ -80,6 +91,16 @@ impl ProcessSetup {
         gw.auth.admin_token = self.admin_token.clone().map(Secret::new);
         gw.auth.user_token = self.user_token.clone().map(Secret::new);
         Ok(gw)
+    }
+
+    /// The executor section with its object store restored.
+    pub fn executor_config(&self) -> Config {
+        let mut cfg = self.executor.clone();
+        cfg.object_store = self.s3.clone().map(|mut s3| {
+            s3.secret_key = self.s3_secret_key.clone().map(Secret::new);
+            crate::storage::ObjectStore(s3)
+        });
+        cfg
     }
 }
 
@@ -197,7 +218,7 @@ impl Reporter {
 /// Runs job `id` with `setup` (what [`main`] does after reading stdin).
 pub async fn run(id: i64, setup: ProcessSetup) -> Result<JobStatus, ProcessError> {
     let gw = setup.gateway_config().map_err(ProcessError::Setup)?;
-    let cfg = setup.executor.clone();
+    let cfg = setup.executor_config();
     let db = dutgate_core::db::Db::open_for_service(
         ServiceName::Executor.as_str(),
         &gw,
@@ -249,7 +270,22 @@ pub async fn run(id: i64, setup: ProcessSetup) -> Result<JobStatus, ProcessError
         reporter.clone(),
     ));
 
-    let storage = crate::storage::from_config(&gw, &cfg);
+    // A broken object store must not keep the job from tearing down: the job then runs
+    // without a bucket, and one that uses the bucket variables fails to render (SETUP_FAIL).
+    let storage = match crate::storage::from_config(&gw, &cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(job_id = id, error = %e, "object storage unusable");
+            reporter
+                .event(
+                    kind::PHASE,
+                    format!("object storage unusable: {e}"),
+                    serde_json::json!({"phase": "setup"}),
+                )
+                .await;
+            None
+        }
+    };
     let job = JobContext {
         row,
         machine,

@@ -197,22 +197,35 @@ pub(crate) async fn clear_boot(boot: &BootClient, machine: MachineId, job_id: i6
     }
 }
 
-/// Brings the bucket's files back as artifacts, then revokes the DUT's credentials.
+/// Revokes the DUT's credentials (always first: the DUT must not write while its files are
+/// collected, nor after the job), brings the bucket's files back as artifacts, then deletes
+/// the bucket: from then on the artifacts' retention (`artifacts_retention_days`) applies.
+/// A bucket whose files could not be collected is kept, so nothing is lost.
 pub(crate) async fn keep_bucket(storage: &dyn JobStorage, bucket: &str, dir: &Path, r: &Reporter) {
+    match storage.revoke(bucket).await {
+        Ok(()) => step_ok(r, "revoke_credentials", "DUT credentials revoked").await,
+        Err(e) => step_err(r, "revoke_credentials", &e.to_string()).await,
+    }
     let dest = dir.join("artifacts").join("bucket");
-    match storage.collect(bucket, &dest).await {
+    let collected = match storage.collect(bucket, &dest).await {
         Ok(files) => {
             step_ok(
                 r,
                 "collect_bucket",
                 &format!("{} file(s) kept from bucket {bucket}", files.len()),
             )
-            .await
+            .await;
+            true
         }
-        Err(e) => step_err(r, "collect_bucket", &e.to_string()).await,
-    }
-    match storage.revoke(bucket).await {
-        Ok(()) => step_ok(r, "revoke_credentials", "DUT credentials revoked").await,
-        Err(e) => step_err(r, "revoke_credentials", &e.to_string()).await,
+        Err(e) => {
+            step_err(r, "collect_bucket", &e.to_string()).await;
+            false
+        }
+    };
+    if collected {
+        match storage.delete(bucket).await {
+            Ok(()) => step_ok(r, "delete_bucket", &format!("bucket {bucket} deleted")).await,
+            Err(e) => step_err(r, "delete_bucket", &e.to_string()).await,
+        }
     }
 }

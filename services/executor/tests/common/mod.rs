@@ -42,6 +42,10 @@ pub struct Options {
     pub tags: fn(u8) -> Vec<String>,
     pub lease_ttl: u64,
     pub cancel_grace: f64,
+    /// Runs the embedded S3 endpoint in-process and gives the executor job buckets.
+    pub s3: bool,
+    /// Extra executor template variables.
+    pub template_vars: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -51,6 +55,8 @@ impl Default for Options {
             tags: |_| Vec::new(),
             lease_ttl: 3,
             cancel_grace: 3.0,
+            s3: false,
+            template_vars: Vec::new(),
         }
     }
 }
@@ -78,6 +84,14 @@ pub struct Farm {
     sims: Vec<JoinHandle<()>>,
     pdu: Option<dutgate_pdu::Running>,
     salad: Option<dutgate_salad::SaladHandle>,
+    /// The embedded S3 endpoint (`Options::s3`).
+    pub s3: Option<S3>,
+}
+
+/// The embedded S3 endpoint of a [`Farm`].
+pub struct S3 {
+    pub url: String,
+    pub storage: dutgate_storage::JobStorage,
 }
 
 async fn bind() -> TcpListener {
@@ -126,7 +140,41 @@ impl Farm {
         gw.ports.executor = port(&l_exec);
         gw.auth.admin_token = Some(Secret::new(ADMIN));
         gw.auth.user_token = Some(Secret::new(USER));
+        let l_s3 = if opts.s3 {
+            let l = bind().await;
+            gw.ports.s3 = port(&l);
+            Some(l)
+        } else {
+            None
+        };
         let gw = Arc::new(gw);
+        let s3_cfg = dutgate_storage::Config {
+            request_timeout_seconds: 10.0,
+            ..Default::default()
+        };
+        let s3 = match l_s3 {
+            Some(l) => {
+                let port = port(&l);
+                let embedded = dutgate_storage::server::build(&gw, &s3_cfg).await.unwrap();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = dutgate_storage::server::serve(
+                        l,
+                        embedded.router,
+                        stop,
+                        Duration::from_millis(200),
+                    )
+                    .await;
+                });
+                Some(S3 {
+                    url: format!("http://127.0.0.1:{port}"),
+                    storage: dutgate_storage::JobStorage::new(&gw, &s3_cfg)
+                        .await
+                        .unwrap(),
+                })
+            }
+            None => None,
+        };
         let auth = Auth::new(
             Some(Secret::new(ADMIN)),
             Some(Secret::new(USER)),
@@ -279,7 +327,11 @@ impl Farm {
                 format!("http://127.0.0.1:{art_port}"),
             )]
             .into_iter()
+            .chain(opts.template_vars.iter().cloned())
             .collect(),
+            object_store: s3
+                .as_ref()
+                .map(|_| dutgate_executor::storage::ObjectStore(s3_cfg.clone())),
             ..Default::default()
         };
         let exec_port = port(&l_exec);
@@ -303,6 +355,7 @@ impl Farm {
             sims,
             pdu: Some(pdu),
             salad: Some(salad),
+            s3,
         };
         farm.start_executor(Some(l_exec)).await;
         farm
@@ -571,6 +624,8 @@ fn script_lines(script: &str) -> (Vec<(&'static str, u64)>, bool) {
         "reboot" => (vec![("booting", 20), ("REBOOT ME", 20)], true),
         // Prints the prompt; the echo and the end come from `sim_dut` once a line arrives.
         "echo" => (vec![("booting", 20), ("READY_FOR_INPUT", 20)], true),
+        // The rest (bucket reads and writes, the end) comes from `bucket_session`.
+        "bucket" => (vec![("booting", 20)], true),
         "unfit" => (vec![("booting", 20), ("MCE: Hardware Error", 20)], true),
         "watchdog" => (
             vec![
@@ -639,16 +694,14 @@ async fn sim_dut(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // "Firmware": what would the machine boot?
-        let script = match boot.get(id).await {
-            Ok(Some(c)) => c
-                .config
-                .kernel
-                .cmdline
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("sim=").map(str::to_string))
-                .unwrap_or_default(),
+        let cmdline = match boot.get(id).await {
+            Ok(Some(c)) => c.config.kernel.cmdline,
             _ => String::new(),
         };
+        let script = cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sim=").map(str::to_string))
+            .unwrap_or_default();
         if script == "silent" {
             // A machine that never gets to print anything (dead serial, firmware hang).
             while !powered_off(&device, &port) {
@@ -688,6 +741,11 @@ async fn sim_dut(
                 break;
             }
         }
+        if script == "bucket" && powered {
+            let mut out = bucket_session(&cmdline).await;
+            out.push_str("RESULT: PASS\r\nSESSION END\r\n");
+            let _ = conn.write_all(out.as_bytes()).await;
+        }
         if script == "echo" && powered {
             // Read one line from the console (typed by a client through salad) and answer.
             let mut line = Vec::new();
@@ -713,4 +771,86 @@ async fn sim_dut(
         }
         drop(conn);
     }
+}
+
+/// Job bucket credentials the simulated DUTs were given, in the order they booted (bucket,
+/// access key, secret key): the tests check that they stop working after the job.
+pub static BUCKET_KEYS: std::sync::Mutex<Vec<(String, String, String)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A DUT client for the S3 endpoint with the given keys.
+pub fn s3_client(url: &str, access_key: &str, secret_key: &str) -> dutgate_storage::S3Client {
+    dutgate_storage::S3Client::new(
+        url,
+        dutgate_sigv4::Signer::new(access_key, secret_key, "us-east-1"),
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
+/// The object's contents, or the S3 status of the refusal.
+pub async fn s3_read(
+    c: &dutgate_storage::S3Client,
+    bucket: &str,
+    key: &str,
+) -> Result<String, u16> {
+    use futures::StreamExt;
+    match c.get(bucket, key).await {
+        Ok(body) => {
+            let mut data = Vec::new();
+            let mut s = std::pin::pin!(body.into_stream());
+            while let Some(chunk) = s.next().await {
+                data.extend_from_slice(&chunk.unwrap());
+            }
+            Ok(String::from_utf8_lossy(&data).into_owned())
+        }
+        Err(dutgate_storage::StorageError::Server { status, .. }) => Err(status),
+        Err(e) => panic!("S3 GET {bucket}/{key}: {e}"),
+    }
+}
+
+/// What a DUT does with its job bucket (`sim=bucket`): with the keys from its command line
+/// (`s3= bucket= ak= sk= other=`, rendered from the job's template variables) it reads the
+/// initial state, writes a result file and tries another job's bucket. Returns the console.
+async fn bucket_session(cmdline: &str) -> String {
+    let arg = |k: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k).map(str::to_string))
+            .unwrap_or_default()
+    };
+    let (url, bucket, ak, sk, other) = (
+        arg("s3="),
+        arg("bucket="),
+        arg("ak="),
+        arg("sk="),
+        arg("other="),
+    );
+    BUCKET_KEYS
+        .lock()
+        .unwrap()
+        .push((bucket.clone(), ak.clone(), sk.clone()));
+    let c = s3_client(&url, &ak, &sk);
+    let mut out = String::new();
+    match s3_read(&c, &bucket, "input/hello.txt").await {
+        Ok(text) => out.push_str(&format!("INITIAL: {text}\r\n")),
+        Err(status) => out.push_str(&format!("INITIAL: refused {status}\r\n")),
+    }
+    match c
+        .put_bytes(
+            &bucket,
+            "results/out.txt",
+            bytes::Bytes::from_static(b"written by the DUT"),
+        )
+        .await
+    {
+        Ok(()) => out.push_str("WROTE: results/out.txt\r\n"),
+        Err(e) => out.push_str(&format!("WRITE FAILED: {e}\r\n")),
+    }
+    match s3_read(&c, &other, "secret.txt").await {
+        Ok(text) => out.push_str(&format!("OTHER: read {text}\r\n")),
+        Err(status) => out.push_str(&format!("OTHER: refused {status}\r\n")),
+    }
+    out
 }
