@@ -2,7 +2,7 @@
 //! DUTs (TCG) netbooting the DUT image with iPXE from the boot service, their consoles in
 //! salad through its netconsole port, powered by the `virtual` PDU. Both are discovered,
 //! register, train and become IDLE with nobody touching them; `examples/hello.yml` PASSes
-//! and returns its console; a job whose command fails ends FAIL; `nc` on the machine's salad
+//! and returns its console and the file the DUT wrote (through the job bucket); a job whose command fails ends FAIL; `nc` on the machine's salad
 //! port replays the boot.
 //!
 //! Peers: qemu-system-x86 + ipxe-qemu (the VMs), linux-image-amd64 + busybox-static (the DUT
@@ -243,6 +243,9 @@ fn virtual_farm_trains_two_duts_and_runs_jobs() {
         console.contains("Execution is over, pipeline status: 0"),
         "{console}"
     );
+    // The file the DUT wrote came back through the job bucket.
+    let written = std::fs::read_to_string(share.join("bucket").join("hello.txt")).unwrap();
+    assert!(written.starts_with("Hello from"), "{written}");
 
     // A job whose command fails ends FAIL (dutctl exit code 3).
     let text = std::fs::read_to_string(&hello).unwrap();
