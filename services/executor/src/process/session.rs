@@ -258,23 +258,52 @@ fn timeout_of(spec: &JobSpec, name: &str) -> Timeout {
     }
 }
 
-/// Bucket, machine variables, render — within `infra_setup`.
+/// Bucket, machine variables, render — within `infra_setup`. An infrastructure failure or an
+/// expired `infra_setup` is retried `infra_setup.retries` times (the steps are idempotent: the
+/// bucket and its keys are kept across attempts); a job that cannot render is not.
 async fn setup(job: &JobContext, state: &mut SessionState) -> Result<JobSpec, Outcome> {
     // The limit is only known after rendering; render first with placeholders for it (the
     // submission was validated the same way, so this cannot fail on a valid job).
-    let limit = JobSpec::parse_and_render(&job.row.job_yaml, &placeholder_vars(job))
+    let timeout = JobSpec::parse_and_render(&job.row.job_yaml, &placeholder_vars(job))
         .ok()
-        .and_then(|s| s.timeouts.infra_setup.duration);
-    let work = setup_steps(job, state);
-    match limit {
-        Some(d) => match tokio::time::timeout(d, work).await {
-            Ok(r) => r,
-            Err(_) => Err(setup_fail(
-                format!("timeout infra_setup expired after {:.1} s", d.as_secs_f64()),
-                true,
-            )),
-        },
-        None => work.await,
+        .map(|s| s.timeouts.infra_setup)
+        .unwrap_or(Timeout::INFINITE);
+    let mut attempt = 0u32;
+    loop {
+        let work = setup_steps(job, state);
+        let result = match timeout.duration {
+            Some(d) => match tokio::time::timeout(d, work).await {
+                Ok(r) => r,
+                Err(_) => Err(setup_fail(
+                    format!("timeout infra_setup expired after {:.1} s", d.as_secs_f64()),
+                    true,
+                )),
+            },
+            None => work.await,
+        };
+        let reason = match &result {
+            Err(Outcome::SetupFailed {
+                reason,
+                infra: true,
+            }) if attempt < timeout.retries => reason.clone(),
+            _ => return result,
+        };
+        attempt += 1;
+        // Back off a little: what failed is a service of the gateway, which may be restarting.
+        let pause = Duration::from_secs(u64::from(attempt.min(5)) * 2);
+        job.reporter
+            .event(
+                kind::TIMEOUT,
+                format!(
+                    "infra_setup failed ({reason}); retry {attempt} of {} in {} s",
+                    timeout.retries,
+                    pause.as_secs()
+                ),
+                json!({"timeout": "infra_setup", "retried": attempt, "retries": timeout.retries,
+                       "action": "retry", "reason": reason}),
+            )
+            .await;
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -295,7 +324,7 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
         .await
         .map_err(|e| setup_fail(format!("machine record: {e}"), true))?;
     state.machine = Some(machine.clone());
-    if let Some(storage) = &job.storage {
+    if let Some(storage) = job.storage.as_ref().filter(|_| state.bucket.is_none()) {
         let access = storage
             .create(job.row.id, job.machine)
             .await
