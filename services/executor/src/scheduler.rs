@@ -1,5 +1,8 @@
 //! The queue's scheduler: matches queued jobs (priority, then FIFO) to free machines and
-//! dispatches them (a mars lease and the job row in one transaction, then the job process).
+//! dispatches them, a round's worth at a time: one claim of the planned job rows (`FOR UPDATE
+//! SKIP LOCKED` on PostgreSQL), one batched lease request to mars (one mars transaction, a
+//! result per lease), one commit of the dispatched rows and their events, then the job
+//! processes.
 //!
 //! Event-driven: it runs a round when woken — a submission, a machine freed (mars' event
 //! stream, followed with a long poll), a job finished — or at the next queued deadline. No
@@ -13,20 +16,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dutgate_core::{MachineId, Tag};
-use dutgate_mars::client::{MarsClient, is_conflict};
-use dutgate_mars::model::{LeasePurpose, Machine, MachineState};
-use futures::StreamExt;
+use dutgate_mars::client::MarsClient;
+use dutgate_mars::model::{
+    Lease, LeasePurpose, LeaseRequest, Machine, MachineState, ReleaseOutcome,
+};
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::Purpose;
-use crate::store::{QueuedJob, Store, now_ms};
+use crate::store::{Dispatch as StoreDispatch, QueuedJob, Store, now_ms};
 use crate::supervisor::Supervisor;
 
 /// Jobs looked at per round.
 const ROUND_LIMIT: u32 = 2000;
-/// Leases taken at the same time within a round.
-const DISPATCH_CONCURRENCY: usize = 16;
+/// Most jobs dispatched in one batch (one claim, one lease request, one commit); mars takes
+/// at most [`dutgate_mars::model::MAX_LEASE_BATCH`] leases per request.
+const MAX_BATCH: usize = 256;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -117,10 +122,15 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn machines(&self) -> Result<Vec<Machine>, TargetError> {
+    async fn ensure_loaded(&self) -> Result<(), TargetError> {
         if self.inner.machines.read().await.is_none() {
             self.load_machines().await.map_err(TargetError::Mars)?;
         }
+        Ok(())
+    }
+
+    async fn machines(&self) -> Result<Vec<Machine>, TargetError> {
+        self.ensure_loaded().await?;
         Ok(self
             .inner
             .machines
@@ -131,38 +141,50 @@ impl Scheduler {
             .unwrap_or_default())
     }
 
+    /// The machines that are neither leased nor running (only those are copied).
+    async fn free_machines(&self) -> Result<Vec<Machine>, TargetError> {
+        self.ensure_loaded().await?;
+        Ok(self
+            .inner
+            .machines
+            .read()
+            .await
+            .as_ref()
+            .map(|map| {
+                map.values()
+                    .filter(|m| m.lease.is_none() && m.state != MachineState::Running)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Checks at submission that some machine could ever run a job with this target.
+    ///
+    /// Answers from the machine cache; when the cache says no (unknown machine, missing
+    /// tags, no machine with the tags) it asks mars first — the cache follows mars' event
+    /// stream and may not have seen a machine registered or retagged a moment ago.
     pub async fn check_target(
         &self,
         id: Option<MachineId>,
         tags: &[String],
     ) -> Result<(), TargetError> {
-        let machines = self.machines().await?;
-        let usable = |m: &&Machine| m.state != MachineState::Retired;
-        match id {
-            Some(id) => {
-                let m = machines
-                    .iter()
-                    .find(|m| m.id == id)
-                    .ok_or(TargetError::UnknownMachine(id))?;
-                let missing: Vec<String> = tags
-                    .iter()
-                    .filter(|t| !has_tags(m, std::slice::from_ref(t)))
-                    .cloned()
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(TargetError::MissingTags { id, missing });
-                }
-                Ok(())
-            }
-            None => {
-                if machines.iter().filter(usable).any(|m| has_tags(m, tags)) {
-                    Ok(())
-                } else {
-                    Err(TargetError::NoMachineWithTags(tags.to_vec()))
-                }
-            }
+        if target_verdict(&self.machines().await?, id, tags).is_ok() {
+            return Ok(());
         }
+        match id {
+            Some(id) => match self.inner.mars.machine(id).await {
+                Ok(m) => {
+                    if let Some(map) = self.inner.machines.write().await.as_mut() {
+                        map.insert(m.id, m);
+                    }
+                }
+                Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {}
+                Err(e) => return Err(TargetError::Mars(e.to_string())),
+            },
+            None => self.load_machines().await.map_err(TargetError::Mars)?,
+        }
+        target_verdict(&self.machines().await?, id, tags)
     }
 
     /// Whether a machine for this target is free right now (`?wait=false`).
@@ -317,14 +339,11 @@ impl Scheduler {
                 )
                 .await;
         }
-        let machines = self.machines().await.map_err(|e| e.to_string())?;
-        let free: Vec<Machine> = machines
-            .into_iter()
-            .filter(|m| m.lease.is_none() && m.state != MachineState::Running)
-            .collect();
+        let free = self.free_machines().await.map_err(|e| e.to_string())?;
         if free.is_empty() {
             return Ok(());
         }
+        let t_plan = Instant::now();
         // Read the head of the queue first (a few jobs per free machine), and the whole
         // window only when free IDLE machines are left over: in steady state a round reads a
         // few dozen rows, not thousands.
@@ -350,20 +369,14 @@ impl Scheduler {
             }
             limit = ROUND_LIMIT;
         };
-        let results: Vec<Result<Dispatch, String>> = futures::stream::iter(plan)
-            .map(|(job, m)| {
-                let me = self.clone();
-                async move { me.dispatch(&job, m, round).await }
-            })
-            .buffer_unordered(DISPATCH_CONCURRENCY)
-            .collect()
-            .await;
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "plan")
+            .record(t_plan.elapsed().as_secs_f64());
+        if plan.is_empty() {
+            return Ok(());
+        }
         let mut busy = false;
-        for r in results {
-            match r? {
-                Dispatch::MachineBusy => busy = true,
-                Dispatch::Done | Dispatch::JobGone => {}
-            }
+        for chunk in plan.chunks(MAX_BATCH) {
+            busy |= self.dispatch_batch(chunk, round).await?;
         }
         if busy {
             // Some machine was taken behind the cache's back: plan again with what is left.
@@ -372,104 +385,181 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn dispatch(
+    /// Dispatches a planned batch: one claim, one lease request, one commit, then the
+    /// launches. Returns whether some machine turned out to be busy (plan again).
+    async fn dispatch_batch(
         &self,
-        job: &QueuedJob,
-        machine: MachineId,
+        plan: &[(QueuedJob, MachineId)],
         round: u64,
-    ) -> Result<Dispatch, String> {
+    ) -> Result<bool, String> {
         let started = Instant::now();
         let store = &self.inner.store;
-        let Some(mut claim) = store.claim(job.id).await.map_err(|e| e.to_string())? else {
-            return Ok(Dispatch::JobGone);
-        };
-        claim.round = round;
-        let purpose = match job.purpose {
-            Purpose::Job => LeasePurpose::Job,
-            Purpose::Training => LeasePurpose::Training,
-        };
-        let lease = match self
+        let ids: Vec<i64> = plan.iter().map(|(j, _)| j.id).collect();
+        let mut batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
+        batch.round = round;
+        let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
+        // Jobs not claimed left the queue or are another executor's right now.
+        let plan: Vec<&(QueuedJob, MachineId)> = plan
+            .iter()
+            .filter(|(j, _)| claimed.contains(&j.id))
+            .collect();
+        if plan.is_empty() {
+            return Ok(false);
+        }
+        let t_lease = Instant::now();
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
+            .record((t_lease - started).as_secs_f64());
+        let reqs: Vec<LeaseRequest> = plan
+            .iter()
+            .map(|(job, machine)| LeaseRequest {
+                machine_id: *machine,
+                job_id: job.id.to_string(),
+                holder: self.inner.holder.clone(),
+                purpose: match job.purpose {
+                    Purpose::Job => LeasePurpose::Job,
+                    Purpose::Training => LeasePurpose::Training,
+                },
+                ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
+            })
+            .collect();
+        // On error no lease of the batch was taken; dropping the claim rolls it back.
+        let results = self
             .inner
             .mars
-            .acquire(
-                machine,
-                &job.id.to_string(),
-                &self.inner.holder,
-                purpose,
-                self.inner.lease_ttl,
-            )
+            .acquire_many(&reqs)
+            .await
+            .map_err(|e| format!("leases: {e}"))?;
+        let t_commit = Instant::now();
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
+            .record((t_commit - t_lease).as_secs_f64());
+        let mut busy = false;
+        let mut leased = Vec::new();
+        let mut taken = Vec::new();
+        let mut other_refusal = None;
+        for ((job, machine), r) in plan.iter().zip(results) {
+            match r {
+                Ok(lease) => {
+                    taken.push(*machine);
+                    leased.push((job, *machine, lease));
+                }
+                // Leased or not in a leasable state behind the cache's back, or gone: the
+                // next round plans this job on another machine.
+                Err(refusal) if refusal.status == 409 || refusal.status == 404 => {
+                    tracing::debug!(job_id = job.id, machine_id = %machine, error = %refusal.error, "lease refused");
+                    taken.push(*machine);
+                    busy = true;
+                }
+                Err(refusal) => {
+                    tracing::warn!(job_id = job.id, machine_id = %machine, status = refusal.status, error = %refusal.error, "lease failed");
+                    other_refusal = Some(format!("lease of {machine}: {}", refusal.error));
+                }
+            }
+        }
+        self.mark_busy(&taken).await;
+        let items: Vec<StoreDispatch> = leased
+            .iter()
+            .map(|(job, machine, lease)| StoreDispatch {
+                id: job.id,
+                machine: *machine,
+                lease_id: lease.id.clone(),
+            })
+            .collect();
+        let done = match store
+            .complete_many(batch, &items, self.inner.sup.name())
             .await
         {
-            Ok(l) => l,
+            Ok(d) => d,
             Err(e) => {
-                let _ = store.abandon_dispatch(claim).await;
-                if is_conflict(&e) || e.status() == Some(reqwest::StatusCode::NOT_FOUND) {
-                    self.mark_busy(machine).await;
-                    return Ok(Dispatch::MachineBusy);
-                }
-                return Err(format!("lease of {machine}: {e}"));
+                // Nothing was committed: the jobs are still queued; give the machines back.
+                let leases: Vec<&Lease> = leased.iter().map(|(_, _, l)| l).collect();
+                self.release_all(&leases, "the dispatch could not be recorded")
+                    .await;
+                return Err(e.to_string());
             }
         };
-        self.mark_busy(machine).await;
-        let done = store
-            .complete_dispatch(claim, machine, &lease.id, self.inner.sup.name())
-            .await
-            .map_err(|e| e.to_string())?;
-        if !done {
-            // Cancelled meanwhile: give the machine back untouched.
-            let _ = self
-                .inner
-                .mars
-                .release(
-                    &lease.id,
-                    dutgate_mars::model::ReleaseOutcome::Ok,
-                    Some("job cancelled before it started"),
-                )
-                .await;
-            return Ok(Dispatch::JobGone);
+        let elapsed = started.elapsed().as_secs_f64();
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
+            .record(t_commit.elapsed().as_secs_f64());
+        metrics::histogram!("executor_dispatch_batch_size").record(items.len() as f64);
+        let mut cancelled = Vec::new();
+        let mut launches = Vec::new();
+        for ((job, machine, lease), ok) in leased.iter().zip(done) {
+            if !ok {
+                // Cancelled meanwhile: give the machine back untouched.
+                cancelled.push(lease);
+                continue;
+            }
+            metrics::histogram!("executor_dispatch_seconds").record(elapsed);
+            metrics::counter!("executor_jobs_dispatched_total").increment(1);
+            tracing::info!(job_id = job.id, machine_id = %machine, lease = %lease.id, round, "dispatched");
+            launches.push(self.launch(job.id, *machine, lease));
         }
-        metrics::histogram!("executor_dispatch_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("executor_jobs_dispatched_total").increment(1);
-        tracing::info!(job_id = job.id, machine_id = %machine, lease = %lease.id, "dispatched");
-        if let Err(e) = self
-            .inner
-            .sup
-            .launch(job.id, machine, &lease.id, lease.ttl_seconds)
-            .await
-        {
-            tracing::error!(job_id = job.id, error = %e, "cannot start the job process");
-            let _ = store
-                .add_event(
-                    job.id,
-                    crate::model::kind::EXECUTOR,
-                    &format!("cannot start the job process: {e}"),
-                    serde_json::json!({"action": "process_died"}),
-                )
-                .await;
-            let _ = self
-                .inner
-                .mars
-                .release(
-                    &lease.id,
-                    dutgate_mars::model::ReleaseOutcome::Ok,
-                    Some("the job process could not start"),
-                )
-                .await;
-            let _ = store
-                .finish(
-                    job.id,
-                    dutgate_core::JobStatus::SetupFail,
-                    &format!("the job process could not start: {e}"),
-                )
-                .await;
+        futures::future::join_all(launches).await;
+        self.release_all(&cancelled, "job cancelled before it started")
+            .await;
+        match other_refusal {
+            Some(e) => Err(e),
+            None => Ok(busy),
         }
-        Ok(Dispatch::Done)
     }
 
-    async fn mark_busy(&self, id: MachineId) {
+    /// Gives leases back (best effort, concurrently).
+    async fn release_all(&self, leases: &[&Lease], reason: &str) {
+        futures::future::join_all(leases.iter().map(|l| {
+            self.inner
+                .mars
+                .release(&l.id, ReleaseOutcome::Ok, Some(reason))
+        }))
+        .await;
+    }
+
+    /// Starts the job process of a dispatched job; if it cannot start, the job ends in
+    /// `SetupFail` and the machine is given back.
+    async fn launch(&self, id: i64, machine: MachineId, lease: &Lease) {
+        let store = &self.inner.store;
+        let Err(e) = self
+            .inner
+            .sup
+            .launch(id, machine, &lease.id, lease.ttl_seconds)
+            .await
+        else {
+            return;
+        };
+        tracing::error!(job_id = id, error = %e, "cannot start the job process");
+        let _ = store
+            .add_event(
+                id,
+                crate::model::kind::EXECUTOR,
+                &format!("cannot start the job process: {e}"),
+                serde_json::json!({"action": "process_died"}),
+            )
+            .await;
+        let _ = self
+            .inner
+            .mars
+            .release(
+                &lease.id,
+                ReleaseOutcome::Ok,
+                Some("the job process could not start"),
+            )
+            .await;
+        let _ = store
+            .finish(
+                id,
+                dutgate_core::JobStatus::SetupFail,
+                &format!("the job process could not start: {e}"),
+            )
+            .await;
+    }
+
+    async fn mark_busy(&self, ids: &[MachineId]) {
         let mut guard = self.inner.machines.write().await;
-        if let Some(m) = guard.as_mut().and_then(|map| map.get_mut(&id)) {
-            m.state = MachineState::Running;
+        if let Some(map) = guard.as_mut() {
+            for id in ids {
+                if let Some(m) = map.get_mut(id) {
+                    m.state = MachineState::Running;
+                }
+            }
         }
     }
 }
@@ -506,10 +596,39 @@ fn plan_round(queued: &[QueuedJob], free: &[Machine]) -> Vec<(QueuedJob, Machine
     plan
 }
 
-enum Dispatch {
-    Done,
-    MachineBusy,
-    JobGone,
+/// Why a target can never match, judged on `machines`.
+fn target_verdict(
+    machines: &[Machine],
+    id: Option<MachineId>,
+    tags: &[String],
+) -> Result<(), TargetError> {
+    match id {
+        Some(id) => {
+            let m = machines
+                .iter()
+                .find(|m| m.id == id)
+                .ok_or(TargetError::UnknownMachine(id))?;
+            let missing: Vec<String> = tags
+                .iter()
+                .filter(|t| !has_tags(m, std::slice::from_ref(t)))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(TargetError::MissingTags { id, missing });
+            }
+            Ok(())
+        }
+        None => {
+            if machines
+                .iter()
+                .any(|m| m.state != MachineState::Retired && has_tags(m, tags))
+            {
+                Ok(())
+            } else {
+                Err(TargetError::NoMachineWithTags(tags.to_vec()))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -551,6 +670,241 @@ mod tests {
             target_id: None,
             target_tags: tags.iter().map(|t| t.to_string()).collect(),
         }
+    }
+
+    /// A real mars (SQLite, in-memory PDU) served on 127.0.0.1, and a scheduler on it whose
+    /// machine cache is not fed by the event stream (`follow_mars` does not run), with an
+    /// inline runner that records the launches.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        mars: dutgate_mars::machines::Mars,
+        client: MarsClient,
+        sched: Scheduler,
+        store: Store,
+        launched: Arc<std::sync::Mutex<Vec<(i64, MachineId)>>>,
+        shutdown: CancellationToken,
+    }
+
+    async fn rig() -> Rig {
+        use dutgate_core::Secret;
+        use dutgate_core::db::Db;
+        let dir = tempfile::tempdir().unwrap();
+        let mars_db = Db::open_sqlite(&dir.path().join("mars.db"), dutgate_mars::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let mut cfg = dutgate_mars::Config::default();
+        cfg.training.enabled = false;
+        let mars = dutgate_mars::machines::Mars::new(
+            dutgate_mars::store::Store::new(mars_db, "farm"),
+            cfg,
+            Arc::new(dutgate_mars::power::MemoryPower::default()),
+        );
+        let auth = dutgate_core::auth::Auth::new(
+            Some(Secret::new("admin")),
+            None,
+            dutgate_core::config::default_dut_networks(),
+        );
+        let shutdown = CancellationToken::new();
+        let router = dutgate_mars::start(mars.clone(), auth, shutdown.clone()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(dutgate_core::http::serve(
+            listener,
+            dutgate_core::http::with_common_routes("mars", router, None),
+            shutdown.clone(),
+            Duration::from_millis(100),
+        ));
+        let client = MarsClient::new(&url, Some(Secret::new("admin")));
+        let db = Db::open_sqlite(&dir.path().join("executor.db"), crate::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let store = Store::new(db);
+        let gw = Arc::new(dutgate_core::config::GatewayConfig {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        });
+        let launched: Arc<std::sync::Mutex<Vec<(i64, MachineId)>>> = Default::default();
+        let l2 = launched.clone();
+        let inline: crate::supervisor::InlineRunner = Arc::new(move |id, m, _lease| {
+            l2.lock().unwrap().push((id, m));
+            Box::pin(async {})
+        });
+        let sup = Supervisor::new(
+            store.clone(),
+            gw,
+            crate::Config::default(),
+            None,
+            Arc::new(Notify::new()),
+            Some(inline),
+        );
+        let sched = Scheduler::new(
+            store.clone(),
+            client.clone(),
+            sup,
+            None,
+            Arc::new(Notify::new()),
+        );
+        Rig {
+            _dir: dir,
+            mars,
+            client,
+            sched,
+            store,
+            launched,
+            shutdown,
+        }
+    }
+
+    /// Registers machine `n` with `tags` and, when `idle`, configures and admits it.
+    async fn register(rig: &Rig, n: u8, tags: &[&str], idle: bool) -> MachineId {
+        let id = MachineId::from_bytes([0x52, 0x54, 0, 0, 0, n]);
+        rig.client
+            .register(&dutgate_mars::model::Registration {
+                base_name: "m".into(),
+                tags: tags.iter().map(|t| t.parse().unwrap()).collect(),
+                mac_address: id,
+                ip_address: "10.0.2.15".parse().unwrap(),
+                local_tty_device: None,
+            })
+            .await
+            .unwrap();
+        if idle {
+            rig.client
+                .patch(
+                    id,
+                    &dutgate_mars::model::MachinePatch {
+                        pdu: Some(Some("pdu".into())),
+                        pdu_port_id: Some(Some(n.to_string())),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            rig.mars
+                .store
+                .trigger(
+                    id,
+                    dutgate_mars::state::Trigger::TrainingPassed,
+                    &dutgate_mars::store::Cause::new("test", "admitted"),
+                    &|_| {},
+                )
+                .await
+                .unwrap();
+        }
+        id
+    }
+
+    fn new_job(priority: i64, tags: &[&str]) -> crate::store::NewJob {
+        crate::store::NewJob {
+            external_id: None,
+            priority,
+            purpose: Purpose::Job,
+            job_yaml: "version: 1\n".into(),
+            target_id: None,
+            target_tags: tags.iter().map(|t| t.to_string()).collect(),
+            deadline_ms: None,
+            has_tarball: false,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn check_target_asks_mars_about_machines_the_cache_has_not_seen() {
+        let rig = rig().await;
+        let sched = &rig.sched;
+        // Loads the cache: no machine yet.
+        assert!(matches!(
+            sched.check_target(None, &["a:b:c".into()]).await,
+            Err(TargetError::NoMachineWithTags(_))
+        ));
+        // Registered after the cache was loaded (a machine's first training is submitted
+        // right after its registration): known by id and by tags all the same.
+        let fresh = register(&rig, 1, &["a:b:c"], false).await;
+        sched.check_target(Some(fresh), &[]).await.unwrap();
+        sched
+            .check_target(Some(fresh), &["a:b:c".into()])
+            .await
+            .unwrap();
+        let other = register(&rig, 2, &["x:y:z"], false).await;
+        sched.check_target(None, &["x:y:z".into()]).await.unwrap();
+        sched.check_target(Some(other), &[]).await.unwrap();
+        // What mars does not know either is still refused.
+        let unknown = MachineId::from_bytes([0x52, 0x54, 0, 0, 0, 99]);
+        assert!(matches!(
+            sched.check_target(Some(unknown), &[]).await,
+            Err(TargetError::UnknownMachine(id)) if id == unknown
+        ));
+        assert!(matches!(
+            sched.check_target(Some(fresh), &["x:y:z".into()]).await,
+            Err(TargetError::MissingTags { .. })
+        ));
+        assert!(matches!(
+            sched.check_target(None, &["q:q:q".into()]).await,
+            Err(TargetError::NoMachineWithTags(_))
+        ));
+        rig.shutdown.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batch_dispatch_falls_back_when_a_lease_is_refused() {
+        let rig = rig().await;
+        let mut ms = Vec::new();
+        for n in 1..=4 {
+            ms.push(register(&rig, n, &["a:b:c"], true).await);
+        }
+        // Load the cache, then take the first machine behind its back.
+        assert!(rig.sched.any_free(Purpose::Job, None, &[]).await.unwrap());
+        let foreign = rig
+            .client
+            .acquire(
+                ms[0],
+                "elsewhere",
+                "another-executor",
+                LeasePurpose::Job,
+                None,
+            )
+            .await
+            .unwrap();
+        let low1 = rig.store.insert(&new_job(0, &["a:b:c"])).await.unwrap();
+        let high = rig.store.insert(&new_job(5, &["a:b:c"])).await.unwrap();
+        let low2 = rig.store.insert(&new_job(0, &[])).await.unwrap();
+        let low3 = rig.store.insert(&new_job(0, &[])).await.unwrap();
+        // Round 1 plans high → ms[0] (refused: leased elsewhere), low1 → ms[1], low2 → ms[2],
+        // low3 → ms[3]; round 2 has no free machine left; high waits for one.
+        rig.sched.round().await.unwrap();
+        let launched = rig.launched.lock().unwrap().clone();
+        assert_eq!(
+            launched.iter().map(|l| l.0).collect::<HashSet<_>>(),
+            HashSet::from([low1, low2, low3])
+        );
+        let machines: HashSet<MachineId> = launched.iter().map(|l| l.1).collect();
+        assert_eq!(machines.len(), 3, "one job per machine: {launched:?}");
+        assert!(!machines.contains(&ms[0]));
+        let row = rig.store.require(high).await.unwrap();
+        assert_eq!(row.state, crate::model::JobState::Queued);
+        // The foreign lease is untouched.
+        let m0 = rig.client.machine(ms[0]).await.unwrap();
+        assert_eq!(m0.lease.map(|l| l.id), Some(foreign.id.clone()));
+        // The machine comes back (the cache learns it as the event stream would tell it):
+        // the queued job takes it.
+        rig.client
+            .release(&foreign.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        rig.sched.load_machines().await.unwrap();
+        rig.sched.round().await.unwrap();
+        let row = rig.store.require(high).await.unwrap();
+        assert_eq!(
+            (row.state, row.machine_id),
+            (crate::model::JobState::Dispatched, Some(ms[0]))
+        );
+        for (id, m) in rig.launched.lock().unwrap().iter() {
+            let row = rig.store.require(*id).await.unwrap();
+            assert_eq!(row.machine_id, Some(*m));
+            let lease = rig.client.machine(*m).await.unwrap().lease.unwrap();
+            assert_eq!(lease.job_id, id.to_string());
+            assert_eq!(row.lease_id, Some(lease.id));
+        }
+        rig.shutdown.cancel();
     }
 
     #[test]

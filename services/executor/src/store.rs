@@ -182,6 +182,24 @@ pub struct Claim {
     tx: Option<Transaction<'static, Any>>,
 }
 
+/// Jobs claimed together for dispatch ([`Store::claim_many`]). With PostgreSQL it holds
+/// their row locks until [`Store::complete_many`] (or until dropped: rolled back).
+pub struct ClaimBatch {
+    /// The jobs claimed, a subset of those asked for.
+    pub ids: Vec<i64>,
+    /// The scheduler round (recorded in the `dispatched` events).
+    pub round: u64,
+    tx: Option<Transaction<'static, Any>>,
+}
+
+/// One job of a [`ClaimBatch`] that got a lease.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    pub id: i64,
+    pub machine: MachineId,
+    pub lease_id: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
@@ -430,6 +448,118 @@ impl Store {
             tx.rollback().await?;
         }
         Ok(())
+    }
+
+    /// Claims the queued jobs among `ids` for dispatch, in one transaction. With PostgreSQL
+    /// the batch holds the row locks (`FOR UPDATE SKIP LOCKED`: rows another executor holds
+    /// right now, or that left the queue, are not in [`ClaimBatch::ids`]) until
+    /// [`Store::complete_many`]. With SQLite (one executor per file) every id is claimed and
+    /// the conditional update of `complete_many` is the guard.
+    pub async fn claim_many(&self, ids: &[i64]) -> Result<ClaimBatch, StoreError> {
+        match self.db.backend() {
+            Backend::Postgres => {
+                let mut tx = self.pool().begin().await?;
+                let mut claimed = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(500) {
+                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!(
+                        "SELECT id FROM jobs WHERE id IN ({}) AND state = 'QUEUED' \
+                         FOR UPDATE SKIP LOCKED",
+                        marks.join(", ")
+                    );
+                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    for r in q.fetch_all(&mut *tx).await? {
+                        claimed.push(r.try_get::<i64, _>(0)?);
+                    }
+                }
+                if claimed.is_empty() {
+                    tx.rollback().await?;
+                    return Ok(ClaimBatch {
+                        ids: claimed,
+                        round: 0,
+                        tx: None,
+                    });
+                }
+                Ok(ClaimBatch {
+                    ids: claimed,
+                    round: 0,
+                    tx: Some(tx),
+                })
+            }
+            Backend::Sqlite => Ok(ClaimBatch {
+                ids: ids.to_vec(),
+                round: 0,
+                tx: None,
+            }),
+        }
+    }
+
+    /// Marks each of `items` (jobs of `batch`) `DISPATCHED` on its machine with its lease,
+    /// with its `dispatched` event, all in one transaction (the claim's, on PostgreSQL); the
+    /// claimed jobs not in `items` stay queued. One flag per item: `false` when the job left
+    /// the queue meanwhile (a cancellation between claim and commit wins) or was not claimed.
+    pub async fn complete_many(
+        &self,
+        batch: ClaimBatch,
+        items: &[Dispatch],
+        executor: &str,
+    ) -> Result<Vec<bool>, StoreError> {
+        let next = transition(JobState::Queued, Trigger::Dispatch).map_err(|source| {
+            StoreError::Transition {
+                id: items.first().map_or(0, |d| d.id),
+                source,
+            }
+        })?;
+        let claimed: std::collections::HashSet<i64> = batch.ids.iter().copied().collect();
+        let _gate = self.gate().await;
+        let mut tx = match batch.tx {
+            Some(tx) => tx,
+            None if items.iter().any(|d| claimed.contains(&d.id)) => self.pool().begin().await?,
+            None => return Ok(vec![false; items.len()]),
+        };
+        let at = now_ms();
+        let mut out = Vec::with_capacity(items.len());
+        for d in items {
+            if !claimed.contains(&d.id) {
+                out.push(false);
+                continue;
+            }
+            let done = sqlx::query(
+                "UPDATE jobs SET state = $1, machine_id = $2, lease_id = $3, executor = $4, \
+                 dispatched_at = $5 WHERE id = $6 AND state = 'QUEUED'",
+            )
+            .bind(next.as_str())
+            .bind(d.machine.to_string())
+            .bind(d.lease_id.clone())
+            .bind(executor.to_string())
+            .bind(at)
+            .bind(d.id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if done {
+                let data = serde_json::json!({
+                    "machine_id": d.machine,
+                    "lease_id": d.lease_id,
+                    "round": batch.round,
+                });
+                insert_event(
+                    &mut tx,
+                    d.id,
+                    crate::model::kind::DISPATCHED,
+                    &format!("dispatched to {}", d.machine),
+                    &data,
+                )
+                .await?;
+            }
+            out.push(done);
+        }
+        tx.commit().await?;
+        Ok(out)
     }
 
     /// Applies `trigger` to job `id` if its state allows it; returns the new row, or `None`

@@ -5,7 +5,7 @@ use dutgate_core::db::Backend;
 use dutgate_core::db::testing::databases;
 use dutgate_core::{JobStatus, MachineId};
 use dutgate_executor::model::{JobState, Purpose};
-use dutgate_executor::store::{MIGRATIONS, NewJob, Store};
+use dutgate_executor::store::{Dispatch, MIGRATIONS, NewJob, Store};
 
 fn job(priority: i64, tags: &[&str]) -> NewJob {
     NewJob {
@@ -128,6 +128,91 @@ async fn queue_order_claims_events_and_finish() {
             .map(|q| q.id)
             .collect();
         assert_eq!(order, vec![low, expired]);
+        db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn batch_claim_and_commit() {
+    for db in databases("executor", MIGRATIONS).await {
+        let store = Store::new(db.db.clone());
+        let ids: Vec<i64> = {
+            let mut v = Vec::new();
+            for _ in 0..4 {
+                v.push(store.insert(&job(0, &[])).await.unwrap());
+            }
+            v
+        };
+        let m = |n: u8| MachineId::from_bytes([0x52, 0x54, 0, 0, 0, n]);
+        let d = |id: i64, n: u8| Dispatch {
+            id,
+            machine: m(n),
+            lease_id: format!("lease-{n}"),
+        };
+
+        let mut batch = store.claim_many(&ids[..3]).await.unwrap();
+        batch.round = 7;
+        assert_eq!(batch.ids, ids[..3].to_vec());
+        if db.backend() == Backend::Postgres {
+            // Another executor skips the locked rows and gets only the free one.
+            let other = Store::new(db.db.clone());
+            let theirs = other.claim_many(&ids).await.unwrap();
+            assert_eq!(theirs.ids, vec![ids[3]]);
+            // Dropped: rolled back, the job stays queued.
+            drop(theirs);
+        } else {
+            // SQLite: a cancellation between claim and commit wins (PostgreSQL's cancel
+            // waits for the row lock instead).
+            store
+                .finish(ids[2], JobStatus::Incomplete, "cancelled")
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        // ids[1]'s lease was refused: not in the items, it stays queued.
+        let done = store
+            .complete_many(batch, &[d(ids[0], 1), d(ids[2], 3)], "exec-a")
+            .await
+            .unwrap();
+        let cancelled = db.backend() == Backend::Sqlite;
+        assert_eq!(done, vec![true, !cancelled]);
+        let row = store.require(ids[0]).await.unwrap();
+        assert_eq!(
+            (row.state, row.machine_id, row.lease_id.as_deref()),
+            (JobState::Dispatched, Some(m(1)), Some("lease-1"))
+        );
+        let ev = store.events(ids[0], 0).await.unwrap();
+        assert_eq!(ev.last().unwrap().kind, "dispatched");
+        assert_eq!(ev.last().unwrap().data["round"], 7);
+        assert_eq!(store.require(ids[1]).await.unwrap().state, JobState::Queued);
+        let expect = if cancelled {
+            JobState::Finished
+        } else {
+            JobState::Dispatched
+        };
+        assert_eq!(store.require(ids[2]).await.unwrap().state, expect);
+        let queued: Vec<i64> = store
+            .queued(10)
+            .await
+            .unwrap()
+            .iter()
+            .map(|q| q.id)
+            .collect();
+        assert_eq!(queued, vec![ids[1], ids[3]]);
+
+        // A job already dispatched is not claimed again (PostgreSQL) or not committed twice
+        // (SQLite).
+        let again = store.claim_many(&[ids[0], ids[1]]).await.unwrap();
+        let done = store
+            .complete_many(again, &[d(ids[0], 5), d(ids[1], 2)], "exec-b")
+            .await
+            .unwrap();
+        assert_eq!(done, vec![false, true]);
+        let row = store.require(ids[0]).await.unwrap();
+        assert_eq!(
+            (row.machine_id, row.executor.as_deref()),
+            (Some(m(1)), Some("exec-a"))
+        );
         db.cleanup().await;
     }
 }

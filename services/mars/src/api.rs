@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::machines::{Mars, MarsError};
 use crate::model::{
-    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, LeaseList, LeaseRequest,
+    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, LeaseBatchRequest,
+    LeaseBatchResponse, LeaseList, LeaseRefusal, LeaseRequest, LeaseResult, MAX_LEASE_BATCH,
     Machine, MachineEvents, MachineList, MachinePatch, MachineState, Registration, ReleaseRequest,
     RetireRequest, TrainingReport, TrainingRun,
 };
@@ -128,6 +129,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/machine/{id}/training", get(training))
         .route("/api/v1/machine/{id}/training/loop/{n}", get(training_loop))
         .route("/api/v1/leases", get(list_leases).post(acquire))
+        .route("/api/v1/leases/batch", post(acquire_batch))
         .route("/api/v1/leases/{lease}/heartbeat", post(heartbeat))
         .route("/api/v1/leases/{lease}/release", post(release))
         .route("/api/v1/events", get(events))
@@ -377,6 +379,44 @@ async fn acquire(
 ) -> Result<Response, ApiError> {
     let lease = s.mars.acquire(body).await?;
     Ok((StatusCode::CREATED, ApiJson(lease)).into_response())
+}
+
+/// Many leases in one mars transaction; each request is granted or refused on its own
+/// (200 with one result per request, in order).
+async fn acquire_batch(
+    _: AdminAuth,
+    State(s): State<AppState>,
+    ApiJson(body): ApiJson<LeaseBatchRequest>,
+) -> Result<ApiJson<LeaseBatchResponse>, ApiError> {
+    if body.leases.len() > MAX_LEASE_BATCH {
+        return Err(
+            ApiError::bad_request(format!("at most {MAX_LEASE_BATCH} leases per batch"))
+                .with_field("leases"),
+        );
+    }
+    let results = s
+        .mars
+        .acquire_many(&body.leases)
+        .await?
+        .into_iter()
+        .map(|r| match r {
+            Ok(lease) => LeaseResult {
+                lease: Some(lease),
+                error: None,
+            },
+            Err(e) => {
+                let e = ApiError::from(e);
+                LeaseResult {
+                    lease: None,
+                    error: Some(LeaseRefusal {
+                        status: e.status.as_u16(),
+                        error: e.body.error,
+                    }),
+                }
+            }
+        })
+        .collect();
+    Ok(ApiJson(LeaseBatchResponse { results }))
 }
 
 async fn heartbeat(

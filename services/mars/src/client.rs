@@ -29,9 +29,10 @@ use dutgate_core::{MachineId, Secret, ServiceName};
 use reqwest::{Method, StatusCode};
 
 use crate::model::{
-    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, Lease, LeaseList, LeasePurpose,
-    LeaseRequest, Machine, MachineEvents, MachineList, MachinePatch, Registration, ReleaseOutcome,
-    ReleaseRequest, RetireRequest, TrainingReport,
+    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, Lease, LeaseBatchRequest,
+    LeaseBatchResponse, LeaseList, LeasePurpose, LeaseRefusal, LeaseRequest, Machine,
+    MachineEvents, MachineList, MachinePatch, Registration, ReleaseOutcome, ReleaseRequest,
+    RetireRequest, TrainingReport,
 };
 
 /// Longest long-poll the server accepts; longer requests are clamped to it.
@@ -172,6 +173,43 @@ impl MarsClient {
             ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
         };
         self.api.post("/api/v1/leases", &req).await
+    }
+
+    /// Many leases in one request and one mars transaction (`POST /api/v1/leases/batch`):
+    /// one result per request, in order, each granted or refused exactly as
+    /// [`MarsClient::acquire`] would be (a refusal carries the status `acquire` would have
+    /// got: 409 busy or leased, 404 unknown). `Err` when the whole batch failed: then none of
+    /// its leases was taken.
+    pub async fn acquire_many(
+        &self,
+        reqs: &[LeaseRequest],
+    ) -> Result<Vec<Result<Lease, LeaseRefusal>>, ClientError> {
+        let body = LeaseBatchRequest {
+            leases: reqs.to_vec(),
+        };
+        let resp: LeaseBatchResponse = self.api.post("/api/v1/leases/batch", &body).await?;
+        if resp.results.len() != reqs.len() {
+            return Err(ClientError::Decode {
+                url: "/api/v1/leases/batch".into(),
+                message: format!(
+                    "{} results for {} lease requests",
+                    resp.results.len(),
+                    reqs.len()
+                ),
+            });
+        }
+        Ok(resp
+            .results
+            .into_iter()
+            .map(|r| match (r.lease, r.error) {
+                (Some(l), _) => Ok(l),
+                (None, Some(e)) => Err(e),
+                (None, None) => Err(LeaseRefusal {
+                    status: 502,
+                    error: "mars answered neither a lease nor an error".into(),
+                }),
+            })
+            .collect())
     }
 
     /// Extends the lease by its TTL. 410 Gone when it already expired (or was released): the

@@ -15,7 +15,7 @@ use crate::model::{
 };
 use crate::power::Power;
 use crate::state::Trigger;
-use crate::store::{Cause, Decision, MachineRow, Store, StoreError, new_row};
+use crate::store::{BatchOp, Cause, Decision, MachineRow, Store, StoreError, new_row};
 use crate::training::JobRunner;
 
 /// A request that is wrong on its face: 400 naming the field.
@@ -413,7 +413,8 @@ impl Mars {
 
     // ---- leases --------------------------------------------------------------------------
 
-    pub async fn acquire(&self, req: LeaseRequest) -> Result<Lease, MarsError> {
+    /// Checks a lease request and makes its lease (not yet stored).
+    fn new_lease(&self, req: &LeaseRequest) -> Result<Lease, MarsError> {
         for (field, v) in [("job_id", &req.job_id), ("holder", &req.holder)] {
             if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
                 return Err(invalid(field, "must be 1 to 256 printable characters").into());
@@ -424,7 +425,7 @@ impl Mars {
             .unwrap_or(self.config.lease_ttl_seconds)
             .clamp(1, 3600);
         let now = Timestamp::now();
-        let lease = Lease {
+        Ok(Lease {
             id: hex::encode(rand::random::<[u8; 16]>()),
             machine_id: req.machine_id,
             job_id: req.job_id.clone(),
@@ -433,43 +434,81 @@ impl Mars {
             acquired_at: now,
             expires_at: now.plus_ms(ttl as i64 * 1000),
             ttl_seconds: ttl,
-        };
+        })
+    }
+
+    pub async fn acquire(&self, req: LeaseRequest) -> Result<Lease, MarsError> {
+        let lease = self.new_lease(&req)?;
         let purpose = req.purpose;
-        let decide = move |cur: &MachineRow| {
-            if let Some(l) = &cur.lease {
-                return Decision::Refuse(StoreError::Conflict(format!(
-                    "machine {} is leased by job {}",
-                    cur.id, l.job_id
-                )));
-            }
-            match (purpose, cur.state) {
-                (LeasePurpose::Job, MachineState::Idle) => Decision::Apply(Trigger::LeaseAcquired),
-                (LeasePurpose::Training, MachineState::Training | MachineState::QuickCheck) => {
-                    Decision::Record("lease_acquired")
-                }
-                (LeasePurpose::Job, s) => Decision::Refuse(StoreError::Conflict(format!(
-                    "machine {} is {s}, not IDLE",
-                    cur.id
-                ))),
-                (LeasePurpose::Training, s) => Decision::Refuse(StoreError::Conflict(format!(
-                    "machine {} is {s}, not TRAINING or QUICK_CHECK",
-                    cur.id
-                ))),
-            }
-        };
+        let decide = move |cur: &MachineRow| lease_decision(purpose, cur);
         let l2 = lease.clone();
         let edit = move |row: &mut MachineRow| row.lease = Some(l2.clone());
-        let cause = Cause::new(
-            format!("executor:{}", req.holder),
-            format!("{} lease for job {}", purpose.as_str(), req.job_id),
-        )
-        .with_job(req.job_id.clone());
         self.store
-            .apply_with(req.machine_id, &cause, &decide, &edit)
+            .apply_with(req.machine_id, &lease_cause(&req), &decide, &edit)
             .await?;
         metrics::counter!("mars_leases_acquired_total", "purpose" => purpose.as_str()).increment(1);
         tracing::info!(machine = %req.machine_id, job = %req.job_id, lease = %lease.id, "lease acquired");
         Ok(lease)
+    }
+
+    /// Many leases in one store transaction ([`Store::apply_many`]), one result per request
+    /// in order: each is granted or refused exactly as [`Mars::acquire`] would. `Err` only
+    /// when the store failed, and then no lease of the batch was taken.
+    pub async fn acquire_many(
+        &self,
+        reqs: &[LeaseRequest],
+    ) -> Result<Vec<Result<Lease, MarsError>>, MarsError> {
+        let mut out: Vec<Option<Result<Lease, MarsError>>> = Vec::with_capacity(reqs.len());
+        let mut leases = Vec::new();
+        for req in reqs {
+            match self.new_lease(req) {
+                Ok(l) => {
+                    leases.push((out.len(), req, l));
+                    out.push(None);
+                }
+                Err(e) => out.push(Some(Err(e))),
+            }
+        }
+        let decides: Vec<_> = leases
+            .iter()
+            .map(|(_, req, _)| {
+                let purpose = req.purpose;
+                move |cur: &MachineRow| lease_decision(purpose, cur)
+            })
+            .collect();
+        let edits: Vec<_> = leases
+            .iter()
+            .map(|(_, _, l)| {
+                let l = l.clone();
+                move |row: &mut MachineRow| row.lease = Some(l.clone())
+            })
+            .collect();
+        let ops: Vec<BatchOp<'_>> = leases
+            .iter()
+            .zip(decides.iter().zip(edits.iter()))
+            .map(|((_, req, _), (decide, edit))| BatchOp {
+                id: req.machine_id,
+                cause: lease_cause(req),
+                decide,
+                edit,
+            })
+            .collect();
+        let results = self.store.apply_many(&ops).await?;
+        for ((slot, req, lease), r) in leases.into_iter().zip(results) {
+            out[slot] = Some(match r {
+                Ok(_) => {
+                    metrics::counter!("mars_leases_acquired_total", "purpose" => req.purpose.as_str())
+                        .increment(1);
+                    tracing::info!(machine = %req.machine_id, job = %req.job_id, lease = %lease.id, "lease acquired");
+                    Ok(lease)
+                }
+                Err(e) => Err(e.into()),
+            });
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(MarsError::Conflict("not attempted".into()))))
+            .collect())
     }
 
     pub async fn heartbeat(&self, lease_id: &str) -> Result<Lease, MarsError> {
@@ -725,4 +764,36 @@ impl Mars {
             Err(e) => tracing::warn!(error = %e, "discovery cleanup"),
         }
     }
+}
+
+/// Whether a lease for `purpose` may be taken on the machine as it is now.
+fn lease_decision(purpose: LeasePurpose, cur: &MachineRow) -> Decision {
+    if let Some(l) = &cur.lease {
+        return Decision::Refuse(StoreError::Conflict(format!(
+            "machine {} is leased by job {}",
+            cur.id, l.job_id
+        )));
+    }
+    match (purpose, cur.state) {
+        (LeasePurpose::Job, MachineState::Idle) => Decision::Apply(Trigger::LeaseAcquired),
+        (LeasePurpose::Training, MachineState::Training | MachineState::QuickCheck) => {
+            Decision::Record("lease_acquired")
+        }
+        (LeasePurpose::Job, s) => Decision::Refuse(StoreError::Conflict(format!(
+            "machine {} is {s}, not IDLE",
+            cur.id
+        ))),
+        (LeasePurpose::Training, s) => Decision::Refuse(StoreError::Conflict(format!(
+            "machine {} is {s}, not TRAINING or QUICK_CHECK",
+            cur.id
+        ))),
+    }
+}
+
+fn lease_cause(req: &LeaseRequest) -> Cause {
+    Cause::new(
+        format!("executor:{}", req.holder),
+        format!("{} lease for job {}", req.purpose.as_str(), req.job_id),
+    )
+    .with_job(req.job_id.clone())
 }

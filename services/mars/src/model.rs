@@ -188,6 +188,42 @@ pub struct LeaseRequest {
     pub ttl_seconds: Option<u64>,
 }
 
+/// `POST /api/v1/leases/batch`: many lease requests, granted or refused each on its own, in
+/// one mars transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBatchRequest {
+    /// At most [`MAX_LEASE_BATCH`].
+    pub leases: Vec<LeaseRequest>,
+}
+
+/// Most requests in one [`LeaseBatchRequest`].
+pub const MAX_LEASE_BATCH: usize = 1000;
+
+/// The answer to a [`LeaseBatchRequest`]: one result per request, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseBatchResponse {
+    pub results: Vec<LeaseResult>,
+}
+
+/// One request's result: the lease, or the status and message `POST /api/v1/leases` would
+/// have answered (409 machine busy or leased, 404 unknown machine, 400 invalid request).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<Lease>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<LeaseRefusal>,
+}
+
+/// Why one lease of a batch was not granted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRefusal {
+    /// The HTTP status `POST /api/v1/leases` would have answered (404, 409, 400, 503).
+    pub status: u16,
+    pub error: String,
+}
+
 /// How a job ended, from the machine's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

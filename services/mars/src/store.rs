@@ -140,6 +140,14 @@ pub enum Decision {
     Refuse(StoreError),
 }
 
+/// One operation of [`Store::apply_many`]: what [`Store::apply_with`] takes for one machine.
+pub struct BatchOp<'a> {
+    pub id: MachineId,
+    pub cause: Cause,
+    pub decide: &'a (dyn Fn(&MachineRow) -> Decision + Send + Sync),
+    pub edit: &'a (dyn Fn(&mut MachineRow) + Send + Sync),
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: Db,
@@ -523,6 +531,111 @@ impl Store {
             return Ok(Some(row));
         }
         Err(StoreError::Contention(row.id))
+    }
+
+    /// The rows of `ids` that exist (in no particular order).
+    pub async fn get_many(&self, ids: &[MachineId]) -> Result<Vec<MachineRow>, StoreError> {
+        let mut out = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT {MACHINE_COLUMNS} FROM machines WHERE id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.to_string());
+            }
+            for r in q.fetch_all(self.db.pool()).await? {
+                out.push(row_to_machine(&r)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Store::apply_with`] for many machines in one transaction: one read of all the rows,
+    /// then each operation's decision, row and event, and one commit. Each operation gets its
+    /// own result (a refusal does not stop the others). An operation that lost a race with
+    /// another writer (or that follows another operation on the same machine) is tried again
+    /// in a further pass on a fresh read. A database error fails the whole batch: nothing of
+    /// it is applied.
+    pub async fn apply_many(
+        &self,
+        ops: &[BatchOp<'_>],
+    ) -> Result<Vec<Result<MachineRow, StoreError>>, StoreError> {
+        let mut out: Vec<Option<Result<MachineRow, StoreError>>> =
+            (0..ops.len()).map(|_| None).collect();
+        for _ in 0..MAX_RETRIES {
+            let pending: Vec<usize> = (0..ops.len()).filter(|&i| out[i].is_none()).collect();
+            if pending.is_empty() {
+                break;
+            }
+            let mut ids: Vec<MachineId> = pending.iter().map(|&i| ops[i].id).collect();
+            ids.sort();
+            ids.dedup();
+            let rows: std::collections::HashMap<MachineId, MachineRow> = self
+                .get_many(&ids)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r))
+                .collect();
+            let mut written = std::collections::HashSet::new();
+            let mut applied = Vec::new();
+            let mut tx = self.db.pool().begin().await?;
+            for i in pending {
+                let op = &ops[i];
+                let Some(cur) = rows.get(&op.id) else {
+                    out[i] = Some(Err(StoreError::NotFound(op.id)));
+                    continue;
+                };
+                if written.contains(&op.id) {
+                    // Its row changed in this transaction: decide on a fresh read.
+                    continue;
+                }
+                let (to, kind) = match (op.decide)(cur) {
+                    Decision::Apply(trigger) => match transition(cur.state, trigger) {
+                        Ok(to) => (to, trigger.kind()),
+                        Err(e) => {
+                            out[i] = Some(Err(e.into()));
+                            continue;
+                        }
+                    },
+                    Decision::Record(kind) => (cur.state, kind),
+                    Decision::Refuse(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let mut next = cur.clone();
+                next.state = to;
+                (op.edit)(&mut next);
+                next.version = cur.version + 1;
+                if !update_row(&mut tx, &next, cur.version).await? {
+                    continue;
+                }
+                let seq = insert_event(&mut tx, op.id, cur.state, to, kind, &op.cause).await?;
+                written.insert(op.id);
+                applied.push((i, cur.state, kind, seq, next));
+            }
+            tx.commit().await?;
+            if let Some(seq) = applied.iter().map(|a| a.3).max() {
+                self.notify(seq);
+            }
+            for (i, from, kind, _, next) in applied {
+                if from != next.state {
+                    tracing::info!(machine = %next.id, from = %from, to = %next.state, kind, actor = %ops[i].cause.actor, reason = %ops[i].cause.reason, "machine state changed");
+                    metrics::counter!("mars_transitions_total", "to" => next.state.as_str())
+                        .increment(1);
+                }
+                out[i] = Some(Ok(next));
+            }
+            tokio::task::yield_now().await;
+        }
+        Ok(out
+            .into_iter()
+            .zip(ops)
+            .map(|(r, op)| r.unwrap_or(Err(StoreError::Contention(op.id))))
+            .collect())
     }
 
     // ---- leases --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use dutgate_core::db::testing::databases;
 use dutgate_mars::client::{is_conflict, is_gone};
-use dutgate_mars::model::{LeasePurpose, MachineState, ReleaseOutcome};
+use dutgate_mars::model::{LeasePurpose, LeaseRequest, MachineState, ReleaseOutcome};
 use dutgate_mars::store::MIGRATIONS;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -292,6 +292,108 @@ async fn events_long_poll_wakes_on_a_freed_machine() {
         assert_eq!(batch.events.len(), 1, "{:?}", batch.events);
         assert!(batch.events[0].frees_machine());
         assert_eq!(batch.next, batch.events[0].seq);
+        t.stop().await;
+    }
+}
+
+fn lease_req(machine: dutgate_core::MachineId, job: &str, purpose: LeasePurpose) -> LeaseRequest {
+    LeaseRequest {
+        machine_id: machine,
+        job_id: job.into(),
+        holder: "batch-test".into(),
+        purpose,
+        ttl_seconds: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_leases_each_granted_or_refused_in_one_request() {
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let t = start(db, Options::default()).await;
+        let a = idle_machine(&t, 1).await;
+        let b = idle_machine(&t, 2).await;
+        // Registered, not configured: neither a job's nor a training's machine.
+        let waiting = t.anon.register(&registration(3)).await.unwrap().id;
+        let unknown = dutgate_core::MachineId::parse("52:54:00:00:00:99").unwrap();
+        let mut bad = lease_req(b, "job-bad", LeasePurpose::Job);
+        bad.holder = String::new();
+        let results = t
+            .admin
+            .acquire_many(&[
+                lease_req(a, "job-1", LeasePurpose::Job),
+                lease_req(a, "job-2", LeasePurpose::Job),
+                lease_req(unknown, "job-3", LeasePurpose::Job),
+                lease_req(waiting, "job-4", LeasePurpose::Job),
+                bad,
+                lease_req(b, "job-5", LeasePurpose::Job),
+            ])
+            .await
+            .unwrap();
+        let statuses: Vec<u16> = results
+            .iter()
+            .map(|r| r.as_ref().map_or_else(|e| e.status, |_| 201))
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![201, 409, 404, 409, 400, 201],
+            "{backend:?}: {results:?}"
+        );
+        for (m, job, r) in [(a, "job-1", &results[0]), (b, "job-5", &results[5])] {
+            let lease = r.as_ref().unwrap();
+            let machine = t.admin.machine(m).await.unwrap();
+            assert_eq!(machine.state, MachineState::Running);
+            assert_eq!(machine.lease.as_ref(), Some(lease));
+            assert_eq!(lease.job_id, job);
+            // The same events as a single lease.
+            let events = t.admin.machine_events(m, None).await.unwrap();
+            let last = events.events.last().unwrap();
+            assert_eq!(
+                (last.kind.as_str(), last.job_id.as_deref()),
+                ("lease_acquired", Some(job))
+            );
+        }
+        // Batches racing for the same machines: each machine is leased exactly once.
+        for r in [&results[0], &results[5]] {
+            t.admin
+                .release(&r.as_ref().unwrap().id, ReleaseOutcome::Ok, None)
+                .await
+                .unwrap();
+        }
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let c = t.admin.clone();
+            tasks.push(tokio::spawn(async move {
+                c.acquire_many(&[
+                    lease_req(a, &format!("race-{i}-a"), LeasePurpose::Job),
+                    lease_req(b, &format!("race-{i}-b"), LeasePurpose::Job),
+                ])
+                .await
+                .unwrap()
+            }));
+        }
+        let mut won = Vec::new();
+        for task in tasks {
+            for r in task.await.unwrap() {
+                match r {
+                    Ok(l) => won.push(l),
+                    Err(e) => assert_eq!(e.status, 409, "{backend:?}: {e:?}"),
+                }
+            }
+        }
+        let mut machines: Vec<_> = won.iter().map(|l| l.machine_id).collect();
+        machines.sort();
+        assert_eq!(machines, vec![a, b], "{backend:?}: {won:?}");
+        for l in &won {
+            let m = t.admin.machine(l.machine_id).await.unwrap();
+            assert_eq!(m.lease.as_ref(), Some(l));
+        }
+        // Too many at once: 400, nothing taken.
+        let many: Vec<LeaseRequest> = (0..=dutgate_mars::model::MAX_LEASE_BATCH)
+            .map(|i| lease_req(unknown, &format!("j{i}"), LeasePurpose::Job))
+            .collect();
+        let e = t.admin.acquire_many(&many).await.unwrap_err();
+        assert_eq!(e.status(), Some(reqwest::StatusCode::BAD_REQUEST));
         t.stop().await;
     }
 }
