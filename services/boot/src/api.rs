@@ -50,6 +50,7 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .layer(from_fn_with_state(auth, require_user))
         .with_state(state);
     dut.merge(api)
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 /// `?a=b&c=d`, decoded leniently: a DUT's query string never makes the request fail.

@@ -56,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(state.auth.clone(), require_user))
         .with_state(state)
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 fn store_err(e: StoreError) -> ApiError {

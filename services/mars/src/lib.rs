@@ -124,11 +124,15 @@ pub fn start(
         ),
         (_, false) => tracing::info!("training disabled by config"),
     }
-    Ok(api::router(api::AppState {
+    let router = api::router(api::AppState {
         mars,
         auth,
         shutdown,
-    }))
+    });
+    Ok(dutgate_core::http::openapi_route(
+        router,
+        include_str!("../openapi.yaml"),
+    ))
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {

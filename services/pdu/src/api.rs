@@ -57,6 +57,7 @@ pub fn router(svc: PduService, auth: Auth) -> Router {
         .route("/api/v1/pdus/{name}/ports/{id}/cycle", post(cycle_port))
         .route("/api/v1/pdus/{name}/ports/{id}/history", get(port_history))
         .with_state(AppState { svc, auth })
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 /// `GET /api/v1/pdus` body.

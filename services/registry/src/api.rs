@@ -36,6 +36,7 @@ pub fn router(registry: Arc<Registry>, auth: Auth) -> Router {
         .route("/api/v1/registry/stats", get(stats))
         .with_state(registry)
         .merge(v2)
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 /// Design §10: pulls come from the DUT network (or a holder of a user/admin token). The

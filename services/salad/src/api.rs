@@ -76,6 +76,7 @@ pub fn router(hub: Arc<Hub>, auth: Auth) -> Router {
         .route("/api/v1/ports", get(list_ports))
         .with_state(hub)
         .merge(admin)
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 fn parse_id(raw: &str) -> Result<MachineId, ApiError> {

@@ -109,6 +109,9 @@ fn with_shared_routes(s3: Router, health: Option<dutgate_core::http::HealthCheck
             common.clone().into_service::<axum::body::Body>(),
         )
         .route_service("/metrics", common.into_service::<axum::body::Body>())
+        .merge(dutgate_core::http::openapi(include_str!(
+            "../../openapi.yaml"
+        )))
         .fallback_service(s3)
         .layer(middleware::from_fn(record_request))
 }
