@@ -3,7 +3,7 @@
 //! documentation, or documented but removed, fails here. Each documented GET route without
 //! path parameters is then asked on the running service and must exist (no 404).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -65,18 +65,66 @@ fn non_test_source(path: &Path) -> String {
     }
 }
 
-/// The string literals passed as first argument to `.route(` / `.route_service(`.
-fn route_literals(text: &str) -> Vec<String> {
+const METHODS: [&str; 8] = [
+    "get", "post", "put", "patch", "delete", "head", "options", "any",
+];
+
+/// The text of a call's arguments: from just after its `(` to the matching `)`.
+fn call_args(after_paren: &str) -> &str {
+    let mut depth = 1usize;
+    for (i, c) in after_paren.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return &after_paren[..i];
+                }
+            }
+            _ => {}
+        }
+    }
+    after_paren
+}
+
+/// The HTTP methods an axum method router expression names (`get(a).post(b)`,
+/// `axum::routing::delete(c)`, `any(d)`), lower case.
+fn methods_in(expr: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    for m in METHODS {
+        let call = format!("{m}(");
+        let mut from = 0;
+        while let Some(i) = expr[from..].find(&call) {
+            let at = from + i;
+            let before = expr[..at].chars().next_back();
+            if !before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                found.insert(m.to_string());
+            }
+            from = at + call.len();
+        }
+    }
+    found
+}
+
+/// The routes declared by `.route("path", methods)` / `.route_service("path", service)`:
+/// (path as written, methods; a `route_service` counts as `any`).
+fn route_literals(text: &str) -> Vec<(String, BTreeSet<String>)> {
     let mut found = Vec::new();
     for call in [".route(", ".route_service("] {
         let mut rest = text;
         while let Some(i) = rest.find(call) {
             rest = &rest[i + call.len()..];
-            let arg = rest.trim_start();
+            let args = call_args(rest);
+            let arg = args.trim_start();
             if let Some(lit) = arg.strip_prefix('"')
                 && let Some(end) = lit.find('"')
             {
-                found.push(lit[..end].to_string());
+                let methods = if call == ".route(" {
+                    methods_in(&lit[end + 1..])
+                } else {
+                    BTreeSet::from(["any".to_string()])
+                };
+                found.push((lit[..end].to_string(), methods));
             }
         }
     }
@@ -88,19 +136,25 @@ fn normalize(path: &str) -> String {
     path.replace("{*", "{")
 }
 
-/// The routes a service's source declares, plus the shared ones.
-fn source_routes(dir: &str) -> BTreeSet<String> {
+type Routes = BTreeMap<String, BTreeSet<String>>;
+
+/// The routes a service's source declares, with their methods, plus the shared ones.
+fn source_routes(dir: &str) -> Routes {
     let src = services_dir().join(dir).join("src");
     let mut files = Vec::new();
     rust_files(&src, &mut files);
-    let mut routes: BTreeSet<String> = SHARED.iter().map(|s| s.to_string()).collect();
+    let mut routes: Routes = SHARED
+        .iter()
+        .map(|s| (s.to_string(), BTreeSet::from(["get".to_string()])))
+        .collect();
     for f in &files {
-        for r in route_literals(&non_test_source(f)) {
-            routes.insert(normalize(&r));
+        for (path, methods) in route_literals(&non_test_source(f)) {
+            routes.entry(normalize(&path)).or_default().extend(methods);
         }
     }
     if dir == "storage" {
-        // The key administration is an s3s route matched on `/{ADMIN_PREFIX}/…`.
+        // The key administration is an s3s route matched on `/{ADMIN_PREFIX}/…`; its
+        // methods are the `Method::…` arms of its `call`.
         let jobs = std::fs::read_to_string(src.join("jobs.rs")).unwrap();
         let prefix = jobs
             .split("pub const ADMIN_PREFIX: &str = \"")
@@ -108,15 +162,78 @@ fn source_routes(dir: &str) -> BTreeSet<String> {
             .and_then(|r| r.split('"').next())
             .expect("ADMIN_PREFIX in storage/src/jobs.rs");
         let admin = non_test_source(&src.join("server/admin.rs"));
+        let call = admin
+            .split("async fn call(")
+            .nth(1)
+            .expect("AdminRoute::call in storage/src/server/admin.rs");
+        let methods: BTreeSet<String> = METHODS
+            .iter()
+            .filter(|m| call.contains(&format!("Method::{}", m.to_uppercase())))
+            .map(|m| m.to_string())
+            .collect();
         let mut rest = admin.as_str();
         let needle = "format!(\"/{ADMIN_PREFIX}";
         while let Some(i) = rest.find(needle) {
             rest = &rest[i + needle.len()..];
             let tail = rest.split('"').next().unwrap();
-            routes.insert(format!("/{prefix}{tail}"));
+            routes.insert(format!("/{prefix}{tail}"), methods.clone());
         }
     }
     routes
+}
+
+/// The documented operations of each path (path items behind `$ref` resolved).
+fn documented_routes(doc: &Value) -> Routes {
+    let mut routes = Routes::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        let item = resolve(doc, item);
+        let methods = item
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| METHODS.contains(k))
+            .map(str::to_string)
+            .collect();
+        routes.insert(path.clone(), methods);
+    }
+    routes
+}
+
+fn resolve<'a>(doc: &'a Value, item: &'a Value) -> &'a Value {
+    match item.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let name = r.rsplit('/').next().unwrap_or_default();
+            &doc["components"]["pathItems"][name]
+        }
+        None => item,
+    }
+}
+
+/// What is wrong between the source's routes and the documented ones. A route the source
+/// declares with `any` (or as a service) must document at least one method.
+fn mismatches(declared: &Routes, documented: &Routes) -> Vec<String> {
+    let mut out = Vec::new();
+    for (path, methods) in declared {
+        match documented.get(path) {
+            None => out.push(format!("undocumented route {path}")),
+            Some(doc) if methods.contains("any") => {
+                if doc.is_empty() {
+                    out.push(format!("{path} documents no operation"));
+                }
+            }
+            Some(doc) if doc != methods => out.push(format!(
+                "{path}: the source has {methods:?}, the document {doc:?}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for path in documented.keys() {
+        if !declared.contains_key(path) {
+            out.push(format!("documented route {path} is not in the source"));
+        }
+    }
+    out
 }
 
 struct Up {
@@ -210,9 +327,39 @@ async fn wait_healthy(http: &reqwest::Client, port: u16, svc: &str) {
 
 #[test]
 fn route_literals_are_found_across_lines() {
-    let src = "Router::new()\n    .route(\"/a/{id}\", get(x))\n    .route(\n        \"/b/{*rest}\",\n        any(y),\n    )\n    .route_service(\"/c\", s)\n    .route(&name)";
-    let found: Vec<String> = route_literals(src).iter().map(|r| normalize(r)).collect();
-    assert_eq!(found, ["/a/{id}", "/b/{rest}", "/c"]);
+    let src = "Router::new()\n    .route(\"/a/{id}\", get(get_a).patch(patch_a))\n    .route(\n        \"/b/{*rest}\",\n        any(y),\n    )\n    .route(\"/c\", axum::routing::delete(delete_c))\n    .route_service(\"/d\", s)\n    .route(&name)";
+    let found: Vec<(String, Vec<String>)> = route_literals(src)
+        .into_iter()
+        .map(|(p, m)| (normalize(&p), m.into_iter().collect()))
+        .collect();
+    let want = |p: &str, m: &[&str]| (p.to_string(), m.iter().map(|s| s.to_string()).collect());
+    assert_eq!(
+        found,
+        [
+            want("/a/{id}", &["get", "patch"]),
+            want("/b/{rest}", &["any"]),
+            want("/c", &["delete"]),
+            want("/d", &["any"]),
+        ]
+    );
+}
+
+#[test]
+fn a_missing_method_or_path_is_reported() {
+    let set = |m: &[&str]| m.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    let declared = Routes::from([
+        ("/a".to_string(), set(&["get", "post"])),
+        ("/v2".to_string(), set(&["any"])),
+    ]);
+    let mut documented = declared.clone();
+    documented.insert("/v2".into(), set(&["get"]));
+    assert!(mismatches(&declared, &documented).is_empty());
+    documented.insert("/a".into(), set(&["get"]));
+    documented.insert("/old".into(), set(&["get"]));
+    let found = mismatches(&declared, &documented);
+    assert_eq!(found.len(), 2, "{found:?}");
+    documented.remove("/v2");
+    assert_eq!(mismatches(&declared, &documented).len(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,14 +397,11 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
         let paths = doc["paths"]
             .as_object()
             .unwrap_or_else(|| panic!("{svc}: no paths object"));
-        let documented: BTreeSet<String> = paths.keys().cloned().collect();
-        let declared = source_routes(dir);
-        let undocumented: Vec<_> = declared.difference(&documented).collect();
-        let stale: Vec<_> = documented.difference(&declared).collect();
-        if !undocumented.is_empty() || !stale.is_empty() {
+        let problems = mismatches(&source_routes(dir), &documented_routes(&doc));
+        if !problems.is_empty() {
             failures.push(format!(
-                "{svc} (services/{dir}/openapi.yaml): undocumented routes {undocumented:?}, \
-                 documented but not in the source {stale:?}"
+                "{svc} (services/{dir}/openapi.yaml): {}",
+                problems.join("; ")
             ));
         }
 
@@ -266,13 +410,7 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
             if path.contains('{') {
                 continue;
             }
-            let item = match item.get("$ref").and_then(Value::as_str) {
-                Some(r) => {
-                    let name = r.rsplit('/').next().unwrap();
-                    &doc["components"]["pathItems"][name]
-                }
-                None => item,
-            };
+            let item = resolve(&doc, item);
             let Some(get) = item.get("get") else {
                 continue;
             };
