@@ -1,6 +1,6 @@
 //! End to end: `dutctl run` and the GitLab custom executor driver against a gateway in this
-//! process (real mars, pdu with the dummy driver, boot, salad, executor, real job processes)
-//! and simulated DUTs.
+//! process (`dutgate_executor::testing`: real mars, pdu with the dummy driver, boot, salad,
+//! executor, real job processes, simulated DUTs).
 //!
 //! This file has its own `main` (`harness = false`) because the test binary is also the job
 //! process: the executor starts `<this binary> job <id>`, as it would start `dutgate job <id>`.
@@ -11,7 +11,6 @@
 //! `SYSTEM_FAILURE_EXIT_CODE` / `BUILD_EXIT_CODE_FILE` set, then `cleanup_exec`; SIGTERM to the
 //! running stage on cancel.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -19,38 +18,28 @@ use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dutgate_core::auth::Auth;
-use dutgate_core::config::GatewayConfig;
-use dutgate_core::db::Db;
-use dutgate_core::{MachineId, PowerState, Secret, ServiceContext, ServiceName};
-use dutgate_executor::model::{Job, JobState};
-use dutgate_mars::client::MarsClient;
-use dutgate_mars::model::{MachinePatch, MachineState, Registration, RetireRequest};
-use serde_json::json;
+use dutgate_core::{MachineId, PowerState};
+use dutgate_executor::model::JobState;
+use dutgate_executor::testing::{self, Farm, Options, USER};
+use dutgate_mars::model::{MachineState, RetireRequest};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
-
-const ADMIN: &str = "admin-token";
-const USER: &str = "user-token";
 const BUILD_FAILURE: i32 = 77;
 const SYSTEM_FAILURE: i32 = 88;
 const T: Duration = Duration::from_secs(60);
 
 // ---- the gateway ------------------------------------------------------------------------------
 
-struct Farm {
-    tmp: tempfile::TempDir,
-    exec_url: String,
-    mars_url: String,
-    mars: MarsClient,
-    machines: Vec<MachineId>,
-    device: String,
-    shutdown: CancellationToken,
-}
-
-fn mac(n: u8) -> MachineId {
-    MachineId::from_bytes([0x52, 0x54, 0x00, 0xdc, 0x00, n])
+/// The shared harness's farm: 3 machines (`sim:n:<n>`), an in-process executor whose job
+/// processes are this binary (`main` answers `job <id>`).
+async fn start_farm() -> Farm {
+    Farm::start(Options {
+        machines: 3,
+        tags: |n| vec![format!("sim:n:{n}")],
+        lease_ttl: 5,
+        ..Default::default()
+    })
+    .await
 }
 
 async fn bind() -> TcpListener {
@@ -61,268 +50,13 @@ fn port(l: &TcpListener) -> u16 {
     l.local_addr().unwrap().port()
 }
 
-fn spawn_serve(name: &'static str, l: TcpListener, router: axum::Router, stop: CancellationToken) {
-    let app = dutgate_core::http::with_common_routes(name, router, None);
-    tokio::spawn(async move {
-        let _ = dutgate_core::http::serve(l, app, stop, Duration::from_millis(200)).await;
-    });
+/// `dutctl` and other programs pointed at the farm (URLs by environment, user token).
+trait Clients {
+    fn dutctl(&self) -> tokio::process::Command;
+    fn command(&self, program: &str) -> tokio::process::Command;
 }
 
-impl Farm {
-    async fn start(machines: u8) -> Farm {
-        let tmp = tempfile::tempdir().unwrap();
-        let shutdown = CancellationToken::new();
-        let (l_mars, l_pdu, l_boot, l_salad, l_net, l_exec, l_art) = (
-            bind().await,
-            bind().await,
-            bind().await,
-            bind().await,
-            bind().await,
-            bind().await,
-            bind().await,
-        );
-        let mut gw = GatewayConfig {
-            state_dir: tmp.path().to_path_buf(),
-            bind_address: "127.0.0.1".parse().unwrap(),
-            internal_host: "127.0.0.1".into(),
-            public_host: "127.0.0.1".into(),
-            shutdown_grace_seconds: 0.5,
-            ..Default::default()
-        };
-        gw.ports.mars = port(&l_mars);
-        gw.ports.pdu = port(&l_pdu);
-        gw.ports.boot = port(&l_boot);
-        gw.ports.salad = port(&l_salad);
-        gw.ports.executor = port(&l_exec);
-        gw.auth.admin_token = Some(Secret::new(ADMIN));
-        gw.auth.user_token = Some(Secret::new(USER));
-        let gw = Arc::new(gw);
-        let auth = Auth::new(
-            Some(Secret::new(ADMIN)),
-            Some(Secret::new(USER)),
-            dutgate_core::config::default_dut_networks(),
-        );
-
-        // Boot artifacts the jobs point at.
-        let art_port = port(&l_art);
-        let art = axum::Router::new()
-            .route("/vmlinuz", axum::routing::get(|| async { "kernel" }))
-            .route("/initrd", axum::routing::get(|| async { "initrd" }));
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(l_art, art)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
-
-        // pdu: one dummy PDU, whose ports the simulated DUTs watch.
-        let device = format!("dutctl-e2e-{}", std::process::id());
-        let mut pdu_cfg = dutgate_pdu::Config {
-            poll_interval_seconds: 0.2,
-            settle_timeout_seconds: 2.0,
-            readback_interval_ms: 10,
-            verify_interval_ms: 10,
-            default_off_seconds: 0.0,
-            ..Default::default()
-        };
-        pdu_cfg.pdus.insert(
-            "pdu1".into(),
-            dutgate_pdu::PduSpec {
-                driver: "dummy".into(),
-                config: json!({"ports": 8, "device": device, "initial": "OFF"}),
-                reserved: vec![],
-                labels: BTreeMap::new(),
-                poll_interval_seconds: None,
-            },
-        );
-        let pdu_db = Db::open_sqlite(&tmp.path().join("pdu.db"), dutgate_pdu::store::MIGRATIONS)
-            .await
-            .unwrap();
-        let pdu = dutgate_pdu::start_on(
-            l_pdu,
-            dutgate_pdu::store::Store::new(pdu_db),
-            pdu_cfg,
-            auth.clone(),
-        )
-        .await
-        .unwrap();
-        // Stopped with the process.
-        std::mem::forget(pdu);
-
-        // mars without a trainer: the test admits its machines itself.
-        let mars_db = Db::open_sqlite(&tmp.path().join("mars.db"), dutgate_mars::store::MIGRATIONS)
-            .await
-            .unwrap();
-        let mut mars_cfg = dutgate_mars::Config {
-            lease_ttl_seconds: 5,
-            ..Default::default()
-        };
-        mars_cfg.training.enabled = false;
-        let power = Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None));
-        let mars_handle = dutgate_mars::machines::Mars::new(
-            dutgate_mars::store::Store::new(mars_db, "farm"),
-            mars_cfg,
-            power,
-        );
-        let router =
-            dutgate_mars::start(mars_handle.clone(), auth.clone(), shutdown.clone()).unwrap();
-        spawn_serve("mars", l_mars, router, shutdown.clone());
-
-        let boot_ctx = ServiceContext::new(ServiceName::Boot, (*gw).clone(), shutdown.clone());
-        let boot = dutgate_boot::BootService::open(&boot_ctx, dutgate_boot::Config::default())
-            .await
-            .unwrap();
-        tokio::spawn(boot.serve(l_boot, shutdown.clone()));
-
-        // salad: netconsole ingest only; console ports far from the defaults.
-        let base = 40_000 + (std::process::id() % 1000) as u16 * 8;
-        let salad_cfg = dutgate_salad::Config {
-            serial_ports: vec![],
-            console_ports: dutgate_salad::config::PortRange {
-                first: base,
-                last: base + 7,
-            },
-            ..Default::default()
-        };
-        let salad_ctx = ServiceContext::new(ServiceName::Salad, (*gw).clone(), shutdown.clone());
-        let salad = dutgate_salad::start(
-            salad_ctx,
-            salad_cfg,
-            dutgate_salad::Listeners {
-                http: l_salad,
-                netconsole: Some(l_net),
-            },
-        )
-        .await
-        .unwrap();
-        let netconsole = salad.netconsole_addr.unwrap();
-        std::mem::forget(salad);
-
-        let mars_url = format!("http://127.0.0.1:{}", gw.ports.mars);
-        let mars = MarsClient::new(&mars_url, Some(Secret::new(ADMIN)));
-        let anon = MarsClient::new(&mars_url, None);
-        let mut ids = Vec::new();
-        for n in 1..=machines {
-            let id = mac(n);
-            anon.register(&Registration {
-                base_name: "sim".into(),
-                tags: vec![
-                    "sim:any:yes".parse().unwrap(),
-                    format!("sim:n:{n}").parse().unwrap(),
-                ],
-                mac_address: id,
-                ip_address: format!("10.0.3.{}", 10 + n).parse().unwrap(),
-                local_tty_device: Some("ttyS0".into()),
-            })
-            .await
-            .unwrap();
-            mars.patch(
-                id,
-                &MachinePatch {
-                    pdu: Some(Some("pdu1".into())),
-                    pdu_port_id: Some(Some(n.to_string())),
-                    pdu_off_delay: Some(0.0),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-            mars_handle
-                .store
-                .trigger(
-                    id,
-                    dutgate_mars::state::Trigger::TrainingPassed,
-                    &dutgate_mars::store::Cause::new("test", "admitted by the test"),
-                    &|r| r.trained_at = Some(dutgate_mars::model::Timestamp::now()),
-                )
-                .await
-                .unwrap();
-            ids.push(id);
-            tokio::spawn(sim_dut(
-                device.clone(),
-                n.to_string(),
-                id,
-                gw.ports.boot,
-                netconsole,
-            ));
-        }
-
-        let exec_cfg = dutgate_executor::Config {
-            job_command: Some(vec![std::env::current_exe().unwrap(), PathBuf::from("job")]),
-            cancel_grace_seconds: 3.0,
-            template_vars: [(
-                "artifacts".to_string(),
-                format!("http://127.0.0.1:{art_port}"),
-            )]
-            .into_iter()
-            .collect(),
-            ..Default::default()
-        };
-        let db = Db::open_for_service("executor", &gw, dutgate_executor::store::MIGRATIONS)
-            .await
-            .unwrap();
-        let exec = dutgate_executor::Executor::start(
-            gw.clone(),
-            exec_cfg,
-            dutgate_executor::store::Store::new(db),
-            auth,
-            shutdown.clone(),
-        )
-        .await
-        .unwrap();
-        let exec_url = format!("http://127.0.0.1:{}", port(&l_exec));
-        spawn_serve("executor", l_exec, exec.router(), shutdown.clone());
-
-        Farm {
-            tmp,
-            exec_url,
-            mars_url,
-            mars,
-            machines: ids,
-            device,
-            shutdown,
-        }
-    }
-
-    fn exec(&self) -> dutgate_executor::client::ExecutorClient {
-        dutgate_executor::client::ExecutorClient::new(&self.exec_url, Some(Secret::new(ADMIN)))
-    }
-
-    async fn wait_finished(&self, id: i64) -> Job {
-        let end = Instant::now() + T;
-        loop {
-            let j = self.exec().job(id).await.unwrap();
-            if j.state == JobState::Finished {
-                return j;
-            }
-            assert!(Instant::now() < end, "job {id} not finished: {j:#?}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn wait_machine(&self, id: MachineId, state: MachineState) {
-        let end = Instant::now() + T;
-        loop {
-            let m = self.mars.machine(id).await.unwrap();
-            if m.state == state {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "machine {id} is {}, not {state}",
-                m.state
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn power(&self, n: u8) -> PowerState {
-        dutgate_pdu_dummy::device(&self.device)
-            .and_then(|d| d.state(&n.to_string()))
-            .unwrap_or(PowerState::Unknown)
-    }
-
-    /// `dutctl` pointed at this gateway (URLs by environment, user token).
+impl Clients for Farm {
     fn dutctl(&self) -> tokio::process::Command {
         self.command(env!("CARGO_BIN_EXE_dutctl"))
     }
@@ -331,7 +65,7 @@ impl Farm {
         let mut c = tokio::process::Command::new(program);
         c.env_clear()
             .env("PATH", path_with_dutctl())
-            .env("DUTGATE_URL", &self.exec_url)
+            .env("DUTGATE_URL", &self.url)
             .env("DUTGATE_MARS_URL", &self.mars_url)
             .env("DUTGATE_TOKEN", USER)
             .kill_on_drop(true);
@@ -348,132 +82,10 @@ fn path_with_dutctl() -> String {
     )
 }
 
-/// A job for the simulated DUTs: the console script `sim` for every boot.
+/// A job for the simulated DUTs (`dutgate_executor::testing::sim`): the console script `sim`
+/// for every boot, on any machine.
 fn job_yaml(sim: &str, timeouts: &str) -> String {
-    format!(
-        r#"version: 1
-target:
-  tags: ["sim:any:yes"]
-timeouts:
-  overall: {{minutes: 2}}
-{timeouts}
-console_patterns:
-  session_end: {{regex: "^SESSION END$"}}
-  job_success: {{regex: "^RESULT: PASS$"}}
-  job_warn: {{regex: "^WARNING: "}}
-deployment:
-  start:
-    kernel:
-      url: "{{{{ artifacts }}}}/vmlinuz"
-      cmdline: ["SALAD.machine_id={{{{ machine_id }}}}", "sim={sim}"]
-    initramfs:
-      url: "{{{{ artifacts }}}}/initrd"
-"#
-    )
-}
-
-/// The console lines a `sim=` script prints after power-on.
-fn script_lines(script: &str) -> Vec<&'static str> {
-    match script {
-        "pass" => vec!["booting", "running tests", "RESULT: PASS", "SESSION END"],
-        "fail" => vec!["booting", "running tests", "RESULT: FAIL", "SESSION END"],
-        "warn" => vec![
-            "booting",
-            "WARNING: flaky fan",
-            "RESULT: PASS",
-            "SESSION END",
-        ],
-        // Output, then silence until powered off.
-        "hang" => vec!["booting", "running tests"],
-        "slow" => vec![
-            "booting",
-            "tick 1",
-            "tick 2",
-            "tick 3",
-            "tick 4",
-            "tick 5",
-            "tick 6",
-            "tick 7",
-            "tick 8",
-            "tick 9",
-            "RESULT: PASS",
-            "SESSION END",
-        ],
-        _ => vec!["unknown sim script"],
-    }
-}
-
-/// One simulated DUT on port `port` of the dummy PDU: boots what its boot config says when
-/// powered on, prints on salad's netconsole, stops the moment it is powered off.
-async fn sim_dut(
-    device: String,
-    port: String,
-    id: MachineId,
-    boot_port: u16,
-    netconsole: std::net::SocketAddr,
-) {
-    let boot = dutgate_boot::client::BootClient::new(
-        format!("http://127.0.0.1:{boot_port}"),
-        Some(Secret::new(ADMIN)),
-    );
-    // With an off delay of 0 the PDU may switch off and on between two polls: every OFF in the
-    // device's switch log counts, not only the state seen now.
-    let mut seen = 0usize;
-    let mut powered_off = move || -> bool {
-        let Some(d) = dutgate_pdu_dummy::device(&device) else {
-            return true;
-        };
-        let log = d.stats().set_log;
-        let new = &log[seen.min(log.len())..];
-        seen = log.len();
-        new.iter()
-            .any(|(p, s)| *p == port && *s == dutgate_pdu_driver::Switch::Off)
-            || d.state(&port) != Some(PowerState::On)
-    };
-    loop {
-        while powered_off() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let script = match boot.get(id).await {
-            Ok(Some(c)) => c
-                .config
-                .kernel
-                .cmdline
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("sim=").map(str::to_string))
-                .unwrap_or_default(),
-            _ => String::new(),
-        };
-        let Ok(mut conn) = TcpStream::connect(netconsole).await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let _ = conn
-            .write_all(format!("SALAD.machine_id={id}\n").as_bytes())
-            .await;
-        let mut on = true;
-        let pause = if script == "slow" { 30 } else { 4 };
-        for line in script_lines(&script) {
-            for _ in 0..pause {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                if powered_off() {
-                    on = false;
-                    break;
-                }
-            }
-            if !on
-                || conn
-                    .write_all(format!("{line}\r\n").as_bytes())
-                    .await
-                    .is_err()
-            {
-                break;
-            }
-        }
-        while on && !powered_off() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    testing::job_yaml("  tags: [\"sim:any:yes\"]", sim, sim, timeouts, "")
 }
 
 // ---- GitLab Runner's side of the custom executor contract ---------------------------------------
@@ -818,9 +430,9 @@ fn dutctl_run_interactive_quit(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> +
         assert_eq!(status.code(), Some(4), "{text}");
         assert!(text.contains("cancelling job"), "{text}");
         let id = job_id_in(&text);
-        let j = farm.wait_finished(id).await;
+        let j = farm.wait_finished(id, T).await;
         assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
-        farm.wait_machine(farm.machines[0], MachineState::Idle)
+        farm.wait_machine(farm.machines[0], MachineState::Idle, T)
             .await;
     })
 }
@@ -875,7 +487,7 @@ async fn cutting_proxy(upstream: String) -> (String, Arc<std::sync::atomic::Atom
 
 fn dutctl_run_resumes_streams(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
-        let (proxy, streams) = cutting_proxy(farm.exec_url.clone()).await;
+        let (proxy, streams) = cutting_proxy(farm.url.clone()).await;
         let job = farm.tmp.path().join("slow.yml");
         std::fs::write(&job, job_yaml("slow", "")).unwrap();
         let out = farm
@@ -893,7 +505,7 @@ fn dutctl_run_resumes_streams(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + 
         // Exactly the job's console log, nothing lost, nothing twice.
         let id = job_id_in(&stderr);
         let log = farm
-            .exec()
+            .client()
             .api()
             .request(
                 reqwest::Method::GET,
@@ -964,7 +576,7 @@ fn gitlab_statuses(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>
             }
             assert!(!o.builds_dir.exists(), "cleanup removes scratch data");
         }
-        farm.wait_machine(farm.machines[1], MachineState::Idle)
+        farm.wait_machine(farm.machines[1], MachineState::Idle, T)
             .await;
     })
 }
@@ -990,7 +602,7 @@ fn gitlab_sigterm_cancels(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send
         );
         let mut child = c.spawn().unwrap();
         // Wait until the job runs on the machine (the DUT printed its first lines).
-        let exec = farm.exec();
+        let exec = farm.client();
         let end = Instant::now() + T;
         let id = loop {
             let jobs = exec.jobs(Some(JobState::Running), 10).await.unwrap();
@@ -1016,10 +628,10 @@ fn gitlab_sigterm_cancels(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send
         eprintln!("driver exited {:?} after SIGTERM", sent.elapsed());
         assert_eq!(status.code(), Some(SYSTEM_FAILURE));
         job.cleanup().await;
-        let j = farm.wait_finished(id).await;
+        let j = farm.wait_finished(id, T).await;
         assert_eq!(j.status, Some(dutgate_core::JobStatus::Incomplete));
         assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
-        farm.wait_machine(farm.machines[2], MachineState::Idle)
+        farm.wait_machine(farm.machines[2], MachineState::Idle, T)
             .await;
         let m = farm.mars.machine(farm.machines[2]).await.unwrap();
         assert!(m.lease.is_none(), "machine released: {m:#?}");
@@ -1034,7 +646,7 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         let tokens = dir.join("tokens.toml");
         std::fs::write(
             &tokens,
-            "gateway = \"glrt-gw\"\n[machines]\n\"farm-sim-1\" = \"glrt-1\"\n\"farm-sim-2\" = \"glrt-2\"\n\"52:54:00:dc:00:03\" = \"glrt-3\"\n",
+            format!("gateway = \"glrt-gw\"\n[machines]\n\"farm-sim-1\" = \"glrt-1\"\n\"farm-sim-2\" = \"glrt-2\"\n\"{}\" = \"glrt-3\"\n", farm.machines[2]),
         )
         .unwrap();
         let config = dir.join("config.toml");
@@ -1141,7 +753,7 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         // `prepare` for the retired machine, or with the gateway down: a system failure with
         // one clear line.
         for (url, want) in [
-            (farm.exec_url.as_str(), "RETIRED"),
+            (farm.url.as_str(), "RETIRED"),
             ("http://127.0.0.1:9", "unreachable"),
         ] {
             let mut c = farm.dutctl();
@@ -1215,7 +827,7 @@ fn main() -> ExitCode {
         .build()
         .unwrap();
     let failed = rt.block_on(async {
-        let farm = Arc::new(Farm::start(3).await);
+        let farm = Arc::new(start_farm().await);
         let mut failed = Vec::new();
         for (name, f) in selected {
             let start = Instant::now();
@@ -1232,8 +844,9 @@ fn main() -> ExitCode {
                 failed.push(name.to_string());
             }
         }
-        farm.shutdown.cancel();
-        dutgate_pdu_dummy::forget(&farm.device);
+        if let Ok(farm) = Arc::try_unwrap(farm) {
+            farm.stop().await;
+        }
         failed
     });
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -10,6 +10,8 @@
 //! - [`process`]: the per-job process `dutgate job <id>` (setup, boots, watch, teardown);
 //!   [`control`]: its local socket.
 //! - [`storage`]: the job bucket step behind one trait.
+//! - `testing` (feature `testing`): a whole gateway with simulated DUTs, for end-to-end tests
+//!   and farm benchmarks.
 //!
 //! Invariants: a job is persisted before its submission is answered; a job never powers a
 //! machine it holds no lease on; every job whose process is gone is finished, and its machine
@@ -25,6 +27,8 @@ pub mod scheduler;
 pub mod storage;
 pub mod store;
 pub mod supervisor;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -38,7 +38,7 @@ async fn job_bucket_round_trip_and_isolation() {
         machines: 1,
         s3: true,
         template_vars: vec![("other_bucket".into(), other_bucket.clone())],
-        ..Default::default()
+        ..options()
     })
     .await;
     let (url, storage) = {

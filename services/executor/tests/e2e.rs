@@ -11,7 +11,7 @@ use dutgate_mars::model::MachineState;
 
 const T: Duration = Duration::from_secs(60);
 
-fn by_id(n: u8) -> String {
+fn by_id(n: u16) -> String {
     format!("  id: \"{}\"", mac(n))
 }
 
@@ -27,7 +27,7 @@ fn kinds(events: &[dutgate_executor::model::Event]) -> Vec<String> {
 async fn statuses_from_simulated_behaviour() {
     let farm = Farm::start(Options {
         machines: 7,
-        ..Default::default()
+        ..options()
     })
     .await;
     let hang_timeouts = "  console_activity: {seconds: 1, retries: 0}";
@@ -37,7 +37,7 @@ async fn statuses_from_simulated_behaviour() {
         job_yaml(&by_id(6), "pass", "pass", "", "").replace("/vmlinuz\"", "/no-such-kernel\"");
     let cases = vec![
         (
-            1u8,
+            1u16,
             job_yaml(&by_id(1), "pass", "pass", "", ""),
             JobStatus::Pass,
         ),
@@ -177,7 +177,7 @@ async fn statuses_from_simulated_behaviour() {
 async fn silent_dut_retries_then_incomplete() {
     let farm = Farm::start(Options {
         machines: 3,
-        ..Default::default()
+        ..options()
     })
     .await;
     let silent = farm
@@ -305,7 +305,7 @@ async fn silent_dut_retries_then_incomplete() {
 async fn executor_and_job_process_deaths() {
     let mut farm = Farm::start(Options {
         machines: 2,
-        ..Default::default()
+        ..options()
     })
     .await;
     let survivor = farm
@@ -323,11 +323,11 @@ async fn executor_and_job_process_deaths() {
     }
     let pid = farm.job_pid(victim).await;
     // kill -9 of the executor: its runtime and every task go at once.
-    farm.kill_executor();
+    farm.kill_executor(0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // SAFETY: kill(2) on a pid this test's executor started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    farm.start_executor(None).await;
+    farm.start_executor(0).await;
 
     let job = farm.wait_finished(survivor, T).await;
     let events = farm.events(survivor).await;
@@ -408,7 +408,7 @@ async fn executor_and_job_process_deaths() {
 async fn cancellation() {
     let farm = Farm::start(Options {
         machines: 1,
-        ..Default::default()
+        ..options()
     })
     .await;
     let running = farm
@@ -454,7 +454,7 @@ async fn submission_errors_and_forms() {
     let farm = Farm::start(Options {
         machines: 1,
         tags: |_| vec!["gpu:vendor:a".into()],
-        ..Default::default()
+        ..options()
     })
     .await;
     let good = job_yaml("  tags: [\"gpu:vendor:a\"]", "pass", "pass", "", "");
@@ -636,7 +636,7 @@ async fn live_event_and_console_streams() {
     use futures::StreamExt;
     let farm = Farm::start(Options {
         machines: 1,
-        ..Default::default()
+        ..options()
     })
     .await;
     let id = farm
@@ -740,13 +740,13 @@ async fn two_hundred_jobs_on_eight_duts() {
             t
         },
         lease_ttl: 10,
-        ..Default::default()
+        ..options()
     })
     .await;
     // Hold every machine so that all 200 jobs are queued before the first is dispatched:
     // the blockers run until they are cancelled.
     let mut blockers = Vec::new();
-    for n in 1..=8u8 {
+    for n in 1..=8u16 {
         blockers.push(
             farm.submit(&job_yaml(&by_id(n), "hang", "hang", "", ""), "")
                 .await,
@@ -815,7 +815,7 @@ async fn two_hundred_jobs_on_eight_duts() {
     }
 
     // One job at a time per machine: mars' lease log alternates acquire/release of one job.
-    for n in 1..=8u8 {
+    for n in 1..=8u16 {
         let log = farm
             .mars
             .machine_events(mac(n), Some(10_000))
@@ -870,7 +870,7 @@ async fn two_hundred_jobs_on_eight_duts() {
     // could have used the same machine.
     let view: std::collections::HashMap<i64, &dutgate_executor::model::Job> =
         finished.iter().map(|j| (j.id, j)).collect();
-    let machine_tags = |n: u8| -> Vec<String> {
+    let machine_tags = |n: u16| -> Vec<String> {
         let mut t = vec![
             "sim:any:yes".to_string(),
             format!("gpu:vendor:{}", if n.is_multiple_of(2) { "a" } else { "b" }),
@@ -881,7 +881,7 @@ async fn two_hundred_jobs_on_eight_duts() {
         t
     };
     let fits = |target: &str, m: dutgate_core::MachineId| {
-        let n = m.bytes()[5];
+        let n = u16::from_be_bytes([m.bytes()[4], m.bytes()[5]]);
         let tags = machine_tags(n);
         target
             .split('"')
@@ -923,7 +923,7 @@ async fn interactive_console_over_websocket() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let farm = Farm::start(Options {
         machines: 1,
-        ..Default::default()
+        ..options()
     })
     .await;
     let id = farm
@@ -931,7 +931,7 @@ async fn interactive_console_over_websocket() {
         .await;
     let mut req = format!(
         "ws://127.0.0.1:{}/api/v1/jobs/{id}/console/ws",
-        farm.exec_listener_port
+        farm.executors[0].port
     )
     .into_client_request()
     .unwrap();
