@@ -651,6 +651,18 @@ impl Farm {
         self.executors[i].kill();
     }
 
+    /// Waits until executor `i`'s process has exited (killed by the test, say) and forgets it;
+    /// returns how it ended. `None` for an executor that is not a running process.
+    pub fn reap_executor(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        match self.executors[i].running.take() {
+            Some(Running::Process(mut child)) => child.wait().ok(),
+            other => {
+                self.executors[i].running = other;
+                None
+            }
+        }
+    }
+
     /// Stops everything: executors (killed), services, simulated DUTs, stray job processes.
     pub async fn stop(mut self) {
         for e in &mut self.executors {

@@ -1,0 +1,260 @@
+//! Acceptance: `kill -9` of the executor process mid-job (the job finishes and its result and
+//! events are visible through the restarted executor); `kill -9` of a job process (INCOMPLETE,
+//! powered off, QUICK_CHECK, nothing leased).
+//!
+//! The executor runs as a separate OS process: this test binary re-executed as
+//! `<binary> executor-process`, which runs the same service entry as `dutgate executor`
+//! (`dutgate_executor::run`) from a gateway config file. Hence its own `main`
+//! (`harness = false`). Its job processes are `dutgate-job`.
+
+mod common;
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use common::*;
+use dutgate_core::{JobStatus, PowerState};
+use dutgate_executor::model::Event;
+use dutgate_mars::model::MachineState;
+
+const T: Duration = Duration::from_secs(60);
+
+fn by_id(n: u16) -> String {
+    format!("  id: \"{}\"", mac(n))
+}
+
+fn kinds(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| format!("{}: {}", e.kind, e.message))
+        .collect()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn sigkill(pid: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is one this test started
+    // (directly or through its executor).
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGKILL) },
+        0,
+        "kill -9 {pid}"
+    );
+}
+
+async fn executor_process_kill_and_job_process_kill() {
+    let mut farm = Farm::start(Options {
+        machines: 2,
+        executor_mode: ExecutorMode::this_binary(),
+        ..options()
+    })
+    .await;
+    let first = farm.executors[0].pid().expect("the executor is a process") as i32;
+    let survivor = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
+    let victim = farm
+        .submit(&job_yaml(&by_id(2), "slow", "slow", "", ""), "")
+        .await;
+    for id in [survivor, victim] {
+        farm.wait_phase(id, "running", T).await;
+    }
+    let survivor_pid = farm.job_pid(survivor).await;
+    let victim_pid = farm.job_pid(victim).await;
+
+    // kill -9 of the executor process.
+    sigkill(first);
+    let status = farm.reap_executor(0).expect("the executor process ended");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+    // Its job processes keep running, and the job goes on: its console grows while no
+    // executor is there.
+    let console = dutgate_executor::process::job_dir(
+        &dutgate_executor::process::executor_state_dir(&farm.gw),
+        survivor,
+    )
+    .join("console.log");
+    let len = || std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
+    let before = len();
+    let end = Instant::now() + Duration::from_secs(10);
+    while len() == before {
+        assert!(
+            Instant::now() < end,
+            "the job's console did not grow without an executor"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        alive(survivor_pid),
+        "job process {survivor_pid} died with the executor"
+    );
+    assert!(
+        alive(victim_pid),
+        "job process {victim_pid} died with the executor"
+    );
+    assert_eq!(farm.power(1), PowerState::On);
+    // And one job process dies while no executor watches it.
+    sigkill(victim_pid);
+
+    // A new executor process: it re-attaches to the survivor.
+    farm.start_executor(0).await;
+    let second = farm.executors[0].pid().expect("the executor is a process") as i32;
+    assert_ne!(first, second);
+    // The live console through the new executor follows the job to its end.
+    let streamed = tokio::time::timeout(T, async {
+        farm.http
+            .get(format!("{}/api/v1/jobs/{survivor}/console", farm.url))
+            .bearer_auth(USER)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    })
+    .await
+    .expect("the live console ends with the job");
+    let streamed = String::from_utf8_lossy(&streamed).into_owned();
+    assert!(streamed.contains("SESSION END"), "{streamed}");
+    let job = farm.wait_finished(survivor, T).await;
+    let events = farm.events(survivor).await;
+    assert_eq!(job.status, Some(JobStatus::Pass), "{:#?}", kinds(&events));
+    assert_eq!(streamed, farm.console(survivor).await);
+    for n in 1..=8 {
+        assert_eq!(streamed.matches(&format!("tick {n}\r\n")).count(), 1);
+    }
+    let attached = events
+        .iter()
+        .position(|e| e.kind == "executor" && e.data["action"] == "attached")
+        .unwrap_or_else(|| panic!("no re-attach event: {:#?}", kinds(&events)));
+    assert_eq!(
+        events[attached].data["pid"],
+        survivor_pid,
+        "{:#?}",
+        kinds(&events)
+    );
+    // The job's own events after the re-attach are there, up to its end.
+    assert!(
+        events[attached..].iter().any(|e| e.kind == "finished"),
+        "{:#?}",
+        kinds(&events)
+    );
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    farm.wait_machine(mac(1), MachineState::Idle, T).await;
+    assert_eq!(farm.power(1), PowerState::Off);
+
+    let job = farm.wait_finished(victim, T).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete));
+    assert!(
+        job.reason.as_deref().unwrap().contains("job process died"),
+        "{job:#?}"
+    );
+    assert_eq!(farm.power(2), PowerState::Off);
+    farm.wait_machine(mac(2), MachineState::QuickCheck, Duration::from_secs(15))
+        .await;
+
+    // A job process killed under a running executor (which started it).
+    let id = farm
+        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
+        .await;
+    farm.wait_phase(id, "running", T).await;
+    let pid = farm.job_pid(id).await;
+    sigkill(pid);
+    let job = farm.wait_finished(id, T).await;
+    assert_eq!(job.status, Some(JobStatus::Incomplete));
+    assert!(
+        job.reason.as_deref().unwrap().contains("signal 9"),
+        "{job:#?}"
+    );
+    assert_eq!(farm.power(1), PowerState::Off);
+    farm.wait_machine(mac(1), MachineState::QuickCheck, Duration::from_secs(15))
+        .await;
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+
+    // The trainer's verification boot goes through the queue with its privilege: a user may
+    // not submit one, the admin (mars' runner) may, and it runs on the QUICK_CHECK machine.
+    let pass = job_yaml(&by_id(1), "pass", "pass", "", "");
+    assert_eq!(
+        farm.submit_raw(&pass, "?purpose=training").await.status(),
+        403
+    );
+    let runner = farm.client();
+    use dutgate_mars::training::JobRunner;
+    let jid = JobRunner::submit(&runner, mac(1), &pass).await.unwrap();
+    let out = JobRunner::wait(&runner, &jid).await.unwrap();
+    assert_eq!(out.status, JobStatus::Pass, "{out:?}");
+    assert!(
+        out.console_log_url
+            .unwrap()
+            .ends_with("/artifacts/console.log")
+    );
+    // Its outcome is the trainer's to judge: the machine is still in QUICK_CHECK.
+    assert_eq!(
+        farm.mars.machine(mac(1)).await.unwrap().state,
+        MachineState::QuickCheck
+    );
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+
+    // Nothing outlives the farm.
+    let training_pid = farm.job_pid(jid.parse().unwrap()).await;
+    farm.stop().await;
+    for pid in [first, second, survivor_pid, victim_pid, pid, training_pid] {
+        assert!(!alive(pid), "process {pid} outlived the test");
+    }
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = executor_process_main() {
+        return code;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let name = "executor_process_kill_and_job_process_kill";
+    if args.iter().any(|a| a == "--list") {
+        println!("{name}: test");
+        return ExitCode::SUCCESS;
+    }
+    let filters: Vec<&String> = args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
+        println!("test result: ok. 0 passed; 0 failed; 1 filtered out");
+        return ExitCode::SUCCESS;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    // A panic unwinds through the farm, whose drop kills the executor and job processes.
+    let ok = rt.block_on(async {
+        tokio::spawn(executor_process_kill_and_job_process_kill())
+            .await
+            .is_ok()
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    println!(
+        "test {name} ... {} ({:.1} s)",
+        if ok { "ok" } else { "FAILED" },
+        start.elapsed().as_secs_f64()
+    );
+    if ok {
+        println!("test result: ok. 1 passed; 0 failed");
+        ExitCode::SUCCESS
+    } else {
+        println!("test result: FAILED. 0 passed; 1 failed");
+        ExitCode::from(101)
+    }
+}
