@@ -241,6 +241,7 @@ struct Up {
     _state: tempfile::TempDir,
     ports: Vec<u16>,
     admin_token: String,
+    user_token: String,
 }
 
 impl Drop for Up {
@@ -277,25 +278,30 @@ fn start_all() -> Up {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let child = cmd.spawn().unwrap();
-    let token_path = state.path().join("tokens").join("admin");
-    let started = Instant::now();
-    let admin_token = loop {
-        if let Ok(t) = std::fs::read_to_string(&token_path)
-            && !t.trim().is_empty()
-        {
-            break t.trim().to_string();
+    let token = |name: &str| {
+        let path = state.path().join("tokens").join(name);
+        let started = Instant::now();
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&path)
+                && !t.trim().is_empty()
+            {
+                return t.trim().to_string();
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "dutgate up wrote no {name} token"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "dutgate up wrote no admin token"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     };
+    let admin_token = token("admin");
+    let user_token = token("user");
     Up {
         child,
         _state: state,
         ports,
         admin_token,
+        user_token,
     }
 }
 
@@ -362,18 +368,441 @@ fn a_missing_method_or_path_is_reported() {
     assert_eq!(mismatches(&declared, &documented).len(), 3);
 }
 
+/// `$ref` → the value it points at (only local refs are used in the documents).
+fn deref<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    let mut v = v;
+    for _ in 0..8 {
+        match v.get("$ref").and_then(Value::as_str) {
+            Some(r) => {
+                v = doc
+                    .pointer(r.trim_start_matches('#'))
+                    .unwrap_or_else(|| panic!("dangling $ref {r}"));
+            }
+            None => break,
+        }
+    }
+    v
+}
+
+fn type_matches(t: &str, v: &Value) -> bool {
+    match t {
+        "null" => v.is_null(),
+        "boolean" => v.is_boolean(),
+        "integer" => v.is_i64() || v.is_u64(),
+        "number" => v.is_number(),
+        "string" => v.is_string(),
+        "array" => v.is_array(),
+        "object" => v.is_object(),
+        _ => true,
+    }
+}
+
+/// The ways `v` does not match `schema`: the JSON Schema keywords the documents use (`type`,
+/// `required`, `properties`, `additionalProperties`, `items`, `enum`, `const`, `oneOf`
+/// (as any-of), `allOf`, `$ref`).
+fn schema_errors(doc: &Value, schema: &Value, v: &Value, at: &str) -> Vec<String> {
+    errors_in(doc, schema, v, at, true)
+}
+
+/// The property names a schema describes, its `allOf` members' included.
+fn known_properties<'a>(doc: &'a Value, schema: &'a Value, out: &mut BTreeSet<&'a str>) {
+    let schema = deref(doc, schema);
+    for k in schema["properties"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+    {
+        out.insert(k.as_str());
+    }
+    for s in schema["allOf"].as_array().into_iter().flatten() {
+        known_properties(doc, s, out);
+    }
+}
+
+/// `strict`: a property the schema (with its `allOf` members) does not describe is an error;
+/// off inside `allOf` members, which each describe part of the object.
+fn errors_in(doc: &Value, schema: &Value, v: &Value, at: &str, strict: bool) -> Vec<String> {
+    let schema = deref(doc, schema);
+    let mut errs = Vec::new();
+    let types: Vec<&str> = match &schema["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if !types.is_empty() && !types.iter().any(|t| type_matches(t, v)) {
+        return vec![format!("{at}: {v} is not {types:?}")];
+    }
+    if let Some(values) = schema["enum"].as_array()
+        && !values.contains(v)
+    {
+        errs.push(format!("{at}: {v} is not one of {values:?}"));
+    }
+    if let Some(c) = schema.get("const")
+        && c != v
+    {
+        errs.push(format!("{at}: {v} is not {c}"));
+    }
+    if let Some(all) = schema["allOf"].as_array() {
+        for s in all {
+            errs.extend(errors_in(doc, s, v, at, false));
+        }
+    }
+    if let Some(any) = schema["oneOf"].as_array()
+        && !any.iter().any(|s| schema_errors(doc, s, v, at).is_empty())
+    {
+        errs.push(format!("{at}: {v} matches none of oneOf"));
+    }
+    if let Some(obj) = v.as_object() {
+        for k in schema["required"].as_array().into_iter().flatten() {
+            if let Some(k) = k.as_str()
+                && !obj.contains_key(k)
+            {
+                errs.push(format!("{at}: missing required {k:?}"));
+            }
+        }
+        let props = schema["properties"].as_object();
+        let mut known = BTreeSet::new();
+        known_properties(doc, schema, &mut known);
+        for (k, val) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => errs.extend(schema_errors(doc, s, val, &format!("{at}.{k}"))),
+                None => match schema.get("additionalProperties") {
+                    Some(s @ Value::Object(_)) => {
+                        errs.extend(schema_errors(doc, s, val, &format!("{at}.{k}")))
+                    }
+                    // Objects the documents describe field by field must not grow silently.
+                    _ if strict && !known.is_empty() && !known.contains(k.as_str()) => {
+                        errs.push(format!("{at}: undocumented property {k:?}"))
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+    if let (Some(items), Some(arr)) = (schema.get("items"), v.as_array()) {
+        for (i, val) in arr.iter().enumerate() {
+            errs.extend(schema_errors(doc, items, val, &format!("{at}[{i}]")));
+        }
+    }
+    errs
+}
+
+/// Checks an answer against the document: its status is documented for the operation and a
+/// JSON body matches the documented schema.
+async fn check_answer(
+    doc: &Value,
+    template: &str,
+    method: &str,
+    r: reqwest::Response,
+) -> Result<Value, String> {
+    let status = r.status().as_u16().to_string();
+    let is_json = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    let body = r.bytes().await.map_err(|e| e.to_string())?;
+    let item = resolve(doc, &doc["paths"][template]);
+    let op = &item[method];
+    let Some(resp) = op["responses"].get(&status) else {
+        return Err(format!(
+            "{} {template} answered {status}, not documented: {}",
+            method.to_uppercase(),
+            String::from_utf8_lossy(&body)
+        ));
+    };
+    if !is_json {
+        return Ok(Value::Null);
+    }
+    let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    let resp = deref(doc, resp);
+    if let Some(schema) = resp["content"]["application/json"].get("schema") {
+        let errs = schema_errors(doc, schema, &v, "$");
+        if !errs.is_empty() {
+            return Err(format!(
+                "{} {template} ({status}): {}",
+                method.to_uppercase(),
+                errs.join("; ")
+            ));
+        }
+    }
+    Ok(v)
+}
+
+#[test]
+fn the_schema_check_finds_wrong_answers() {
+    let doc: Value = serde_json::json!({"components": {"schemas": {
+        "Thing": {"type": "object", "required": ["id", "state"], "properties": {
+            "id": {"type": "integer"},
+            "state": {"type": "string", "enum": ["ON", "OFF"]},
+            "note": {"type": ["string", "null"]},
+            "tags": {"type": "array", "items": {"type": "string"}}
+        }}
+    }}});
+    let schema = serde_json::json!({"$ref": "#/components/schemas/Thing"});
+    let more = serde_json::json!({"allOf": [schema, {"type": "object", "required": ["seq"],
+        "properties": {"seq": {"type": "integer"}}}]});
+    let with_seq = serde_json::json!({"id": 1, "state": "ON", "seq": 3});
+    assert_eq!(
+        schema_errors(&doc, &more, &with_seq, "$"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        schema_errors(
+            &doc,
+            &more,
+            &serde_json::json!({"id": 1, "state": "ON", "x": 1}),
+            "$"
+        )
+        .len(),
+        2,
+        "missing seq and undocumented x"
+    );
+    let ok = serde_json::json!({"id": 1, "state": "ON", "note": null, "tags": ["a"]});
+    assert_eq!(schema_errors(&doc, &schema, &ok, "$"), Vec::<String>::new());
+    for bad in [
+        serde_json::json!({"id": 1}),
+        serde_json::json!({"id": "1", "state": "ON"}),
+        serde_json::json!({"id": 1, "state": "DIM"}),
+        serde_json::json!({"id": 1, "state": "ON", "tags": [1]}),
+        serde_json::json!({"id": 1, "state": "ON", "colour": "red"}),
+    ] {
+        assert!(
+            !schema_errors(&doc, &schema, &bad, "$").is_empty(),
+            "{bad} passed"
+        );
+    }
+}
+
+const MAC: &str = "52:54:00:aa:bb:01";
+const JOB: &str =
+    "version: 1\ndeployment:\n  start:\n    kernel:\n      url: http://127.0.0.1:9/k\n";
+
+/// A request that gives a service something to show, and the status it must get.
+struct Step {
+    svc: &'static str,
+    method: &'static str,
+    path: String,
+    /// The document's path for it.
+    template: &'static str,
+    /// JSON, or the text of a YAML body.
+    body: Option<Value>,
+    admin: bool,
+    expect: u16,
+}
+
+fn step(
+    svc: &'static str,
+    method: &'static str,
+    path: impl Into<String>,
+    template: &'static str,
+    body: Option<Value>,
+    admin: bool,
+    expect: u16,
+) -> Step {
+    Step {
+        svc,
+        method,
+        path: path.into(),
+        template,
+        body,
+        admin,
+        expect,
+    }
+}
+
+fn populate() -> Vec<Step> {
+    use serde_json::json;
+    let pdu = json!({"name": "rack", "driver": "dummy", "config": {"ports": 2}});
+    let machine = json!({"base_name": "qemu", "tags": ["cpu:arch:x86_64"], "mac_address": MAC,
+                         "ip_address": "10.0.2.15"});
+    let boot = json!({"kernel": {"url": "http://127.0.0.1:9/k", "cmdline": ["console=ttyS0"]},
+                      "initramfs": {"url": "http://127.0.0.1:9/i"}, "job_id": "1"});
+    let m = |p: &str| format!("/api/v1/machine/{MAC}{p}");
+    vec![
+        step(
+            "pdu",
+            "post",
+            "/api/v1/pdus",
+            "/api/v1/pdus",
+            Some(pdu),
+            true,
+            201,
+        ),
+        step(
+            "pdu",
+            "get",
+            "/api/v1/pdus/rack",
+            "/api/v1/pdus/{name}",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "pdu",
+            "patch",
+            "/api/v1/pdus/rack/ports/1",
+            "/api/v1/pdus/{name}/ports/{id}",
+            Some(json!({"state": "ON"})),
+            true,
+            200,
+        ),
+        step(
+            "pdu",
+            "get",
+            "/api/v1/pdus/rack/ports/1/history",
+            "/api/v1/pdus/{name}/ports/{id}/history",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "mars",
+            "post",
+            "/api/v1/machine",
+            "/api/v1/machine",
+            Some(machine),
+            false,
+            201,
+        ),
+        step(
+            "mars",
+            "get",
+            m(""),
+            "/api/v1/machine/{id}",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "mars",
+            "get",
+            m("/events"),
+            "/api/v1/machine/{id}/events",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "mars",
+            "get",
+            m("/training"),
+            "/api/v1/machine/{id}/training",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "mars",
+            "get",
+            "/api/v1/events?after=0&timeout=0",
+            "/api/v1/events",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "salad",
+            "get",
+            m(""),
+            "/api/v1/machine/{id}",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "boot",
+            "put",
+            format!("/api/v1/boot/{MAC}"),
+            "/api/v1/boot/{mac}",
+            Some(boot),
+            false,
+            200,
+        ),
+        step(
+            "boot",
+            "get",
+            format!("/api/v1/boot/{MAC}"),
+            "/api/v1/boot/{mac}",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "executor",
+            "post",
+            format!("/api/v1/jobs?target_id={MAC}"),
+            "/api/v1/jobs",
+            Some(Value::String(JOB.into())),
+            false,
+            201,
+        ),
+        step(
+            "executor",
+            "get",
+            "/api/v1/jobs/1",
+            "/api/v1/jobs/{id}",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "executor",
+            "get",
+            "/api/v1/jobs/1/events",
+            "/api/v1/jobs/{id}/events",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "executor",
+            "get",
+            "/api/v1/jobs/1/artifacts",
+            "/api/v1/jobs/{id}/artifacts",
+            None,
+            false,
+            200,
+        ),
+        step(
+            "executor",
+            "post",
+            "/api/v1/jobs/1/cancel",
+            "/api/v1/jobs/{id}/cancel",
+            None,
+            false,
+            202,
+        ),
+        // Twice: the second one is the documented 409.
+        step(
+            "executor",
+            "post",
+            "/api/v1/jobs/1/cancel",
+            "/api/v1/jobs/{id}/cancel",
+            None,
+            false,
+            409,
+        ),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_service_serves_an_openapi_document_matching_its_routes() {
     let up = start_all();
     let http = client();
     let mut failures = Vec::new();
+    let mut docs = BTreeMap::new();
+    let base = |svc: &str| {
+        let i = SERVICES.iter().position(|(s, _)| *s == svc).unwrap();
+        format!("http://127.0.0.1:{}", up.ports[i])
+    };
+
+    // (1) The documents: no token, JSON, OpenAPI 3.x, exactly the source's routes.
     for ((svc, dir), port) in SERVICES.iter().zip(&up.ports) {
         wait_healthy(&http, *port, svc).await;
-        let base = format!("http://127.0.0.1:{port}");
-
-        // (1) The document: no token, JSON, OpenAPI 3.x, exactly the source's routes.
         let r = http
-            .get(format!("{base}/api/v1/openapi.json"))
+            .get(format!("{}/api/v1/openapi.json", base(svc)))
             .send()
             .await
             .unwrap();
@@ -394,9 +823,7 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
             doc["openapi"]
         );
         assert!(doc["info"]["title"].is_string(), "{svc}: no info.title");
-        let paths = doc["paths"]
-            .as_object()
-            .unwrap_or_else(|| panic!("{svc}: no paths object"));
+        assert!(doc["paths"].is_object(), "{svc}: no paths object");
         let problems = mismatches(&source_routes(dir), &documented_routes(&doc));
         if !problems.is_empty() {
             failures.push(format!(
@@ -404,24 +831,59 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
                 problems.join("; ")
             ));
         }
+        docs.insert(*svc, doc);
+    }
 
-        // (2) Each documented GET without path parameters exists on the running service.
-        for (path, item) in paths {
+    // (2) Objects on every service, through documented operations; answers as documented.
+    for st in populate() {
+        let token = if st.admin {
+            &up.admin_token
+        } else {
+            &up.user_token
+        };
+        let url = format!("{}{}", base(st.svc), st.path);
+        let mut req = http
+            .request(st.method.to_uppercase().parse().unwrap(), &url)
+            .bearer_auth(token);
+        req = match st.body {
+            Some(Value::String(text)) => req.body(text),
+            Some(json) => req.json(&json),
+            None => req,
+        };
+        let r = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let what = format!("{}: {} {}", st.svc, st.method.to_uppercase(), st.path);
+        if r.status().as_u16() != st.expect {
+            let got = r.status();
+            let body = r.text().await.unwrap_or_default();
+            failures.push(format!(
+                "{what} answered {got}, expected {}: {body}",
+                st.expect
+            ));
+            continue;
+        }
+        if let Err(e) = check_answer(&docs[st.svc], st.template, st.method, r).await {
+            failures.push(format!("{}: {e}", st.svc));
+        }
+    }
+
+    // (3) Each documented GET without path parameters exists on the running service, and
+    // answers as documented.
+    for (svc, doc) in &docs {
+        for (path, item) in doc["paths"].as_object().into_iter().flatten() {
             if path.contains('{') {
                 continue;
             }
-            let item = resolve(&doc, item);
-            let Some(get) = item.get("get") else {
+            let Some(get) = resolve(doc, item).get("get") else {
                 continue;
             };
             // A long-poll is asked not to wait.
             let waits = get["parameters"]
                 .as_array()
-                .is_some_and(|ps| ps.iter().any(|p| p["name"] == "timeout"));
+                .is_some_and(|ps| ps.iter().any(|p| deref(doc, p)["name"] == "timeout"));
             let url = if waits {
-                format!("{base}{path}?timeout=0")
+                format!("{}{path}?timeout=0", base(svc))
             } else {
-                format!("{base}{path}")
+                format!("{}{path}", base(svc))
             };
             let r = http
                 .get(&url)
@@ -432,6 +894,10 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
             if r.status() == 404 {
                 let body = r.text().await.unwrap_or_default();
                 failures.push(format!("{svc}: GET {path} answered 404: {body}"));
+                continue;
+            }
+            if let Err(e) = check_answer(doc, path, "get", r).await {
+                failures.push(format!("{svc}: {e}"));
             }
         }
     }
