@@ -784,6 +784,16 @@ fn populate() -> Vec<Step> {
             false,
             409,
         ),
+        // Not a WebSocket upgrade.
+        step(
+            "executor",
+            "get",
+            "/api/v1/jobs/1/console/ws",
+            "/api/v1/jobs/{id}/console/ws",
+            None,
+            false,
+            400,
+        ),
         step(
             "executor",
             "get",
@@ -1224,6 +1234,32 @@ async fn every_service_serves_an_openapi_document_matching_its_routes() {
         if let Err(e) = check_answer(&docs[st.svc], st.template, st.method, r).await {
             failures.push(format!("{}: {e}", st.svc));
         }
+    }
+
+    // The SSE form of the events of the (finished) job: every event, ending with `finished`.
+    let r = http
+        .get(format!("{}/api/v1/jobs/1/events", base("executor")))
+        .bearer_auth(&up.user_token)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    let documented =
+        docs["executor"]["paths"]["/api/v1/jobs/{id}/events"]["get"]["responses"]["200"]["content"]
+            .get("text/event-stream")
+            .is_some();
+    let sse = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("text/event-stream"));
+    let text = r.text().await.unwrap_or_default();
+    if !(documented && sse && text.contains("event: submitted") && text.contains("event: finished"))
+    {
+        failures.push(format!(
+            "executor: the SSE event stream is not as documented (documented: {documented}, \
+             text/event-stream: {sse}): {text}"
+        ));
     }
 
     // (3) Each documented GET without path parameters exists on the running service, and
