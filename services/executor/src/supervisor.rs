@@ -280,33 +280,17 @@ impl Supervisor {
         for row in rows {
             match (row.state, row.pid) {
                 (JobState::Running, Some(pid)) if is_job_process(pid as u32, row.id) => {
-                    let pid = pid as u32;
-                    let (ptx, prx) = watch::channel(Progress::default());
-                    let (alive_tx, alive_rx) = watch::channel(true);
-                    self.jobs().insert(
-                        row.id,
-                        Tracked {
-                            pid,
-                            progress: prx,
-                            alive: alive_rx,
-                        },
-                    );
-                    self.inner
-                        .store
-                        .add_event(
-                            row.id,
-                            kind::EXECUTOR,
-                            &format!("executor {} re-attached to process {pid}", self.inner.name),
-                            json!({"action": "attached", "pid": pid}),
-                        )
-                        .await?;
-                    tokio::spawn(
-                        self.clone()
-                            .follow(row.id, pid, Arc::new(ptx), Some(alive_tx)),
-                    );
+                    self.attach(row.id, pid as u32).await?;
                     n += 1;
                 }
                 (JobState::Dispatched, None) => {
+                    // The previous executor started the process, which has not recorded its
+                    // pid yet: follow it, never start a second one.
+                    if let Some(pid) = self.find_unrecorded_process(row.id) {
+                        self.attach(row.id, pid).await?;
+                        n += 1;
+                        continue;
+                    }
                     // Dispatched, but the executor died before starting the process.
                     let ttl = self.inner.cfg.lease_ttl_seconds.unwrap_or(30);
                     let (Some(machine), Some(lease)) = (row.machine_id, row.lease_id.as_deref())
@@ -329,6 +313,52 @@ impl Supervisor {
             }
         }
         Ok(n)
+    }
+
+    /// Follows job `id`'s process `pid`, which another executor (process) started.
+    async fn attach(&self, id: i64, pid: u32) -> Result<(), StoreError> {
+        let (ptx, prx) = watch::channel(Progress::default());
+        let (alive_tx, alive_rx) = watch::channel(true);
+        self.jobs().insert(
+            id,
+            Tracked {
+                pid,
+                progress: prx,
+                alive: alive_rx,
+            },
+        );
+        self.inner
+            .store
+            .add_event(
+                id,
+                kind::EXECUTOR,
+                &format!("executor {} re-attached to process {pid}", self.inner.name),
+                json!({"action": "attached", "pid": pid}),
+            )
+            .await?;
+        tokio::spawn(self.clone().follow(id, pid, Arc::new(ptx), Some(alive_tx)));
+        Ok(())
+    }
+
+    /// The live process of job `id` that has not recorded its pid yet (the previous executor
+    /// started it and died before the process got that far): the leader of its own process
+    /// group whose stdout is the job's `process.log`.
+    fn find_unrecorded_process(&self, id: i64) -> Option<u32> {
+        let log = self.job_dir(id).join("process.log");
+        let log = std::fs::canonicalize(&log).unwrap_or(log);
+        let me = std::process::id();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            if pid == me || std::fs::read_link(format!("/proc/{pid}/fd/1")).ok()? != log {
+                return None;
+            }
+            // `pid (comm) state ppid pgrp …`: alive and leading its group.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?;
+            let pgrp = fields.nth(1)?.parse::<u32>().ok()?;
+            (state != "Z" && pgrp == pid).then_some(pid)
+        })
     }
 
     /// The job process ended. If it did not store a final status, the job ends here.

@@ -213,14 +213,103 @@ async fn executor_process_kill_and_job_process_kill() {
     }
 }
 
+/// The executor dies after starting a job process but before that process recorded its pid
+/// (the job is still `dispatched`): the next executor follows that process instead of starting
+/// a second one for the same job.
+async fn executor_killed_before_its_job_process_started() {
+    // The job process takes 5 s to get going (`sh` sleeps, then becomes `dutgate-job`), well
+    // within its lease's TTL.
+    let mut farm = Farm::start(Options {
+        machines: 1,
+        lease_ttl: 15,
+        executor_mode: ExecutorMode::this_binary(),
+        job_command: Some(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "sleep 5; exec \"$0\" \"$@\"".into(),
+            JOB.into(),
+        ]),
+        ..options()
+    })
+    .await;
+    let first = farm.executors[0].pid().expect("the executor is a process") as i32;
+    let id = farm
+        .submit(&job_yaml(&by_id(1), "pass", "pass", "", ""), "")
+        .await;
+    let end = Instant::now() + T;
+    let pid = loop {
+        let events = farm.events(id).await;
+        if let Some(pid) = events
+            .iter()
+            .find(|e| e.kind == "process_started")
+            .and_then(|e| e.data["pid"].as_i64())
+        {
+            break pid as i32;
+        }
+        assert!(Instant::now() < end, "the job process never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    sigkill(first);
+    farm.reap_executor(0);
+    // Still the wrapper: the job process has not recorded anything yet.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(cmdline.starts_with(b"/bin/sh\0"), "{cmdline:?}");
+    farm.start_executor(0).await;
+    assert_eq!(
+        farm.job(id).await.state,
+        dutgate_executor::model::JobState::Dispatched,
+        "the restart must happen while the process still sleeps"
+    );
+
+    let job = farm.wait_finished(id, T).await;
+    let events = farm.events(id).await;
+    assert_eq!(job.status, Some(JobStatus::Pass), "{:#?}", kinds(&events));
+    let started: Vec<&Event> = events
+        .iter()
+        .filter(|e| e.kind == "process_started")
+        .collect();
+    assert_eq!(
+        started.len(),
+        1,
+        "one process per job: {:#?}",
+        kinds(&events)
+    );
+    assert!(
+        events.iter().any(|e| e.kind == "executor"
+            && e.data["action"] == "attached"
+            && e.data["pid"] == pid),
+        "{:#?}",
+        kinds(&events)
+    );
+    assert_eq!(farm.console(id).await.matches("RESULT: PASS").count(), 1);
+    farm.wait_machine(mac(1), MachineState::Idle, T).await;
+    assert!(farm.mars.leases().await.unwrap().is_empty());
+    let second = farm.executors[0].pid().unwrap() as i32;
+    farm.stop().await;
+    for pid in [first, second, pid] {
+        assert!(!alive(pid), "process {pid} outlived the test");
+    }
+}
+
+type TestFn = fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 fn main() -> ExitCode {
     if let Some(code) = executor_process_main() {
         return code;
     }
     let args: Vec<String> = std::env::args().collect();
-    let name = "executor_process_kill_and_job_process_kill";
+    let tests: [(&str, TestFn); 2] = [
+        ("executor_process_kill_and_job_process_kill", || {
+            Box::pin(executor_process_kill_and_job_process_kill())
+        }),
+        ("executor_killed_before_its_job_process_started", || {
+            Box::pin(executor_killed_before_its_job_process_started())
+        }),
+    ];
     if args.iter().any(|a| a == "--list") {
-        println!("{name}: test");
+        for (name, _) in &tests {
+            println!("{name}: test");
+        }
         return ExitCode::SUCCESS;
     }
     let filters: Vec<&String> = args
@@ -228,33 +317,39 @@ fn main() -> ExitCode {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
-        println!("test result: ok. 0 passed; 0 failed; 1 filtered out");
-        return ExitCode::SUCCESS;
-    }
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())))
+        .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
         .unwrap();
-    let start = Instant::now();
-    // A panic unwinds through the farm, whose drop kills the executor and job processes.
-    let ok = rt.block_on(async {
-        tokio::spawn(executor_process_kill_and_job_process_kill())
-            .await
-            .is_ok()
-    });
+    let (mut passed, mut failed) = (0, 0);
+    for (name, f) in selected {
+        let start = Instant::now();
+        // A panic unwinds through the farm, whose drop kills the executor and job processes.
+        let ok = rt.block_on(async { tokio::spawn(f()).await.is_ok() });
+        println!(
+            "test {name} ... {} ({:.1} s)",
+            if ok { "ok" } else { "FAILED" },
+            start.elapsed().as_secs_f64()
+        );
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
     rt.shutdown_timeout(Duration::from_secs(1));
     println!(
-        "test {name} ... {} ({:.1} s)",
-        if ok { "ok" } else { "FAILED" },
-        start.elapsed().as_secs_f64()
+        "test result: {}. {passed} passed; {failed} failed",
+        if failed == 0 { "ok" } else { "FAILED" }
     );
-    if ok {
-        println!("test result: ok. 1 passed; 0 failed");
+    if failed == 0 {
         ExitCode::SUCCESS
     } else {
-        println!("test result: FAILED. 0 passed; 1 failed");
         ExitCode::from(101)
     }
 }
