@@ -258,9 +258,7 @@ fn timeout_of(spec: &JobSpec, name: &str) -> Timeout {
     }
 }
 
-/// Bucket, machine variables, render — within `infra_setup`. An infrastructure failure or an
-/// expired `infra_setup` is retried `infra_setup.retries` times (the steps are idempotent: the
-/// bucket and its keys are kept across attempts); a job that cannot render is not.
+/// Bucket, machine variables, render — within `infra_setup`, with its retries.
 async fn setup(job: &JobContext, state: &mut SessionState) -> Result<JobSpec, Outcome> {
     // The limit is only known after rendering; render first with placeholders for it (the
     // submission was validated the same way, so this cannot fail on a valid job).
@@ -268,9 +266,51 @@ async fn setup(job: &JobContext, state: &mut SessionState) -> Result<JobSpec, Ou
         .ok()
         .map(|s| s.timeouts.infra_setup)
         .unwrap_or(Timeout::INFINITE);
+    // The job rides along with the state so that each attempt's future may borrow both.
+    let mut ctx = (job, state);
+    with_infra_retries(
+        timeout,
+        &mut ctx,
+        |ctx| {
+            let job: &JobContext = ctx.0;
+            Box::pin(setup_steps(job, &mut *ctx.1))
+        },
+        |attempt, reason| {
+            Box::pin(async move {
+                job.reporter
+                    .event(
+                        kind::TIMEOUT,
+                        format!(
+                            "infra_setup failed ({reason}); retry {attempt} of {} in {} s",
+                            timeout.retries,
+                            retry_pause(attempt).as_secs()
+                        ),
+                        json!({"timeout": "infra_setup", "retried": attempt,
+                               "retries": timeout.retries, "action": "retry",
+                               "reason": reason}),
+                    )
+                    .await;
+            })
+        },
+    )
+    .await
+}
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Runs `step` within `timeout`; an expiry or an infrastructure failure (`SetupFailed` with
+/// `infra`) is retried `timeout.retries` times, 2 s, 4 s, … up to 10 s apart, `on_retry`
+/// reporting each before its pause. Anything else (success, a failure of the job itself) is
+/// final. The steps must be idempotent: a retry starts them again on the same `state`.
+async fn with_infra_retries<'j, S, T>(
+    timeout: Timeout,
+    state: &mut S,
+    mut step: impl for<'s> FnMut(&'s mut S) -> BoxFuture<'s, Result<T, Outcome>>,
+    mut on_retry: impl FnMut(u32, String) -> BoxFuture<'j, ()>,
+) -> Result<T, Outcome> {
     let mut attempt = 0u32;
     loop {
-        let work = setup_steps(job, state);
+        let work = step(state);
         let result = match timeout.duration {
             Some(d) => match tokio::time::timeout(d, work).await {
                 Ok(r) => r,
@@ -289,22 +329,14 @@ async fn setup(job: &JobContext, state: &mut SessionState) -> Result<JobSpec, Ou
             _ => return result,
         };
         attempt += 1;
+        on_retry(attempt, reason).await;
         // Back off a little: what failed is a service of the gateway, which may be restarting.
-        let pause = Duration::from_secs(u64::from(attempt.min(5)) * 2);
-        job.reporter
-            .event(
-                kind::TIMEOUT,
-                format!(
-                    "infra_setup failed ({reason}); retry {attempt} of {} in {} s",
-                    timeout.retries,
-                    pause.as_secs()
-                ),
-                json!({"timeout": "infra_setup", "retried": attempt, "retries": timeout.retries,
-                       "action": "retry", "reason": reason}),
-            )
-            .await;
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(retry_pause(attempt)).await;
     }
+}
+
+fn retry_pause(attempt: u32) -> Duration {
+    Duration::from_secs(u64::from(attempt.min(5)) * 2)
 }
 
 fn placeholder_vars(job: &JobContext) -> TemplateVars {
@@ -567,4 +599,138 @@ async fn pattern(r: &Reporter, name: &str) {
         json!({"pattern": name}),
     )
     .await;
+}
+
+#[cfg(test)]
+mod infra_retry_tests {
+    use super::*;
+
+    fn infra(reason: &str) -> Outcome {
+        setup_fail(reason, true)
+    }
+
+    fn reason_of(o: &Outcome) -> Option<(&str, bool)> {
+        match o {
+            Outcome::SetupFailed { reason, infra } => Some((reason.as_str(), *infra)),
+            _ => None,
+        }
+    }
+
+    /// Runs `with_infra_retries` over a scripted sequence of attempt results; returns the
+    /// result, the attempts made and the retries reported.
+    async fn run(
+        timeout: Timeout,
+        script: Vec<Result<u32, Outcome>>,
+        attempt_takes: Duration,
+    ) -> (Result<u32, Outcome>, usize, Vec<(u32, String)>) {
+        let mut script = script.into_iter();
+        let mut attempts = 0usize;
+        let reported = std::sync::Mutex::new(Vec::new());
+        let result = with_infra_retries(
+            timeout,
+            &mut attempts,
+            |n| {
+                *n += 1;
+                let next = script.next().unwrap_or(Ok(0));
+                Box::pin(async move {
+                    tokio::time::sleep(attempt_takes).await;
+                    next
+                })
+            },
+            |attempt, reason| {
+                reported.lock().unwrap().push((attempt, reason));
+                Box::pin(async {})
+            },
+        )
+        .await;
+        (result, attempts, reported.into_inner().unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn infrastructure_failures_are_retried_until_success() {
+        let t = Timeout::new(Duration::from_secs(60), 3);
+        let (result, attempts, reported) = run(
+            t,
+            vec![
+                Err(infra("mars: connection refused")),
+                Err(infra("s3: 503")),
+                Ok(7),
+            ],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(result.ok(), Some(7));
+        assert_eq!(attempts, 3);
+        assert_eq!(
+            reported,
+            vec![
+                (1, "mars: connection refused".to_string()),
+                (2, "s3: 503".to_string())
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_run_out_and_the_last_failure_stands() {
+        let t = Timeout::new(Duration::from_secs(60), 1);
+        let (result, attempts, reported) = run(
+            t,
+            vec![Err(infra("first")), Err(infra("second")), Ok(1)],
+            Duration::ZERO,
+        )
+        .await;
+        let err = result.err().unwrap();
+        assert_eq!(reason_of(&err), Some(("second", true)));
+        assert_eq!(attempts, 2);
+        assert_eq!(reported.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_of_the_job_itself_is_not_retried() {
+        let t = Timeout::new(Duration::from_secs(60), 5);
+        let (result, attempts, reported) = run(
+            t,
+            vec![Err(setup_fail("the job does not render", false)), Ok(1)],
+            Duration::ZERO,
+        )
+        .await;
+        assert_eq!(
+            reason_of(&result.err().unwrap()),
+            Some(("the job does not render", false))
+        );
+        assert_eq!(attempts, 1);
+        assert!(reported.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_infra_setup_is_retried_then_fails() {
+        // Every attempt takes 10 s against a 3 s limit.
+        let t = Timeout::new(Duration::from_secs(3), 2);
+        let started = tokio::time::Instant::now();
+        let (result, attempts, reported) =
+            run(t, vec![Ok(1), Ok(2), Ok(3)], Duration::from_secs(10)).await;
+        let err = result.err().unwrap();
+        let (reason, infra) = reason_of(&err).unwrap();
+        assert!(
+            reason.contains("infra_setup expired after 3.0 s"),
+            "{reason}"
+        );
+        assert!(infra);
+        assert_eq!(attempts, 3);
+        assert_eq!(reported.len(), 2);
+        // 3 attempts of 3 s, pauses of 2 s and 4 s.
+        assert_eq!(started.elapsed(), Duration::from_secs(3 * 3 + 2 + 4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retries_means_one_attempt() {
+        let (result, attempts, _) = run(
+            Timeout::INFINITE,
+            vec![Err(infra("down")), Ok(1)],
+            Duration::ZERO,
+        )
+        .await;
+        assert!(result.is_err());
+        assert_eq!(attempts, 1);
+    }
 }
