@@ -432,15 +432,14 @@ async fn run(args: Args, bench: tokio::runtime::Handle, metrics: Render) -> Resu
         &metrics,
     )
     .await;
-    if let Some((admin, name, _)) = pg {
-        if let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
+    if let Some((admin, name, _)) = pg
+        && let Err(e) = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         )))
         .execute(&admin)
         .await
-        {
-            eprintln!("DROP DATABASE {name}: {e}");
-        }
+    {
+        eprintln!("DROP DATABASE {name}: {e}");
     }
     result
 }
