@@ -5,6 +5,7 @@
 //! and one line in `BENCHES`.
 
 pub mod boot;
+pub mod farm;
 pub mod footprint;
 pub mod jobspec;
 pub mod mars;
@@ -57,6 +58,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("mars", mars::run),
     ("s3", s3::run),
     ("scheduler", scheduler::run),
+    ("farm", farm::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
