@@ -94,7 +94,7 @@ fn parse_args() -> Result<Args, String> {
             .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into()),
         executors: num(get("--executors"), "--executors", 1)?,
         off_delay: num(get("--off-delay"), "--off-delay", 0.5)?,
-        lines: num(get("--lines"), "--lines", 40)?,
+        lines: num(get("--lines"), "--lines", if quick { 10 } else { 40 })?,
         line_ms: num(get("--line-ms"), "--line-ms", 50)?,
         job_command: get("--job-command")
             .map(PathBuf::from)
