@@ -1,4 +1,6 @@
-//! `cargo xtask test`: packages, then fmt, clippy and the whole test suite.
+//! `cargo xtask test`: packages, then fmt, clippy, the whole test suite, and the smoke
+//! variant of every benchmark (`bench all --quick --no-write`: it checks that each harness
+//! still runs dutgate and its peer and parses their results, not their speed).
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::Command;
@@ -24,6 +26,9 @@ pub struct TestArgs {
     /// Skip fmt and clippy (for quick local iterations).
     #[arg(long)]
     no_lint: bool,
+    /// Skip the benchmarks' smoke run (`bench all --quick --no-write`).
+    #[arg(long)]
+    no_bench: bool,
     /// Extra arguments for `cargo test` (e.g. `-p dutgate-salad`).
     #[arg(last = true)]
     cargo_args: Vec<String>,
@@ -39,7 +44,8 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     if args.postgres {
         let url = std::env::var(POSTGRES_ENV).unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_string());
         ensure_postgres(&url, args.no_install)?;
-        envs.push((POSTGRES_ENV.to_string(), url));
+        envs.push((POSTGRES_ENV.to_string(), url.clone()));
+        envs.push(("DUTGATE_BENCH_POSTGRES_URL".to_string(), url));
     }
     if !args.no_lint {
         step(
@@ -65,6 +71,9 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let mut test_args: Vec<&str> = vec!["test", "--workspace"];
     test_args.extend(args.cargo_args.iter().map(String::as_str));
     step("cargo test", &root, &test_args, &envs)?;
+    if !args.no_bench {
+        bench_smoke(&root, &envs)?;
+    }
     println!("xtask: all checks passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -79,6 +88,26 @@ fn step(
     let t = Instant::now();
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .current_dir(root)
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .status()
+        .with_context(|| format!("running {name}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    println!("xtask: {name} ok in {:.0?}", t.elapsed());
+    Ok(())
+}
+
+/// Every registered benchmark's quick variant, without touching docs/benchmarks.md. Runs this
+/// same xtask binary so that the benchmarks see the test environment (PostgreSQL URL).
+fn bench_smoke(root: &std::path::Path, envs: &[(String, String)]) -> anyhow::Result<()> {
+    let name = "bench all --quick --no-write";
+    println!("xtask: {name}");
+    let t = Instant::now();
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let status = Command::new(exe)
+        .args(["bench", "all", "--quick", "--no-write"])
         .current_dir(root)
         .envs(envs.iter().map(|(k, v)| (k, v)))
         .status()

@@ -251,8 +251,11 @@ async fn main() {
         .await
         .expect("sqlite");
     measure("SQLite", sqlite, quick).await;
-    let url = std::env::var("DUTGATE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1/test".into());
+    // Set by `cargo xtask test --postgres`: then PostgreSQL must be measured.
+    let required = std::env::var("DUTGATE_TEST_POSTGRES_URL").ok();
+    let url = required
+        .clone()
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1/test".into());
     let schema = format!("mars_bench_{}", std::process::id());
     match Db::open_postgres(&url, &schema, MIGRATIONS).await {
         Ok(pg) => {
@@ -262,6 +265,10 @@ async fn main() {
             )))
             .execute(pg.pool())
             .await;
+        }
+        Err(e) if required.is_some() => {
+            eprintln!("PostgreSQL at {url}: {e}");
+            std::process::exit(1);
         }
         Err(e) => row("PostgreSQL", format!("not measured: {e}")),
     }

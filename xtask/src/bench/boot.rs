@@ -1,9 +1,10 @@
 //! `cargo xtask bench boot`: `dutgate boot` against Debian's nginx (its own instance, own
 //! prefix and port), in the same run, on the same machine:
 //!
-//! - boot scripts: `GET /boot/<mac>/boot.ipxe` (a per-MAC config read from the database and
-//!   rendered per request) against nginx serving the same script as a static file;
-//!   requests/s and p50/p99 latency with 16 concurrent kept-alive clients;
+//! - boot scripts: `GET /boot/<mac>/boot.ipxe` (a per-MAC config kept in memory, its script
+//!   kept once rendered) against nginx serving the same script as a static file;
+//!   requests/s, p50/p99 latency with 16 concurrent kept-alive clients, and each server's CPU
+//!   time per request;
 //! - cached artifact throughput: a 100 MB file that dutgate's cache fetched once from nginx,
 //!   against nginx serving that file itself (sendfile); MB/s with 4 concurrent clients.
 //!
@@ -171,30 +172,19 @@ fn dutgate_boot(exe: &Path, lab: &Path, nginx_port: u16) -> anyhow::Result<(Proc
 }
 
 fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let profile = if args.quick { "debug" } else { "release" };
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "build",
-        "-p",
-        "dutgate-boot",
-        "--example",
-        "boot_server",
-        "--example",
-        "boot_load",
-    ])
-    .current_dir(&args.root);
-    if !args.quick {
-        cmd.arg("--release");
-    }
-    if !cmd.status().context("building the boot service")?.success() {
-        bail!("cargo build failed");
-    }
-    let dir = args.root.join("target").join(profile).join("examples");
+    let dir = super::cargo_build(
+        args,
+        &["--example", "boot_server", "--example", "boot_load"],
+    )?
+    .join("examples");
     Ok((dir.join("boot_server"), dir.join("boot_load")))
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Load {
+    requests: f64,
+    /// CPU time the server (all its processes) spent, per request, in µs.
+    cpu_us_per_request: f64,
     rps: f64,
     mb_per_s: f64,
     p50_ms: f64,
@@ -239,10 +229,54 @@ fn load(
         p50_ms: json_number(&text, "p50_ms"),
         p99_ms: json_number(&text, "p99_ms"),
         errors: json_number(&text, "errors"),
+        requests: json_number(&text, "requests"),
+        cpu_us_per_request: f64::NAN,
     };
     if l.errors != 0.0 {
         bail!("{url}: {} failed requests", l.errors);
     }
+    Ok(l)
+}
+
+/// User + system CPU seconds of `pid` and of its children (nginx's workers), from /proc.
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    let read = |p: &str| -> Option<(u32, f64)> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        // USER_HZ is 100 on every Linux architecture we run on.
+        Some((ppid, ticks / 100.0))
+    };
+    let own = read(&pid.to_string()).map(|(_, c)| c).unwrap_or(0.0);
+    let children: f64 = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .filter_map(|n| read(&n))
+                .filter(|(ppid, _)| *ppid == pid)
+                .map(|(_, c)| c)
+                .sum()
+        })
+        .unwrap_or(0.0);
+    own + children
+}
+
+/// `load`, also measuring the server's CPU time per request.
+fn load_with_cpu(
+    server: u32,
+    tool: &Path,
+    url: &str,
+    concurrency: usize,
+    seconds: f64,
+    expect: usize,
+) -> anyhow::Result<Load> {
+    let before = tree_cpu_seconds(server);
+    let mut l = load(tool, url, concurrency, seconds, expect)?;
+    let used = tree_cpu_seconds(server) - before;
+    l.cpu_us_per_request = used * 1e6 / l.requests.max(1.0);
     Ok(l)
 }
 
@@ -282,6 +316,7 @@ fn run_in(
 ) -> anyhow::Result<()> {
     let size: usize = if args.quick { 10_000_000 } else { 100_000_000 };
     let seconds = if args.quick { 1.0 } else { 5.0 };
+    let load_avg = super::report::load_average();
     let (script_clients, file_clients) = (16usize, 4usize);
     let www = lab.join("www");
     std::fs::create_dir_all(&www)?;
@@ -299,8 +334,9 @@ fn run_in(
     std::fs::write(www.join("initrd.img"), &data[..1_000_000])?;
     drop(data);
     std::fs::write(www.join("script.ipxe"), "#!ipxe\n")?;
-    let (_nginx, nport) = nginx(lab, &www)?;
-    let (_boot, bport) = dutgate_boot(exe, lab, nport)?;
+    let (nginx_proc, nport) = nginx(lab, &www)?;
+    let (boot_proc, bport) = dutgate_boot(exe, lab, nport)?;
+    let (nginx_pid, boot_pid) = (nginx_proc.child.id(), boot_proc.child.id());
     // nginx serves the very script dutgate renders, as a static file.
     let script_path = format!("/boot/{MAC}/boot.ipxe?platform=pcbios&buildarch=i386");
     let (status, script) = http(bport, "GET", &script_path, "", "")?;
@@ -336,7 +372,8 @@ fn run_in(
         for first in [true, false] {
             if first == dutgate_first {
                 println!("  run {r}: dutgate");
-                ds.push(load(
+                ds.push(load_with_cpu(
+                    boot_pid,
                     tool,
                     &d_script,
                     script_clients,
@@ -346,7 +383,8 @@ fn run_in(
                 df.push(load(tool, &d_file, file_clients, seconds, size)?);
             } else {
                 println!("  run {r}: nginx");
-                ns.push(load(
+                ns.push(load_with_cpu(
+                    nginx_pid,
                     tool,
                     &n_script,
                     script_clients,
@@ -386,6 +424,12 @@ fn run_in(
             2,
         ),
         row(
+            "server CPU per boot script request (µs, user + system)",
+            m(&ds, |l| l.cpu_us_per_request),
+            m(&ns, |l| l.cpu_us_per_request),
+            1,
+        ),
+        row(
             &format!(
                 "cached {} MB artifact, MB/s ({file_clients} clients)",
                 size / 1_000_000
@@ -414,13 +458,16 @@ fn run_in(
             &rows,
             &format!(
                 "{runs} alternating run(s) of {seconds} s per measure, medians; dutgate {profile} build. \
-                 dutgate renders the script per request from the boot config it keeps in memory \
-                 (written through to SQLite); nginx serves the same bytes as a static file. A DUT \
+                 dutgate serves the script from the boot config it keeps in memory (written \
+                 through to SQLite), rendered once per (MAC, host, platform) and kept with the \
+                 config; nginx serves the same bytes as a static file. A DUT \
                  asks for one script per boot, so either rate is far beyond a farm's needs; the \
                  artifact rows are what a simultaneous boot of many DUTs costs. The artifact was fetched from nginx into dutgate's \
                  cache once before measuring (cold fetch of {} MB: {cold_s:.2} s); nginx serves it \
                  with sendfile. Load generator: `boot_load` (tokio + reqwest, kept-alive \
-                 connections) on the same 2-core machine as both servers.",
+                 connections) on the same 2-core machine as both servers, so requests/s also \
+                 depends on how much CPU the generator and other work leave; the CPU row is \
+                 each server's own cost (nginx: master + workers). Load average at the start: {load_avg}.",
                 size / 1_000_000
             ),
         )?;

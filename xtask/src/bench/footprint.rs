@@ -15,18 +15,7 @@ use super::report::{append_table, stats};
 const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "salad", "s3"];
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let profile = if args.quick { "debug" } else { "release" };
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .args(["build", "-p", "dutgate"])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build.status().context("building dutgate")?.success() {
-        bail!("cargo build failed");
-    }
-    let exe = args.root.join("target").join(profile).join("dutgate");
+    let exe = super::cargo_build(args, &["--bin", "dutgate"])?.join("dutgate");
     // `cargo xtask bench footprint -- N` runs N times instead of 5.
     let runs = match args.extra.first() {
         Some(n) => n

@@ -39,23 +39,26 @@ print(int(statistics.median(samples)))
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // Other builds on a shared machine skew micro-benchmarks: say how busy it was.
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into());
+    let load = super::report::load_average();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut bench = Command::new(cargo);
-    bench
-        .current_dir(&args.root)
-        .args(["bench", "-p", "dutgate-jobspec", "--bench", "parse", "--"])
-        .args(["--output-format", "bencher"]);
+    bench.current_dir(&args.root);
     if args.quick {
-        bench.args(["--warm-up-time", "0.2", "--measurement-time", "0.5"]);
+        // The smoke run: the same criterion program, built like the test suite's (debug,
+        // workspace features, nothing new to compile after `cargo test --workspace`), told to
+        // measure briefly.
+        bench
+            .args(["test", "--workspace", "--bench", "parse", "--", "--bench"])
+            .args(["--warm-up-time", "0.1", "--measurement-time", "0.3"])
+            .args(["--sample-size", "10"]);
+    } else {
+        bench.args(["bench", "-p", "dutgate-jobspec", "--bench", "parse", "--"]);
     }
-    let out = bench.output().context("running cargo bench")?;
+    bench.args(["--output-format", "bencher"]);
+    let out = bench.output().context("running the criterion benchmark")?;
     if !out.status.success() {
         bail!(
-            "cargo bench failed: {}",
+            "the criterion benchmark failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -76,21 +79,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
             .trim()
             .parse::<f64>()
-            .ok(),
-        Ok(o) => {
-            eprintln!(
-                "peer (python3 jinja2 + yaml) unavailable: {}",
-                String::from_utf8_lossy(&o.stderr)
-                    .lines()
-                    .next_back()
-                    .unwrap_or("")
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("peer unavailable: {e}");
-            None
-        }
+            .context("the Python peer printed no number")?,
+        Ok(o) => bail!(
+            "the Python peer (Jinja2 + PyYAML) failed: {} (apt-get install python3-jinja2 python3-yaml)",
+            String::from_utf8_lossy(&o.stderr)
+                .lines()
+                .next_back()
+                .unwrap_or("")
+        ),
+        Err(e) => bail!("cannot run python3 for the peer: {e} (apt-get install python3)"),
     };
     let us = |ns: f64| format!("{:.1} µs", ns / 1000.0);
     let console_bytes = console_log_bytes();
@@ -98,10 +95,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         vec![
             "render + parse + validate the typical job".into(),
             us(render_parse),
-            peer_ns.map_or_else(
-                || "n/a".into(),
-                |p| format!("{} (render + safe_load only)", us(p)),
-            ),
+            format!("{} (render + safe_load only)", us(peer_ns)),
         ],
         vec![
             "parse + validate the normalised job (no template)".into(),

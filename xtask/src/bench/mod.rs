@@ -17,6 +17,7 @@ pub mod salad;
 pub mod scheduler;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::Args;
@@ -68,7 +69,8 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
         extra: cli.extra.clone(),
         root: crate::workspace_root(),
     };
-    let selected: Vec<&(&str, BenchFn)> = if cli.name == "all" {
+    let all = cli.name == "all";
+    let selected: Vec<&(&str, BenchFn)> = if all {
         BENCHES.iter().collect()
     } else {
         BENCHES.iter().filter(|(n, _)| *n == cli.name).collect()
@@ -81,14 +83,122 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
             names.join(", ")
         );
     }
+    if all && !cli.extra.is_empty() {
+        bail!("extra arguments go to one benchmark, not to `all`");
+    }
+    let load = report::load_average();
+    let started = Instant::now();
+    let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
+    let mut failures = Vec::new();
     for (name, f) in selected {
         println!("== bench {name}");
-        f(&args)?;
+        let t = Instant::now();
+        let result = f(&args);
+        let took = t.elapsed();
+        timings.push((name, took, result.is_ok()));
+        match result {
+            Ok(()) => println!("== bench {name}: ok in {:.1} s", took.as_secs_f64()),
+            Err(e) => {
+                eprintln!(
+                    "== bench {name}: FAILED after {:.1} s: {e:#}",
+                    took.as_secs_f64()
+                );
+                failures.push(format!("{name}: {e:#}"));
+            }
+        }
+        // One benchmark alone fails at once; `all` reports every failure at the end.
+        if !all && let Some(f) = failures.first() {
+            bail!("{f}");
+        }
+    }
+    let total = started.elapsed();
+    if all {
+        println!("== timings{}", if args.quick { " (quick)" } else { "" });
+        for (name, took, ok) in &timings {
+            println!(
+                "  {name:<12} {:>7.1} s{}",
+                took.as_secs_f64(),
+                if *ok { "" } else { "  FAILED" }
+            );
+        }
+        println!(
+            "  {:<12} {:>7.1} s ({:.1} min)",
+            "total",
+            total.as_secs_f64(),
+            total.as_secs_f64() / 60.0
+        );
+        // The plain closing line test runners are read by.
+        println!(
+            "benchmarks: {} passed, {} failed",
+            timings.len() - failures.len(),
+            failures.len()
+        );
+        if !failures.is_empty() {
+            bail!(
+                "{} benchmark(s) failed:\n{}",
+                failures.len(),
+                failures.join("\n")
+            );
+        }
+        if args.write && !args.quick {
+            let per_bench: Vec<String> = timings
+                .iter()
+                .map(|(name, took, _)| format!("{name} {:.1}", took.as_secs_f64() / 60.0))
+                .collect();
+            report::append_line(
+                &args.root,
+                &format!(
+                    "`cargo xtask bench all` took {:.1} min on {} (load average {load} at the start); \
+                     per benchmark, in min: {}.",
+                    total.as_secs_f64() / 60.0,
+                    report::machine_description(),
+                    per_bench.join(", ")
+                ),
+            )?;
+        }
     }
     Ok(())
 }
 
-/// Builds `example` of `package` (release unless `--quick`), runs it (with `--quick` when asked)
+/// Builds `targets` (cargo target options: `["--bin", "dutgate"]`, `["--example", "x"]`, …;
+/// release unless `--quick`) and returns the profile's output directory. Features are resolved
+/// for the whole workspace (`--workspace`), as `cargo test --workspace` does, so the debug
+/// binaries of the smoke run are mostly the test suite's, and every benchmark's release build
+/// shares the same crates.
+///
+/// `DUTGATE_BENCH_BIN_DIR=<dir>` skips the build and takes `<dir>/<binary>` and
+/// `<dir>/examples/<example>` instead (e.g. built from a clean checkout while the working tree
+/// is mid-edit, or kept from before a change to measure both in one session).
+pub fn cargo_build(args: &BenchArgs, targets: &[&str]) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    if let Some(dir) = std::env::var_os("DUTGATE_BENCH_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = std::process::Command::new(&cargo);
+    build
+        .args(["build", "--workspace"])
+        .args(targets)
+        .current_dir(&args.root);
+    if !args.quick {
+        build.arg("--release");
+    }
+    let what = targets.join(" ");
+    if !build
+        .status()
+        .with_context(|| format!("building {what}"))?
+        .success()
+    {
+        bail!("cargo build {what} failed");
+    }
+    let profile = if args.quick { "debug" } else { "release" };
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| args.root.join("target"));
+    Ok(target_dir.join(profile))
+}
+
+/// Builds `example` (of `package`; release unless `--quick`), runs it (with `--quick` when asked)
 /// and returns the `ROW\t<figure>\t<value>` lines it printed, for benchmarks whose measuring
 /// program lives next to the service it measures.
 pub fn run_example_rows(
@@ -97,33 +207,16 @@ pub fn run_example_rows(
     example: &str,
 ) -> anyhow::Result<Vec<Vec<String>>> {
     use anyhow::Context;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = std::process::Command::new(&cargo);
-    build
-        .args(["build", "-p", package, "--example", example])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build
-        .status()
-        .with_context(|| format!("building the {example} benchmark"))?
-        .success()
-    {
-        bail!("cargo build of the {example} benchmark failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| args.root.join("target"));
-    let exe = target_dir.join(profile).join("examples").join(example);
+    let exe = cargo_build(args, &["--example", example])?
+        .join("examples")
+        .join(example);
     let mut cmd = std::process::Command::new(&exe);
     if args.quick {
         cmd.arg("--quick");
     }
     let out = cmd
         .output()
-        .with_context(|| format!("running {}", exe.display()))?;
+        .with_context(|| format!("running {} (of {package})", exe.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(

@@ -280,32 +280,7 @@ fn measure(
 }
 
 fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    // Binaries built elsewhere (e.g. from a clean checkout while the working tree is mid-edit).
-    if let Some(dir) = std::env::var_os("DUTGATE_BENCH_BIN_DIR") {
-        let dir = PathBuf::from(dir);
-        return Ok((dir.join("dutgate"), dir.join("examples").join("oci_layout")));
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args([
-        "build",
-        "-p",
-        "dutgate",
-        "-p",
-        "dutgate-registry",
-        "--example",
-        "oci_layout",
-        "--bin",
-        "dutgate",
-    ])
-    .current_dir(&args.root);
-    if !args.quick {
-        cmd.arg("--release");
-    }
-    if !cmd.status().context("building dutgate")?.success() {
-        bail!("cargo build failed");
-    }
-    let dir = args.root.join("target").join(profile);
+    let dir = super::cargo_build(args, &["--bin", "dutgate", "--example", "oci_layout"])?;
     Ok((dir.join("dutgate"), dir.join("examples").join("oci_layout")))
 }
 

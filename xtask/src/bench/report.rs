@@ -65,6 +65,41 @@ pub fn machine_description() -> String {
     format!("{cpu}, {cores} cores, {mem_gib:.0} GiB RAM, Linux {kernel}")
 }
 
+/// The 1-minute load average, as text ("unknown" when /proc has none): other work on the
+/// machine shows in every figure, so each run records how busy the machine was.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn now_utc() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
+        now.year(),
+        now.month() as u8,
+        now.day(),
+        now.hour(),
+        now.minute()
+    )
+}
+
+/// Appends one dated paragraph to docs/benchmarks.md (e.g. how long `bench all` took).
+pub fn append_line(root: &Path, text: &str) -> anyhow::Result<()> {
+    let path = root.join("docs/benchmarks.md");
+    let out = format!("\n{text} ({})\n", now_utc());
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.write_all(out.as_bytes())?;
+    println!("{out}");
+    Ok(())
+}
+
 /// Appends a section to docs/benchmarks.md: title, date, machine, command, table, notes.
 pub fn append_table(
     root: &Path,
@@ -75,15 +110,7 @@ pub fn append_table(
     notes: &str,
 ) -> anyhow::Result<()> {
     let path = root.join("docs/benchmarks.md");
-    let now = time::OffsetDateTime::now_utc();
-    let date = format!(
-        "{:04}-{:02}-{:02} {:02}:{:02} UTC",
-        now.year(),
-        now.month() as u8,
-        now.day(),
-        now.hour(),
-        now.minute()
-    );
+    let date = now_utc();
     let mut out = String::new();
     out.push_str(&format!("\n## {title} ({date})\n\n"));
     out.push_str(&format!(

@@ -123,17 +123,7 @@ fn wait_port(port: u16, child: &mut Child, name: &str) -> anyhow::Result<()> {
 }
 
 fn build(args: &BenchArgs) -> anyhow::Result<PathBuf> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "-p", "dutgate", "--bin", "dutgate"])
-        .current_dir(&args.root);
-    if !args.quick {
-        cmd.arg("--release");
-    }
-    if !cmd.status().context("building dutgate")?.success() {
-        bail!("cargo build failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    Ok(args.root.join("target").join(profile).join("dutgate"))
+    Ok(super::cargo_build(args, &["--bin", "dutgate"])?.join("dutgate"))
 }
 
 fn start_dutgate(exe: &Path, lab: &Path) -> anyhow::Result<(Server, String, String)> {

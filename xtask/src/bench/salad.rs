@@ -84,6 +84,12 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Reaped: its pid may be reused, so the watchdog must not kill it any more.
+        let pid = self.child.id();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| *p != pid);
     }
 }
 
@@ -342,18 +348,7 @@ fn measure(
 }
 
 fn dutgate_exe(args: &BenchArgs) -> anyhow::Result<PathBuf> {
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .args(["build", "-p", "dutgate"])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build.status().context("building dutgate")?.success() {
-        bail!("cargo build failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    Ok(args.root.join("target").join(profile).join("dutgate"))
+    Ok(super::cargo_build(args, &["--bin", "dutgate"])?.join("dutgate"))
 }
 
 struct SaladRun {
@@ -442,8 +437,11 @@ fn run_salad(
     let stalled = connect_synced(port_a, &mut dut)?;
     let mut flood_src = dut.try_clone()?;
     let big = data.to_vec();
+    // 32 MB in all, whatever the flood size: well past salad's per-client queue (4 MiB) and
+    // the kernel's socket buffers, so that the stalled client must be dropped.
+    let repeats = ((32 << 20) / data.len().max(1)).max(2);
     let flooder = thread::spawn(move || -> std::io::Result<()> {
-        for _ in 0..2 {
+        for _ in 0..repeats {
             for chunk in big.chunks(64 * 1024) {
                 flood_src.write_all(chunk)?;
             }
@@ -474,7 +472,7 @@ fn run_salad(
             }
         }
     }
-    iso.intact &= drained < 2 * data.len();
+    iso.intact &= drained < repeats * data.len();
     iso.runs += 1;
     Ok(())
 }
@@ -537,9 +535,17 @@ fn run_baseline(lab: &Path, p: &Params, data: &[u8], fig: &mut Figures) -> anyho
     Ok(())
 }
 
-fn watchdog(limit: Duration) {
+/// Kills the relays and exits if the benchmark is still running after `limit`; disarmed when
+/// the returned guard is dropped (so `bench all` goes on past this benchmark).
+fn watchdog(limit: Duration) -> std::sync::mpsc::Sender<()> {
+    let (disarm, disarmed) = std::sync::mpsc::channel::<()>();
     thread::spawn(move || {
-        thread::sleep(limit);
+        if !matches!(
+            disarmed.recv_timeout(limit),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        ) {
+            return;
+        }
         let phase = PHASE.lock().map(|p| p.clone()).unwrap_or_default();
         eprintln!("bench salad: stuck in phase {phase:?} after {limit:?}; giving up");
         for pid in CHILDREN.lock().map(|c| c.clone()).unwrap_or_default() {
@@ -547,6 +553,7 @@ fn watchdog(limit: Duration) {
         }
         std::process::exit(1);
     });
+    disarm
 }
 
 fn lat(v: &[f64]) -> String {
@@ -587,7 +594,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             None => 3,
         },
     };
-    watchdog(Duration::from_secs(120 + 180 * p.runs as u64));
+    let _watchdog = watchdog(Duration::from_secs(120 + 180 * p.runs as u64));
     let lab = std::env::temp_dir().join(format!("dutgate-bench-salad-{}", std::process::id()));
     std::fs::create_dir_all(&lab)?;
     let data = payload(p.flood);
