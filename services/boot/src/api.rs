@@ -1,7 +1,7 @@
 //! HTTP routes: iPXE scripts and artifacts for DUTs, boot configs for the executor.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use dutgate_core::auth::{Auth, require_dut_network, require_user};
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::{ApiError, ApiJson, MachineId, ServiceName};
@@ -26,11 +27,61 @@ pub struct AppState {
     /// Every stored config, read by the script endpoint without a database round trip. Only
     /// this service writes its table, and every write holds `write_lock` across the database
     /// write and the map update, so the map always equals the table.
-    pub configs: Arc<RwLock<HashMap<MachineId, Arc<BootConfig>>>>,
+    pub configs: Arc<RwLock<HashMap<MachineId, Arc<Prepared>>>>,
+    /// `boot.default`, prepared once at start.
+    pub default: Option<Arc<Prepared>>,
     pub write_lock: Arc<tokio::sync::Mutex<()>>,
     pub cache: ArtifactCache,
     pub config: Arc<Config>,
     pub gateway: Arc<GatewayConfig>,
+}
+
+/// A boot config with what its scripts need worked out once, when it is stored, instead of on
+/// every request: the cache's name for each artifact, and the last script rendered from it.
+pub struct Prepared {
+    pub config: BootConfig,
+    /// How scripts name each artifact, kernel first; or why the config cannot be served (an
+    /// artifact the cache does not accept any more, e.g. a stored config after the file roots
+    /// changed).
+    refs: Result<Vec<ArtifactRef>, String>,
+    /// The last script rendered from this config, by (MAC, base URL, platform). A job's config
+    /// is for one MAC and a farm's DUTs reach the gateway by one host name, so a DUT that boots
+    /// again (or retries) gets the same bytes without rendering. The default config is shared
+    /// by many MACs: there the entry only helps a DUT that asks twice in a row.
+    last: Mutex<Option<(RenderKey, Bytes)>>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct RenderKey {
+    mac: MachineId,
+    base: String,
+    platform: Option<String>,
+}
+
+impl Prepared {
+    /// Registers the config's artifacts with the cache (idempotent: the cache keeps every
+    /// source it has seen).
+    pub fn new(config: BootConfig, cache: &ArtifactCache) -> Self {
+        let refs = config
+            .artifacts()
+            .into_iter()
+            .map(|(field, url, sha)| {
+                cache
+                    .register(url, sha)
+                    .map_err(|e| format!("{field}: {e}"))
+            })
+            .collect();
+        Self {
+            config,
+            refs,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// The error `new` met, if any (for logs at start).
+    pub fn error(&self) -> Option<&str> {
+        self.refs.as_ref().err().map(String::as_str)
+    }
 }
 
 pub fn router(state: AppState, auth: Auth) -> Router {
@@ -53,18 +104,21 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
-/// `?a=b&c=d`, decoded leniently: a DUT's query string never makes the request fail.
+/// `?a=b&c=d`, decoded leniently (`application/x-www-form-urlencoded`: `+` is a space, `%XX`
+/// a byte, invalid UTF-8 replaced): a DUT's query string never makes the request fail. Split
+/// by hand rather than through a URL parser, which costs more than the rest of the request.
 fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
     let Some(q) = uri.query() else {
         return Vec::new();
     };
-    reqwest::Url::parse(&format!("http://q/?{q}"))
-        .map(|url| {
-            url.query_pairs()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
+    let decode = |s: &str| percent_decode(&s.replace('+', " "));
+    q.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 #[cfg(test)]
@@ -143,14 +197,14 @@ async fn script_by_query(State(app): State<AppState>, uri: Uri, headers: HeaderM
     script(&app, parse_script_request(&uri), &headers).await
 }
 
-fn script_response(text: String) -> Response {
+fn script_response(text: impl Into<Bytes>) -> Response {
     (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        text,
+        text.into(),
     )
         .into_response()
 }
@@ -210,27 +264,29 @@ async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Resp
             ));
         }
     };
-    let retry = asked_for(&mac.to_string());
+    // Only needed when the script is rendered (not when the kept one is served).
+    let retry = || asked_for(&mac.to_string());
     let stored = app
         .configs
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(&mac)
         .cloned();
-    let (config, origin) = match stored {
-        Some(c) => (Some((*c).clone()), "job"),
-        None => (app.config.default.clone(), "default"),
+    let (prepared, origin) = match stored {
+        Some(p) => (Some(p), "job"),
+        None => (app.default.clone(), "default"),
     };
-    let Some(config) = config else {
+    let Some(prepared) = prepared else {
         tracing::info!(machine_id = %mac, platform, buildarch, "boot script asked; no boot config and no default");
         metrics::counter!("boot_scripts_total", "config" => "none").increment(1);
         return script_response(ipxe::render_retry_script(
             &format!("no boot config for {mac} and no default boot config"),
-            &retry,
+            &retry(),
             delay,
         ));
     };
-    match render_for(app, &base, mac, &config, platform.as_deref(), &retry) {
+    let config = &prepared.config;
+    match render_for(app, &base, mac, &prepared, platform.as_deref(), retry) {
         Ok(text) => {
             tracing::info!(
                 machine_id = %mac,
@@ -246,42 +302,62 @@ async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Resp
         Err(msg) => {
             tracing::error!(machine_id = %mac, error = %msg, config = origin, "cannot render boot script");
             metrics::counter!("boot_scripts_total", "config" => "error").increment(1);
-            script_response(ipxe::render_retry_script(&msg, &retry, delay))
+            script_response(ipxe::render_retry_script(&msg, &retry(), delay))
         }
     }
 }
 
+/// The script for `mac` from `prepared`: the one rendered last when MAC, base URL and platform
+/// are the same (the text depends on nothing else), else rendered now and kept.
 fn render_for(
     app: &AppState,
     base: &str,
     mac: MachineId,
-    config: &BootConfig,
+    prepared: &Prepared,
     platform: Option<&str>,
-    retry: &str,
-) -> Result<String, String> {
-    let mut urls = Vec::new();
-    for (field, url, sha) in config.artifacts() {
-        let r = app
-            .cache
-            .register(url, sha)
-            .map_err(|e| format!("{field}: {e}"))?;
-        urls.push(app.artifact_url(base, r));
+    retry: impl FnOnce() -> String,
+) -> Result<Bytes, String> {
+    let last = || prepared.last.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((key, text)) = last().as_ref()
+        && key.mac == mac
+        && key.base == base
+        && key.platform.as_deref() == platform
+    {
+        return Ok(text.clone());
+    }
+    let refs = prepared.refs.as_ref().map_err(String::clone)?;
+    let mut urls: Vec<String> = refs
+        .iter()
+        .map(|r| app.artifact_url(base, r.clone()))
+        .collect();
+    if urls.is_empty() {
+        return Err("the boot config names no kernel".into());
     }
     let kernel_url = urls.remove(0);
+    let config = &prepared.config;
     let banner = match &config.job_id {
         Some(job) => format!("{mac} boots for job {job}"),
         None => format!("{mac} boots the default config"),
     };
-    ipxe::render_boot_script(&BootScript {
-        banner: &banner,
-        platform,
-        kernel_url: &kernel_url,
-        initrd_urls: &urls,
-        cmdline: &config.kernel.cmdline,
-        retry_url: retry,
-        retry_delay_seconds: app.config.retry_delay_seconds,
-    })
-    .map_err(|e| e.to_string())
+    let text = Bytes::from(
+        ipxe::render_boot_script(&BootScript {
+            banner: &banner,
+            platform,
+            kernel_url: &kernel_url,
+            initrd_urls: &urls,
+            cmdline: &config.kernel.cmdline,
+            retry_url: &retry(),
+            retry_delay_seconds: app.config.retry_delay_seconds,
+        })
+        .map_err(|e| e.to_string())?,
+    );
+    let key = RenderKey {
+        mac,
+        base: base.to_string(),
+        platform: platform.map(str::to_string),
+    };
+    *last() = Some((key, text.clone()));
+    Ok(text)
 }
 
 async fn artifact(
@@ -326,6 +402,7 @@ async fn put_config(
             .register(url, sha)
             .map_err(|e| ApiError::unprocessable(e.to_string()).with_field(field))?;
     }
+    let prepared = Arc::new(Prepared::new(config.clone(), &app.cache));
     let stored = {
         let _writer = app.write_lock.lock().await;
         let stored = app
@@ -336,7 +413,7 @@ async fn put_config(
         app.configs
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(mac, Arc::new(config.clone()));
+            .insert(mac, prepared);
         stored
     };
     tracing::info!(
@@ -422,6 +499,11 @@ mod tests {
             .unwrap();
         assert_eq!(query_param(&uri, "mac").unwrap(), "52:54:00:12:34:56");
         assert_eq!(query_param(&uri, "buildarch"), None);
+        let uri: Uri = "/boot.ipxe?a=1+2&&b&c=%7e=x&mac=aa%3Abb".parse().unwrap();
+        assert_eq!(query_param(&uri, "a").unwrap(), "1 2");
+        assert_eq!(query_param(&uri, "b").unwrap(), "");
+        assert_eq!(query_param(&uri, "c").unwrap(), "~=x");
+        assert_eq!(query_param(&uri, "mac").unwrap(), "aa:bb");
         assert_eq!(ipxe_word(Some("x86_64".into())).as_deref(), Some("x86_64"));
         assert_eq!(ipxe_word(Some("a b".into())), None);
         let r = parse_script_request(

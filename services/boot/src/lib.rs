@@ -80,17 +80,21 @@ impl BootService {
             .map_err(|e| startup(format!("reading boot configs: {e}")))?;
         let mut configs = std::collections::HashMap::new();
         for s in stored {
-            for (field, url, sha) in s.config.artifacts() {
-                if let Err(e) = cache.register(url, sha) {
-                    tracing::warn!(machine_id = %s.mac, field, error = %e, "stored boot config names an artifact that is no longer allowed");
-                }
+            let prepared = api::Prepared::new(s.config, &cache);
+            if let Some(e) = prepared.error() {
+                tracing::warn!(machine_id = %s.mac, error = %e, "stored boot config names an artifact that is no longer allowed");
             }
-            configs.insert(s.mac, Arc::new(s.config));
+            configs.insert(s.mac, Arc::new(prepared));
         }
+        let default = config
+            .default
+            .clone()
+            .map(|d| Arc::new(api::Prepared::new(d, &cache)));
         Ok(Self {
             state: api::AppState {
                 store,
                 configs: Arc::new(std::sync::RwLock::new(configs)),
+                default,
                 write_lock: Arc::new(tokio::sync::Mutex::new(())),
                 cache,
                 config: Arc::new(config),

@@ -273,3 +273,77 @@ async fn boot_configs_survive_a_restart() {
     assert!(s.contains("job 3"), "{s}");
     svc.stop().await;
 }
+
+/// GET a script with an explicit Host header (the base of every URL in it).
+async fn script_via(url: &str, host: &str) -> String {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header(reqwest::header::HOST, host)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn repeated_scripts_follow_the_platform_the_host_and_config_changes() {
+    // Scripts are kept per config after the first rendering: every request must still get
+    // the script for its own MAC, platform and host, and a new config must show at once.
+    let dir = tempfile::tempdir().unwrap();
+    let svc = TestBoot::start(gateway(dir.path()), default_config()).await;
+    let base = svc.url();
+    let mac = MachineId::parse(MAC).unwrap();
+    svc.client().put(mac, &job_config("7")).await.unwrap();
+    let path = |platform: &str| format!("{base}/boot/{MAC}/boot.ipxe?platform={platform}");
+    for _ in 0..2 {
+        let bios = script_via(&path("pcbios"), "gw-a.example:8003").await;
+        assert!(
+            bios.contains("kernel http://gw-a.example:8003/artifacts/"),
+            "{bios}"
+        );
+        assert!(!bios.contains("initrd=initrd0"), "{bios}");
+        assert!(bios.contains("job 7"), "{bios}");
+        let efi = script_via(&path("efi"), "gw-a.example:8003").await;
+        assert!(efi.contains("initrd=initrd0"), "{efi}");
+        let other_host = script_via(&path("efi"), "gw-b.example:8003").await;
+        assert!(
+            other_host.contains("kernel http://gw-b.example:8003/artifacts/"),
+            "{other_host}"
+        );
+        assert!(!other_host.contains("gw-a.example"), "{other_host}");
+    }
+    // A new config for the same machine replaces the kept script.
+    svc.client().put(mac, &job_config("8")).await.unwrap();
+    let s = script_via(&path("pcbios"), "gw-a.example:8003").await;
+    assert!(s.contains("job 8") && !s.contains("job 7"), "{s}");
+    // The default config is shared: two MACs asking in turn each get their own script.
+    let other = "52:54:00:12:34:57";
+    for _ in 0..2 {
+        for m in [other, "52:54:00:12:34:58"] {
+            let s = script_via(
+                &format!("{base}/boot/{m}/boot.ipxe?platform=pcbios"),
+                "gw-a.example:8003",
+            )
+            .await;
+            assert!(s.contains(&format!("{m} boots the default config")), "{s}");
+            assert!(
+                s.contains(&format!(
+                    "chain --replace http://gw-a.example:8003/boot/{m}/"
+                )),
+                "{s}"
+            );
+        }
+    }
+    // Clearing the job's config falls back to the default at once.
+    let resp = reqwest::Client::new()
+        .delete(format!("{base}/api/v1/boot/{MAC}"))
+        .bearer_auth(USER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    let s = script_via(&path("pcbios"), "gw-a.example:8003").await;
+    assert!(s.contains("boots the default config"), "{s}");
+    svc.stop().await;
+}
