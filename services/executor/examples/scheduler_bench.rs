@@ -5,14 +5,26 @@
 //! power off, finish, release the lease) instead of in a process each, so the figures are the
 //! gateway's dispatch path, not process start-up.
 //!
+//! 0. **Floor**: one write transaction (`UPDATE` of one row, commit) on the executor's
+//!    database, 500 times in a row on the idle gateway: what one dispatch would cost if it
+//!    were a single transaction and nothing else.
 //! 1. Idle gateway: jobs submitted one at a time; **submit → power-on** is measured from the
 //!    client's POST to the pdu service's read-back of ON (off delay 0).
-//! 2. Loaded gateway: all jobs queued at once; **dispatch latency** is the time from a machine's
-//!    lease release to the next job's launch on it (mars event → scheduler → claim + lease +
-//!    commit); **jobs/s** over the whole run.
+//! 2. Saturated gateway: a third of the jobs queued at once, each job releasing its machine
+//!    right after power-off: **jobs/s** is the gateway's ceiling; a freed machine then waits
+//!    its turn (Little's law: machines ÷ jobs/s), reported as *freed → next launched*.
+//! 3. Loaded gateway: the rest of the jobs queued at once, each holding its machine for a
+//!    while (0.5–1.5 × a mean chosen so that the offered load is `--load` × the ceiling
+//!    measured in 2). **Dispatch latency** is the time the gateway takes from "a job is
+//!    dispatchable" — it is queued and a matching machine is free — to "job launched". Jobs of
+//!    a group are interchangeable on that group's machines and dispatched FIFO, so the k-th
+//!    job of a group (by id) is dispatchable at the later of its submission and the k-th
+//!    instant a machine of the group became free (phase start, or a release request being
+//!    *sent*: an upper bound, mars' commit comes later). Only jobs that waited for a machine
+//!    count (not the first wave, which waits for its own submission).
 //!
 //! Usage: `scheduler_bench [--backend sqlite|postgres] [--postgres-url URL] [--machines N]
-//! [--jobs M]`; prints one JSON line with the results.
+//! [--jobs M] [--load F]`; prints one JSON line and one `RESULT key=value …` line.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,8 +57,17 @@ struct Log {
     launched: HashMap<i64, (MachineId, Instant)>,
     /// job → instant the pdu read back ON.
     powered: HashMap<i64, Instant>,
-    /// machine → release instants, in order.
+    /// machine → release instants (response received), in order.
     released: HashMap<MachineId, Vec<Instant>>,
+    /// (machine, instant the release request was sent), in order.
+    release_sent: Vec<(MachineId, Instant)>,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
 }
 
 fn pct(samples: &mut [f64], p: f64) -> f64 {
@@ -124,7 +145,9 @@ async fn main() {
     let pg = arg("--postgres-url", "postgres://postgres@127.0.0.1:5432/test");
     let machines: u32 = arg("--machines", "1000").parse().expect("--machines");
     let jobs: usize = arg("--jobs", "10000").parse().expect("--jobs");
+    let load: f64 = arg("--load", "0.5").parse().expect("--load");
     let idle_samples: usize = 200.min(jobs);
+    let load_start = loadavg();
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let shutdown = CancellationToken::new();
@@ -274,13 +297,17 @@ async fn main() {
     );
     let index: Arc<HashMap<MachineId, u32>> =
         Arc::new((0..machines).map(|n| (machine(n), n)).collect());
+    let groups = index.clone();
+    // Mean time a job holds its machine after power-on (phase 3), ms; 0 in phases 1 and 2.
+    let hold_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let inline: InlineRunner = {
-        let (log, done, done_notify, store, admin) = (
+        let (log, done, done_notify, store, admin, hold_ms) = (
             log.clone(),
             done.clone(),
             done_notify.clone(),
             store.clone(),
             admin.clone(),
+            hold_ms.clone(),
         );
         Arc::new(move |id, m, lease| {
             let (log, done, done_notify, store, admin, pdu, index) = (
@@ -292,17 +319,27 @@ async fn main() {
                 pdu.clone(),
                 index.clone(),
             );
+            // 0.5–1.5 × the mean, spread by a hash of the job id (reproducible).
+            let spread = (id as u64).wrapping_mul(2_654_435_761) % 1000;
+            let hold = hold_ms.load(Ordering::SeqCst) * (500 + spread) / 1000;
             Box::pin(async move {
                 let t = Instant::now();
                 log.lock().expect("log").launched.insert(id, (m, t));
                 let (p, port) = port_of(index[&m]);
                 pdu.set(&p, &port, Switch::On).await.expect("power on");
                 log.lock().expect("log").powered.insert(id, Instant::now());
+                if hold > 0 {
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                }
                 pdu.set(&p, &port, Switch::Off).await.expect("power off");
                 store
                     .finish(id, JobStatus::Pass, "benchmark job")
                     .await
                     .expect("finish");
+                log.lock()
+                    .expect("log")
+                    .release_sent
+                    .push((m, Instant::now()));
                 admin
                     .release(&lease, ReleaseOutcome::Ok, None)
                     .await
@@ -372,6 +409,30 @@ async fn main() {
         }
     };
 
+    // 0. The floor: one write transaction on the executor's database.
+    let mut floor_ms = Vec::new();
+    {
+        let pool = exec_db.pool();
+        sqlx::query("CREATE TABLE bench_floor (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")
+            .execute(pool)
+            .await
+            .expect("floor table");
+        sqlx::query("INSERT INTO bench_floor (id, v) VALUES (1, 0)")
+            .execute(pool)
+            .await
+            .expect("floor row");
+        for _ in 0..500 {
+            let t = Instant::now();
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query("UPDATE bench_floor SET v = v + 1 WHERE id = 1")
+                .execute(&mut *tx)
+                .await
+                .expect("update");
+            tx.commit().await.expect("commit");
+            floor_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+
     // 1. Idle gateway: one job at a time.
     let mut to_power = Vec::new();
     for _ in 0..idle_samples {
@@ -385,31 +446,51 @@ async fn main() {
         to_power.push(on.duration_since(t0).as_secs_f64() * 1000.0);
     }
 
-    // 2. Loaded gateway: every job queued at once (16 submissions in flight).
+    // Submits `n` jobs, 16 in flight; returns (id, instant its POST returned) in id order.
+    let submit_many = |n: usize| {
+        let (http, url) = (http.clone(), url.clone());
+        let submit = &submit;
+        async move {
+            let mut out = Vec::with_capacity(n);
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                if set.len() >= 16
+                    && let Some(r) = set.join_next().await
+                {
+                    out.push(r.expect("join"));
+                }
+                let f = submit(http.clone(), url.clone());
+                set.spawn(async move { (f.await, Instant::now()) });
+            }
+            while let Some(r) = set.join_next().await {
+                out.push(r.expect("join"));
+            }
+            out.sort_by_key(|(id, _)| *id);
+            out
+        }
+    };
+    let wait_done = |target: usize| {
+        let (done, done_notify) = (done.clone(), done_notify.clone());
+        async move {
+            while done.load(Ordering::SeqCst) < target {
+                let _ = tokio::time::timeout(Duration::from_secs(1), done_notify.notified()).await;
+            }
+        }
+    };
+
+    // 2. Saturated gateway: a third of the rest queued at once, no hold.
+    let saturated = (jobs - idle_samples) / 3;
     let start_done = done.load(Ordering::SeqCst);
     let t_submit = Instant::now();
-    let remaining = jobs - idle_samples;
-    let mut ids = Vec::with_capacity(remaining);
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..remaining {
-        if set.len() >= 16
-            && let Some(r) = set.join_next().await
-        {
-            ids.push(r.expect("join"));
-        }
-        set.spawn(submit(http.clone(), url.clone()));
-    }
-    while let Some(r) = set.join_next().await {
-        ids.push(r.expect("join"));
-    }
+    let sat_jobs = submit_many(saturated).await;
     let submit_secs = t_submit.elapsed().as_secs_f64();
-    while done.load(Ordering::SeqCst) < start_done + remaining {
-        let _ = tokio::time::timeout(Duration::from_secs(1), done_notify.notified()).await;
-    }
-    let total_secs = t_submit.elapsed().as_secs_f64();
+    wait_done(start_done + saturated).await;
+    let sat_secs = t_submit.elapsed().as_secs_f64();
+    let max_jobs_per_s = saturated as f64 / sat_secs;
+    let ids: Vec<i64> = sat_jobs.iter().map(|(id, _)| *id).collect();
 
-    // Dispatch latency: a machine's release → the next launch on it.
-    let mut dispatch = Vec::new();
+    // Freed → next launched on the same machine, saturated: queueing, not dispatch work.
+    let mut freed_to_next = Vec::new();
     {
         let log = log.lock().expect("log");
         for id in &ids {
@@ -420,7 +501,7 @@ async fn main() {
                 .and_then(|rels| rels.iter().filter(|r| **r <= launched).max().copied())
                 && prev >= t_submit
             {
-                dispatch.push(launched.duration_since(prev).as_secs_f64() * 1000.0);
+                freed_to_next.push(launched.duration_since(prev).as_secs_f64() * 1000.0);
             }
         }
     }
@@ -440,7 +521,55 @@ async fn main() {
             })
             .collect()
     };
-    // The dispatch itself (claim + lease + commit), from the executor's own histogram.
+
+    // 3. Loaded gateway: the offered load is `load` × the ceiling. A machine cycles in
+    // hold + job time, so machines ÷ (hold + job) = load × ceiling.
+    let job_p50_ms = pct(&mut job_ms.clone(), 0.5);
+    let offered = load * max_jobs_per_s;
+    let hold = ((machines as f64 / offered) * 1000.0 - job_p50_ms).max(0.0);
+    hold_ms.store(hold as u64, Ordering::SeqCst);
+    let loaded = jobs - idle_samples - saturated;
+    let start_done = done.load(Ordering::SeqCst);
+    let t3 = Instant::now();
+    let load_jobs = submit_many(loaded).await;
+    wait_done(start_done + loaded).await;
+    let loaded_secs = t3.elapsed().as_secs_f64();
+    let load_end = loadavg();
+    let mut dispatch = Vec::new();
+    let mut first_wave = 0usize;
+    {
+        let log = log.lock().expect("log");
+        let group = |m: &MachineId| groups[m] % 4;
+        // Instants a machine of each group became free: phase start, then each release.
+        let mut slots: Vec<Vec<Instant>> = vec![Vec::new(); 4];
+        for n in 0..machines {
+            slots[(n % 4) as usize].push(t3);
+        }
+        for (m, at) in &log.release_sent {
+            if *at >= t3 {
+                slots[group(m) as usize].push(*at);
+            }
+        }
+        for s in &mut slots {
+            s.sort();
+        }
+        let mut next = [0usize; 4];
+        for (id, queued_at) in &load_jobs {
+            let (m, launched) = log.launched[id];
+            let g = group(&m) as usize;
+            let slot = slots[g][next[g]];
+            next[g] += 1;
+            if slot <= *queued_at {
+                // A machine was free before the job was queued: it waited for its own
+                // submission, not for a machine.
+                first_wave += 1;
+                continue;
+            }
+            dispatch.push(launched.saturating_duration_since(slot).as_secs_f64() * 1000.0);
+        }
+    }
+
+    // The batch dispatch itself (claim + lease + commit), from the executor's own histograms.
     let metrics = http
         .get(format!("http://127.0.0.1:{}/metrics", gw.ports.executor))
         .send()
@@ -449,35 +578,106 @@ async fn main() {
         .text()
         .await
         .expect("metrics");
-    let (dispatch_p50, dispatch_p99, dispatch_n) =
+    let (dispatch_txn_p50, dispatch_txn_p99, dispatch_txn_n) =
         histogram_quantiles(&metrics, "executor_dispatch_seconds");
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // Mean of a histogram series (its _sum over its _count), in ms.
+    let mean_ms = |series: &str| -> f64 {
+        let (name, labels) = series.split_once('{').map_or((series, ""), |(n, l)| (n, l));
+        let get = |suffix: &str| -> f64 {
+            let key = if labels.is_empty() {
+                format!("{name}{suffix} ")
+            } else {
+                format!("{name}{suffix}{{{labels} ")
+            };
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(key.as_str())?.trim().parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        get("_sum") / get("_count") * 1000.0
+    };
+    let steps: serde_json::Map<String, serde_json::Value> = [
+        "executor_mars_event_delay_seconds",
+        "executor_dispatch_step_seconds{step=\"round\"}",
+        "executor_dispatch_step_seconds{step=\"plan\"}",
+        "executor_dispatch_step_seconds{step=\"claim\"}",
+        "executor_dispatch_step_seconds{step=\"lease\"}",
+        "executor_dispatch_step_seconds{step=\"commit\"}",
+    ]
+    .iter()
+    .map(|s| (s.to_string(), json!(mean_ms(s))))
+    .collect();
+    eprintln!("mean ms per step: {}", json!(steps));
+    let mean_batch =
+        counter("executor_jobs_dispatched_total") / counter("executor_dispatch_batches_total");
+    let f2 = |v: f64| format!("{v:.2}");
+    let floor_p50 = pct(&mut floor_ms.clone(), 0.5);
+    let dispatch_p50 = pct(&mut dispatch.clone(), 0.5);
     let result = json!({
-        "dispatch_txn_ms": {"p50_le": dispatch_p50 * 1000.0, "p99_le": dispatch_p99 * 1000.0, "n": dispatch_n},
-        "job_ms": {"p50": pct(&mut job_ms.clone(), 0.5), "p99": pct(&mut job_ms, 0.99)},
         "backend": backend,
         "machines": machines,
         "jobs": jobs,
+        "floor_txn_ms": {"p50": floor_p50, "p99": pct(&mut floor_ms, 0.99)},
         "submit_to_power_on_ms": {"p50": pct(&mut to_power.clone(), 0.5), "p99": pct(&mut to_power, 0.99)},
-        "dispatch_ms": {"p50": pct(&mut dispatch.clone(), 0.5), "p99": pct(&mut dispatch, 0.99), "n": dispatch.len()},
-        "submit_per_s": remaining as f64 / submit_secs,
-        "jobs_per_s": remaining as f64 / total_secs,
+        "saturated": {
+            "jobs": saturated,
+            "jobs_per_s": max_jobs_per_s,
+            "submit_per_s": saturated as f64 / submit_secs,
+            "freed_to_next_launch_ms": {"p50": pct(&mut freed_to_next.clone(), 0.5), "p99": pct(&mut freed_to_next, 0.99)},
+            "job_ms": {"p50": job_p50_ms, "p99": pct(&mut job_ms, 0.99)},
+        },
+        "loaded": {
+            "jobs": loaded,
+            "load": load,
+            "offered_jobs_per_s": offered,
+            "hold_ms_mean": hold,
+            "jobs_per_s": loaded as f64 / loaded_secs,
+            "dispatch_latency_ms": {"p50": dispatch_p50, "p99": pct(&mut dispatch.clone(), 0.99), "max": pct(&mut dispatch.clone(), 1.0), "n": dispatch.len()},
+            "first_wave": first_wave,
+        },
+        "dispatch_txn_s_histogram": {"p50_le": dispatch_txn_p50, "p99_le": dispatch_txn_p99, "n": dispatch_txn_n},
+        "mean_dispatch_batch": mean_batch,
+        "mean_step_ms": steps,
+        "loadavg": {"start": load_start, "end": load_end},
     });
     println!("{result}");
     // One plain line for `cargo xtask bench scheduler` (which has no JSON parser).
     println!(
-        "RESULT {backend} {machines} {jobs} {:.2} {:.2} {:.2} {:.2} {} {} {:.0} {:.0}",
-        result["submit_to_power_on_ms"]["p50"]
+        "RESULT backend={backend} machines={machines} jobs={jobs} floor_p50={} floor_p99={} \
+         power_p50={} power_p99={} disp_p50={} disp_p99={} disp_n={} offered={:.0} hold_ms={:.0} \
+         loaded_jps={:.0} max_jps={:.0} freed_p50={:.0} freed_p99={:.0} submit_ps={:.0} \
+         ratio={:.1} load_start={load_start} load_end={load_end}",
+        f2(floor_p50),
+        f2(result["floor_txn_ms"]["p99"].as_f64().unwrap_or(f64::NAN)),
+        f2(result["submit_to_power_on_ms"]["p50"]
+            .as_f64()
+            .unwrap_or(f64::NAN)),
+        f2(result["submit_to_power_on_ms"]["p99"]
+            .as_f64()
+            .unwrap_or(f64::NAN)),
+        f2(dispatch_p50),
+        f2(result["loaded"]["dispatch_latency_ms"]["p99"]
+            .as_f64()
+            .unwrap_or(f64::NAN)),
+        dispatch.len(),
+        offered,
+        hold,
+        loaded as f64 / loaded_secs,
+        max_jobs_per_s,
+        result["saturated"]["freed_to_next_launch_ms"]["p50"]
             .as_f64()
             .unwrap_or(f64::NAN),
-        result["submit_to_power_on_ms"]["p99"]
+        result["saturated"]["freed_to_next_launch_ms"]["p99"]
             .as_f64()
             .unwrap_or(f64::NAN),
-        result["dispatch_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
-        result["dispatch_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
-        dispatch_p50 * 1000.0,
-        dispatch_p99 * 1000.0,
-        result["jobs_per_s"].as_f64().unwrap_or(f64::NAN),
-        result["submit_per_s"].as_f64().unwrap_or(f64::NAN),
+        saturated as f64 / submit_secs,
+        dispatch_p50 / floor_p50,
     );
     shutdown.cancel();
     pdu_running.stop().await;

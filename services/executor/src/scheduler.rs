@@ -244,6 +244,12 @@ impl Scheduler {
                     }
                 };
                 cursor = batch.next;
+                let now = now_ms();
+                for ev in &batch.events {
+                    // How late the executor learns of mars' changes (ms resolution).
+                    metrics::histogram!("executor_mars_event_delay_seconds")
+                        .record((now - ev.at.millis()).max(0) as f64 / 1000.0);
+                }
                 let mut wake = false;
                 for ev in batch.events {
                     let lease_event = ev.kind.starts_with("lease_");
@@ -325,6 +331,14 @@ impl Scheduler {
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        let t_round = Instant::now();
+        let r = self.round_inner(round).await;
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "round")
+            .record(t_round.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn round_inner(&self, round: u64) -> Result<(), String> {
         let store = &self.inner.store;
         for id in store
             .expired_queued(now_ms())
@@ -480,7 +494,7 @@ impl Scheduler {
         let elapsed = started.elapsed().as_secs_f64();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
             .record(t_commit.elapsed().as_secs_f64());
-        metrics::histogram!("executor_dispatch_batch_size").record(items.len() as f64);
+        metrics::counter!("executor_dispatch_batches_total").increment(1);
         let mut cancelled = Vec::new();
         let mut launches = Vec::new();
         for ((job, machine, lease), ok) in leased.iter().zip(done) {
@@ -897,7 +911,9 @@ mod tests {
             (row.state, row.machine_id),
             (crate::model::JobState::Dispatched, Some(ms[0]))
         );
-        for (id, m) in rig.launched.lock().unwrap().iter() {
+        let all = rig.launched.lock().unwrap().clone();
+        assert_eq!(all.len(), 4);
+        for (id, m) in &all {
             let row = rig.store.require(*id).await.unwrap();
             assert_eq!(row.machine_id, Some(*m));
             let lease = rig.client.machine(*m).await.unwrap().lease.unwrap();
