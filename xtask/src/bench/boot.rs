@@ -183,8 +183,9 @@ fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
 #[derive(Debug, Clone, Copy, Default)]
 struct Load {
     requests: f64,
-    /// CPU time the server (all its processes) spent, per request, in µs.
-    cpu_us_per_request: f64,
+    bytes: f64,
+    /// CPU seconds the server (all its processes) spent during the load.
+    cpu_s: f64,
     rps: f64,
     mb_per_s: f64,
     p50_ms: f64,
@@ -230,7 +231,8 @@ fn load(
         p99_ms: json_number(&text, "p99_ms"),
         errors: json_number(&text, "errors"),
         requests: json_number(&text, "requests"),
-        cpu_us_per_request: f64::NAN,
+        bytes: json_number(&text, "bytes"),
+        cpu_s: f64::NAN,
     };
     if l.errors != 0.0 {
         bail!("{url}: {} failed requests", l.errors);
@@ -264,7 +266,7 @@ fn tree_cpu_seconds(pid: u32) -> f64 {
     own + children
 }
 
-/// `load`, also measuring the server's CPU time per request.
+/// `load`, also measuring the server's CPU time.
 fn load_with_cpu(
     server: u32,
     tool: &Path,
@@ -275,8 +277,7 @@ fn load_with_cpu(
 ) -> anyhow::Result<Load> {
     let before = tree_cpu_seconds(server);
     let mut l = load(tool, url, concurrency, seconds, expect)?;
-    let used = tree_cpu_seconds(server) - before;
-    l.cpu_us_per_request = used * 1e6 / l.requests.max(1.0);
+    l.cpu_s = tree_cpu_seconds(server) - before;
     Ok(l)
 }
 
@@ -380,7 +381,14 @@ fn run_in(
                     seconds,
                     script.len(),
                 )?);
-                df.push(load(tool, &d_file, file_clients, seconds, size)?);
+                df.push(load_with_cpu(
+                    boot_pid,
+                    tool,
+                    &d_file,
+                    file_clients,
+                    seconds,
+                    size,
+                )?);
             } else {
                 println!("  run {r}: nginx");
                 ns.push(load_with_cpu(
@@ -391,7 +399,14 @@ fn run_in(
                     seconds,
                     script.len(),
                 )?);
-                nf.push(load(tool, &n_file, file_clients, seconds, size)?);
+                nf.push(load_with_cpu(
+                    nginx_pid,
+                    tool,
+                    &n_file,
+                    file_clients,
+                    seconds,
+                    size,
+                )?);
             }
         }
     }
@@ -425,8 +440,8 @@ fn run_in(
         ),
         row(
             "server CPU per boot script request (µs, user + system)",
-            m(&ds, |l| l.cpu_us_per_request),
-            m(&ns, |l| l.cpu_us_per_request),
+            m(&ds, |l| l.cpu_s * 1e6 / l.requests.max(1.0)),
+            m(&ns, |l| l.cpu_s * 1e6 / l.requests.max(1.0)),
             1,
         ),
         row(
@@ -437,6 +452,12 @@ fn run_in(
             m(&df, |l| l.mb_per_s),
             m(&nf, |l| l.mb_per_s),
             0,
+        ),
+        row(
+            "server CPU per MB of artifact served (ms, user + system)",
+            m(&df, |l| l.cpu_s * 1e9 / l.bytes.max(1.0)),
+            m(&nf, |l| l.cpu_s * 1e9 / l.bytes.max(1.0)),
+            3,
         ),
     ];
     if args.write {

@@ -162,8 +162,8 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
 
 /// Builds `targets` (cargo target options: `["--bin", "dutgate"]`, `["--example", "x"]`, …;
 /// release unless `--quick`) and returns the profile's output directory. Features are resolved
-/// for the whole workspace (`--workspace`), as `cargo test --workspace` does, so the debug
-/// binaries of the smoke run are mostly the test suite's, and every benchmark's release build
+/// for the whole workspace with dev-dependencies, as `cargo test --workspace` does, so the
+/// debug binaries of the smoke run are the test suite's, and every benchmark's release build
 /// shares the same crates.
 ///
 /// `DUTGATE_BENCH_BIN_DIR=<dir>` skips the build and takes `<dir>/<binary>` and
@@ -179,6 +179,10 @@ pub fn cargo_build(args: &BenchArgs, targets: &[&str]) -> anyhow::Result<PathBuf
     build
         .args(["build", "--workspace"])
         .args(targets)
+        // An example target makes cargo resolve features with the dev-dependencies (tokio's
+        // test-util, …) as `cargo test --workspace` does; without one a binary-only build
+        // would compile the whole workspace a second time with other features.
+        .args(["--example", "boot_load"])
         .current_dir(&args.root);
     if !args.quick {
         build.arg("--release");
