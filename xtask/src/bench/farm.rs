@@ -200,12 +200,11 @@ fn run_all(
         append_table(
             &args.root,
             "Farm: simulated DUTs running a stream of short jobs",
-            &format!(
-                "{command} (the program `services/executor/examples/farm_bench.rs`, release build)"
-            ),
+            &command,
             &header,
             &table,
-            "One process holds the gateway (mars, pdu with dummy PDUs, boot, salad with its \
+            "The program: `services/executor/examples/farm_bench/main.rs`, release build. \
+             One process holds the gateway (mars, pdu with dummy PDUs, boot, salad with its \
              netconsole ingest, the executor(s)) and the simulated DUTs; every job is a real \
              `dutgate-job` process. Figures are over the measured window, while the queue was \
              never empty; what they mean and where the time goes: the *Farm* section above.",
