@@ -80,48 +80,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     run_all(args, duts, seconds, &exe, &job, &pg)
 }
 
-/// Builds the program and the job process binary (release unless `--quick`); with
-/// `DUTGATE_BENCH_BIN_DIR=<dir>` takes `<dir>/examples/farm_bench` and `<dir>/dutgate-job`
-/// as they are. Returns both paths.
+/// Builds the program (the executor's `testing` feature comes with the dev-dependency
+/// features that [`super::cargo_build`] resolves) and the job process binary; returns both
+/// paths. `DUTGATE_BENCH_BIN_DIR` takes them as they are.
 fn build(args: &BenchArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if let Some(dir) = std::env::var_os("DUTGATE_BENCH_BIN_DIR").map(PathBuf::from) {
-        return Ok((
-            dir.join("examples").join("farm_bench"),
-            dir.join("dutgate-job"),
-        ));
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .args([
-            "build",
-            "-p",
-            "dutgate-executor",
-            "--features",
-            "testing",
-            "--example",
-            "farm_bench",
-            "--bin",
-            "dutgate-job",
-        ])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build
-        .status()
-        .context("building the farm benchmark")?
-        .success()
-    {
-        bail!("cargo build of the farm benchmark failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| args.root.join("target"));
+    let dir = super::cargo_build(args, &["--example", "farm_bench", "--bin", "dutgate-job"])?;
     Ok((
-        target_dir.join(profile).join("examples").join("farm_bench"),
-        target_dir.join(profile).join("dutgate-job"),
+        dir.join("examples").join("farm_bench"),
+        dir.join("dutgate-job"),
     ))
 }
 
