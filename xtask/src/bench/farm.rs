@@ -172,8 +172,8 @@ fn run_all(
             "The program: `services/executor/examples/farm_bench/main.rs`, release build. \
              One process holds the gateway (mars, pdu with dummy PDUs, boot, salad with its \
              netconsole ingest, the executor(s)) and the simulated DUTs; every job is a real \
-             `dutgate-job` process. Figures are over the measured window, while the queue was \
-             never empty; what they mean and where the time goes: the *Farm* section above.",
+             `dutgate-job` process. Figures are over the measured window, while the submitter \
+             kept the queue filled (the *queue non-empty* row); what they mean and where the time goes: the *Farm* section above.",
         )?;
     }
     Ok(())
