@@ -17,6 +17,7 @@ pub mod salad;
 pub mod scheduler;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
@@ -47,6 +48,14 @@ pub struct BenchArgs {
 }
 
 type BenchFn = fn(&BenchArgs) -> anyhow::Result<()>;
+
+/// Milliseconds spent in [`cargo_build`] so far (compiling, or waiting for another cargo's
+/// lock on a shared `target/`), so that the timings tell building from measuring.
+static BUILD_MS: AtomicU64 = AtomicU64::new(0);
+
+fn build_seconds() -> f64 {
+    BUILD_MS.load(Ordering::Relaxed) as f64 / 1000.0
+}
 
 /// The registered benchmarks, in the order `all` runs them.
 const BENCHES: &[(&str, BenchFn)] = &[
@@ -88,16 +97,21 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
     }
     let load = report::load_average();
     let started = Instant::now();
-    let mut timings: Vec<(&str, Duration, bool)> = Vec::new();
+    let mut timings: Vec<(&str, Duration, f64, bool)> = Vec::new();
     let mut failures = Vec::new();
     for (name, f) in selected {
         println!("== bench {name}");
         let t = Instant::now();
+        let built = build_seconds();
         let result = f(&args);
         let took = t.elapsed();
-        timings.push((name, took, result.is_ok()));
+        let build = build_seconds() - built;
+        timings.push((name, took, build, result.is_ok()));
         match result {
-            Ok(()) => println!("== bench {name}: ok in {:.1} s", took.as_secs_f64()),
+            Ok(()) => println!(
+                "== bench {name}: ok in {:.1} s (of which building {build:.1} s)",
+                took.as_secs_f64()
+            ),
             Err(e) => {
                 eprintln!(
                     "== bench {name}: FAILED after {:.1} s: {e:#}",
@@ -114,9 +128,9 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
     let total = started.elapsed();
     if all {
         println!("== timings{}", if args.quick { " (quick)" } else { "" });
-        for (name, took, ok) in &timings {
+        for (name, took, build, ok) in &timings {
             println!(
-                "  {name:<12} {:>7.1} s{}",
+                "  {name:<12} {:>7.1} s  (building {build:>5.1} s){}",
                 took.as_secs_f64(),
                 if *ok { "" } else { "  FAILED" }
             );
@@ -143,15 +157,16 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
         if args.write && !args.quick {
             let per_bench: Vec<String> = timings
                 .iter()
-                .map(|(name, took, _)| format!("{name} {:.1}", took.as_secs_f64() / 60.0))
+                .map(|(name, took, _, _)| format!("{name} {:.1}", took.as_secs_f64() / 60.0))
                 .collect();
             report::append_line(
                 &args.root,
                 &format!(
-                    "`cargo xtask bench all` took {:.1} min on {} (load average {load} at the start); \
-                     per benchmark, in min: {}.",
+                    "`cargo xtask bench all` took {:.1} min on {} (load average {load} at the start; \
+                     {:.1} min of it building); per benchmark, in min: {}.",
                     total.as_secs_f64() / 60.0,
                     report::machine_description(),
+                    build_seconds() / 60.0,
                     per_bench.join(", ")
                 ),
             )?;
@@ -188,8 +203,10 @@ pub fn cargo_build(args: &BenchArgs, targets: &[&str]) -> anyhow::Result<PathBuf
         build.arg("--release");
     }
     let what = targets.join(" ");
-    if !build
-        .status()
+    let started = Instant::now();
+    let status = build.status();
+    BUILD_MS.fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    if !status
         .with_context(|| format!("building {what}"))?
         .success()
     {
