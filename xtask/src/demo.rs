@@ -13,7 +13,8 @@ use clap::Args;
 
 use crate::{dut_image, packages};
 
-const PACKAGES: [&str; 4] = [
+/// What a virtual farm needs on the host (also the overhead benchmark's).
+pub const PACKAGES: [&str; 4] = [
     "qemu-system-x86",
     "ipxe-qemu",
     "linux-image-amd64",
@@ -34,54 +35,131 @@ pub struct DemoArgs {
     pub keep_running: bool,
 }
 
-/// Stops the gateway when the demo ends, however it ends.
-struct Gateway(Child);
+/// Stops the gateway when the farm is dropped, however its user ends.
+struct Gateway {
+    child: Child,
+    who: &'static str,
+}
 
 impl Drop for Gateway {
     fn drop(&mut self) {
         // SIGTERM (not Child::kill's SIGKILL) lets `dutgate up` stop its services, and their
         // VMs, in order.
-        let pid = self.0.id();
+        let pid = self.child.id();
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                println!("demo: gateway stopped");
+            if let Ok(Some(_)) = self.child.try_wait() {
+                println!("{}: gateway stopped", self.who);
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let root = crate::workspace_root();
-    packages::install_packages(&PACKAGES.map(String::from))?;
-    let state = match &args.state_dir {
-        Some(d) if d.is_absolute() => d.clone(),
-        Some(d) => std::env::current_dir()?.join(d),
-        None => std::env::temp_dir().join(format!("dutgate-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
-    println!("demo: state dir {}", state.display());
+/// A running `dutgate up --virtual-duts N` (stopped when dropped) and the `dutctl` to drive it.
+pub struct VirtualFarm {
+    gateway: Gateway,
+    pub state: PathBuf,
+    pub dutctl: PathBuf,
+    pub log_path: PathBuf,
+}
 
-    dut_image::build(&root, &state)?;
-    println!("demo: building dutgate and dutctl");
+impl VirtualFarm {
+    /// `dutctl --state-dir <state> <args…>`.
+    pub fn dutctl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.dutctl);
+        c.arg("--state-dir").arg(&self.state).args(args);
+        c
+    }
+
+    /// Polls `dutctl machines list` until a machine is IDLE, printing the list at every
+    /// change; returns its id.
+    pub fn wait_idle(&mut self, timeout: u64) -> anyhow::Result<String> {
+        let who = self.gateway.who;
+        let start = Instant::now();
+        let mut last = String::new();
+        println!(
+            "{who}: waiting for the virtual DUT to register and train (a few minutes under TCG)"
+        );
+        while start.elapsed() < Duration::from_secs(timeout) {
+            if let Ok(Some(status)) = self.gateway.child.try_wait() {
+                bail!(
+                    "dutgate up exited ({status}); see {}",
+                    self.log_path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(2));
+            let out = match self
+                .dutctl(&["machines", "list"])
+                .stderr(Stdio::null())
+                .output()
+            {
+                Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
+                _ => continue,
+            };
+            if out != last {
+                println!("[{:>6.1}s] machines:", start.elapsed().as_secs_f64());
+                for line in out.lines() {
+                    println!("    {line}");
+                }
+                last = out.clone();
+            }
+            // Columns: NAME ID STATE …; the header names them.
+            for line in out.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.get(2) == Some(&"IDLE")
+                    && let Some(id) = cols.get(1)
+                {
+                    return Ok((*id).to_string());
+                }
+            }
+        }
+        bail!(
+            "no machine became IDLE within {timeout} s; see {}",
+            self.log_path.display()
+        )
+    }
+
+    /// Blocks until `dutgate up` exits (`--keep-running`: Ctrl-C).
+    fn wait_exit(&mut self) {
+        let _ = self.gateway.child.wait();
+    }
+}
+
+/// Installs what a virtual farm needs, builds the DUT image (`<state>/dut-image`) and the
+/// binaries, copies `dutgate`/`dutctl` to `<state>/bin` and starts `dutgate up --virtual-duts
+/// <duts>` from there: with `config` as its config file, or with the embedded defaults (default
+/// ports) when `None`. `who` prefixes the progress lines.
+pub fn start_farm(
+    root: &Path,
+    state: &Path,
+    duts: u8,
+    config: Option<&Path>,
+    who: &'static str,
+) -> anyhow::Result<VirtualFarm> {
+    packages::install_packages(&PACKAGES.map(String::from))?;
+    std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+    println!("{who}: state dir {}", state.display());
+
+    dut_image::build(root, state)?;
+    println!("{who}: building dutgate and dutctl");
     let status = cargo()
         .args(["build", "-p", "dutgate", "-p", "dutctl"])
-        .current_dir(&root)
+        .current_dir(root)
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("building dutgate and dutctl failed ({status})");
     }
     // Run copies: the executor starts `dutgate job` from its own executable, which a rebuild
-    // of target/ while the demo runs would otherwise pull from under it.
-    let built = target_dir(&root).join("debug");
+    // of target/ while the farm runs would otherwise pull from under it.
+    let built = target_dir(root).join("debug");
     let bin = state.join("bin");
     std::fs::create_dir_all(&bin)?;
     for name in ["dutgate", "dutctl"] {
@@ -89,39 +167,56 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("copying {name} to {}", bin.display()))?;
     }
     let dutgate = bin.join("dutgate");
-    let dutctl = bin.join("dutctl");
 
     let log_path = state.join("gateway.log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     println!(
-        "demo: starting `dutgate up --virtual-duts 1` (service logs: {})",
+        "{who}: starting `dutgate up --virtual-duts {duts}` (service logs: {})",
         log_path.display()
     );
-    let child = Command::new(&dutgate)
+    let mut cmd = Command::new(&dutgate);
+    match config {
+        Some(c) => {
+            cmd.arg("--config").arg(c);
+        }
+        // Embedded defaults only: a gateway.yml of this machine must not change the farm.
+        None => {
+            cmd.env("DUTGATE_CONFIG", "/dev/null");
+        }
+    }
+    let child = cmd
         .arg("--state-dir")
-        .arg(&state)
-        .args(["up", "--virtual-duts", "1"])
-        // Embedded defaults only: a gateway.yml of this machine must not change the demo.
-        .env("DUTGATE_CONFIG", "/dev/null")
+        .arg(state)
+        .args(["up", "--virtual-duts", &duts.to_string()])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", dutgate.display()))?;
-    let mut gateway = Gateway(child);
+    Ok(VirtualFarm {
+        gateway: Gateway { child, who },
+        state: state.to_path_buf(),
+        dutctl: bin.join("dutctl"),
+        log_path,
+    })
+}
 
-    let dutctl_cmd = |args: &[&str]| {
-        let mut c = Command::new(&dutctl);
-        c.arg("--state-dir").arg(&state).args(args);
-        c
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let root = crate::workspace_root();
+    let state = match &args.state_dir {
+        Some(d) if d.is_absolute() => d.clone(),
+        Some(d) => std::env::current_dir()?.join(d),
+        None => std::env::temp_dir().join(format!("dutgate-demo-{}", std::process::id())),
     };
-    let machine = wait_idle(&mut gateway, &dutctl_cmd, args.idle_timeout, &log_path)?;
+    let mut farm = start_farm(&root, &state, 1, None, "demo")?;
+    let machine = farm.wait_idle(args.idle_timeout)?;
     println!("demo: machine {machine} is IDLE; running examples/hello.yml");
 
     let share = state.join("hello-results");
     let job = root.join("examples").join("hello.yml");
-    let status = dutctl_cmd(&["run"])
+    let status = farm
+        .dutctl(&["run"])
         .arg(&job)
         .arg("--share-dir")
         .arg(&share)
@@ -159,9 +254,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             "demo: the gateway keeps running (state dir {}); Ctrl-C stops it",
             state.display()
         );
-        let _ = gateway.0.wait();
+        farm.wait_exit();
     }
-    drop(gateway);
+    let log_path = farm.log_path.clone();
+    drop(farm);
     if status.code() != Some(0) {
         bail!(
             "the example job did not pass ({verdict}); see {}",
@@ -169,48 +265,6 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// Polls `dutctl machines list` until a machine is IDLE; prints every state change.
-fn wait_idle(
-    gateway: &mut Gateway,
-    dutctl: &dyn Fn(&[&str]) -> Command,
-    timeout: u64,
-    log_path: &Path,
-) -> anyhow::Result<String> {
-    let start = Instant::now();
-    let mut last = String::new();
-    println!("demo: waiting for the virtual DUT to register and train (a few minutes under TCG)");
-    while start.elapsed() < Duration::from_secs(timeout) {
-        if let Ok(Some(status)) = gateway.0.try_wait() {
-            bail!("dutgate up exited ({status}); see {}", log_path.display());
-        }
-        std::thread::sleep(Duration::from_secs(2));
-        let out = match dutctl(&["machines", "list"]).stderr(Stdio::null()).output() {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-            _ => continue,
-        };
-        if out != last {
-            println!("[{:>6.1}s] machines:", start.elapsed().as_secs_f64());
-            for line in out.lines() {
-                println!("    {line}");
-            }
-            last = out.clone();
-        }
-        // Columns: NAME ID STATE …; the header names them.
-        for line in out.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.get(2) == Some(&"IDLE")
-                && let Some(id) = cols.get(1)
-            {
-                return Ok((*id).to_string());
-            }
-        }
-    }
-    bail!(
-        "no machine became IDLE within {timeout} s; see {}",
-        log_path.display()
-    )
 }
 
 fn salad_port(machine: &str) -> Option<u16> {

@@ -9,6 +9,7 @@ pub mod farm;
 pub mod footprint;
 pub mod jobspec;
 pub mod mars;
+pub mod overhead;
 pub mod pdu;
 pub mod registry;
 pub mod report;
@@ -68,6 +69,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("mars", mars::run),
     ("s3", s3::run),
     ("scheduler", scheduler::run),
+    ("overhead", overhead::run),
     ("farm", farm::run),
 ];
 
