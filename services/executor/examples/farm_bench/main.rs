@@ -728,6 +728,7 @@ async fn measure(
     let mut twice = 0usize;
     let mut by_machine: BTreeMap<&str, Vec<(i64, i64, i64)>> = BTreeMap::new();
     let mut outside_lease = 0usize;
+    let mut first_reason: Option<String> = None;
     for (id, t) in &jobs {
         let Some(d) = t.dispatched else { continue };
         let Some((acquired, released)) = t.lease else {
@@ -767,6 +768,7 @@ async fn measure(
                 if not_pass.values().sum::<usize>() <= 5 {
                     eprintln!("job {id}: {} ({})", t.status, t.reason);
                 }
+                first_reason.get_or_insert_with(|| format!("{}: {}", t.status, t.reason));
             }
         }
         // Latencies of the jobs submitted in the window.
@@ -867,7 +869,10 @@ async fn measure(
         if not_pass.is_empty() {
             "0".to_string()
         } else {
-            format!("{not_pass:?}")
+            format!(
+                "{not_pass:?}; the first: {}",
+                first_reason.as_deref().unwrap_or("?").replace('|', "/")
+            )
         },
     );
     row(
