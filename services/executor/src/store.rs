@@ -206,7 +206,23 @@ pub struct Store {
     /// SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
     /// SQLite's busy handler (1, 2, 5, 10 … 100 ms steps). Queuing this process's writers
     /// here instead keeps a write's wait as short as the write before it.
-    write_gate: std::sync::Arc<tokio::sync::Mutex<()>>,
+    write_gate: std::sync::Arc<WriteGate>,
+}
+
+/// The SQLite write queue, with a fast lane: ordinary writers (job phases, events, finishes)
+/// first queue on `ordinary`, so at most one of them at a time waits on `writer`; the
+/// dispatch commit goes straight to `writer` and so waits for at most the write in progress
+/// and one ordinary writer, not for every job's bookkeeping queued before it.
+#[derive(Debug, Default)]
+struct WriteGate {
+    writer: tokio::sync::Mutex<()>,
+    ordinary: tokio::sync::Mutex<()>,
+}
+
+/// Held while writing; dropping it lets the next writer in.
+pub(crate) struct WriteTurn<'a> {
+    _writer: tokio::sync::MutexGuard<'a, ()>,
+    _ordinary: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 impl Store {
@@ -217,9 +233,28 @@ impl Store {
         }
     }
 
-    async fn gate(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+    /// An ordinary writer's turn (SQLite; PostgreSQL needs none).
+    async fn gate(&self) -> Option<WriteTurn<'_>> {
         match self.db.backend() {
-            Backend::Sqlite => Some(self.write_gate.lock().await),
+            Backend::Sqlite => {
+                let ordinary = self.write_gate.ordinary.lock().await;
+                let writer = self.write_gate.writer.lock().await;
+                Some(WriteTurn {
+                    _writer: writer,
+                    _ordinary: Some(ordinary),
+                })
+            }
+            Backend::Postgres => None,
+        }
+    }
+
+    /// The dispatch commit's turn: the fast lane (see [`WriteGate`]).
+    async fn gate_dispatch(&self) -> Option<WriteTurn<'_>> {
+        match self.db.backend() {
+            Backend::Sqlite => Some(WriteTurn {
+                _writer: self.write_gate.writer.lock().await,
+                _ordinary: None,
+            }),
             Backend::Postgres => None,
         }
     }
@@ -405,7 +440,7 @@ impl Store {
                 source,
             }
         })?;
-        let _gate = self.gate().await;
+        let _gate = self.gate_dispatch().await;
         let mut tx = match claim.tx {
             Some(tx) => tx,
             None => self.pool().begin().await?,
@@ -514,7 +549,7 @@ impl Store {
             }
         })?;
         let claimed: std::collections::HashSet<i64> = batch.ids.iter().copied().collect();
-        let _gate = self.gate().await;
+        let _gate = self.gate_dispatch().await;
         let mut tx = match batch.tx {
             Some(tx) => tx,
             None if items.iter().any(|d| claimed.contains(&d.id)) => self.pool().begin().await?,
