@@ -76,6 +76,32 @@ fn schema_name(service: &str) -> String {
     format!("dutgate_{clean}")
 }
 
+/// How many connections a process keeps to its store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    /// A service: up to 8 (SQLite) or 16 (PostgreSQL) connections, kept open.
+    Service,
+    /// A short-lived worker that writes now and then (a job process): at most two connections,
+    /// closed after 10 s idle, so hundreds of them do not exhaust PostgreSQL's
+    /// `max_connections`; a writer waits up to 30 s for one.
+    Worker,
+}
+
+impl PoolSize {
+    fn options(self, service_max: u32) -> AnyPoolOptions {
+        match self {
+            PoolSize::Service => AnyPoolOptions::new()
+                .max_connections(service_max)
+                .acquire_timeout(Duration::from_secs(10)),
+            PoolSize::Worker => AnyPoolOptions::new()
+                .max_connections(2)
+                .min_connections(0)
+                .idle_timeout(Duration::from_secs(10))
+                .acquire_timeout(Duration::from_secs(30)),
+        }
+    }
+}
+
 impl Db {
     /// Opens (and migrates) the store of `service` as the gateway config says.
     pub async fn open_for_service(
@@ -83,14 +109,32 @@ impl Db {
         gw: &GatewayConfig,
         migrations: Migrations,
     ) -> Result<Self, DbError> {
+        Self::open_for_service_sized(service, gw, migrations, PoolSize::Service).await
+    }
+
+    /// [`Db::open_for_service`] with a pool of `size`.
+    pub async fn open_for_service_sized(
+        service: &str,
+        gw: &GatewayConfig,
+        migrations: Migrations,
+        size: PoolSize,
+    ) -> Result<Self, DbError> {
         match &gw.database_url {
-            Some(url) => Self::open_postgres(url.expose(), &schema_name(service), migrations).await,
+            Some(url) => {
+                Self::open_postgres_sized(url.expose(), &schema_name(service), migrations, size)
+                    .await
+            }
             None => {
                 std::fs::create_dir_all(&gw.state_dir).map_err(|source| DbError::StateDir {
                     path: gw.state_dir.clone(),
                     source,
                 })?;
-                Self::open_sqlite(&gw.state_dir.join(format!("{service}.db")), migrations).await
+                Self::open_sqlite_sized(
+                    &gw.state_dir.join(format!("{service}.db")),
+                    migrations,
+                    size,
+                )
+                .await
             }
         }
     }
@@ -99,6 +143,14 @@ impl Db {
         path: &std::path::Path,
         migrations: Migrations,
     ) -> Result<Self, DbError> {
+        Self::open_sqlite_sized(path, migrations, PoolSize::Service).await
+    }
+
+    pub async fn open_sqlite_sized(
+        path: &std::path::Path,
+        migrations: Migrations,
+        size: PoolSize,
+    ) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let target = path.display().to_string();
         let url = format!("sqlite://{}?mode=rwc", path.display());
@@ -106,9 +158,8 @@ impl Db {
             target: target.clone(),
             source,
         })?;
-        let pool = AnyPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = size
+            .options(8)
             .after_connect(|conn, _meta| {
                 Box::pin(async move {
                     // WAL lets readers run while a writer commits; the busy timeout turns
@@ -146,6 +197,15 @@ impl Db {
         schema: &str,
         migrations: Migrations,
     ) -> Result<Self, DbError> {
+        Self::open_postgres_sized(url, schema, migrations, PoolSize::Service).await
+    }
+
+    pub async fn open_postgres_sized(
+        url: &str,
+        schema: &str,
+        migrations: Migrations,
+        size: PoolSize,
+    ) -> Result<Self, DbError> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(DbError::UnsupportedUrl(
                 crate::secret::DatabaseUrl::new(url).masked(),
@@ -178,9 +238,8 @@ impl Db {
             bootstrap.close().await;
         }
         let set_path = format!("SET search_path TO {schema}");
-        let pool = AnyPoolOptions::new()
-            .max_connections(16)
-            .acquire_timeout(Duration::from_secs(10))
+        let pool = size
+            .options(16)
             .after_connect(move |conn, _meta| {
                 let set_path = set_path.clone();
                 Box::pin(async move {

@@ -219,10 +219,12 @@ impl Reporter {
 pub async fn run(id: i64, setup: ProcessSetup) -> Result<JobStatus, ProcessError> {
     let gw = setup.gateway_config().map_err(ProcessError::Setup)?;
     let cfg = setup.executor_config();
-    let db = dutgate_core::db::Db::open_for_service(
+    // A small pool, closed when idle: hundreds of job processes share the database server.
+    let db = dutgate_core::db::Db::open_for_service_sized(
         ServiceName::Executor.as_str(),
         &gw,
         crate::store::MIGRATIONS,
+        dutgate_core::db::PoolSize::Worker,
     )
     .await?;
     let store = Store::new(db);
