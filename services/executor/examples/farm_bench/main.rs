@@ -406,9 +406,10 @@ async fn run(args: Args, bench: tokio::runtime::Handle, metrics: Render) -> Resu
             .and_then(|r| r.try_get(0))
             .map_err(|e| format!("pg_stat_activity: {e}"))?;
         // Executors: up to 16 pooled connections each; 25 left for everyone else; job
-        // processes hold about 3 each (measured: the row "PostgreSQL connections").
+        // processes at most 2 each (their pool's limit; see the row "PostgreSQL connections"
+        // for what they really held).
         let budget = max - used - 25 - 16 * args.executors as i64;
-        let per_job = 3;
+        let per_job = 2;
         let cap = (budget / per_job).max(1);
         if i64::from(duts) > cap {
             eprintln!(
