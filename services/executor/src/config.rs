@@ -18,6 +18,9 @@ pub struct Config {
     pub job_command: Option<Vec<PathBuf>>,
     /// SIGTERM → SIGKILL delay when a running job is cancelled.
     pub cancel_grace_seconds: f64,
+    /// Niceness added to job processes (0–19): with hundreds of jobs running, the services
+    /// (dispatch, PDU, consoles) keep their share of the CPU.
+    pub job_nice: i32,
     /// TTL of job leases; unset: mars' default.
     pub lease_ttl_seconds: Option<u64>,
     /// Largest submission body (job text + initial tarball).
@@ -46,6 +49,7 @@ impl Default for Config {
             name: None,
             job_command: None,
             cancel_grace_seconds: 30.0,
+            job_nice: 5,
             lease_ttl_seconds: None,
             max_upload_bytes: 256 * 1024 * 1024,
             artifacts_retention_days: 30.0,
@@ -99,6 +103,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if !(0.0..=86_400.0).contains(&self.cancel_grace_seconds) {
             return Err("executor.cancel_grace_seconds: must be between 0 and 86400".into());
+        }
+        if !(0..=19).contains(&self.job_nice) {
+            return Err("executor.job_nice: must be between 0 and 19".into());
         }
         if self.artifacts_retention_days < 0.0 || !self.artifacts_retention_days.is_finite() {
             return Err("executor.artifacts_retention_days: must be >= 0".into());

@@ -187,6 +187,18 @@ impl Supervisor {
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log2))
             .kill_on_drop(false);
+        let nice = self.inner.cfg.job_nice;
+        if nice > 0 {
+            // SAFETY: between fork and exec only async-signal-safe calls are allowed;
+            // setpriority(2) is one, and it only changes the child being started.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // A job left at the executor's priority still runs: not worth failing.
+                    let _ = libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(LaunchError::Spawn)?;
         let pid = child.id().unwrap_or(0);
         let setup = ProcessSetup::new(&self.inner.gw, &self.inner.cfg, lease_ttl_seconds);

@@ -70,6 +70,10 @@ async fn executor_process_kill_and_job_process_kill() {
     }
     let survivor_pid = farm.job_pid(survivor).await;
     let victim_pid = farm.job_pid(victim).await;
+    // Job processes run below the services' priority (executor.job_nice, default 5).
+    for pid in [survivor_pid, victim_pid] {
+        assert_eq!(niceness(pid) - niceness(first), 5, "job process {pid}");
+    }
 
     // kill -9 of the executor process.
     sigkill(first);
@@ -352,4 +356,12 @@ fn main() -> ExitCode {
     } else {
         ExitCode::from(101)
     }
+}
+
+/// The nice value of `pid` (field 19 of /proc/<pid>/stat).
+fn niceness(pid: i32) -> i64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name (field 2) may hold spaces: count from its closing parenthesis.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split_whitespace().nth(16).unwrap().parse().unwrap()
 }
