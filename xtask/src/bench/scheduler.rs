@@ -21,32 +21,7 @@ use super::BenchArgs;
 use super::report::append_table;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .args([
-            "build",
-            "-p",
-            "dutgate-executor",
-            "--example",
-            "scheduler_bench",
-        ])
-        .current_dir(&args.root);
-    if !args.quick {
-        build.arg("--release");
-    }
-    if !build
-        .status()
-        .context("building the scheduler benchmark")?
-        .success()
-    {
-        bail!("cargo build of the scheduler benchmark failed");
-    }
-    let profile = if args.quick { "debug" } else { "release" };
-    let exe = args
-        .root
-        .join("target")
-        .join(profile)
+    let exe = super::cargo_build(args, &["--example", "scheduler_bench"])?
         .join("examples")
         .join("scheduler_bench");
     let (machines, jobs) = match (args.extra.first(), args.extra.get(1)) {
