@@ -124,12 +124,8 @@ async fn statuses_from_simulated_behaviour() {
 
     // Artifacts: the console log and the events.
     let list: serde_json::Value = farm
-        .http
-        .get(format!("{}/api/v1/jobs/{}/artifacts", farm.url, ids[0].1))
-        .bearer_auth(USER)
-        .send()
+        .get(&format!("/api/v1/jobs/{}/artifacts", ids[0].1))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -472,16 +468,7 @@ async fn submission_errors_and_forms() {
     assert_eq!(r.status(), 401);
 
     // Nothing was queued.
-    let list: serde_json::Value = farm
-        .http
-        .get(format!("{}/api/v1/jobs", farm.url))
-        .bearer_auth(USER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = farm.get("/api/v1/jobs").await.json().await.unwrap();
     assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
 
     // wait=false: accepted while the machine is free, 409 while it is busy.
@@ -582,12 +569,8 @@ async fn live_event_and_console_streams() {
     assert!(stored.contains("SESSION END"));
     // Resume from an offset.
     let tail = farm
-        .http
-        .get(format!("{}/api/v1/jobs/{id}/console?offset=10", farm.url))
-        .bearer_auth(USER)
-        .send()
+        .get(&format!("/api/v1/jobs/{id}/console?offset=10"))
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();

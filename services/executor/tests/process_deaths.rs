@@ -115,12 +115,8 @@ async fn executor_process_kill_and_job_process_kill() {
     assert_ne!(first, second);
     // The live console through the new executor follows the job to its end.
     let streamed = tokio::time::timeout(T, async {
-        farm.http
-            .get(format!("{}/api/v1/jobs/{survivor}/console", farm.url))
-            .bearer_auth(USER)
-            .send()
+        farm.get(&format!("/api/v1/jobs/{survivor}/console"))
             .await
-            .unwrap()
             .bytes()
             .await
             .unwrap()

@@ -732,13 +732,19 @@ impl Farm {
             .expect("a job")
     }
 
-    pub async fn events(&self, id: i64) -> Vec<Event> {
+    /// `GET <executor><path>` with the user token.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http
-            .get(format!("{}/api/v1/jobs/{id}/events", self.url))
+            .get(format!("{}{path}", self.url))
             .bearer_auth(USER)
             .send()
             .await
-            .expect("GET /api/v1/jobs/<id>/events")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub async fn events(&self, id: i64) -> Vec<Event> {
+        self.get(&format!("/api/v1/jobs/{id}/events"))
+            .await
             .json::<EventList>()
             .await
             .expect("an event list")
@@ -747,15 +753,8 @@ impl Farm {
 
     pub async fn console(&self, id: i64) -> String {
         let r = self
-            .http
-            .get(format!(
-                "{}/api/v1/jobs/{id}/console?follow=false",
-                self.url
-            ))
-            .bearer_auth(USER)
-            .send()
-            .await
-            .expect("GET /api/v1/jobs/<id>/console");
+            .get(&format!("/api/v1/jobs/{id}/console?follow=false"))
+            .await;
         String::from_utf8_lossy(&r.bytes().await.expect("the console log")).into_owned()
     }
 
