@@ -4,12 +4,13 @@
 //! path parameters is then asked on the running service and must exist (no 404).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
 
 /// (name in `dutgate up`, source directory under services/).
 const SERVICES: [(&str, &str); 7] = [
@@ -24,14 +25,6 @@ const SERVICES: [(&str, &str); 7] = [
 
 /// Routes every service gets from `dutgate_core::http`.
 const SHARED: [&str; 3] = ["/healthz", "/metrics", "/api/v1/openapi.json"];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn services_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -256,27 +249,8 @@ impl Drop for Up {
 
 fn start_all() -> Up {
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dutgate"));
-    cmd.env("DUTGATE_CONFIG", "/dev/null")
-        .env_remove("RUST_LOG");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DUTGATE_") && k.contains("__") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.arg("--state-dir").arg(state.path()).arg("up");
-    let mut ports = Vec::new();
-    for (svc, _) in SERVICES {
-        let p = free_port();
-        ports.push(p);
-        cmd.env(
-            format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
-            p.to_string(),
-        );
-    }
-    cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let (mut cmd, ports) = common::up_on_free_ports(state.path());
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let child = cmd.spawn().unwrap();
     let token = |name: &str| {
         let path = state.path().join("tokens").join(name);

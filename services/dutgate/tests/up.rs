@@ -1,32 +1,13 @@
 //! `dutgate up` and `dutgate config check`, driven as a user would: through the binary.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "salad", "s3"];
-
-fn dutgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dutgate"));
-    // Never pick up a machine-wide config or the caller's overrides.
-    c.env("DUTGATE_CONFIG", "/dev/null").env_remove("RUST_LOG");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("DUTGATE_") && k.contains("__") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{SERVICES, dutgate, free_port, up_on_free_ports};
 
 fn healthz(port: u16) -> Option<String> {
     let mut s = TcpStream::connect_timeout(
@@ -63,20 +44,8 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 #[test]
 fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = dutgate();
-    cmd.arg("--state-dir").arg(state.path()).arg("up");
-    let mut ports = Vec::new();
-    for svc in SERVICES {
-        let p = free_port();
-        ports.push(p);
-        cmd.env(
-            format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
-            p.to_string(),
-        );
-    }
-    cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let (mut cmd, ports) = up_on_free_ports(state.path());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
     let started = Instant::now();
     let mut child = cmd.spawn().unwrap();
     for (svc, p) in SERVICES.iter().zip(&ports) {
