@@ -83,6 +83,8 @@ impl Store {
         config: &BootConfig,
         now_ms: i64,
     ) -> Result<StoredBootConfig, StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         let text = serde_json::to_string(config).map_err(|source| StoreError::Corrupt {
             mac: mac.to_string(),
             source,
@@ -126,6 +128,8 @@ impl Store {
         mac: MachineId,
         job_id: Option<&str>,
     ) -> Result<Deleted, StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         let affected = match job_id {
             Some(job) => sqlx::query("DELETE FROM boot_configs WHERE mac = $1 AND job_id = $2")
                 .bind(mac.to_string())

@@ -3,7 +3,7 @@
 //! PostgreSQL), so every state change is a conditional update checked against
 //! [`crate::model::transition`].
 
-use dutgate_core::db::{Backend, Db, DbError, Migrations};
+use dutgate_core::db::{Backend, Db, DbError, Migrations, WriteTurn};
 use dutgate_core::{JobStatus, MachineId};
 use serde_json::Value;
 use sqlx::migrate::Migrator;
@@ -203,60 +203,23 @@ pub struct Dispatch {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
-    /// SQLite has one writer at a time, and a writer that finds the lock taken sleeps in
-    /// SQLite's busy handler (1, 2, 5, 10 … 100 ms steps). Queuing this process's writers
-    /// here instead keeps a write's wait as short as the write before it.
-    write_gate: std::sync::Arc<WriteGate>,
-}
-
-/// The SQLite write queue, with a fast lane: ordinary writers (job phases, events, finishes)
-/// first queue on `ordinary`, so at most one of them at a time waits on `writer`; the
-/// dispatch commit goes straight to `writer` and so waits for at most the write in progress
-/// and one ordinary writer, not for every job's bookkeeping queued before it.
-#[derive(Debug, Default)]
-struct WriteGate {
-    writer: tokio::sync::Mutex<()>,
-    ordinary: tokio::sync::Mutex<()>,
-}
-
-/// Held while writing; dropping it lets the next writer in.
-pub(crate) struct WriteTurn<'a> {
-    _writer: tokio::sync::MutexGuard<'a, ()>,
-    _ordinary: Option<tokio::sync::MutexGuard<'a, ()>>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self {
-            db,
-            write_gate: Default::default(),
-        }
+        Self { db }
     }
 
-    /// An ordinary writer's turn (SQLite; PostgreSQL needs none).
-    async fn gate(&self) -> Option<WriteTurn<'_>> {
-        match self.db.backend() {
-            Backend::Sqlite => {
-                let ordinary = self.write_gate.ordinary.lock().await;
-                let writer = self.write_gate.writer.lock().await;
-                Some(WriteTurn {
-                    _writer: writer,
-                    _ordinary: Some(ordinary),
-                })
-            }
-            Backend::Postgres => None,
-        }
+    /// An ordinary writer's turn on SQLite (see [`Db::write_turn`]).
+    async fn gate(&self) -> Option<WriteTurn> {
+        self.db.write_turn().await
     }
 
-    /// The dispatch commit's turn: the fast lane (see [`WriteGate`]).
-    async fn gate_dispatch(&self) -> Option<WriteTurn<'_>> {
-        match self.db.backend() {
-            Backend::Sqlite => Some(WriteTurn {
-                _writer: self.write_gate.writer.lock().await,
-                _ordinary: None,
-            }),
-            Backend::Postgres => None,
-        }
+    /// The dispatch commit's turn: the fast lane, so that a dispatch waits for at most the
+    /// write in progress and one ordinary writer, not for every job's bookkeeping queued
+    /// before it (see [`Db::priority_write_turn`]).
+    async fn gate_dispatch(&self) -> Option<WriteTurn> {
+        self.db.priority_write_turn().await
     }
 
     pub fn db(&self) -> &Db {

@@ -415,14 +415,17 @@ impl Store {
             next.state = to;
             edit(&mut next);
             next.version = cur.version + 1;
+            let turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
             if !update_row(&mut tx, &next, cur.version).await? {
                 tx.rollback().await?;
+                drop(turn);
                 tokio::task::yield_now().await;
                 continue;
             }
             let seq = insert_event(&mut tx, id, cur.state, to, kind, cause).await?;
             tx.commit().await?;
+            drop(turn);
             self.notify(seq);
             if cur.state != to {
                 tracing::info!(machine = %id, from = %cur.state, to = %to, kind, actor = %cause.actor, reason = %cause.reason, "machine state changed");
@@ -464,6 +467,7 @@ impl Store {
             .await?;
             row.name_index = idx_row.try_get::<i64, _>("n")?;
             row.full_name = format!("{}-{}-{}", self.farm, row.base_name, row.name_index);
+            let _turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
             let initial = MachineState::WaitForConfig;
             row.state = initial;
@@ -581,6 +585,9 @@ impl Store {
                 .collect();
             let mut written = std::collections::HashSet::new();
             let mut applied = Vec::new();
+            // The executor's lease batch is the dispatcher's write: it takes the fast lane
+            // past releases, registrations and training bookkeeping queued before it.
+            let turn = self.db.priority_write_turn().await;
             let mut tx = self.db.pool().begin().await?;
             for i in pending {
                 let op = &ops[i];
@@ -618,6 +625,7 @@ impl Store {
                 applied.push((i, cur.state, kind, seq, next));
             }
             tx.commit().await?;
+            drop(turn);
             if let Some(seq) = applied.iter().map(|a| a.3).max() {
                 self.notify(seq);
             }
@@ -660,6 +668,7 @@ impl Store {
         now: Timestamp,
         expires: Timestamp,
     ) -> Result<bool, StoreError> {
+        let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "UPDATE machines SET lease_expires_at = $1, version = version + 1 \
              WHERE lease_id = $2 AND lease_expires_at >= $3",
@@ -706,6 +715,7 @@ impl Store {
 
     /// Starts a discovery; false when one is already recorded.
     pub async fn insert_discovery(&self, d: &Discovery) -> Result<bool, StoreError> {
+        let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "INSERT INTO discovery (id, pdu, port_id, started_at, expires_at, timeout) \
              VALUES (1, $1, $2, $3, $4, $5)",
@@ -728,6 +738,7 @@ impl Store {
     /// Claiming a discovery for a registration and stopping it both go through here, so only
     /// one of them can win.
     pub async fn remove_discovery(&self, d: &Discovery) -> Result<bool, StoreError> {
+        let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "DELETE FROM discovery WHERE id = 1 AND pdu = $1 AND port_id = $2 AND started_at = $3",
         )
@@ -748,6 +759,7 @@ impl Store {
         boot_loops: u32,
         qualifying: u32,
     ) -> Result<i64, StoreError> {
+        let _turn = self.db.write_turn().await;
         let row = sqlx::query(
             "INSERT INTO training_runs (machine_id, kind, started_at, outcome, boot_loops, qualifying) \
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
@@ -764,6 +776,7 @@ impl Store {
     }
 
     pub async fn add_loop(&self, run_id: i64, report: &LoopReport) -> Result<(), StoreError> {
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.pool().begin().await?;
         sqlx::query(
             "INSERT INTO training_loops (run_id, n, job_kind, job_id, status, started_at, duration_ms, \
@@ -800,6 +813,7 @@ impl Store {
         outcome: RunOutcome,
         reason: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.db.write_turn().await;
         sqlx::query(
             "UPDATE training_runs SET outcome = $1, ended_at = $2, reason = $3 WHERE id = $4",
         )
@@ -814,6 +828,7 @@ impl Store {
 
     /// Runs still marked running (left over by a previous mars process).
     pub async fn abandon_running_runs(&self) -> Result<u64, StoreError> {
+        let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "UPDATE training_runs SET outcome = $1, ended_at = $2, reason = $3 WHERE outcome = $4",
         )

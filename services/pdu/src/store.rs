@@ -111,6 +111,8 @@ impl Store {
     }
 
     pub async fn insert_pdu(&self, pdu: &StoredPdu) -> Result<(), StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "INSERT INTO pdus (name, driver, config, reserved, labels, poll_interval_seconds, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -135,6 +137,8 @@ impl Store {
 
     /// Removes a REST-added PDU with its port settings and history. Returns whether it existed.
     pub async fn delete_pdu(&self, name: &str) -> Result<bool, StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         let mut tx = self.db.pool().begin().await?;
         let n = sqlx::query("DELETE FROM pdus WHERE name = $1")
             .bind(name.to_string())
@@ -182,6 +186,8 @@ impl Store {
         port: &str,
         setting: &PortSetting,
     ) -> Result<(), StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         sqlx::query(
             "INSERT INTO port_settings (pdu, port_id, label, reserved, updated_at) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (pdu, port_id) DO UPDATE SET label = excluded.label, reserved = excluded.reserved, \
@@ -205,6 +211,8 @@ impl Store {
         entry: &HistoryEntry,
         keep: u32,
     ) -> Result<(), StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         sqlx::query(
             "INSERT INTO port_history (pdu, port_id, at, state, event, detail) VALUES ($1, $2, $3, $4, $5, $6)",
         )

@@ -96,6 +96,8 @@ impl Store {
     /// Records a new machine's ports. Fails with [`StoreError::PortTaken`] or
     /// [`StoreError::Exists`] instead of replacing anything.
     pub async fn insert_machine(&self, m: MachinePorts) -> Result<(), StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         let exists = sqlx::query("SELECT 1 FROM machines WHERE id = $1")
             .bind(m.id.to_string())
             .fetch_optional(self.db.pool())
@@ -143,6 +145,8 @@ impl Store {
 
     /// Forgets a machine's ports and every adapter path bound to it. Returns whether it existed.
     pub async fn delete_machine(&self, id: MachineId) -> Result<bool, StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         sqlx::query("DELETE FROM serial_paths WHERE machine_id = $1")
             .bind(id.to_string())
             .execute(self.db.pool())
@@ -157,6 +161,8 @@ impl Store {
 
     /// Remembers that the adapter at `path` leads to `machine`.
     pub async fn bind_path(&self, path: &str, machine: MachineId) -> Result<(), StoreError> {
+        // One writer at a time on SQLite (see `Db::write_turn`).
+        let _turn = self.db.write_turn().await;
         sqlx::query(
             "INSERT INTO serial_paths (path, machine_id, updated_at) VALUES ($1, $2, $3) \
              ON CONFLICT (path) DO UPDATE SET machine_id = excluded.machine_id, updated_at = excluded.updated_at",
