@@ -13,18 +13,21 @@
 //! 2. Saturated gateway: a third of the jobs queued at once, each job releasing its machine
 //!    right after power-off: **jobs/s** is the gateway's ceiling; a freed machine then waits
 //!    its turn (Little's law: machines ÷ jobs/s), reported as *freed → next launched*.
-//! 3. Loaded gateway: the rest of the jobs queued at once, each holding its machine for a
-//!    while (0.5–1.5 × a mean chosen so that the offered load is `--load` × the ceiling
-//!    measured in 2). **Dispatch latency** is the time the gateway takes from "a job is
-//!    dispatchable" — it is queued and a matching machine is free — to "job launched". Jobs of
-//!    a group are interchangeable on that group's machines and dispatched FIFO, so the k-th
+//! 3. Loaded gateway, once per `--load` (fractions of the ceiling measured in 2, default 0.2
+//!    and 0.5): the rest of the jobs, split between the loads, queued at once, each holding
+//!    its machine for a while (0.5–1.5 × a mean chosen so that the offered load is that
+//!    fraction of the ceiling). **Dispatch latency** is the time the gateway takes from "a job
+//!    is dispatchable" — it is queued and a matching machine is free — to "job launched". Jobs
+//!    of a group are interchangeable on that group's machines and dispatched FIFO, so the k-th
 //!    job of a group (by id) is dispatchable at the later of its submission and the k-th
-//!    instant a machine of the group became free (phase start, or a release request being
-//!    *sent*: an upper bound, mars' commit comes later). Only jobs that waited for a machine
-//!    count (not the first wave, which waits for its own submission).
+//!    instant a machine of the group became free: the phase start, then each release, taken
+//!    (a) when mars announces the release's commit to its event subscribers — the machine is
+//!    free from then on — and (b) when the release request was *sent*, an upper bound that
+//!    also counts mars' handling of the release. Only jobs that waited for a machine count
+//!    (not the first wave, which waits for its own submission).
 //!
 //! Usage: `scheduler_bench [--backend sqlite|postgres] [--postgres-url URL] [--machines N]
-//! [--jobs M] [--load F]`; prints one JSON line and one `RESULT key=value …` line.
+//! [--jobs M] [--load F[,F…]]`; prints one JSON line and one `RESULT key=value …` line per load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,6 +64,8 @@ struct Log {
     released: HashMap<MachineId, Vec<Instant>>,
     /// (machine, instant the release request was sent), in order.
     release_sent: Vec<(MachineId, Instant)>,
+    /// Release round trips: (request sent, ms until the response), in order.
+    release_ms: Vec<(Instant, f64)>,
 }
 
 fn loadavg() -> String {
@@ -93,8 +98,11 @@ async fn open(backend: &str, pg: &str, name: &str, dir: &std::path::Path, m: Mig
 
 /// Upper bounds of the buckets holding the median and the 99th percentile of a Prometheus
 /// histogram, and its count.
-fn histogram_quantiles(text: &str, name: &str) -> (f64, f64, f64) {
-    let prefix = format!("{name}_bucket{{le=\"");
+fn histogram_quantiles(text: &str, series: &str) -> (f64, f64, f64) {
+    let prefix = match series.split_once('{') {
+        Some((name, labels)) => format!("{name}_bucket{{{},le=\"", labels.trim_end_matches('}')),
+        None => format!("{series}_bucket{{le=\""),
+    };
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
         .filter_map(|l| {
@@ -118,6 +126,57 @@ fn histogram_quantiles(text: &str, name: &str) -> (f64, f64, f64) {
             .unwrap_or(f64::NAN)
     };
     (q(0.5), q(0.99), total)
+}
+
+/// Dispatch latencies (with the instant the job became dispatchable) of the phase-3 jobs that
+/// waited for a machine, and how many did not
+/// (the first wave). A group's jobs are interchangeable on its machines and dispatched FIFO, so
+/// the k-th job of a group (by id) is dispatchable at the later of its submission and the k-th
+/// instant a machine of the group was free: the phase start, then each instant of `freed`
+/// (machine, instant) at or after it.
+fn dispatch_latencies(
+    log: &Log,
+    jobs: &[(i64, Instant)],
+    freed: &[(MachineId, Instant)],
+    t3: Instant,
+    machines: u32,
+    groups: &HashMap<MachineId, u32>,
+) -> (Vec<(Instant, f64)>, usize) {
+    let group = |m: &MachineId| (groups[m] % 4) as usize;
+    let mut slots: Vec<Vec<Instant>> = vec![Vec::new(); 4];
+    for n in 0..machines {
+        slots[(n % 4) as usize].push(t3);
+    }
+    for (m, at) in freed {
+        if *at >= t3 {
+            slots[group(m)].push(*at);
+        }
+    }
+    for s in &mut slots {
+        s.sort();
+    }
+    let mut next = [0usize; 4];
+    let mut out = Vec::new();
+    let mut first_wave = 0;
+    for (id, queued_at) in jobs {
+        let (m, launched) = log.launched[id];
+        let g = group(&m);
+        let Some(slot) = slots[g].get(next[g]).copied() else {
+            continue;
+        };
+        next[g] += 1;
+        if slot <= *queued_at {
+            // A machine was free before the job was queued: it waited for its own
+            // submission, not for a machine.
+            first_wave += 1;
+            continue;
+        }
+        out.push((
+            slot,
+            launched.saturating_duration_since(slot).as_secs_f64() * 1000.0,
+        ));
+    }
+    (out, first_wave)
 }
 
 fn machine(n: u32) -> MachineId {
@@ -145,7 +204,14 @@ async fn main() {
     let pg = arg("--postgres-url", "postgres://postgres@127.0.0.1:5432/test");
     let machines: u32 = arg("--machines", "1000").parse().expect("--machines");
     let jobs: usize = arg("--jobs", "10000").parse().expect("--jobs");
-    let load: f64 = arg("--load", "0.5").parse().expect("--load");
+    let loads: Vec<f64> = arg("--load", "0.2,0.5")
+        .split(',')
+        .map(|l| {
+            l.trim()
+                .parse()
+                .expect("--load: fractions of the ceiling, comma-separated")
+        })
+        .collect();
     let idle_samples: usize = 200.min(jobs);
     let load_start = loadavg();
 
@@ -238,6 +304,22 @@ async fn main() {
     let mars_url = format!("http://127.0.0.1:{}", gw.ports.mars);
     let admin = MarsClient::new(&mars_url, Some(Secret::new(ADMIN)));
     let anon = MarsClient::new(&mars_url, None);
+    // The instant mars announces each event (right after its commit): when a released machine
+    // really is free, for the dispatch latency measured from the commit.
+    let announced: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
+    {
+        let mut rx = mars.store.subscribe();
+        let announced = announced.clone();
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let seq = *rx.borrow_and_update();
+                announced
+                    .lock()
+                    .expect("announced")
+                    .push((seq, Instant::now()));
+            }
+        });
+    }
     let t_reg = Instant::now();
     for n in 0..machines {
         let id = machine(n);
@@ -336,20 +418,18 @@ async fn main() {
                     .finish(id, JobStatus::Pass, "benchmark job")
                     .await
                     .expect("finish");
-                log.lock()
-                    .expect("log")
-                    .release_sent
-                    .push((m, Instant::now()));
+                let sent = Instant::now();
+                log.lock().expect("log").release_sent.push((m, sent));
                 admin
                     .release(&lease, ReleaseOutcome::Ok, None)
                     .await
                     .expect("release");
-                log.lock()
-                    .expect("log")
-                    .released
-                    .entry(m)
-                    .or_default()
-                    .push(Instant::now());
+                let back = Instant::now();
+                let mut log = log.lock().expect("log");
+                log.released.entry(m).or_default().push(back);
+                log.release_ms
+                    .push((sent, back.duration_since(sent).as_secs_f64() * 1000.0));
+                drop(log);
                 done.fetch_add(1, Ordering::SeqCst);
                 done_notify.notify_one();
             })
@@ -357,6 +437,8 @@ async fn main() {
     };
     let cfg = Config {
         artifacts_retention_days: 0.0,
+        // Inline jobs do not heartbeat their lease: it must outlive the longest hold.
+        lease_ttl_seconds: Some(3600),
         ..Default::default()
     };
     let exec = Executor::start_with(
@@ -469,11 +551,24 @@ async fn main() {
             out
         }
     };
+    // Waits until `target` jobs are done; a run in which no job ends for a minute beyond the
+    // longest hold is broken (a lost job, a machine out of service): fail, do not hang.
     let wait_done = |target: usize| {
-        let (done, done_notify) = (done.clone(), done_notify.clone());
+        let (done, done_notify, hold_ms) = (done.clone(), done_notify.clone(), hold_ms.clone());
         async move {
+            let mut last = (done.load(Ordering::SeqCst), Instant::now());
             while done.load(Ordering::SeqCst) < target {
                 let _ = tokio::time::timeout(Duration::from_secs(1), done_notify.notified()).await;
+                let now = done.load(Ordering::SeqCst);
+                if now != last.0 {
+                    last = (now, Instant::now());
+                }
+                let patience = Duration::from_millis(60_000 + 2 * hold_ms.load(Ordering::SeqCst));
+                assert!(
+                    last.1.elapsed() < patience,
+                    "no job ended for {} s: {now} of {target} done",
+                    patience.as_secs()
+                );
             }
         }
     };
@@ -522,50 +617,84 @@ async fn main() {
             .collect()
     };
 
-    // 3. Loaded gateway: the offered load is `load` × the ceiling. A machine cycles in
-    // hold + job time, so machines ÷ (hold + job) = load × ceiling.
+    // 3. Loaded gateway, once per offered load (a fraction of the ceiling): the rest of the
+    // jobs split evenly between the loads. A machine cycles in hold + job time, so
+    // machines ÷ (hold + job) = load × ceiling.
     let job_p50_ms = pct(&mut job_ms.clone(), 0.5);
-    let offered = load * max_jobs_per_s;
-    let hold = ((machines as f64 / offered) * 1000.0 - job_p50_ms).max(0.0);
-    hold_ms.store(hold as u64, Ordering::SeqCst);
-    let loaded = jobs - idle_samples - saturated;
-    let start_done = done.load(Ordering::SeqCst);
-    let t3 = Instant::now();
-    let load_jobs = submit_many(loaded).await;
-    wait_done(start_done + loaded).await;
-    let loaded_secs = t3.elapsed().as_secs_f64();
-    let load_end = loadavg();
-    let mut dispatch = Vec::new();
-    let mut first_wave = 0usize;
-    {
+    let loaded_total = jobs - idle_samples - saturated;
+    let mut phases = Vec::new();
+    for (k, load) in loads.iter().copied().enumerate() {
+        let loaded = if k + 1 == loads.len() {
+            loaded_total - loaded_total / loads.len() * k
+        } else {
+            loaded_total / loads.len()
+        };
+        let offered = load * max_jobs_per_s;
+        let hold = ((machines as f64 / offered) * 1000.0 - job_p50_ms).max(0.0);
+        hold_ms.store(hold as u64, Ordering::SeqCst);
+        let start_done = done.load(Ordering::SeqCst);
+        let seq3 = mars.store.latest_seq().await.expect("mars seq");
+        let t3 = Instant::now();
+        let load_jobs = submit_many(loaded).await;
+        wait_done(start_done + loaded).await;
+        let loaded_secs = t3.elapsed().as_secs_f64();
+        // When each machine released in this phase was free in mars: the first announcement
+        // of its release event's seq or a later one (seqs are assigned in commit order on
+        // SQLite; on PostgreSQL in insertion order, close to it).
+        let mut committed: Vec<(MachineId, Instant)> = Vec::new();
+        {
+            let announced = announced.lock().expect("announced").clone();
+            let mut cursor = seq3;
+            loop {
+                let events = mars
+                    .store
+                    .events_after(cursor, 5000)
+                    .await
+                    .expect("mars events");
+                let Some(last) = events.last() else { break };
+                cursor = last.seq;
+                for ev in events.iter().filter(|e| e.kind == "lease_released") {
+                    let i = announced.partition_point(|(seq, _)| *seq < ev.seq);
+                    if let Some((_, at)) = announced.get(i) {
+                        committed.push((ev.machine_id, *at));
+                    }
+                }
+            }
+        }
         let log = log.lock().expect("log");
-        let group = |m: &MachineId| groups[m] % 4;
-        // Instants a machine of each group became free: phase start, then each release.
-        let mut slots: Vec<Vec<Instant>> = vec![Vec::new(); 4];
-        for n in 0..machines {
-            slots[(n % 4) as usize].push(t3);
-        }
-        for (m, at) in &log.release_sent {
-            if *at >= t3 {
-                slots[group(m) as usize].push(*at);
-            }
-        }
-        for s in &mut slots {
-            s.sort();
-        }
-        let mut next = [0usize; 4];
-        for (id, queued_at) in &load_jobs {
-            let (m, launched) = log.launched[id];
-            let g = group(&m) as usize;
-            let slot = slots[g][next[g]];
-            next[g] += 1;
-            if slot <= *queued_at {
-                // A machine was free before the job was queued: it waited for its own
-                // submission, not for a machine.
-                first_wave += 1;
-                continue;
-            }
-            dispatch.push(launched.saturating_duration_since(slot).as_secs_f64() * 1000.0);
+        let mut release_ms: Vec<f64> = log
+            .release_ms
+            .iter()
+            .filter(|(sent, _)| *sent >= t3)
+            .map(|(_, ms)| *ms)
+            .collect();
+        let (sent, first_wave) =
+            dispatch_latencies(&log, &load_jobs, &log.release_sent, t3, machines, &groups);
+        let (from_commit, _) =
+            dispatch_latencies(&log, &load_jobs, &committed, t3, machines, &groups);
+        drop(log);
+        let mut sent: Vec<f64> = sent.into_iter().map(|(_, ms)| ms).collect();
+        let mut from_commit: Vec<f64> = from_commit.into_iter().map(|(_, ms)| ms).collect();
+        let phase = json!({
+            "jobs": loaded,
+            "load": load,
+            "offered_jobs_per_s": offered,
+            "hold_ms_mean": hold,
+            "jobs_per_s": loaded as f64 / loaded_secs,
+            "from_commit_ms": {"p50": pct(&mut from_commit.clone(), 0.5), "p99": pct(&mut from_commit.clone(), 0.99), "max": pct(&mut from_commit, 1.0), "n": from_commit.len()},
+            "from_release_sent_ms": {"p50": pct(&mut sent.clone(), 0.5), "p99": pct(&mut sent.clone(), 0.99), "max": pct(&mut sent, 1.0), "n": sent.len()},
+            "release_round_trip_ms": {"p50": pct(&mut release_ms.clone(), 0.5), "p99": pct(&mut release_ms, 0.99)},
+            "first_wave": first_wave,
+            "loadavg_end": loadavg(),
+        });
+        eprintln!("phase at {load} × the ceiling: {phase}");
+        phases.push(phase);
+    }
+    let load_end = loadavg();
+    for name in ["executor", "mars", "pdu"] {
+        let wal = tmp.path().join(format!("{name}.db-wal"));
+        if let Ok(meta) = std::fs::metadata(&wal) {
+            eprintln!("{name}: WAL {} KiB at the end", meta.len() / 1024);
         }
     }
 
@@ -602,7 +731,10 @@ async fn main() {
         };
         get("_sum") / get("_count") * 1000.0
     };
+    // Per step of a dispatch round, over the whole run: mean and the upper bound of the
+    // bucket holding the 99th percentile.
     let steps: serde_json::Map<String, serde_json::Value> = [
+        "db_checkpoint_seconds",
         "executor_mars_event_delay_seconds",
         "executor_dispatch_step_seconds{step=\"round\"}",
         "executor_dispatch_step_seconds{step=\"plan\"}",
@@ -611,14 +743,18 @@ async fn main() {
         "executor_dispatch_step_seconds{step=\"commit\"}",
     ]
     .iter()
-    .map(|s| (s.to_string(), json!(mean_ms(s))))
+    .map(|s| {
+        let (_, p99, _) = histogram_quantiles(&metrics, s);
+        (
+            s.to_string(),
+            json!({"mean": mean_ms(s), "p99_le": p99 * 1000.0}),
+        )
+    })
     .collect();
-    eprintln!("mean ms per step: {}", json!(steps));
     let mean_batch =
         counter("executor_jobs_dispatched_total") / counter("executor_dispatch_batches_total");
-    let f2 = |v: f64| format!("{v:.2}");
+    let f2 = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(f64::NAN));
     let floor_p50 = pct(&mut floor_ms.clone(), 0.5);
-    let dispatch_p50 = pct(&mut dispatch.clone(), 0.5);
     let result = json!({
         "backend": backend,
         "machines": machines,
@@ -632,53 +768,48 @@ async fn main() {
             "freed_to_next_launch_ms": {"p50": pct(&mut freed_to_next.clone(), 0.5), "p99": pct(&mut freed_to_next, 0.99)},
             "job_ms": {"p50": job_p50_ms, "p99": pct(&mut job_ms, 0.99)},
         },
-        "loaded": {
-            "jobs": loaded,
-            "load": load,
-            "offered_jobs_per_s": offered,
-            "hold_ms_mean": hold,
-            "jobs_per_s": loaded as f64 / loaded_secs,
-            "dispatch_latency_ms": {"p50": dispatch_p50, "p99": pct(&mut dispatch.clone(), 0.99), "max": pct(&mut dispatch.clone(), 1.0), "n": dispatch.len()},
-            "first_wave": first_wave,
-        },
+        "loaded": phases,
         "dispatch_txn_s_histogram": {"p50_le": dispatch_txn_p50, "p99_le": dispatch_txn_p99, "n": dispatch_txn_n},
         "mean_dispatch_batch": mean_batch,
-        "mean_step_ms": steps,
+        "step_ms": steps,
         "loadavg": {"start": load_start, "end": load_end},
     });
     println!("{result}");
-    // One plain line for `cargo xtask bench scheduler` (which has no JSON parser).
-    println!(
-        "RESULT backend={backend} machines={machines} jobs={jobs} floor_p50={} floor_p99={} \
-         power_p50={} power_p99={} disp_p50={} disp_p99={} disp_n={} offered={:.0} hold_ms={:.0} \
-         loaded_jps={:.0} max_jps={:.0} freed_p50={:.0} freed_p99={:.0} submit_ps={:.0} \
-         ratio={:.1} load_start={load_start} load_end={load_end}",
-        f2(floor_p50),
-        f2(result["floor_txn_ms"]["p99"].as_f64().unwrap_or(f64::NAN)),
-        f2(result["submit_to_power_on_ms"]["p50"]
-            .as_f64()
-            .unwrap_or(f64::NAN)),
-        f2(result["submit_to_power_on_ms"]["p99"]
-            .as_f64()
-            .unwrap_or(f64::NAN)),
-        f2(dispatch_p50),
-        f2(result["loaded"]["dispatch_latency_ms"]["p99"]
-            .as_f64()
-            .unwrap_or(f64::NAN)),
-        dispatch.len(),
-        offered,
-        hold,
-        loaded as f64 / loaded_secs,
-        max_jobs_per_s,
-        result["saturated"]["freed_to_next_launch_ms"]["p50"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
-        result["saturated"]["freed_to_next_launch_ms"]["p99"]
-            .as_f64()
-            .unwrap_or(f64::NAN),
-        saturated as f64 / submit_secs,
-        dispatch_p50 / floor_p50,
-    );
+    // Plain lines for `cargo xtask bench scheduler` (which has no JSON parser): one per load.
+    for phase in &phases {
+        println!(
+            "RESULT backend={backend} machines={machines} jobs={jobs} load={} floor_p50={} \
+             floor_p99={} power_p50={} power_p99={} disp_p50={} disp_p99={} disp_n={} \
+             sent_p50={} sent_p99={} rel_p50={} rel_p99={} offered={:.0} hold_ms={:.0} \
+             loaded_jps={:.0} max_jps={:.0} freed_p50={:.0} freed_p99={:.0} submit_ps={:.0} \
+             ratio={:.1} load_start={load_start} load_end={}",
+            phase["load"],
+            f2(&result["floor_txn_ms"]["p50"]),
+            f2(&result["floor_txn_ms"]["p99"]),
+            f2(&result["submit_to_power_on_ms"]["p50"]),
+            f2(&result["submit_to_power_on_ms"]["p99"]),
+            f2(&phase["from_commit_ms"]["p50"]),
+            f2(&phase["from_commit_ms"]["p99"]),
+            phase["from_commit_ms"]["n"],
+            f2(&phase["from_release_sent_ms"]["p50"]),
+            f2(&phase["from_release_sent_ms"]["p99"]),
+            f2(&phase["release_round_trip_ms"]["p50"]),
+            f2(&phase["release_round_trip_ms"]["p99"]),
+            phase["offered_jobs_per_s"].as_f64().unwrap_or(f64::NAN),
+            phase["hold_ms_mean"].as_f64().unwrap_or(f64::NAN),
+            phase["jobs_per_s"].as_f64().unwrap_or(f64::NAN),
+            max_jobs_per_s,
+            result["saturated"]["freed_to_next_launch_ms"]["p50"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            result["saturated"]["freed_to_next_launch_ms"]["p99"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+            saturated as f64 / submit_secs,
+            phase["from_commit_ms"]["p50"].as_f64().unwrap_or(f64::NAN) / floor_p50,
+            phase["loadavg_end"].as_str().unwrap_or("?"),
+        );
+    }
     shutdown.cancel();
     pdu_running.stop().await;
     if backend == "postgres" {

@@ -417,6 +417,7 @@ impl Store {
             next.version = cur.version + 1;
             let turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
+            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             if !update_row(&mut tx, &next, cur.version).await? {
                 tx.rollback().await?;
                 drop(turn);
@@ -469,6 +470,7 @@ impl Store {
             row.full_name = format!("{}-{}-{}", self.farm, row.base_name, row.name_index);
             let _turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
+            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             let initial = MachineState::WaitForConfig;
             row.state = initial;
             match insert_row(&mut tx, &row).await {
@@ -589,6 +591,7 @@ impl Store {
             // past releases, registrations and training bookkeeping queued before it.
             let turn = self.db.priority_write_turn().await;
             let mut tx = self.db.pool().begin().await?;
+            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             for i in pending {
                 let op = &ops[i];
                 let Some(cur) = rows.get(&op.id) else {
@@ -1034,6 +1037,28 @@ async fn update_row(
         ))),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Makes the transactions that write machine events commit in the order of their events'
+/// `seq`. Followers of `GET /api/v1/events` read `seq > cursor` and move the cursor to the last
+/// seq they got; on PostgreSQL seqs come from a sequence, so a transaction could take seq 104,
+/// another 105, the second commit first, and a follower that read 105 would never see 104 —
+/// a released machine the executor would believe busy for good. Every event-writing
+/// transaction therefore takes one transaction-scoped advisory lock before anything else (first,
+/// so that no row lock is held while waiting for it). SQLite has a single writer already.
+async fn commit_in_seq_order(
+    tx: &mut Transaction<'_, Any>,
+    backend: Backend,
+) -> Result<(), StoreError> {
+    /// The lock's key: "mars" "ev" in ASCII, unique to this use in the database.
+    const EVENT_ORDER_LOCK: i64 = 0x6d61_7273_6576;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
+            .bind(EVENT_ORDER_LOCK)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn insert_event(

@@ -50,37 +50,49 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         if let Some(json) = stdout.lines().find(|l| l.starts_with('{')) {
             println!("  {json}");
         }
-        let line = stdout
+        let lines: Vec<&str> = stdout
             .lines()
-            .find_map(|l| l.strip_prefix("RESULT "))
-            .context("the benchmark printed no RESULT line")?;
-        let f: HashMap<&str, &str> = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
+            .filter_map(|l| l.strip_prefix("RESULT "))
             .collect();
-        let g = |k: &str| -> anyhow::Result<String> {
-            f.get(k)
-                .map(|v| v.to_string())
-                .with_context(|| format!("RESULT line without {k}: {line}"))
-        };
-        rows.push(vec![
-            g("backend")?,
-            format!("{} / {}", g("machines")?, g("jobs")?),
-            format!("{} / {}", g("power_p50")?, g("power_p99")?),
-            format!(
-                "{} / {} (n = {})",
-                g("disp_p50")?,
-                g("disp_p99")?,
-                g("disp_n")?
-            ),
-            format!("{} ({} ms hold)", g("offered")?, g("hold_ms")?),
-            format!("{} / {}", g("floor_p50")?, g("floor_p99")?),
-            format!("×{}", g("ratio")?),
-            g("max_jps")?,
-            format!("{} / {}", g("freed_p50")?, g("freed_p99")?),
-            g("submit_ps")?,
-            format!("{} → {}", g("load_start")?, g("load_end")?),
-        ]);
+        if lines.is_empty() {
+            bail!("the {backend} scheduler benchmark printed no RESULT line");
+        }
+        for line in lines {
+            let f: HashMap<&str, &str> = line
+                .split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .collect();
+            let g = |k: &str| -> anyhow::Result<String> {
+                f.get(k)
+                    .map(|v| v.to_string())
+                    .with_context(|| format!("RESULT line without {k}: {line}"))
+            };
+            rows.push(vec![
+                g("backend")?,
+                format!("{} / {}", g("machines")?, g("jobs")?),
+                format!("{} / {}", g("power_p50")?, g("power_p99")?),
+                format!(
+                    "{} / {} (n = {})",
+                    g("disp_p50")?,
+                    g("disp_p99")?,
+                    g("disp_n")?
+                ),
+                format!("{} / {}", g("sent_p50")?, g("sent_p99")?),
+                format!(
+                    "{} = {} × ceiling ({} ms hold); ran at {}",
+                    g("offered")?,
+                    g("load")?,
+                    g("hold_ms")?,
+                    g("loaded_jps")?
+                ),
+                format!("{} / {}", g("floor_p50")?, g("floor_p99")?),
+                format!("×{}", g("ratio")?),
+                g("max_jps")?,
+                format!("{} / {}", g("freed_p50")?, g("freed_p99")?),
+                g("submit_ps")?,
+                format!("{} → {}", g("load_start")?, g("load_end")?),
+            ]);
+        }
     }
     if args.write && !args.quick {
         append_table(
@@ -91,7 +103,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 "store",
                 "machines / jobs",
                 "submit → power-on p50 / p99 (ms, idle gateway)",
-                "dispatch latency p50 / p99 (ms, loaded)",
+                "dispatch latency p50 / p99 (ms, from the release's commit)",
+                "same, from the release request sent (ms)",
                 "offered load (jobs/s)",
                 "floor: one transaction p50 / p99 (ms)",
                 "dispatch p50 ÷ floor p50",
@@ -104,10 +117,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "Jobs run inline in the executor (power on, power off through the pdu service, \
              finish, release): the figures are the gateway's path, not process start-up. \
              *Dispatch latency*: from the instant a job is dispatchable (queued, and a \
-             matching machine free — counted from the moment the release request of the \
-             previous job is sent) to its launch, for the jobs that waited for a machine, \
-             while the jobs hold their machines so that the offered load is half the \
-             ceiling. *Ceiling*: jobs/s with jobs that release their machine at once \
+             matching machine free) to its launch, for the jobs that waited for a machine, \
+             while the jobs hold their machines so that the offered load is the stated \
+             fraction of the ceiling. A machine is free from the moment mars commits its \
+             release (announced to mars' event subscribers); the next column counts from the \
+             release request being sent instead, so it also holds mars' handling of the \
+             release. *Ceiling*: jobs/s with jobs that release their machine at once \
              (every machine always wanted); a freed machine then waits its turn, which is \
              the *saturated* column (machines ÷ ceiling), not dispatch work. *Floor*: one \
              write transaction (UPDATE of one row, commit) on the executor's database. \
