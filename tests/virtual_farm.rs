@@ -202,6 +202,17 @@ impl Run {
             share: self.share,
         }
     }
+
+    /// [`Run::wait`], then panics with dutctl's output unless it exited with `code`.
+    fn wait_for_code(self, timeout: Duration, code: i32, what: &str) -> Finished {
+        let done = self.wait(timeout);
+        assert_eq!(
+            done.code, code,
+            "{what}: dutctl exited {} instead of {code}:\n{}\n{}",
+            done.code, done.stderr, done.stdout
+        );
+        done
+    }
 }
 
 impl Farm {
@@ -619,12 +630,7 @@ fn virtual_farm_end_to_end() {
     let pass = farm.spawn_run("hello", &hello, &[], &["-t", COMMON_TAG]);
     let fail = farm.spawn_run("fail", &failing, &[], &[]);
     let pass_id = farm.wait_for("hello job id", Duration::from_secs(30), |_| pass.job_id());
-    let pass = pass.wait(job_timeout);
-    assert_eq!(
-        pass.code, 0,
-        "hello.yml did not PASS:\n{}\n{}",
-        pass.stderr, pass.stdout
-    );
+    let pass = pass.wait_for_code(job_timeout, 0, "hello.yml did not PASS");
     assert!(pass.stdout.contains("Hello from"), "{}", pass.stdout);
     let console = std::fs::read_to_string(pass.share.join("console.log")).unwrap();
     assert!(
@@ -639,12 +645,7 @@ fn virtual_farm_end_to_end() {
         serde_json::json!([COMMON_TAG]),
         "{job:#}"
     );
-    let fail = fail.wait(job_timeout);
-    assert_eq!(
-        fail.code, 3,
-        "the failing job did not FAIL:\n{}\n{}",
-        fail.stderr, fail.stdout
-    );
+    let fail = fail.wait_for_code(job_timeout, 3, "the failing job did not FAIL");
     assert!(
         fail.stdout
             .contains("Execution is over, pipeline status: 7"),
@@ -745,18 +746,8 @@ fn virtual_farm_end_to_end() {
     );
 
     let on_a_id = on_a.job_id().unwrap();
-    let on_a = on_a.wait(job_timeout);
-    assert_eq!(
-        on_a.code, 0,
-        "the job on the retired machine:\n{}\n{}",
-        on_a.stderr, on_a.stdout
-    );
-    let on_b = on_b.wait(job_timeout);
-    assert_eq!(
-        on_b.code, 0,
-        "the job across the restart:\n{}\n{}",
-        on_b.stderr, on_b.stdout
-    );
+    let on_a = on_a.wait_for_code(job_timeout, 0, "the job on the retired machine");
+    let on_b = on_b.wait_for_code(job_timeout, 0, "the job across the restart");
     assert!(on_b.stdout.contains("slept"), "{}", on_b.stdout);
     let written = std::fs::read_to_string(on_b.share.join("bucket").join("hello.txt")).unwrap();
     assert!(written.starts_with("Hello from"), "{written}");
@@ -768,12 +759,7 @@ fn virtual_farm_end_to_end() {
             .any(|e| e["data"]["action"] == "attached"),
         "the restarted executor did not re-attach to job {on_b_id}: {events_b:#?}"
     );
-    let queued = queued.wait(job_timeout);
-    assert_eq!(
-        queued.code, 0,
-        "the queued job:\n{}\n{}",
-        queued.stderr, queued.stdout
-    );
+    let queued = queued.wait_for_code(job_timeout, 0, "the queued job");
     let (job_q, _) = farm.job(queued_id).unwrap();
     assert_eq!(job_q["machine_id"], b.as_str(), "{job_q:#}");
     // A was free (and retired) well before B: the queued job waited for B.
@@ -815,12 +801,7 @@ fn virtual_farm_end_to_end() {
     let silent_id = farm.wait_for("silent job id", Duration::from_secs(30), |_| {
         silent.job_id()
     });
-    let silent = silent.wait(job_timeout);
-    assert_eq!(
-        silent.code, 4,
-        "the silent job:\n{}\n{}",
-        silent.stderr, silent.stdout
-    );
+    let silent = silent.wait_for_code(job_timeout, 4, "the silent job");
     let (job_s, events_s) = farm.job(silent_id).unwrap();
     assert_eq!(job_s["status"], "INCOMPLETE", "{job_s:#}");
     assert_eq!(job_s["console_bytes"], 0, "{job_s:#}");

@@ -330,7 +330,7 @@ impl Db {
     }
 
     /// The fast lane (see [`WriteGate`]): for the one latency-critical writer of a service
-    /// (the executor's dispatch commit).
+    /// (the executor's dispatch commit, mars' lease batch).
     pub async fn priority_write_turn(&self) -> Option<WriteTurn> {
         match self.backend {
             Backend::Sqlite => Some(WriteTurn {

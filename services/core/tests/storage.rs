@@ -96,23 +96,27 @@ async fn reopening_keeps_data_and_migrations_are_idempotent() {
     assert_eq!(row.get::<String, _>("value"), "v");
 }
 
+/// A service's SQLite database in `dir` (these properties are SQLite's alone).
+async fn sqlite(dir: &tempfile::TempDir) -> dutgate_core::db::Db {
+    dutgate_core::db::Db::open_sqlite(&dir.path().join("service.db"), MIGRATIONS)
+        .await
+        .unwrap()
+}
+
 /// Writers of one process take turns on SQLite: 64 concurrent transactions, each reading a
 /// counter and writing it back plus one, all commit and none is lost (without the turn, a
 /// deferred transaction that read first fails with SQLITE_BUSY when it tries to write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_writers_take_turns() {
-    let dbs = databases("coreturns", MIGRATIONS).await;
-    let db = dbs
-        .iter()
-        .find(|d| d.backend() == Backend::Sqlite)
-        .expect("a SQLite database");
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
     sqlx::query("INSERT INTO kv (key, value) VALUES ('n', '0')")
         .execute(db.pool())
         .await
         .unwrap();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..64 {
-        let db = (*db).clone();
+        let db = db.clone();
         set.spawn(async move {
             let _turn = db.write_turn().await;
             let mut tx = db.pool().begin().await?;
@@ -138,20 +142,15 @@ async fn sqlite_writers_take_turns() {
         .try_get(0)
         .unwrap();
     assert_eq!(n, "64");
-    for db in dbs {
-        db.cleanup().await;
-    }
+    db.close().await;
 }
 
 /// A service's SQLite file is checkpointed in the background: pages written to the WAL reach
 /// the database file well before SQLite's own checkpoint (at 1,000 WAL pages) would copy them.
 #[tokio::test]
 async fn sqlite_wal_is_checkpointed_in_the_background() {
-    let dbs = databases("coreckpt", MIGRATIONS).await;
-    let db = dbs
-        .iter()
-        .find(|d| d.backend() == Backend::Sqlite)
-        .expect("a SQLite database");
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite(&dir).await;
     let path = db.target().to_string();
     // Let the checkpointer copy the migrations first, then measure what the inserts add.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -182,7 +181,5 @@ async fn sqlite_wal_is_checkpointed_in_the_background() {
         grown >= 100 * 3000,
         "the database file grew by {grown} bytes in 2.5 s: the WAL was not checkpointed"
     );
-    for db in dbs {
-        db.cleanup().await;
-    }
+    db.close().await;
 }

@@ -3,7 +3,7 @@
 //! PostgreSQL), so every state change is a conditional update checked against
 //! [`crate::model::transition`].
 
-use dutgate_core::db::{Backend, Db, DbError, Migrations, WriteTurn};
+use dutgate_core::db::{Backend, Db, DbError, Migrations};
 use dutgate_core::{JobStatus, MachineId};
 use serde_json::Value;
 use sqlx::migrate::Migrator;
@@ -210,18 +210,6 @@ impl Store {
         Self { db }
     }
 
-    /// An ordinary writer's turn on SQLite (see [`Db::write_turn`]).
-    async fn gate(&self) -> Option<WriteTurn> {
-        self.db.write_turn().await
-    }
-
-    /// The dispatch commit's turn: the fast lane, so that a dispatch waits for at most the
-    /// write in progress and one ordinary writer, not for every job's bookkeeping queued
-    /// before it (see [`Db::priority_write_turn`]).
-    async fn gate_dispatch(&self) -> Option<WriteTurn> {
-        self.db.priority_write_turn().await
-    }
-
     pub fn db(&self) -> &Db {
         &self.db
     }
@@ -233,7 +221,7 @@ impl Store {
     /// Persists a submitted job and its `submitted` event in one transaction.
     pub async fn insert(&self, job: &NewJob) -> Result<i64, StoreError> {
         let tags = serde_json::to_string(&job.target_tags).unwrap_or_else(|_| "[]".into());
-        let _gate = self.gate().await;
+        let _gate = self.db.write_turn().await;
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query(
             "INSERT INTO jobs (external_id, state, priority, purpose, job_yaml, target_id, \
@@ -403,7 +391,9 @@ impl Store {
                 source,
             }
         })?;
-        let _gate = self.gate_dispatch().await;
+        // The fast lane: the dispatch waits for at most the write in progress and one
+        // ordinary writer, not for every job's bookkeeping queued before it.
+        let _gate = self.db.priority_write_turn().await;
         let mut tx = match claim.tx {
             Some(tx) => tx,
             None => self.pool().begin().await?,
@@ -512,7 +502,9 @@ impl Store {
             }
         })?;
         let claimed: std::collections::HashSet<i64> = batch.ids.iter().copied().collect();
-        let _gate = self.gate_dispatch().await;
+        // The fast lane: the dispatch waits for at most the write in progress and one
+        // ordinary writer, not for every job's bookkeeping queued before it.
+        let _gate = self.db.priority_write_turn().await;
         let mut tx = match batch.tx {
             Some(tx) => tx,
             None if items.iter().any(|d| claimed.contains(&d.id)) => self.pool().begin().await?,
@@ -594,7 +586,7 @@ impl Store {
             };
         }
         let n = {
-            let _gate = self.gate().await;
+            let _gate = self.db.write_turn().await;
             q.execute(self.pool()).await?.rows_affected()
         };
         if n == 0 {
@@ -666,7 +658,7 @@ impl Store {
     }
 
     pub async fn set_phase(&self, id: i64, phase: &str) -> Result<(), StoreError> {
-        let _gate = self.gate().await;
+        let _gate = self.db.write_turn().await;
         sqlx::query("UPDATE jobs SET phase = $1 WHERE id = $2")
             .bind(phase.to_string())
             .bind(id)
@@ -676,7 +668,7 @@ impl Store {
     }
 
     pub async fn set_boots(&self, id: i64, boots: i64) -> Result<(), StoreError> {
-        let _gate = self.gate().await;
+        let _gate = self.db.write_turn().await;
         sqlx::query("UPDATE jobs SET boots = $1 WHERE id = $2")
             .bind(boots)
             .bind(id)
@@ -686,7 +678,7 @@ impl Store {
     }
 
     pub async fn set_has_tarball(&self, id: i64, has: bool) -> Result<(), StoreError> {
-        let _gate = self.gate().await;
+        let _gate = self.db.write_turn().await;
         sqlx::query("UPDATE jobs SET has_tarball = $1 WHERE id = $2")
             .bind(i64::from(has))
             .bind(id)
@@ -697,7 +689,7 @@ impl Store {
 
     /// Flags a cancellation request (for a dispatched or running job).
     pub async fn request_cancel(&self, id: i64) -> Result<bool, StoreError> {
-        let _gate = self.gate().await;
+        let _gate = self.db.write_turn().await;
         let n = sqlx::query(
             "UPDATE jobs SET cancel_requested = 1 WHERE id = $1 AND state <> 'FINISHED'",
         )
@@ -720,7 +712,7 @@ impl Store {
         // the primary key refuses the loser, which simply tries again.
         let mut last = None;
         for _ in 0..8 {
-            let _gate = self.gate().await;
+            let _gate = self.db.write_turn().await;
             let mut tx = self.pool().begin().await?;
             match insert_event(&mut tx, job_id, kind, message, &data).await {
                 Ok(seq) => {

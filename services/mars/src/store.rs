@@ -1045,18 +1045,18 @@ async fn update_row(
 /// another 105, the second commit first, and a follower that read 105 would never see 104 —
 /// a released machine the executor would believe busy for good. Every event-writing
 /// transaction therefore takes one transaction-scoped advisory lock before anything else (first,
-/// so that no row lock is held while waiting for it). SQLite has a single writer already.
+/// so that no row lock is held while waiting for it), keyed by the schema so that marses of
+/// other schemas in the same database do not wait for it. SQLite has a single writer already.
 async fn commit_in_seq_order(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
 ) -> Result<(), StoreError> {
-    /// The lock's key: "mars" "ev" in ASCII, unique to this use in the database.
-    const EVENT_ORDER_LOCK: i64 = 0x6d61_7273_6576;
     if backend == Backend::Postgres {
-        sqlx::query("SELECT 1 FROM pg_advisory_xact_lock($1)")
-            .bind(EVENT_ORDER_LOCK)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "SELECT 1 FROM pg_advisory_xact_lock(hashtext('mars events ' || current_schema()))",
+        )
+        .execute(&mut **tx)
+        .await?;
     }
     Ok(())
 }
