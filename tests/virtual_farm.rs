@@ -746,7 +746,7 @@ fn virtual_farm_end_to_end() {
     );
 
     let on_a_id = on_a.job_id().unwrap();
-    let on_a = on_a.wait_for_code(job_timeout, 0, "the job on the retired machine");
+    on_a.wait_for_code(job_timeout, 0, "the job on the retired machine");
     let on_b = on_b.wait_for_code(job_timeout, 0, "the job across the restart");
     assert!(on_b.stdout.contains("slept"), "{}", on_b.stdout);
     let written = std::fs::read_to_string(on_b.share.join("bucket").join("hello.txt")).unwrap();
@@ -759,7 +759,7 @@ fn virtual_farm_end_to_end() {
             .any(|e| e["data"]["action"] == "attached"),
         "the restarted executor did not re-attach to job {on_b_id}: {events_b:#?}"
     );
-    let queued = queued.wait_for_code(job_timeout, 0, "the queued job");
+    queued.wait_for_code(job_timeout, 0, "the queued job");
     let (job_q, _) = farm.job(queued_id).unwrap();
     assert_eq!(job_q["machine_id"], b.as_str(), "{job_q:#}");
     // A was free (and retired) well before B: the queued job waited for B.
@@ -801,7 +801,7 @@ fn virtual_farm_end_to_end() {
     let silent_id = farm.wait_for("silent job id", Duration::from_secs(30), |_| {
         silent.job_id()
     });
-    let silent = silent.wait_for_code(job_timeout, 4, "the silent job");
+    silent.wait_for_code(job_timeout, 4, "the silent job");
     let (job_s, events_s) = farm.job(silent_id).unwrap();
     assert_eq!(job_s["status"], "INCOMPLETE", "{job_s:#}");
     assert_eq!(job_s["console_bytes"], 0, "{job_s:#}");
