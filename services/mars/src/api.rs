@@ -473,9 +473,15 @@ async fn events(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(60.0));
     let mut rx = s.mars.store.subscribe();
+    // From memory when it provably holds every event after the cursor (SQLite), else from
+    // the table; the periodic re-read always reads the table.
+    let mut from_table = false;
     loop {
         rx.borrow_and_update();
-        let events = s.mars.store.events_after(q.after, 1000).await?;
+        let events = match s.mars.store.recent_events_after(q.after, 1000) {
+            Some(events) if !from_table => events,
+            _ => s.mars.store.events_after(q.after, 1000).await?,
+        };
         let now = tokio::time::Instant::now();
         if !events.is_empty() || now >= deadline || s.shutdown.is_cancelled() {
             let next = events.last().map(|e| e.seq).unwrap_or(q.after);
@@ -483,8 +489,8 @@ async fn events(
         }
         let recheck = (now + Duration::from_secs(2)).min(deadline);
         tokio::select! {
-            _ = rx.changed() => {}
-            _ = tokio::time::sleep_until(recheck) => {}
+            _ = rx.changed() => from_table = false,
+            _ = tokio::time::sleep_until(recheck) => from_table = true,
             _ = s.shutdown.cancelled() => {}
         }
     }

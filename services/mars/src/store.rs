@@ -153,6 +153,47 @@ pub struct Store {
     db: Db,
     farm: Arc<str>,
     events_tx: Arc<watch::Sender<i64>>,
+    recent: Arc<std::sync::Mutex<RecentEvents>>,
+}
+
+/// Events committed lately, newest last, for the event stream to answer a follower from
+/// memory instead of reading them back (that read sat on every dispatch's path).
+///
+/// SQLite only: one mars writes a database, and `AUTOINCREMENT` seqs of committed events
+/// have no gaps, so the ring can prove it is complete. It only ever holds consecutive seqs
+/// (an event that does not follow the newest one empties it first), and a follower is
+/// answered from it only if it holds every seq after the follower's cursor up to the newest
+/// one announced. Anything else — PostgreSQL (sequences leave gaps, other gateways write),
+/// an older cursor — reads the table.
+#[derive(Default)]
+struct RecentEvents {
+    events: std::collections::VecDeque<MachineEvent>,
+}
+
+/// Events kept in [`RecentEvents`].
+const RECENT_EVENTS: usize = 4096;
+
+impl RecentEvents {
+    fn push(&mut self, e: MachineEvent) {
+        if self.events.back().is_some_and(|last| e.seq != last.seq + 1) {
+            self.events.clear();
+        }
+        self.events.push_back(e);
+        if self.events.len() > RECENT_EVENTS {
+            self.events.pop_front();
+        }
+    }
+
+    /// Every event after `after` up to `latest`, at most `limit`, if all of them are here.
+    fn after(&self, after: i64, latest: i64, limit: usize) -> Option<Vec<MachineEvent>> {
+        let first = self.events.front()?.seq;
+        let last = self.events.back()?.seq;
+        if after + 1 < first || last < latest {
+            return None;
+        }
+        let skip = usize::try_from((after + 1 - first).max(0)).ok()?;
+        Some(self.events.iter().skip(skip).take(limit).cloned().collect())
+    }
 }
 
 fn decode_err(e: impl std::fmt::Display) -> StoreError {
@@ -278,6 +319,7 @@ impl Store {
             db,
             farm: Arc::from(farm),
             events_tx: Arc::new(tx),
+            recent: Arc::default(),
         }
     }
 
@@ -292,6 +334,33 @@ impl Store {
     /// Wakes up on every event this process records (the value is the latest seq it knows).
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.events_tx.subscribe()
+    }
+
+    /// Makes committed events known: to the recent-events ring (SQLite) and to subscribers.
+    /// Called right after the commit, before the write turn is given back, so that events
+    /// arrive here in seq order.
+    fn announce(&self, events: Vec<MachineEvent>) {
+        let Some(seq) = events.iter().map(|e| e.seq).max() else {
+            return;
+        };
+        if self.db.backend() == Backend::Sqlite
+            && let Ok(mut recent) = self.recent.lock()
+        {
+            for e in events {
+                recent.push(e);
+            }
+        }
+        self.notify(seq);
+    }
+
+    /// The events after `after` (at most `limit`) from memory, when the recent-events ring
+    /// provably holds all of them; `None` means: read the table ([`Store::events_after`]).
+    pub fn recent_events_after(&self, after: i64, limit: usize) -> Option<Vec<MachineEvent>> {
+        if self.db.backend() != Backend::Sqlite {
+            return None;
+        }
+        let latest = *self.events_tx.borrow();
+        self.recent.lock().ok()?.after(after, latest, limit)
     }
 
     fn notify(&self, seq: i64) {
@@ -424,10 +493,10 @@ impl Store {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let seq = insert_event(&mut tx, id, cur.state, to, kind, cause).await?;
+            let event = insert_event(&mut tx, id, cur.state, to, kind, cause).await?;
             tx.commit().await?;
+            self.announce(vec![event]);
             drop(turn);
-            self.notify(seq);
             if cur.state != to {
                 tracing::info!(machine = %id, from = %cur.state, to = %to, kind, actor = %cause.actor, reason = %cause.reason, "machine state changed");
                 metrics::counter!("mars_transitions_total", "to" => to.as_str()).increment(1);
@@ -485,7 +554,7 @@ impl Store {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let mut seqs =
+            let mut events =
                 vec![insert_event(&mut tx, row.id, initial, initial, "registered", cause).await?];
             if let Some(d) = discovery {
                 let to = transition(initial, Trigger::Configure)?;
@@ -504,7 +573,7 @@ impl Store {
                             cause.actor.clone(),
                             format!("discovered on PDU {} port {}", d.pdu, d.port_id),
                         );
-                        seqs.push(
+                        events.push(
                             insert_event(
                                 &mut tx,
                                 row.id,
@@ -530,9 +599,7 @@ impl Store {
                 }
             }
             tx.commit().await?;
-            if let Some(s) = seqs.iter().max() {
-                self.notify(*s);
-            }
+            self.announce(events);
             tracing::info!(machine = %row.id, full_name = %row.full_name, state = %row.state, "machine registered");
             return Ok(Some(row));
         }
@@ -623,15 +690,13 @@ impl Store {
                 if !update_row(&mut tx, &next, cur.version).await? {
                     continue;
                 }
-                let seq = insert_event(&mut tx, op.id, cur.state, to, kind, &op.cause).await?;
+                let event = insert_event(&mut tx, op.id, cur.state, to, kind, &op.cause).await?;
                 written.insert(op.id);
-                applied.push((i, cur.state, kind, seq, next));
+                applied.push((i, cur.state, kind, event, next));
             }
             tx.commit().await?;
+            self.announce(applied.iter().map(|a| a.3.clone()).collect());
             drop(turn);
-            if let Some(seq) = applied.iter().map(|a| a.3).max() {
-                self.notify(seq);
-            }
             for (i, from, kind, _, next) in applied {
                 if from != next.state {
                     tracing::info!(machine = %next.id, from = %from, to = %next.state, kind, actor = %ops[i].cause.actor, reason = %ops[i].cause.reason, "machine state changed");
@@ -640,7 +705,12 @@ impl Store {
                 }
                 out[i] = Some(Ok(next));
             }
-            tokio::task::yield_now().await;
+            if out.iter().any(Option::is_none) {
+                // Another pass follows: let the writer that won the race finish first. Not
+                // after the last pass: a yield there only puts the lease answer at the back of
+                // the run queue.
+                tokio::task::yield_now().await;
+            }
         }
         Ok(out
             .into_iter()
@@ -1068,13 +1138,14 @@ async fn insert_event(
     to: MachineState,
     kind: &str,
     cause: &Cause,
-) -> Result<i64, StoreError> {
+) -> Result<MachineEvent, StoreError> {
+    let at = Timestamp::now();
     let row = sqlx::query(
         "INSERT INTO machine_events (machine_id, at, from_state, to_state, kind, actor, reason, job_id) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
     )
     .bind(id.to_string())
-    .bind(Timestamp::now().millis())
+    .bind(at.millis())
     .bind(from.as_str())
     .bind(to.as_str())
     .bind(kind)
@@ -1083,7 +1154,17 @@ async fn insert_event(
     .bind(cause.job_id.clone())
     .fetch_one(&mut **tx)
     .await?;
-    Ok(row.try_get::<i64, _>("seq")?)
+    Ok(MachineEvent {
+        seq: row.try_get::<i64, _>("seq")?,
+        machine_id: id,
+        at,
+        from_state: from,
+        to_state: to,
+        kind: kind.to_string(),
+        actor: cause.actor.clone(),
+        reason: cause.reason.clone(),
+        job_id: cause.job_id.clone(),
+    })
 }
 
 /// A fresh row for a machine seen for the first time.
@@ -1118,5 +1199,55 @@ pub fn new_row(
         trained_at: None,
         lease: None,
         version: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: i64) -> MachineEvent {
+        MachineEvent {
+            seq,
+            machine_id: MachineId::from_bytes([2, 0, 0, 0, 0, 1]),
+            at: Timestamp(seq),
+            from_state: MachineState::Idle,
+            to_state: MachineState::Idle,
+            kind: "lease_released".into(),
+            actor: "test".into(),
+            reason: String::new(),
+            job_id: None,
+        }
+    }
+
+    fn seqs(v: Option<Vec<MachineEvent>>) -> Option<Vec<i64>> {
+        v.map(|v| v.iter().map(|e| e.seq).collect())
+    }
+
+    #[test]
+    fn recent_events_answer_only_when_complete() {
+        let mut r = RecentEvents::default();
+        assert_eq!(seqs(r.after(0, 0, 10)), None, "empty: read the table");
+        for s in 10..=14 {
+            r.push(event(s));
+        }
+        assert_eq!(seqs(r.after(11, 14, 10)), Some(vec![12, 13, 14]));
+        assert_eq!(seqs(r.after(9, 14, 2)), Some(vec![10, 11]));
+        assert_eq!(seqs(r.after(14, 14, 10)), Some(vec![]));
+        assert_eq!(seqs(r.after(8, 14, 10)), None, "seq 9 is not here");
+        assert_eq!(
+            seqs(r.after(11, 15, 10)),
+            None,
+            "seq 15 was announced, not pushed"
+        );
+        // A gap (seq 15 never pushed) empties the ring: it never answers across one.
+        r.push(event(16));
+        assert_eq!(seqs(r.after(14, 16, 10)), None);
+        assert_eq!(seqs(r.after(15, 16, 10)), Some(vec![16]));
+        for s in 17..17 + RECENT_EVENTS as i64 {
+            r.push(event(s));
+        }
+        assert_eq!(r.events.len(), RECENT_EVENTS);
+        assert_eq!(seqs(r.after(15, 16 + RECENT_EVENTS as i64, 1)), None);
     }
 }
