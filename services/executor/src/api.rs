@@ -394,6 +394,9 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
     }
     metrics::counter!("executor_jobs_submitted_total").increment(1);
     tracing::info!(job_id = id, priority, "job submitted");
+    if let Some(d) = deadline_ms {
+        s.sched.note_deadline(d);
+    }
     s.sched.wake();
     let url = job_url(&s.gw, id);
     let mut resp = (

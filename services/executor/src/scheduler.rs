@@ -8,11 +8,17 @@
 //! stream, followed with a long poll), a job finished — or at the next queued deadline. No
 //! polling loop with sleeps on the hot path.
 //!
+//! Rounds overlap: a round only plans; each planned batch (claim, leases, commit, launches)
+//! runs as a task of its own, so a machine freed while a batch waits for mars is planned at
+//! once instead of after that batch's commit and launches. The jobs and machines of batches
+//! in flight are left out of later plans (see [`InFlight`]).
+//!
 //! Machines come from a cache of mars' records kept current by the same event stream; a stale
 //! entry only costs a refused lease (409), after which the next machine is tried.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use dutgate_core::{MachineId, Tag};
@@ -32,6 +38,11 @@ const ROUND_LIMIT: u32 = 2000;
 /// Most jobs dispatched in one batch (one claim, one lease request, one commit); mars takes
 /// at most [`dutgate_mars::model::MAX_LEASE_BATCH`] leases per request.
 const MAX_BATCH: usize = 256;
+/// Most batches in flight at once; a round that would start another waits for one to end.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Longest time between two looks at the queue's deadlines even when none is known to be
+/// due: jobs submitted through another executor sharing PostgreSQL are not noted here.
+const DEADLINE_RECHECK_MS: i64 = 30_000;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -47,6 +58,23 @@ struct Inner {
     machines: RwLock<Option<BTreeMap<MachineId, Machine>>>,
     wake: Arc<Notify>,
     rounds: std::sync::atomic::AtomicU64,
+    in_flight: std::sync::Mutex<InFlight>,
+    batches: Arc<tokio::sync::Semaphore>,
+    /// No queued job's deadline is due before this instant (ms since the epoch): rounds skip
+    /// the deadline query until then. Submissions with a deadline lower it
+    /// ([`Scheduler::note_deadline`]); a look at the queue sets it to the earliest deadline
+    /// found, or [`DEADLINE_RECHECK_MS`] ahead.
+    deadline_check_at: AtomicI64,
+}
+
+/// The jobs and machines of the batches being dispatched: a round leaves them out of its
+/// plan. A batch's entries go only after its commit (the jobs are no longer queued) and after
+/// its machines are marked busy in the cache, and a round takes its snapshot before it reads
+/// the queue and the cache, so no job or machine can be planned twice.
+#[derive(Default)]
+struct InFlight {
+    jobs: HashSet<i64>,
+    machines: HashSet<MachineId>,
 }
 
 /// Why a target can never match.
@@ -102,12 +130,24 @@ impl Scheduler {
                 machines: RwLock::new(None),
                 wake,
                 rounds: Default::default(),
+                in_flight: Default::default(),
+                batches: Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT)),
+                // The first round looks.
+                deadline_check_at: AtomicI64::new(i64::MIN),
             }),
         }
     }
 
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// A job with a deadline (ms since the epoch) was queued: the round after it expires
+    /// looks at the queue's deadlines.
+    pub fn note_deadline(&self, deadline_ms: i64) {
+        self.inner
+            .deadline_check_at
+            .fetch_min(deadline_ms, Ordering::SeqCst);
     }
 
     async fn load_machines(&self) -> Result<(), String> {
@@ -297,40 +337,39 @@ impl Scheduler {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let retry_soon = match self.round().await {
-                Ok(()) => false,
+                Ok(_) => false,
                 Err(e) => {
                     tracing::warn!(error = %e, "dispatch round failed");
                     true
                 }
             };
-            let next_deadline = self.inner.store.next_deadline().await.ok().flatten();
-            let sleep_for = match (retry_soon, next_deadline) {
-                (true, _) => Some(Duration::from_secs(1)),
-                (false, Some(at)) => Some(Duration::from_millis(
-                    (at - now_ms()).clamp(0, 3_600_000) as u64 + 1,
-                )),
-                (false, None) => None,
-            };
-            let sleep = async {
-                match sleep_for {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
+            let check_at = self.inner.deadline_check_at.load(Ordering::SeqCst);
+            let sleep_for = if retry_soon {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(
+                    (check_at.saturating_sub(now_ms())).clamp(0, 3_600_000) as u64 + 1,
+                )
             };
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = notified => {}
-                _ = sleep => {}
+                _ = tokio::time::sleep(sleep_for) => {}
             }
         }
+        // Let the batches in flight finish their commit and launches (each step has its
+        // own timeout); a batch cut off here would leave leases to expire.
+        let all = u32::try_from(MAX_BATCHES_IN_FLIGHT).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(30),
+            self.inner.batches.acquire_many(all),
+        )
+        .await;
     }
 
-    async fn round(&self) -> Result<(), String> {
-        let round = self
-            .inner
-            .rounds
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
+    /// Plans a round and starts its batches; the handles end with the batches.
+    async fn round(&self) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+        let round = self.inner.rounds.fetch_add(1, Ordering::Relaxed) + 1;
         let t_round = Instant::now();
         let r = self.round_inner(round).await;
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "round")
@@ -338,25 +377,66 @@ impl Scheduler {
         r
     }
 
-    async fn round_inner(&self, round: u64) -> Result<(), String> {
-        let store = &self.inner.store;
-        for id in store
-            .expired_queued(now_ms())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            let _ = store
-                .finish(
-                    id,
-                    dutgate_core::JobStatus::Incomplete,
-                    "deadline expired while queued",
-                )
-                .await;
-        }
-        let free = self.free_machines().await.map_err(|e| e.to_string())?;
-        if free.is_empty() {
+    /// Ends queued jobs whose deadline passed, when one may have: the query runs only once
+    /// the earliest known deadline is due (or [`DEADLINE_RECHECK_MS`] after the last look),
+    /// not in every round.
+    async fn expire_deadlines(&self) -> Result<(), String> {
+        let now = now_ms();
+        if self.inner.deadline_check_at.load(Ordering::SeqCst) > now {
             return Ok(());
         }
+        let store = &self.inner.store;
+        // Set before the look: a deadline noted meanwhile lowers it again.
+        self.inner
+            .deadline_check_at
+            .store(now + DEADLINE_RECHECK_MS, Ordering::SeqCst);
+        let r = async {
+            for id in store.expired_queued(now).await? {
+                let _ = store
+                    .finish(
+                        id,
+                        dutgate_core::JobStatus::Incomplete,
+                        "deadline expired while queued",
+                    )
+                    .await;
+            }
+            store.next_deadline().await
+        }
+        .await;
+        match r {
+            Ok(next) => {
+                if let Some(at) = next {
+                    // A deadline still due here is a job whose end could not be written:
+                    // try again soon, not in a tight loop.
+                    self.note_deadline(at.max(now_ms() + 100));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Look again in the next round.
+                self.note_deadline(i64::MIN);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn round_inner(&self, round: u64) -> Result<Vec<tokio::task::JoinHandle<()>>, String> {
+        self.expire_deadlines().await?;
+        // The snapshot first, then the cache and the queue (see `InFlight`).
+        let (busy_jobs, busy_machines) = {
+            let f = self
+                .inner
+                .in_flight
+                .lock()
+                .map_err(|_| "in-flight set poisoned")?;
+            (f.jobs.clone(), f.machines.clone())
+        };
+        let mut free = self.free_machines().await.map_err(|e| e.to_string())?;
+        free.retain(|m| !busy_machines.contains(&m.id));
+        if free.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = &self.inner.store;
         let t_plan = Instant::now();
         // Read the head of the queue first (a few jobs per free machine), and the whole
         // window only when free IDLE machines are left over: in steady state a round reads a
@@ -365,11 +445,13 @@ impl Scheduler {
             .iter()
             .filter(|m| m.state == MachineState::Idle)
             .count();
-        let mut limit = u32::try_from(free.len().saturating_mul(4))
+        let mut limit = u32::try_from((free.len() + busy_jobs.len()).saturating_mul(4))
             .unwrap_or(ROUND_LIMIT)
             .clamp(64, ROUND_LIMIT);
         let plan = loop {
-            let queued = store.queued(limit).await.map_err(|e| e.to_string())?;
+            let mut queued = store.queued(limit).await.map_err(|e| e.to_string())?;
+            let read = queued.len();
+            queued.retain(|j| !busy_jobs.contains(&j.id));
             let plan = plan_round(&queued, &free);
             let planned_idle = plan
                 .iter()
@@ -378,29 +460,63 @@ impl Scheduler {
                         .any(|f| f.id == *m && f.state == MachineState::Idle)
                 })
                 .count();
-            if planned_idle == idle || (queued.len() as u32) < limit || limit >= ROUND_LIMIT {
+            if planned_idle == idle || (read as u32) < limit || limit >= ROUND_LIMIT {
                 break plan;
             }
             limit = ROUND_LIMIT;
         };
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "plan")
             .record(t_plan.elapsed().as_secs_f64());
-        if plan.is_empty() {
-            return Ok(());
-        }
-        let mut busy = false;
+        let mut handles = Vec::new();
         for chunk in plan.chunks(MAX_BATCH) {
-            busy |= self.dispatch_batch(chunk, round).await?;
+            let permit = self
+                .inner
+                .batches
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "dispatch closed")?;
+            {
+                let mut f = self
+                    .inner
+                    .in_flight
+                    .lock()
+                    .map_err(|_| "in-flight set poisoned")?;
+                for (job, machine) in chunk {
+                    f.jobs.insert(job.id);
+                    f.machines.insert(*machine);
+                }
+            }
+            let this = self.clone();
+            let chunk = chunk.to_vec();
+            handles.push(tokio::spawn(async move {
+                let r = this.dispatch_batch(&chunk, round).await;
+                if let Ok(mut f) = this.inner.in_flight.lock() {
+                    for (job, machine) in &chunk {
+                        f.jobs.remove(&job.id);
+                        f.machines.remove(machine);
+                    }
+                }
+                drop(permit);
+                match r {
+                    // Some machine was taken behind the cache's back: plan again with what
+                    // is left.
+                    Ok(true) => this.wake(),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, round, "dispatch batch failed; retrying in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        this.wake();
+                    }
+                }
+            }));
         }
-        if busy {
-            // Some machine was taken behind the cache's back: plan again with what is left.
-            self.wake();
-        }
-        Ok(())
+        Ok(handles)
     }
 
     /// Dispatches a planned batch: one claim, one lease request, one commit, then the
-    /// launches. Returns whether some machine turned out to be busy (plan again).
+    /// launches. Returns whether to plan again: a machine turned out to be busy, or a planned
+    /// job could not be claimed (its machine stayed free).
     async fn dispatch_batch(
         &self,
         plan: &[(QueuedJob, MachineId)],
@@ -412,14 +528,17 @@ impl Scheduler {
         let mut batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
         batch.round = round;
         let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
-        // Jobs not claimed left the queue or are another executor's right now.
+        // Jobs not claimed left the queue or are another executor's right now; their
+        // machines stay free: plan again once this batch is done.
+        let planned = plan.len();
         let plan: Vec<&(QueuedJob, MachineId)> = plan
             .iter()
             .filter(|(j, _)| claimed.contains(&j.id))
             .collect();
         if plan.is_empty() {
-            return Ok(false);
+            return Ok(true);
         }
+        let unclaimed = plan.len() < planned;
         let t_lease = Instant::now();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
             .record((t_lease - started).as_secs_f64());
@@ -446,7 +565,7 @@ impl Scheduler {
         let t_commit = Instant::now();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
             .record((t_commit - t_lease).as_secs_f64());
-        let mut busy = false;
+        let mut busy = unclaimed;
         let mut leased = Vec::new();
         let mut taken = Vec::new();
         let mut other_refusal = None;
@@ -884,7 +1003,9 @@ mod tests {
         let low3 = rig.store.insert(&new_job(0, &[])).await.unwrap();
         // Round 1 plans high → ms[0] (refused: leased elsewhere), low1 → ms[1], low2 → ms[2],
         // low3 → ms[3]; round 2 has no free machine left; high waits for one.
-        rig.sched.round().await.unwrap();
+        for batch in rig.sched.round().await.unwrap() {
+            batch.await.unwrap();
+        }
         let launched = rig.launched.lock().unwrap().clone();
         assert_eq!(
             launched.iter().map(|l| l.0).collect::<HashSet<_>>(),
@@ -905,7 +1026,9 @@ mod tests {
             .await
             .unwrap();
         rig.sched.load_machines().await.unwrap();
-        rig.sched.round().await.unwrap();
+        for batch in rig.sched.round().await.unwrap() {
+            batch.await.unwrap();
+        }
         let row = rig.store.require(high).await.unwrap();
         assert_eq!(
             (row.state, row.machine_id),

@@ -319,6 +319,36 @@ async fn cancellation() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(farm.job(queued).await.state, JobState::Queued);
+    // A queued job whose deadline passes ends INCOMPLETE then, though nothing else happens
+    // in the queue meanwhile.
+    let at = time::OffsetDateTime::now_utc() + Duration::from_millis(1500);
+    let at = at
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let expiring = farm
+        .submit(
+            &format!(
+                "deadline: \"{at}\"\n{}",
+                job_yaml(&by_id(1), "pass", "pass", "", "")
+            ),
+            "",
+        )
+        .await;
+    let t = std::time::Instant::now();
+    let job = farm.wait_finished(expiring, T).await;
+    assert_eq!(
+        (job.status, job.reason.as_deref()),
+        (
+            Some(JobStatus::Incomplete),
+            Some("deadline expired while queued")
+        )
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000) && t.elapsed() < Duration::from_secs(6),
+        "expired after {:?}, not at its deadline",
+        t.elapsed()
+    );
+    assert!(farm.job(running).await.status.is_none());
     let cancel = |id: i64| {
         farm.http
             .post(format!("{}/api/v1/jobs/{id}/cancel", farm.url))
