@@ -11,7 +11,9 @@
 //! Rounds overlap: a round only plans; each planned batch (claim, leases, commit, launches)
 //! runs as a task of its own, so a machine freed while a batch waits for mars is planned at
 //! once instead of after that batch's commit and launches. The jobs and machines of batches
-//! in flight are left out of later plans (see [`InFlight`]).
+//! in flight are left out of later plans (see [`InFlight`]). (A variant that took one lease
+//! request at a time and overlapped only the commits and launches measured a higher dispatch
+//! p99 on SQLite at half the ceiling, 9–10 ms against 7, and no better on PostgreSQL.)
 //!
 //! Machines come from a cache of mars' records kept current by the same event stream; a stale
 //! entry only costs a refused lease (409), after which the next machine is tried.

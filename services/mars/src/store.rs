@@ -486,13 +486,13 @@ impl Store {
             next.version = cur.version + 1;
             let turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
-            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             if !update_row(&mut tx, &next, cur.version).await? {
                 tx.rollback().await?;
                 drop(turn);
                 tokio::task::yield_now().await;
                 continue;
             }
+            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             let event = insert_event(&mut tx, id, cur.state, to, kind, cause).await?;
             tx.commit().await?;
             self.announce(vec![event]);
@@ -539,7 +539,6 @@ impl Store {
             row.full_name = format!("{}-{}-{}", self.farm, row.base_name, row.name_index);
             let _turn = self.db.write_turn().await;
             let mut tx = self.db.pool().begin().await?;
-            commit_in_seq_order(&mut tx, self.db.backend()).await?;
             let initial = MachineState::WaitForConfig;
             row.state = initial;
             match insert_row(&mut tx, &row).await {
@@ -554,8 +553,9 @@ impl Store {
                 }
                 Err(e) => return Err(e.into()),
             }
-            let mut events =
-                vec![insert_event(&mut tx, row.id, initial, initial, "registered", cause).await?];
+            // Row changes first, then the event-order lock and the events (see
+            // `commit_in_seq_order`).
+            let mut configured = None;
             if let Some(d) = discovery {
                 let to = transition(initial, Trigger::Configure)?;
                 let updated = sqlx::query(
@@ -569,24 +569,13 @@ impl Store {
                 .await;
                 match updated {
                     Ok(_) => {
-                        let c = Cause::new(
-                            cause.actor.clone(),
-                            format!("discovered on PDU {} port {}", d.pdu, d.port_id),
-                        );
-                        events.push(
-                            insert_event(
-                                &mut tx,
-                                row.id,
-                                initial,
-                                to,
-                                Trigger::Configure.kind(),
-                                &c,
-                            )
-                            .await?,
-                        );
                         row.pdu = Some(d.pdu.clone());
                         row.pdu_port_id = Some(d.port_id.clone());
                         row.state = to;
+                        configured = Some(Cause::new(
+                            cause.actor.clone(),
+                            format!("discovered on PDU {} port {}", d.pdu, d.port_id),
+                        ));
                     }
                     Err(e) if is_unique_violation(&e) => {
                         tx.rollback().await?;
@@ -597,6 +586,22 @@ impl Store {
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            commit_in_seq_order(&mut tx, self.db.backend()).await?;
+            let mut events =
+                vec![insert_event(&mut tx, row.id, initial, initial, "registered", cause).await?];
+            if let Some(c) = configured {
+                events.push(
+                    insert_event(
+                        &mut tx,
+                        row.id,
+                        initial,
+                        row.state,
+                        Trigger::Configure.kind(),
+                        &c,
+                    )
+                    .await?,
+                );
             }
             tx.commit().await?;
             self.announce(events);
@@ -653,12 +658,11 @@ impl Store {
                 .map(|r| (r.id, r))
                 .collect();
             let mut written = std::collections::HashSet::new();
-            let mut applied = Vec::new();
             // The executor's lease batch is the dispatcher's write: it takes the fast lane
             // past releases, registrations and training bookkeeping queued before it.
             let turn = self.db.priority_write_turn().await;
             let mut tx = self.db.pool().begin().await?;
-            commit_in_seq_order(&mut tx, self.db.backend()).await?;
+            let mut updated = Vec::new();
             for i in pending {
                 let op = &ops[i];
                 let Some(cur) = rows.get(&op.id) else {
@@ -690,9 +694,17 @@ impl Store {
                 if !update_row(&mut tx, &next, cur.version).await? {
                     continue;
                 }
-                let event = insert_event(&mut tx, op.id, cur.state, to, kind, &op.cause).await?;
                 written.insert(op.id);
-                applied.push((i, cur.state, kind, event, next));
+                updated.push((i, cur.state, kind, next));
+            }
+            if !updated.is_empty() {
+                commit_in_seq_order(&mut tx, self.db.backend()).await?;
+            }
+            let mut applied = Vec::with_capacity(updated.len());
+            for (i, from, kind, next) in updated {
+                let event =
+                    insert_event(&mut tx, next.id, from, next.state, kind, &ops[i].cause).await?;
+                applied.push((i, from, kind, event, next));
             }
             tx.commit().await?;
             self.announce(applied.iter().map(|a| a.3.clone()).collect());
@@ -1114,9 +1126,12 @@ async fn update_row(
 /// seq they got; on PostgreSQL seqs come from a sequence, so a transaction could take seq 104,
 /// another 105, the second commit first, and a follower that read 105 would never see 104 —
 /// a released machine the executor would believe busy for good. Every event-writing
-/// transaction therefore takes one transaction-scoped advisory lock before anything else (first,
-/// so that no row lock is held while waiting for it), keyed by the schema so that marses of
-/// other schemas in the same database do not wait for it. SQLite has a single writer already.
+/// transaction therefore takes one transaction-scoped advisory lock right before its first
+/// event insert, keyed by the schema so that marses of other schemas in the same database do
+/// not wait for it. Last, not first: the lock serialises every state change of the farm, so it
+/// is held only for the event inserts and the commit, not for the row updates before them
+/// (and with no lock taken after it, waiting for it while holding row locks cannot deadlock).
+/// SQLite has a single writer already.
 async fn commit_in_seq_order(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
