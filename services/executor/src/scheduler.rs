@@ -79,6 +79,39 @@ struct InFlight {
     machines: HashSet<MachineId>,
 }
 
+/// A batch's place in the in-flight set, given up when dropped: also when the batch's task
+/// panics or is dropped, so that its jobs and machines are never left out of plans for good.
+struct InFlightEntry {
+    sched: Scheduler,
+    items: Vec<(i64, MachineId)>,
+}
+
+impl InFlightEntry {
+    fn add(sched: &Scheduler, batch: &[(QueuedJob, MachineId)]) -> Self {
+        let items: Vec<(i64, MachineId)> = batch.iter().map(|(j, m)| (j.id, *m)).collect();
+        let mut f = sched.in_flight();
+        for (job, machine) in &items {
+            f.jobs.insert(*job);
+            f.machines.insert(*machine);
+        }
+        drop(f);
+        Self {
+            sched: sched.clone(),
+            items,
+        }
+    }
+}
+
+impl Drop for InFlightEntry {
+    fn drop(&mut self) {
+        let mut f = self.sched.in_flight();
+        for (job, machine) in &self.items {
+            f.jobs.remove(job);
+            f.machines.remove(machine);
+        }
+    }
+}
+
 /// Why a target can never match.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -426,11 +459,7 @@ impl Scheduler {
         self.expire_deadlines().await?;
         // The snapshot first, then the cache and the queue (see `InFlight`).
         let (busy_jobs, busy_machines) = {
-            let f = self
-                .inner
-                .in_flight
-                .lock()
-                .map_err(|_| "in-flight set poisoned")?;
+            let f = self.in_flight();
             (f.jobs.clone(), f.machines.clone())
         };
         let mut free = self.free_machines().await.map_err(|e| e.to_string())?;
@@ -478,27 +507,12 @@ impl Scheduler {
                 .acquire_owned()
                 .await
                 .map_err(|_| "dispatch closed")?;
-            {
-                let mut f = self
-                    .inner
-                    .in_flight
-                    .lock()
-                    .map_err(|_| "in-flight set poisoned")?;
-                for (job, machine) in chunk {
-                    f.jobs.insert(job.id);
-                    f.machines.insert(*machine);
-                }
-            }
+            let entry = InFlightEntry::add(self, chunk);
             let this = self.clone();
             let chunk = chunk.to_vec();
             handles.push(tokio::spawn(async move {
                 let r = this.dispatch_batch(&chunk, round).await;
-                if let Ok(mut f) = this.inner.in_flight.lock() {
-                    for (job, machine) in &chunk {
-                        f.jobs.remove(&job.id);
-                        f.machines.remove(machine);
-                    }
-                }
+                drop(entry);
                 drop(permit);
                 match r {
                     // Some machine was taken behind the cache's back: plan again with what
@@ -514,6 +528,15 @@ impl Scheduler {
             }));
         }
         Ok(handles)
+    }
+
+    /// The in-flight set. A poisoned lock only means a panic elsewhere while it was held; each
+    /// change under it is a single insert or remove, so the sets are still consistent.
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Dispatches a planned batch: one claim, one lease request, one commit, then the
@@ -1045,6 +1068,57 @@ mod tests {
             assert_eq!(lease.job_id, id.to_string());
             assert_eq!(row.lease_id, Some(lease.id));
         }
+        rig.shutdown.cancel();
+    }
+
+    /// A round that starts while an earlier round's batch is still leasing leaves that
+    /// batch's jobs and machines alone: no job is planned twice, no machine leased twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlapping_rounds_plan_nothing_twice() {
+        let rig = rig().await;
+        for n in 1..=4 {
+            register(&rig, n, &[], true).await;
+        }
+        assert!(rig.sched.any_free(Purpose::Job, None, &[]).await.unwrap());
+        let mut jobs = HashSet::new();
+        for _ in 0..6 {
+            jobs.insert(rig.store.insert(&new_job(0, &[])).await.unwrap());
+        }
+        let from = rig.mars.store.latest_seq().await.unwrap();
+        // The first round's batch is in flight (its lease request not answered yet) when
+        // the second round plans.
+        let first = rig.sched.round().await.unwrap();
+        let second = rig.sched.round().await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(second.is_empty(), "every free machine is in flight");
+        for batch in first.into_iter().chain(second) {
+            batch.await.unwrap();
+        }
+        let launched = rig.launched.lock().unwrap().clone();
+        let ids: HashSet<i64> = launched.iter().map(|l| l.0).collect();
+        let machines: HashSet<MachineId> = launched.iter().map(|l| l.1).collect();
+        assert_eq!((launched.len(), ids.len(), machines.len()), (4, 4, 4));
+        let leases = rig
+            .mars
+            .store
+            .events_after(from, 1000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "lease_acquired")
+            .count();
+        assert_eq!(leases, 4, "no lease was taken and given back");
+        // Once the batch is done, its jobs are dispatched and the other two still queued.
+        for batch in rig.sched.round().await.unwrap() {
+            batch.await.unwrap();
+        }
+        let queued = rig.store.queued(100).await.unwrap();
+        assert_eq!(queued.len(), 2);
+        assert!(
+            queued
+                .iter()
+                .all(|j| jobs.contains(&j.id) && !ids.contains(&j.id))
+        );
         rig.shutdown.cancel();
     }
 
