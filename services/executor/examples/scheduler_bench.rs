@@ -75,6 +75,71 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
+/// CPU time so far, in clock ticks: every core busy and in all (`/proc/stat`), this process,
+/// and the PostgreSQL server's processes.
+#[derive(Clone, Copy, Default)]
+struct CpuSample {
+    busy: u64,
+    total: u64,
+    own: u64,
+    postgres: u64,
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, with its command name.
+fn proc_ticks(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    // Fields 14 and 15 of proc(5); `f[0]` is field 3.
+    Some((
+        comm,
+        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+    ))
+}
+
+fn cpu_sample() -> CpuSample {
+    let mut s = CpuSample::default();
+    if let Ok(stat) = std::fs::read_to_string("/proc/stat")
+        && let Some(line) = stat.lines().next()
+    {
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() == 8 {
+            s.total = v.iter().sum();
+            s.busy = s.total - v[3] - v[4];
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        s.own = proc_ticks(&stat).map_or(0, |t| t.1);
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(e.path().join("stat"))
+                && let Some(("postgres", t)) = proc_ticks(&stat)
+            {
+                s.postgres += t;
+            }
+        }
+    }
+    s
+}
+
+/// Shares of both cores' time between two samples, in %: all busy, this process, PostgreSQL.
+fn cpu_shares(a: CpuSample, b: CpuSample) -> serde_json::Value {
+    let total = b.total.saturating_sub(a.total).max(1) as f64;
+    let share = |x: u64, y: u64| (y.saturating_sub(x) as f64 / total * 100.0).round();
+    json!({
+        "busy_pct": share(a.busy, b.busy),
+        "gateway_pct": share(a.own, b.own),
+        "postgres_pct": share(a.postgres, b.postgres),
+    })
+}
+
 fn pct(samples: &mut [f64], p: f64) -> f64 {
     if samples.is_empty() {
         return f64::NAN;
@@ -635,8 +700,10 @@ async fn main() {
         let start_done = done.load(Ordering::SeqCst);
         let seq3 = mars.store.latest_seq().await.expect("mars seq");
         let t3 = Instant::now();
+        let cpu3 = cpu_sample();
         let load_jobs = submit_many(loaded).await;
         wait_done(start_done + loaded).await;
+        let cpu = cpu_shares(cpu3, cpu_sample());
         let loaded_secs = t3.elapsed().as_secs_f64();
         // When each machine released in this phase was free in mars: the first announcement
         // of its release event's seq or a later one (seqs are assigned in commit order on
@@ -685,6 +752,7 @@ async fn main() {
             "from_release_sent_ms": {"p50": pct(&mut sent.clone(), 0.5), "p99": pct(&mut sent.clone(), 0.99), "max": pct(&mut sent, 1.0), "n": sent.len()},
             "release_round_trip_ms": {"p50": pct(&mut release_ms.clone(), 0.5), "p99": pct(&mut release_ms, 0.99)},
             "first_wave": first_wave,
+            "cpu": cpu,
             "loadavg_end": loadavg(),
         });
         eprintln!("phase at {load} × the ceiling: {phase}");
@@ -782,7 +850,7 @@ async fn main() {
              floor_p99={} power_p50={} power_p99={} disp_p50={} disp_p99={} disp_n={} \
              sent_p50={} sent_p99={} rel_p50={} rel_p99={} offered={:.0} hold_ms={:.0} \
              loaded_jps={:.0} max_jps={:.0} freed_p50={:.0} freed_p99={:.0} submit_ps={:.0} \
-             ratio={:.1} load_start={load_start} load_end={}",
+             ratio={:.1} cpu={:.0}/{:.0}/{:.0} load_start={load_start} load_end={}",
             phase["load"],
             f2(&result["floor_txn_ms"]["p50"]),
             f2(&result["floor_txn_ms"]["p99"]),
@@ -807,6 +875,9 @@ async fn main() {
                 .unwrap_or(f64::NAN),
             saturated as f64 / submit_secs,
             phase["from_commit_ms"]["p50"].as_f64().unwrap_or(f64::NAN) / floor_p50,
+            phase["cpu"]["busy_pct"].as_f64().unwrap_or(f64::NAN),
+            phase["cpu"]["gateway_pct"].as_f64().unwrap_or(f64::NAN),
+            phase["cpu"]["postgres_pct"].as_f64().unwrap_or(f64::NAN),
             phase["loadavg_end"].as_str().unwrap_or("?"),
         );
     }

@@ -90,6 +90,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 g("max_jps")?,
                 format!("{} / {}", g("freed_p50")?, g("freed_p99")?),
                 g("submit_ps")?,
+                g("cpu")?.replace('/', " / "),
                 format!("{} → {}", g("load_start")?, g("load_end")?),
             ]);
         }
@@ -111,6 +112,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 "ceiling (jobs/s, saturated)",
                 "saturated: machine freed → next launched p50 / p99 (ms)",
                 "submissions/s",
+                "CPU during the load: busy / gateway process / PostgreSQL (% of both cores)",
                 "load avg start → end",
             ],
             &rows,
@@ -126,6 +128,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
              (every machine always wanted); a freed machine then waits its turn, which is \
              the *saturated* column (machines ÷ ceiling), not dispatch work. *Floor*: one \
              write transaction (UPDATE of one row, commit) on the executor's database. \
+             *CPU*: shares of both cores' time while the loaded phase ran (from /proc): \
+             all processes, the benchmark's own (the three services, the inline jobs and \
+             the load generator), the PostgreSQL server's processes. \
              Goals: dispatch p99 < 10 ms, submit → power-on < 100 ms.",
         )?;
     } else {
