@@ -54,9 +54,12 @@ fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
                 assert!(body.contains(svc), "{svc} answered {body}");
                 break;
             }
+            // Start-up time is not what this test is about (the stop is): a debug build
+            // starting beside the other tests of this file on two busy cores may need more
+            // than a few seconds.
             assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "{svc} did not answer /healthz within 5 s"
+                started.elapsed() < Duration::from_secs(30),
+                "{svc} did not answer /healthz within 30 s"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -125,7 +128,7 @@ fn a_crashed_service_is_restarted() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait_up(Duration::from_secs(5));
+    wait_up(Duration::from_secs(30));
     let needle = format!("{} salad", state.path().display());
     let victim = processes_mentioning(&needle)
         .first()
