@@ -188,10 +188,14 @@ impl RecentEvents {
     fn after(&self, after: i64, latest: i64, limit: usize) -> Option<Vec<MachineEvent>> {
         let first = self.events.front()?.seq;
         let last = self.events.back()?.seq;
-        if after + 1 < first || last < latest {
+        // `after` is a follower's cursor, any i64: no arithmetic that could overflow.
+        if after < first.saturating_sub(1) || last < latest {
             return None;
         }
-        let skip = usize::try_from((after + 1 - first).max(0)).ok()?;
+        if after >= last {
+            return Some(Vec::new());
+        }
+        let skip = usize::try_from(after.saturating_sub(first).saturating_add(1).max(0)).ok()?;
         Some(self.events.iter().skip(skip).take(limit).cloned().collect())
     }
 }
@@ -1249,6 +1253,10 @@ mod tests {
         assert_eq!(seqs(r.after(11, 14, 10)), Some(vec![12, 13, 14]));
         assert_eq!(seqs(r.after(9, 14, 2)), Some(vec![10, 11]));
         assert_eq!(seqs(r.after(14, 14, 10)), Some(vec![]));
+        // Cursors from the query string may be anything.
+        assert_eq!(seqs(r.after(i64::MAX, 14, 10)), Some(vec![]));
+        assert_eq!(seqs(r.after(i64::MIN, 14, 10)), None);
+        assert_eq!(seqs(r.after(-1, 14, 10)), None);
         assert_eq!(seqs(r.after(8, 14, 10)), None, "seq 9 is not here");
         assert_eq!(
             seqs(r.after(11, 15, 10)),

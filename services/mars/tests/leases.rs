@@ -281,6 +281,11 @@ async fn events_long_poll_wakes_on_a_freed_machine() {
             .unwrap();
         assert!(empty.events.is_empty());
         assert_eq!(empty.next, cursor);
+        // Any cursor is answered, also one far past the newest event or before the first.
+        for far in [i64::MAX, i64::MIN, -1] {
+            let b = t.admin.events(far, Duration::ZERO).await.unwrap();
+            assert_eq!(b.events.is_empty(), far == i64::MAX, "after={far}");
+        }
         let c = t.admin.clone();
         let waiter = tokio::spawn(async move { c.events(cursor, Duration::from_secs(30)).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
