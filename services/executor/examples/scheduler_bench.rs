@@ -75,54 +75,47 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// CPU time so far, in clock ticks: every core busy and in all (`/proc/stat`), this process,
-/// and the PostgreSQL server's processes.
+/// The farm benchmark's /proc readers (only the per-process CPU time is used here).
+#[path = "farm_bench/procfs.rs"]
+#[allow(dead_code)]
+mod procfs;
+
+/// CPU time so far, in seconds: every core busy and in all (`/proc/stat`), this process, and
+/// the PostgreSQL server's processes.
 #[derive(Clone, Copy, Default)]
 struct CpuSample {
-    busy: u64,
-    total: u64,
-    own: u64,
-    postgres: u64,
-}
-
-/// utime + stime of a `/proc/<pid>/stat` line, with its command name.
-fn proc_ticks(stat: &str) -> Option<(&str, u64)> {
-    let open = stat.find('(')?;
-    let close = stat.rfind(')')?;
-    let comm = stat.get(open + 1..close)?;
-    let f: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
-    // Fields 14 and 15 of proc(5); `f[0]` is field 3.
-    Some((
-        comm,
-        f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
-    ))
+    busy: f64,
+    total: f64,
+    own: f64,
+    postgres: f64,
 }
 
 fn cpu_sample() -> CpuSample {
+    let tps = procfs::ticks_per_second();
     let mut s = CpuSample::default();
     if let Ok(stat) = std::fs::read_to_string("/proc/stat")
         && let Some(line) = stat.lines().next()
     {
-        let v: Vec<u64> = line
+        let v: Vec<f64> = line
             .split_whitespace()
             .skip(1)
             .take(8)
             .filter_map(|x| x.parse().ok())
             .collect();
         if v.len() == 8 {
-            s.total = v.iter().sum();
-            s.busy = s.total - v[3] - v[4];
+            s.total = v.iter().sum::<f64>() / tps;
+            s.busy = s.total - (v[3] + v[4]) / tps;
         }
     }
-    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
-        s.own = proc_ticks(&stat).map_or(0, |t| t.1);
-    }
+    s.own = procfs::stat_of("/proc/self/stat", tps).map_or(0.0, |t| t.1);
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for e in dir.flatten() {
-            if let Ok(stat) = std::fs::read_to_string(e.path().join("stat"))
-                && let Some(("postgres", t)) = proc_ticks(&stat)
+            let path = e.path();
+            if std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "postgres")
+                && let Some((_, cpu, _)) =
+                    procfs::stat_of(&path.join("stat").to_string_lossy(), tps)
             {
-                s.postgres += t;
+                s.postgres += cpu;
             }
         }
     }
@@ -131,8 +124,8 @@ fn cpu_sample() -> CpuSample {
 
 /// Shares of both cores' time between two samples, in %: all busy, this process, PostgreSQL.
 fn cpu_shares(a: CpuSample, b: CpuSample) -> serde_json::Value {
-    let total = b.total.saturating_sub(a.total).max(1) as f64;
-    let share = |x: u64, y: u64| (y.saturating_sub(x) as f64 / total * 100.0).round();
+    let total = (b.total - a.total).max(1e-9);
+    let share = |x: f64, y: f64| ((y - x).max(0.0) / total * 100.0).round();
     json!({
         "busy_pct": share(a.busy, b.busy),
         "gateway_pct": share(a.own, b.own),

@@ -42,6 +42,10 @@ const ROUND_LIMIT: u32 = 2000;
 const MAX_BATCH: usize = 256;
 /// Most batches in flight at once; a round that would start another waits for one to end.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// When planned jobs could not be claimed (PostgreSQL: another executor is dispatching them),
+/// the next round waits this long: planning them again at once would only find them locked
+/// again, in a loop as fast as the database answers, until that executor commits.
+const UNCLAIMED_RETRY: Duration = Duration::from_millis(20);
 /// Longest time between two looks at the queue's deadlines even when none is known to be
 /// due: jobs submitted through another executor sharing PostgreSQL are not noted here.
 const DEADLINE_RECHECK_MS: i64 = 30_000;
@@ -77,6 +81,16 @@ struct Inner {
 struct InFlight {
     jobs: HashSet<i64>,
     machines: HashSet<MachineId>,
+}
+
+/// What a batch's end asks of the scheduler.
+enum Replan {
+    No,
+    /// A machine turned out busy behind the cache's back (now marked busy): plan again with
+    /// what is left.
+    Now,
+    /// A planned job could not be claimed (its machine stayed free): plan again shortly.
+    Soon,
 }
 
 /// A batch's place in the in-flight set, given up when dropped: also when the batch's task
@@ -515,10 +529,12 @@ impl Scheduler {
                 drop(entry);
                 drop(permit);
                 match r {
-                    // Some machine was taken behind the cache's back: plan again with what
-                    // is left.
-                    Ok(true) => this.wake(),
-                    Ok(false) => {}
+                    Ok(Replan::No) => {}
+                    Ok(Replan::Now) => this.wake(),
+                    Ok(Replan::Soon) => {
+                        tokio::time::sleep(UNCLAIMED_RETRY).await;
+                        this.wake();
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, round, "dispatch batch failed; retrying in 1 s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -540,13 +556,12 @@ impl Scheduler {
     }
 
     /// Dispatches a planned batch: one claim, one lease request, one commit, then the
-    /// launches. Returns whether to plan again: a machine turned out to be busy, or a planned
-    /// job could not be claimed (its machine stayed free).
+    /// launches. Returns whether and when to plan again.
     async fn dispatch_batch(
         &self,
         plan: &[(QueuedJob, MachineId)],
         round: u64,
-    ) -> Result<bool, String> {
+    ) -> Result<Replan, String> {
         let started = Instant::now();
         let store = &self.inner.store;
         let ids: Vec<i64> = plan.iter().map(|(j, _)| j.id).collect();
@@ -560,10 +575,10 @@ impl Scheduler {
             .iter()
             .filter(|(j, _)| claimed.contains(&j.id))
             .collect();
-        if plan.is_empty() {
-            return Ok(true);
-        }
         let unclaimed = plan.len() < planned;
+        if plan.is_empty() {
+            return Ok(Replan::Soon);
+        }
         let t_lease = Instant::now();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
             .record((t_lease - started).as_secs_f64());
@@ -590,7 +605,7 @@ impl Scheduler {
         let t_commit = Instant::now();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
             .record((t_commit - t_lease).as_secs_f64());
-        let mut busy = unclaimed;
+        let mut busy = false;
         let mut leased = Vec::new();
         let mut taken = Vec::new();
         let mut other_refusal = None;
@@ -657,7 +672,13 @@ impl Scheduler {
             .await;
         match other_refusal {
             Some(e) => Err(e),
-            None => Ok(busy),
+            None => Ok(if busy {
+                Replan::Now
+            } else if unclaimed {
+                Replan::Soon
+            } else {
+                Replan::No
+            }),
         }
     }
 

@@ -3,14 +3,14 @@
 use std::collections::HashMap;
 
 /// Clock ticks per second of /proc/<pid>/stat times.
-fn ticks_per_second() -> f64 {
+pub fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
 }
 
 /// (ppid, utime + stime, cutime + cstime) in seconds, from `/proc/<pid>/stat`.
-fn stat_of(path: &str, tps: f64) -> Option<(u32, f64, f64)> {
+pub fn stat_of(path: &str, tps: f64) -> Option<(u32, f64, f64)> {
     let text = std::fs::read_to_string(path).ok()?;
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &text[text.rfind(')')? + 2..];
