@@ -80,7 +80,15 @@ async fn statuses_from_simulated_behaviour() {
         assert_eq!(job.exit_code, Some(want.exit_code()));
         assert_eq!(job.machine_id, Some(mac(*n)));
         // Every job ends with teardown and its final event; the DUT is off.
-        assert_eq!(events.last().unwrap().kind, "finished");
+        assert_eq!(
+            events.last().unwrap().kind,
+            "finished",
+            "machine {n}: {:#?}",
+            events
+                .iter()
+                .map(|e| (e.seq, e.kind.as_str(), e.message.as_str()))
+                .collect::<Vec<_>>()
+        );
         assert!(
             events
                 .iter()
