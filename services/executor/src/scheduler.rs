@@ -49,6 +49,9 @@ const UNCLAIMED_RETRY: Duration = Duration::from_millis(20);
 /// Longest time between two looks at the queue's deadlines even when none is known to be
 /// due: jobs submitted through another executor sharing PostgreSQL are not noted here.
 const DEADLINE_RECHECK_MS: i64 = 30_000;
+/// After a planned job could not be claimed, batches claim before they ask mars for leases
+/// (instead of both at once) for this long (see [`Scheduler::dispatch_batch`]).
+const CLAIM_FIRST_FOR_MS: i64 = 10_000;
 
 #[derive(Clone)]
 pub struct Scheduler {
@@ -71,6 +74,8 @@ struct Inner {
     /// ([`Scheduler::note_deadline`]); a look at the queue sets it to the earliest deadline
     /// found, or [`DEADLINE_RECHECK_MS`] ahead.
     deadline_check_at: AtomicI64,
+    /// When a batch last found a planned job it could not claim (ms since the epoch).
+    last_claim_miss: AtomicI64,
 }
 
 /// The jobs and machines of the batches being dispatched: a round leaves them out of its
@@ -183,6 +188,7 @@ impl Scheduler {
                 batches: Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT)),
                 // The first round looks.
                 deadline_check_at: AtomicI64::new(i64::MIN),
+                last_claim_miss: AtomicI64::new(i64::MIN),
             }),
         }
     }
@@ -565,44 +571,105 @@ impl Scheduler {
         let started = Instant::now();
         let store = &self.inner.store;
         let ids: Vec<i64> = plan.iter().map(|(j, _)| j.id).collect();
-        let mut batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
+        let request = |(job, machine): &(QueuedJob, MachineId)| LeaseRequest {
+            machine_id: *machine,
+            job_id: job.id.to_string(),
+            holder: self.inner.holder.clone(),
+            purpose: match job.purpose {
+                Purpose::Job => LeasePurpose::Job,
+                Purpose::Training => LeasePurpose::Training,
+            },
+            ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
+        };
+        // The claim (PostgreSQL: row locks on the jobs, so that another executor sharing the
+        // queue does not lease machines for them too) and the lease request are independent:
+        // normally both go at once, and the claim's round trips are off the dispatch path. A
+        // lease whose job turns out unclaimed is given back. Once a claim missed (another
+        // executor is dispatching from the same queue, or a job was cancelled meanwhile),
+        // batches claim first for a while, so that executors racing for the same jobs do not
+        // take and give back leases in every round.
+        let claim_first = now_ms()
+            .saturating_sub(self.inner.last_claim_miss.load(Ordering::Relaxed))
+            < CLAIM_FIRST_FOR_MS;
+        let (mut batch, plan, results, unclaimed, t_lease) = if claim_first {
+            let batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
+            let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
+            // Jobs not claimed left the queue or are another executor's right now; their
+            // machines stay free: plan again once this batch is done.
+            let plan: Vec<&(QueuedJob, MachineId)> = plan
+                .iter()
+                .filter(|(j, _)| claimed.contains(&j.id))
+                .collect();
+            let unclaimed = plan.len() < ids.len();
+            if unclaimed {
+                self.inner
+                    .last_claim_miss
+                    .store(now_ms(), Ordering::Relaxed);
+            }
+            if plan.is_empty() {
+                return Ok(Replan::Soon);
+            }
+            let t_lease = Instant::now();
+            metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
+                .record((t_lease - started).as_secs_f64());
+            let reqs: Vec<LeaseRequest> = plan.iter().map(|p| request(p)).collect();
+            // On error no lease of the batch was taken; dropping the claim rolls it back.
+            let results = self
+                .inner
+                .mars
+                .acquire_many(&reqs)
+                .await
+                .map_err(|e| format!("leases: {e}"))?;
+            (batch, plan, results, unclaimed, t_lease)
+        } else {
+            let reqs: Vec<LeaseRequest> = plan.iter().map(request).collect();
+            let claim = async {
+                let r = store.claim_many(&ids).await;
+                metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
+                    .record(started.elapsed().as_secs_f64());
+                r
+            };
+            let (batch, results) = tokio::join!(claim, self.inner.mars.acquire_many(&reqs));
+            let results = results.map_err(|e| format!("leases: {e}"))?;
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    let taken: Vec<&Lease> =
+                        results.iter().filter_map(|r| r.as_ref().ok()).collect();
+                    self.release_all(&taken, "the dispatch could not be recorded")
+                        .await;
+                    return Err(e.to_string());
+                }
+            };
+            let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
+            let mut kept_plan = Vec::with_capacity(plan.len());
+            let mut kept_results = Vec::with_capacity(plan.len());
+            let mut given_back = Vec::new();
+            for (p, r) in plan.iter().zip(results) {
+                if claimed.contains(&p.0.id) {
+                    kept_plan.push(p);
+                    kept_results.push(r);
+                } else if let Ok(lease) = r {
+                    given_back.push(lease);
+                }
+            }
+            let unclaimed = kept_plan.len() < plan.len();
+            if unclaimed {
+                self.inner
+                    .last_claim_miss
+                    .store(now_ms(), Ordering::Relaxed);
+                let leases: Vec<&Lease> = given_back.iter().collect();
+                self.release_all(&leases, "the job left the queue before it was dispatched")
+                    .await;
+            }
+            if kept_plan.is_empty() {
+                return Ok(Replan::Soon);
+            }
+            (batch, kept_plan, kept_results, unclaimed, started)
+        };
         batch.round = round;
-        let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
-        // Jobs not claimed left the queue or are another executor's right now; their
-        // machines stay free: plan again once this batch is done.
-        let planned = plan.len();
-        let plan: Vec<&(QueuedJob, MachineId)> = plan
-            .iter()
-            .filter(|(j, _)| claimed.contains(&j.id))
-            .collect();
-        let unclaimed = plan.len() < planned;
-        if plan.is_empty() {
-            return Ok(Replan::Soon);
-        }
-        let t_lease = Instant::now();
-        metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
-            .record((t_lease - started).as_secs_f64());
-        let reqs: Vec<LeaseRequest> = plan
-            .iter()
-            .map(|(job, machine)| LeaseRequest {
-                machine_id: *machine,
-                job_id: job.id.to_string(),
-                holder: self.inner.holder.clone(),
-                purpose: match job.purpose {
-                    Purpose::Job => LeasePurpose::Job,
-                    Purpose::Training => LeasePurpose::Training,
-                },
-                ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
-            })
-            .collect();
-        // On error no lease of the batch was taken; dropping the claim rolls it back.
-        let results = self
-            .inner
-            .mars
-            .acquire_many(&reqs)
-            .await
-            .map_err(|e| format!("leases: {e}"))?;
         let t_commit = Instant::now();
+        // With the claim alongside, the longer of the two.
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
             .record((t_commit - t_lease).as_secs_f64());
         let mut busy = false;
@@ -865,9 +932,20 @@ mod tests {
     }
 
     async fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dutgate_core::db::Db::open_sqlite(
+            &dir.path().join("executor.db"),
+            crate::store::MIGRATIONS,
+        )
+        .await
+        .unwrap();
+        rig_on(dir, db).await
+    }
+
+    /// [`rig`] with the executor's queue in `db`.
+    async fn rig_on(dir: tempfile::TempDir, db: dutgate_core::db::Db) -> Rig {
         use dutgate_core::Secret;
         use dutgate_core::db::Db;
-        let dir = tempfile::tempdir().unwrap();
         let mars_db = Db::open_sqlite(&dir.path().join("mars.db"), dutgate_mars::store::MIGRATIONS)
             .await
             .unwrap();
@@ -894,9 +972,6 @@ mod tests {
             Duration::from_millis(100),
         ));
         let client = MarsClient::new(&url, Some(Secret::new("admin")));
-        let db = Db::open_sqlite(&dir.path().join("executor.db"), crate::store::MIGRATIONS)
-            .await
-            .unwrap();
         let store = Store::new(db);
         let gw = Arc::new(dutgate_core::config::GatewayConfig {
             state_dir: dir.path().to_path_buf(),
@@ -1141,6 +1216,84 @@ mod tests {
                 .all(|j| jobs.contains(&j.id) && !ids.contains(&j.id))
         );
         rig.shutdown.cancel();
+    }
+
+    /// PostgreSQL (the claim takes row locks there; on SQLite every planned job is claimed):
+    /// a job another executor holds is not dispatched, the lease taken for it at the same
+    /// time as the claim is given back, and for a while after that miss batches claim before
+    /// they lease, so no lease is taken and given back again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_for_a_job_it_could_not_claim_is_given_back() {
+        for test_db in
+            dutgate_core::db::testing::databases("executor", crate::store::MIGRATIONS).await
+        {
+            if test_db.backend() != dutgate_core::db::Backend::Postgres {
+                continue;
+            }
+            let pool = test_db.pool().clone();
+            let rig = rig_on(tempfile::tempdir().unwrap(), test_db.db.clone()).await;
+            let ms = [
+                register(&rig, 1, &["a:b:c"], true).await,
+                register(&rig, 2, &["a:b:c"], true).await,
+            ];
+            assert!(rig.sched.any_free(Purpose::Job, None, &[]).await.unwrap());
+            let held = rig.store.insert(&new_job(0, &["a:b:c"])).await.unwrap();
+            let free = rig.store.insert(&new_job(0, &["a:b:c"])).await.unwrap();
+            // Another executor is dispatching `held`: it holds its row lock.
+            let mut other = pool.begin().await.unwrap();
+            sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(held)
+                .fetch_all(&mut *other)
+                .await
+                .unwrap();
+            let from = rig.mars.store.latest_seq().await.unwrap();
+            for batch in rig.sched.round().await.unwrap() {
+                batch.await.unwrap();
+            }
+            let launched: Vec<i64> = rig.launched.lock().unwrap().iter().map(|l| l.0).collect();
+            assert_eq!(launched, vec![free]);
+            let events = rig.mars.store.events_after(from, 1000).await.unwrap();
+            let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+            assert_eq!(
+                kinds,
+                vec!["lease_acquired", "lease_acquired", "lease_released"],
+                "{events:?}"
+            );
+            assert_eq!(
+                events[2].reason,
+                "the job left the queue before it was dispatched"
+            );
+            let leased: Vec<bool> =
+                futures::future::join_all(ms.iter().map(|m| rig.client.machine(*m)))
+                    .await
+                    .into_iter()
+                    .map(|m| m.unwrap().lease.is_some())
+                    .collect();
+            assert_eq!(leased.iter().filter(|l| **l).count(), 1, "{leased:?}");
+            // Still held: the next round claims first and takes no lease.
+            let from = rig.mars.store.latest_seq().await.unwrap();
+            for batch in rig.sched.round().await.unwrap() {
+                batch.await.unwrap();
+            }
+            assert_eq!(
+                rig.mars.store.events_after(from, 1000).await.unwrap(),
+                vec![]
+            );
+            assert_eq!(
+                rig.store.require(held).await.unwrap().state,
+                crate::model::JobState::Queued
+            );
+            // The other executor lets go: the job is dispatched.
+            other.rollback().await.unwrap();
+            for batch in rig.sched.round().await.unwrap() {
+                batch.await.unwrap();
+            }
+            let row = rig.store.require(held).await.unwrap();
+            assert_eq!(row.state, crate::model::JobState::Dispatched);
+            assert_eq!(rig.launched.lock().unwrap().len(), 2);
+            rig.shutdown.cancel();
+            test_db.cleanup().await;
+        }
     }
 
     #[test]

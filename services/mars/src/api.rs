@@ -473,14 +473,19 @@ async fn events(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(60.0));
     let mut rx = s.mars.store.subscribe();
-    // From memory when it provably holds every event after the cursor (SQLite), else from
-    // the table; the periodic re-read always reads the table.
+    // From memory when it provably holds every event after the cursor up to the newest
+    // announced, else from the table; the periodic re-read always reads the table (events of
+    // another process writing the same PostgreSQL are announced nowhere here).
     let mut from_table = false;
     loop {
         rx.borrow_and_update();
         let events = match s.mars.store.recent_events_after(q.after, 1000) {
             Some(events) if !from_table => events,
-            _ => s.mars.store.events_after(q.after, 1000).await?,
+            _ => {
+                let events = s.mars.store.events_after(q.after, 1000).await?;
+                s.mars.store.learn_events(q.after, &events);
+                events
+            }
         };
         let now = tokio::time::Instant::now();
         if !events.is_empty() || now >= deadline || s.shutdown.is_cancelled() {

@@ -17,6 +17,8 @@ pub mod client;
 pub mod machines;
 pub mod model;
 pub mod power;
+mod recent_events;
+mod row_write;
 pub mod state;
 pub mod store;
 pub mod training;

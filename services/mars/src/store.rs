@@ -21,6 +21,10 @@ use crate::model::{
     Discovery, FailedStage, Lease, LoopReport, Machine, MachineEvent, MachineState, RunKind,
     RunOutcome, Timestamp, TrainingRun, TrainingSummary,
 };
+use crate::recent_events::RecentEvents;
+use crate::row_write::{
+    RowChange, commit_in_seq_order, insert_event, is_unique_violation, tags_to_json, write_changes,
+};
 use crate::state::{InvalidTransition, Trigger, transition};
 
 static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -156,60 +160,12 @@ pub struct Store {
     recent: Arc<std::sync::Mutex<RecentEvents>>,
 }
 
-/// Events committed lately, newest last, for the event stream to answer a follower from
-/// memory instead of reading them back (that read sat on every dispatch's path).
-///
-/// SQLite only: one mars writes a database, and `AUTOINCREMENT` seqs of committed events
-/// have no gaps, so the ring can prove it is complete. It only ever holds consecutive seqs
-/// (an event that does not follow the newest one empties it first), and a follower is
-/// answered from it only if it holds every seq after the follower's cursor up to the newest
-/// one announced. Anything else — PostgreSQL (sequences leave gaps, other gateways write),
-/// an older cursor — reads the table.
-#[derive(Default)]
-struct RecentEvents {
-    events: std::collections::VecDeque<MachineEvent>,
-}
-
-/// Events kept in [`RecentEvents`].
-const RECENT_EVENTS: usize = 4096;
-
-impl RecentEvents {
-    fn push(&mut self, e: MachineEvent) {
-        if self.events.back().is_some_and(|last| e.seq != last.seq + 1) {
-            self.events.clear();
-        }
-        self.events.push_back(e);
-        if self.events.len() > RECENT_EVENTS {
-            self.events.pop_front();
-        }
-    }
-
-    /// Every event after `after` up to `latest`, at most `limit`, if all of them are here.
-    fn after(&self, after: i64, latest: i64, limit: usize) -> Option<Vec<MachineEvent>> {
-        let first = self.events.front()?.seq;
-        let last = self.events.back()?.seq;
-        // `after` is a follower's cursor, any i64: no arithmetic that could overflow.
-        if after < first.saturating_sub(1) || last < latest {
-            return None;
-        }
-        if after >= last {
-            return Some(Vec::new());
-        }
-        let skip = usize::try_from(after.saturating_sub(first).saturating_add(1).max(0)).ok()?;
-        Some(self.events.iter().skip(skip).take(limit).cloned().collect())
-    }
-}
-
 fn decode_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
 
 fn tags_from_json(s: &str) -> Result<Vec<Tag>, StoreError> {
     serde_json::from_str(s).map_err(decode_err)
-}
-
-fn tags_to_json(t: &[Tag]) -> String {
-    serde_json::to_string(t).unwrap_or_else(|_| "[]".into())
 }
 
 fn opt_ts(v: Option<i64>) -> Option<Timestamp> {
@@ -311,11 +267,6 @@ const MACHINE_COLUMNS: &str = "id, base_name, name_index, full_name, tags, manua
     consecutive_infra_failures, training_failures, training_next_at, trained_at, lease_id, \
     lease_job_id, lease_holder, lease_purpose, lease_acquired_at, lease_expires_at, lease_ttl, version";
 
-/// A unique-constraint violation (both backends report it through `DatabaseError::kind`).
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
-}
-
 impl Store {
     pub fn new(db: Db, farm: &str) -> Self {
         let (tx, _rx) = watch::channel(0);
@@ -340,16 +291,14 @@ impl Store {
         self.events_tx.subscribe()
     }
 
-    /// Makes committed events known: to the recent-events ring (SQLite) and to subscribers.
-    /// Called right after the commit, before the write turn is given back, so that events
-    /// arrive here in seq order.
+    /// Makes committed events known: to the recent events and to subscribers. Called right
+    /// after the commit (before the write turn is given back on SQLite; on PostgreSQL two
+    /// writers' announcements may come in either order, which the recent events allow for).
     fn announce(&self, events: Vec<MachineEvent>) {
         let Some(seq) = events.iter().map(|e| e.seq).max() else {
             return;
         };
-        if self.db.backend() == Backend::Sqlite
-            && let Ok(mut recent) = self.recent.lock()
-        {
+        if let Ok(mut recent) = self.recent.lock() {
             for e in events {
                 recent.push(e);
             }
@@ -357,14 +306,20 @@ impl Store {
         self.notify(seq);
     }
 
-    /// The events after `after` (at most `limit`) from memory, when the recent-events ring
-    /// provably holds all of them; `None` means: read the table ([`Store::events_after`]).
+    /// The events after `after` (at most `limit`) from memory, when the recent events
+    /// provably hold all of them up to the newest announced; `None` means: read the table
+    /// ([`Store::events_after`]) and pass what it returned to [`Store::learn_events`].
     pub fn recent_events_after(&self, after: i64, limit: usize) -> Option<Vec<MachineEvent>> {
-        if self.db.backend() != Backend::Sqlite {
-            return None;
-        }
         let latest = *self.events_tx.borrow();
         self.recent.lock().ok()?.after(after, latest, limit)
+    }
+
+    /// What a table read of the events after `after` returned, for the recent events to
+    /// learn the seqs they miss (another process's events, seqs that were never committed).
+    pub fn learn_events(&self, after: i64, events: &[MachineEvent]) {
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.learn(after, events);
+        }
     }
 
     fn notify(&self, seq: i64) {
@@ -489,16 +444,18 @@ impl Store {
             edit(&mut next);
             next.version = cur.version + 1;
             let turn = self.db.write_turn().await;
-            let mut tx = self.db.pool().begin().await?;
-            if !update_row(&mut tx, &next, cur.version).await? {
-                tx.rollback().await?;
+            let change = RowChange {
+                next: &next,
+                expected: cur.version,
+                from: cur.state,
+                kind,
+                cause,
+            };
+            let Some(Some(event)) = write_changes(&self.db, &[change]).await?.pop() else {
                 drop(turn);
                 tokio::task::yield_now().await;
                 continue;
-            }
-            commit_in_seq_order(&mut tx, self.db.backend()).await?;
-            let event = insert_event(&mut tx, id, cur.state, to, kind, cause).await?;
-            tx.commit().await?;
+            };
             self.announce(vec![event]);
             drop(turn);
             if cur.state != to {
@@ -661,20 +618,16 @@ impl Store {
                 .into_iter()
                 .map(|r| (r.id, r))
                 .collect();
-            let mut written = std::collections::HashSet::new();
-            // The executor's lease batch is the dispatcher's write: it takes the fast lane
-            // past releases, registrations and training bookkeeping queued before it.
-            let turn = self.db.priority_write_turn().await;
-            let mut tx = self.db.pool().begin().await?;
-            let mut updated = Vec::new();
+            let mut chosen = std::collections::HashSet::new();
+            let mut candidates = Vec::new();
             for i in pending {
                 let op = &ops[i];
                 let Some(cur) = rows.get(&op.id) else {
                     out[i] = Some(Err(StoreError::NotFound(op.id)));
                     continue;
                 };
-                if written.contains(&op.id) {
-                    // Its row changed in this transaction: decide on a fresh read.
+                if chosen.contains(&op.id) {
+                    // Another operation of this pass writes its row: decide on a fresh read.
                     continue;
                 }
                 let (to, kind) = match (op.decide)(cur) {
@@ -695,22 +648,31 @@ impl Store {
                 next.state = to;
                 (op.edit)(&mut next);
                 next.version = cur.version + 1;
-                if !update_row(&mut tx, &next, cur.version).await? {
-                    continue;
+                chosen.insert(op.id);
+                candidates.push((i, cur.state, cur.version, kind, next));
+            }
+            let changes: Vec<RowChange<'_>> = candidates
+                .iter()
+                .map(|(i, from, expected, kind, next)| RowChange {
+                    next,
+                    expected: *expected,
+                    from: *from,
+                    kind,
+                    cause: &ops[*i].cause,
+                })
+                .collect();
+            // The executor's lease batch is the dispatcher's write: it takes the fast lane
+            // past releases, registrations and training bookkeeping queued before it.
+            let turn = self.db.priority_write_turn().await;
+            let events = write_changes(&self.db, &changes).await?;
+            drop(changes);
+            let mut applied = Vec::with_capacity(candidates.len());
+            for ((i, from, _, kind, next), event) in candidates.into_iter().zip(events) {
+                // No event: another writer changed the row first; the next pass re-reads it.
+                if let Some(event) = event {
+                    applied.push((i, from, kind, event, next));
                 }
-                written.insert(op.id);
-                updated.push((i, cur.state, kind, next));
             }
-            if !updated.is_empty() {
-                commit_in_seq_order(&mut tx, self.db.backend()).await?;
-            }
-            let mut applied = Vec::with_capacity(updated.len());
-            for (i, from, kind, next) in updated {
-                let event =
-                    insert_event(&mut tx, next.id, from, next.state, kind, &ops[i].cause).await?;
-                applied.push((i, from, kind, event, next));
-            }
-            tx.commit().await?;
             self.announce(applied.iter().map(|a| a.3.clone()).collect());
             drop(turn);
             for (i, from, kind, _, next) in applied {
@@ -1072,120 +1034,6 @@ async fn insert_row(tx: &mut Transaction<'_, Any>, m: &MachineRow) -> Result<(),
     Ok(())
 }
 
-/// Writes the whole row if its version is still `expected`; false when another writer won.
-async fn update_row(
-    tx: &mut Transaction<'_, Any>,
-    m: &MachineRow,
-    expected: i64,
-) -> Result<bool, StoreError> {
-    let lease = m.lease.as_ref();
-    let r = sqlx::query(
-        "UPDATE machines SET base_name = $1, tags = $2, manual_tags = $3, ip_address = $4, \
-         local_tty_device = $5, pdu = $6, pdu_port_id = $7, pdu_off_delay = $8, state = $9, \
-         comment = $10, last_seen = $11, consecutive_infra_failures = $12, training_failures = $13, \
-         training_next_at = $14, trained_at = $15, lease_id = $16, lease_job_id = $17, \
-         lease_holder = $18, lease_purpose = $19, lease_acquired_at = $20, lease_expires_at = $21, \
-         lease_ttl = $22, version = $23 WHERE id = $24 AND version = $25",
-    )
-    .bind(&m.base_name)
-    .bind(tags_to_json(&m.tags))
-    .bind(tags_to_json(&m.manual_tags))
-    .bind(m.ip_address.map(|i| i.to_string()))
-    .bind(m.local_tty_device.clone())
-    .bind(m.pdu.clone())
-    .bind(m.pdu_port_id.clone())
-    .bind(m.pdu_off_delay)
-    .bind(m.state.as_str())
-    .bind(m.comment.clone())
-    .bind(m.last_seen.millis())
-    .bind(m.consecutive_infra_failures)
-    .bind(m.training_failures)
-    .bind(m.training_next_at.map(Timestamp::millis))
-    .bind(m.trained_at.map(Timestamp::millis))
-    .bind(lease.map(|l| l.id.clone()))
-    .bind(lease.map(|l| l.job_id.clone()))
-    .bind(lease.map(|l| l.holder.clone()))
-    .bind(lease.map(|l| l.purpose.as_str().to_string()))
-    .bind(lease.map(|l| l.acquired_at.millis()))
-    .bind(lease.map(|l| l.expires_at.millis()))
-    .bind(lease.map(|l| l.ttl_seconds as i64))
-    .bind(m.version)
-    .bind(m.id.to_string())
-    .bind(expected)
-    .execute(&mut **tx)
-    .await;
-    match r {
-        Ok(r) => Ok(r.rows_affected() == 1),
-        Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict(format!(
-            "PDU {} port {} is already assigned to another machine",
-            m.pdu.as_deref().unwrap_or("?"),
-            m.pdu_port_id.as_deref().unwrap_or("?")
-        ))),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Makes the transactions that write machine events commit in the order of their events'
-/// `seq`. Followers of `GET /api/v1/events` read `seq > cursor` and move the cursor to the last
-/// seq they got; on PostgreSQL seqs come from a sequence, so a transaction could take seq 104,
-/// another 105, the second commit first, and a follower that read 105 would never see 104 —
-/// a released machine the executor would believe busy for good. Every event-writing
-/// transaction therefore takes one transaction-scoped advisory lock right before its first
-/// event insert, keyed by the schema so that marses of other schemas in the same database do
-/// not wait for it. Last, not first: the lock serialises every state change of the farm, so it
-/// is held only for the event inserts and the commit, not for the row updates before them
-/// (and with no lock taken after it, waiting for it while holding row locks cannot deadlock).
-/// SQLite has a single writer already.
-async fn commit_in_seq_order(
-    tx: &mut Transaction<'_, Any>,
-    backend: Backend,
-) -> Result<(), StoreError> {
-    if backend == Backend::Postgres {
-        sqlx::query(
-            "SELECT 1 FROM pg_advisory_xact_lock(hashtext('mars events ' || current_schema()))",
-        )
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
-}
-
-async fn insert_event(
-    tx: &mut Transaction<'_, Any>,
-    id: MachineId,
-    from: MachineState,
-    to: MachineState,
-    kind: &str,
-    cause: &Cause,
-) -> Result<MachineEvent, StoreError> {
-    let at = Timestamp::now();
-    let row = sqlx::query(
-        "INSERT INTO machine_events (machine_id, at, from_state, to_state, kind, actor, reason, job_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING seq",
-    )
-    .bind(id.to_string())
-    .bind(at.millis())
-    .bind(from.as_str())
-    .bind(to.as_str())
-    .bind(kind)
-    .bind(&cause.actor)
-    .bind(&cause.reason)
-    .bind(cause.job_id.clone())
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(MachineEvent {
-        seq: row.try_get::<i64, _>("seq")?,
-        machine_id: id,
-        at,
-        from_state: from,
-        to_state: to,
-        kind: kind.to_string(),
-        actor: cause.actor.clone(),
-        reason: cause.reason.clone(),
-        job_id: cause.job_id.clone(),
-    })
-}
-
 /// A fresh row for a machine seen for the first time.
 pub fn new_row(
     id: MachineId,
@@ -1218,59 +1066,5 @@ pub fn new_row(
         trained_at: None,
         lease: None,
         version: 0,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn event(seq: i64) -> MachineEvent {
-        MachineEvent {
-            seq,
-            machine_id: MachineId::from_bytes([2, 0, 0, 0, 0, 1]),
-            at: Timestamp(seq),
-            from_state: MachineState::Idle,
-            to_state: MachineState::Idle,
-            kind: "lease_released".into(),
-            actor: "test".into(),
-            reason: String::new(),
-            job_id: None,
-        }
-    }
-
-    fn seqs(v: Option<Vec<MachineEvent>>) -> Option<Vec<i64>> {
-        v.map(|v| v.iter().map(|e| e.seq).collect())
-    }
-
-    #[test]
-    fn recent_events_answer_only_when_complete() {
-        let mut r = RecentEvents::default();
-        assert_eq!(seqs(r.after(0, 0, 10)), None, "empty: read the table");
-        for s in 10..=14 {
-            r.push(event(s));
-        }
-        assert_eq!(seqs(r.after(11, 14, 10)), Some(vec![12, 13, 14]));
-        assert_eq!(seqs(r.after(9, 14, 2)), Some(vec![10, 11]));
-        assert_eq!(seqs(r.after(14, 14, 10)), Some(vec![]));
-        // Cursors from the query string may be anything.
-        assert_eq!(seqs(r.after(i64::MAX, 14, 10)), Some(vec![]));
-        assert_eq!(seqs(r.after(i64::MIN, 14, 10)), None);
-        assert_eq!(seqs(r.after(-1, 14, 10)), None);
-        assert_eq!(seqs(r.after(8, 14, 10)), None, "seq 9 is not here");
-        assert_eq!(
-            seqs(r.after(11, 15, 10)),
-            None,
-            "seq 15 was announced, not pushed"
-        );
-        // A gap (seq 15 never pushed) empties the ring: it never answers across one.
-        r.push(event(16));
-        assert_eq!(seqs(r.after(14, 16, 10)), None);
-        assert_eq!(seqs(r.after(15, 16, 10)), Some(vec![16]));
-        for s in 17..17 + RECENT_EVENTS as i64 {
-            r.push(event(s));
-        }
-        assert_eq!(r.events.len(), RECENT_EVENTS);
-        assert_eq!(seqs(r.after(15, 16 + RECENT_EVENTS as i64, 1)), None);
     }
 }
