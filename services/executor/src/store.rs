@@ -546,16 +546,12 @@ impl Store {
             .rows_affected()
                 == 1;
             if done {
-                let data = serde_json::json!({
-                    "machine_id": d.machine,
-                    "lease_id": d.lease_id,
-                    "round": batch.round,
-                });
+                let (message, data) = dispatched_event(d, batch.round);
                 insert_event(
                     &mut tx,
                     d.id,
                     crate::model::kind::DISPATCHED,
-                    &format!("dispatched to {}", d.machine),
+                    &message,
                     &data,
                 )
                 .await?;
@@ -838,6 +834,16 @@ enum Bind {
     Text(String),
 }
 
+/// The message and data of a job's `dispatched` event.
+fn dispatched_event(d: &Dispatch, round: u64) -> (String, Value) {
+    let data = serde_json::json!({
+        "machine_id": d.machine,
+        "lease_id": d.lease_id,
+        "round": round,
+    });
+    (format!("dispatched to {}", d.machine), data)
+}
+
 /// [`Store::complete_many`]'s writes on PostgreSQL in one statement (one round trip instead of
 /// two per job): the dispatches travel as one JSON document; each claimed job still queued is
 /// marked `DISPATCHED` and gets its `dispatched` event. Returns one flag per item.
@@ -857,16 +863,12 @@ async fn complete_in_one_statement(
     let rows: Vec<Value> = chosen
         .iter()
         .map(|d| {
-            let data = serde_json::json!({
-                "machine_id": d.machine,
-                "lease_id": d.lease_id,
-                "round": round,
-            });
+            let (message, data) = dispatched_event(d, round);
             serde_json::json!({
                 "id": d.id,
                 "machine": d.machine.to_string(),
                 "lease": d.lease_id,
-                "message": format!("dispatched to {}", d.machine),
+                "message": message,
                 "data": data.to_string(),
             })
         })

@@ -231,48 +231,105 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// The columns a machine row's writes set besides its identity (id, name, first seen), in the
+/// order [`bind_row_columns`] binds them: the tail of both the insert and the update.
+pub(crate) const ROW_COLUMNS: &str = "tags, manual_tags, ip_address, local_tty_device, pdu, \
+     pdu_port_id, pdu_off_delay, state, comment, last_seen, consecutive_infra_failures, \
+     training_failures, training_next_at, trained_at, lease_id, lease_job_id, lease_holder, \
+     lease_purpose, lease_acquired_at, lease_expires_at, lease_ttl, version";
+
+/// How many columns [`ROW_COLUMNS`] lists.
+const ROW_COLUMN_COUNT: usize = 22;
+
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>;
+
+/// Binds `m`'s values for [`ROW_COLUMNS`], in that order.
+pub(crate) fn bind_row_columns<'q>(q: AnyQuery<'q>, m: &MachineRow) -> AnyQuery<'q> {
+    let lease = m.lease.as_ref();
+    q.bind(tags_to_json(&m.tags))
+        .bind(tags_to_json(&m.manual_tags))
+        .bind(m.ip_address.map(|i| i.to_string()))
+        .bind(m.local_tty_device.clone())
+        .bind(m.pdu.clone())
+        .bind(m.pdu_port_id.clone())
+        .bind(m.pdu_off_delay)
+        .bind(m.state.as_str())
+        .bind(m.comment.clone())
+        .bind(m.last_seen.millis())
+        .bind(m.consecutive_infra_failures)
+        .bind(m.training_failures)
+        .bind(m.training_next_at.map(Timestamp::millis))
+        .bind(m.trained_at.map(Timestamp::millis))
+        .bind(lease.map(|l| l.id.clone()))
+        .bind(lease.map(|l| l.job_id.clone()))
+        .bind(lease.map(|l| l.holder.clone()))
+        .bind(lease.map(|l| l.purpose.as_str().to_string()))
+        .bind(lease.map(|l| l.acquired_at.millis()))
+        .bind(lease.map(|l| l.expires_at.millis()))
+        .bind(lease.map(|l| l.ttl_seconds as i64))
+        .bind(m.version)
+}
+
+/// `$from, $from+1, …` for [`ROW_COLUMNS`].
+fn row_placeholders(from: usize) -> Vec<String> {
+    (from..from + ROW_COLUMN_COUNT)
+        .map(|i| format!("${i}"))
+        .collect()
+}
+
+/// The insert of a new row: identity columns, then [`ROW_COLUMNS`]. Built once.
+static INSERT_ROW: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO machines (id, base_name, name_index, full_name, first_seen, {ROW_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, {})",
+        row_placeholders(6).join(", ")
+    )
+});
+
+/// The conditional update of a row: `base_name` and [`ROW_COLUMNS`], then id and expected
+/// version. Built once.
+static UPDATE_ROW: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let sets: Vec<String> = ROW_COLUMNS
+        .split(',')
+        .map(str::trim)
+        .zip(row_placeholders(2))
+        .map(|(c, p)| format!("{c} = {p}"))
+        .collect();
+    let id = ROW_COLUMN_COUNT + 2;
+    format!(
+        "UPDATE machines SET base_name = $1, {} WHERE id = ${id} AND version = ${}",
+        sets.join(", "),
+        id + 1
+    )
+});
+
+/// Inserts a new machine row.
+pub(crate) async fn insert_row(
+    tx: &mut Transaction<'_, Any>,
+    m: &MachineRow,
+) -> Result<(), sqlx::Error> {
+    let q = sqlx::query(sqlx::AssertSqlSafe(INSERT_ROW.as_str()))
+        .bind(m.id.to_string())
+        .bind(m.base_name.clone())
+        .bind(m.name_index)
+        .bind(m.full_name.clone())
+        .bind(m.first_seen.millis());
+    bind_row_columns(q, m).execute(&mut **tx).await?;
+    Ok(())
+}
+
 /// Writes the whole row if its version is still `expected`; false when another writer won.
 async fn update_row(
     tx: &mut Transaction<'_, Any>,
     m: &MachineRow,
     expected: i64,
 ) -> Result<bool, StoreError> {
-    let lease = m.lease.as_ref();
-    let r = sqlx::query(
-        "UPDATE machines SET base_name = $1, tags = $2, manual_tags = $3, ip_address = $4, \
-         local_tty_device = $5, pdu = $6, pdu_port_id = $7, pdu_off_delay = $8, state = $9, \
-         comment = $10, last_seen = $11, consecutive_infra_failures = $12, training_failures = $13, \
-         training_next_at = $14, trained_at = $15, lease_id = $16, lease_job_id = $17, \
-         lease_holder = $18, lease_purpose = $19, lease_acquired_at = $20, lease_expires_at = $21, \
-         lease_ttl = $22, version = $23 WHERE id = $24 AND version = $25",
-    )
-    .bind(&m.base_name)
-    .bind(tags_to_json(&m.tags))
-    .bind(tags_to_json(&m.manual_tags))
-    .bind(m.ip_address.map(|i| i.to_string()))
-    .bind(m.local_tty_device.clone())
-    .bind(m.pdu.clone())
-    .bind(m.pdu_port_id.clone())
-    .bind(m.pdu_off_delay)
-    .bind(m.state.as_str())
-    .bind(m.comment.clone())
-    .bind(m.last_seen.millis())
-    .bind(m.consecutive_infra_failures)
-    .bind(m.training_failures)
-    .bind(m.training_next_at.map(Timestamp::millis))
-    .bind(m.trained_at.map(Timestamp::millis))
-    .bind(lease.map(|l| l.id.clone()))
-    .bind(lease.map(|l| l.job_id.clone()))
-    .bind(lease.map(|l| l.holder.clone()))
-    .bind(lease.map(|l| l.purpose.as_str().to_string()))
-    .bind(lease.map(|l| l.acquired_at.millis()))
-    .bind(lease.map(|l| l.expires_at.millis()))
-    .bind(lease.map(|l| l.ttl_seconds as i64))
-    .bind(m.version)
-    .bind(m.id.to_string())
-    .bind(expected)
-    .execute(&mut **tx)
-    .await;
+    let q = sqlx::query(sqlx::AssertSqlSafe(UPDATE_ROW.as_str())).bind(m.base_name.clone());
+    let r = bind_row_columns(q, m)
+        .bind(m.id.to_string())
+        .bind(expected)
+        .execute(&mut **tx)
+        .await;
     match r {
         Ok(r) => Ok(r.rows_affected() == 1),
         Err(e) if is_unique_violation(&e) => Err(port_conflict(Some(m))),
@@ -339,4 +396,17 @@ pub(crate) async fn insert_event(
         reason: cause.reason.clone(),
         job_id: cause.job_id.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_statements_list_every_column_once() {
+        assert_eq!(ROW_COLUMNS.split(',').count(), ROW_COLUMN_COUNT);
+        assert!(INSERT_ROW.ends_with(&format!("${})", ROW_COLUMN_COUNT + 5)));
+        assert!(UPDATE_ROW.contains("tags = $2,") && UPDATE_ROW.contains("version = $23 "));
+        assert!(UPDATE_ROW.ends_with("WHERE id = $24 AND version = $25"));
+    }
 }

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use dutgate_core::db::{Backend, Db, Migrations};
 use dutgate_core::{JobStatus, MachineId, Tag};
+use sqlx::Row;
 use sqlx::any::AnyRow;
 use sqlx::migrate::Migrator;
-use sqlx::{Any, Row, Transaction};
 use tokio::sync::watch;
 
 use crate::model::{
@@ -23,7 +23,7 @@ use crate::model::{
 };
 use crate::recent_events::RecentEvents;
 use crate::row_write::{
-    RowChange, commit_in_seq_order, insert_event, is_unique_violation, tags_to_json, write_changes,
+    RowChange, commit_in_seq_order, insert_event, insert_row, is_unique_violation, write_changes,
 };
 use crate::state::{InvalidTransition, Trigger, transition};
 
@@ -990,48 +990,6 @@ fn row_to_run(r: &AnyRow) -> Result<TrainingRun, StoreError> {
         reason: r.try_get("reason")?,
         loops: Vec::new(),
     })
-}
-
-async fn insert_row(tx: &mut Transaction<'_, Any>, m: &MachineRow) -> Result<(), sqlx::Error> {
-    let lease = m.lease.as_ref();
-    sqlx::query(
-        "INSERT INTO machines (id, base_name, name_index, full_name, tags, manual_tags, ip_address, \
-         local_tty_device, pdu, pdu_port_id, pdu_off_delay, state, comment, first_seen, last_seen, \
-         consecutive_infra_failures, training_failures, training_next_at, trained_at, lease_id, \
-         lease_job_id, lease_holder, lease_purpose, lease_acquired_at, lease_expires_at, lease_ttl, version) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, \
-         $20, $21, $22, $23, $24, $25, $26, $27)",
-    )
-    .bind(m.id.to_string())
-    .bind(&m.base_name)
-    .bind(m.name_index)
-    .bind(&m.full_name)
-    .bind(tags_to_json(&m.tags))
-    .bind(tags_to_json(&m.manual_tags))
-    .bind(m.ip_address.map(|i| i.to_string()))
-    .bind(m.local_tty_device.clone())
-    .bind(m.pdu.clone())
-    .bind(m.pdu_port_id.clone())
-    .bind(m.pdu_off_delay)
-    .bind(m.state.as_str())
-    .bind(m.comment.clone())
-    .bind(m.first_seen.millis())
-    .bind(m.last_seen.millis())
-    .bind(m.consecutive_infra_failures)
-    .bind(m.training_failures)
-    .bind(m.training_next_at.map(Timestamp::millis))
-    .bind(m.trained_at.map(Timestamp::millis))
-    .bind(lease.map(|l| l.id.clone()))
-    .bind(lease.map(|l| l.job_id.clone()))
-    .bind(lease.map(|l| l.holder.clone()))
-    .bind(lease.map(|l| l.purpose.as_str().to_string()))
-    .bind(lease.map(|l| l.acquired_at.millis()))
-    .bind(lease.map(|l| l.expires_at.millis()))
-    .bind(lease.map(|l| l.ttl_seconds as i64))
-    .bind(m.version)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
 }
 
 /// A fresh row for a machine seen for the first time.
