@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod client;
+mod known_rows;
 pub mod machines;
 pub mod model;
 pub mod power;

@@ -17,6 +17,7 @@ use sqlx::any::AnyRow;
 use sqlx::migrate::Migrator;
 use tokio::sync::watch;
 
+use crate::known_rows::KnownRows;
 use crate::model::{
     Discovery, FailedStage, Lease, LoopReport, Machine, MachineEvent, MachineState, RunKind,
     RunOutcome, Timestamp, TrainingRun, TrainingSummary,
@@ -158,6 +159,8 @@ pub struct Store {
     farm: Arc<str>,
     events_tx: Arc<watch::Sender<i64>>,
     recent: Arc<std::sync::Mutex<RecentEvents>>,
+    /// The newest rows seen, to decide a change without reading its row first.
+    known: Arc<KnownRows>,
 }
 
 fn decode_err(e: impl std::fmt::Display) -> StoreError {
@@ -275,6 +278,7 @@ impl Store {
             farm: Arc::from(farm),
             events_tx: Arc::new(tx),
             recent: Arc::default(),
+            known: Arc::default(),
         }
     }
 
@@ -342,7 +346,11 @@ impl Store {
             .fetch_optional(self.db.pool())
             .await?;
         match row {
-            Some(r) => row_to_machine(&r),
+            Some(r) => {
+                let row = row_to_machine(&r)?;
+                self.known.learn(&row);
+                Ok(row)
+            }
             None => Err(StoreError::NotFound(id)),
         }
     }
@@ -432,12 +440,25 @@ impl Store {
         decide: &(dyn Fn(&MachineRow) -> Decision + Send + Sync),
         edit: &(dyn Fn(&mut MachineRow) + Send + Sync),
     ) -> Result<MachineRow, StoreError> {
-        for _ in 0..MAX_RETRIES {
-            let cur = self.get(id).await?;
-            let (to, kind) = match decide(&cur) {
-                Decision::Apply(trigger) => (transition(cur.state, trigger)?, trigger.kind()),
-                Decision::Record(kind) => (cur.state, kind),
+        for attempt in 0..MAX_RETRIES {
+            // The first attempt decides on the row known in memory, if any (see
+            // `KnownRows`); a refusal is only given on a fresh read.
+            let (cur, known) = match (attempt == 0).then(|| self.known.get(id)).flatten() {
+                Some(row) => (row, true),
+                None => (self.get(id).await?, false),
+            };
+            let decided = match decide(&cur) {
+                Decision::Apply(trigger) => {
+                    transition(cur.state, trigger).map(|to| (to, trigger.kind()))
+                }
+                Decision::Record(kind) => Ok((cur.state, kind)),
+                Decision::Refuse(_) if known => continue,
                 Decision::Refuse(e) => return Err(e),
+            };
+            let (to, kind) = match decided {
+                Ok(d) => d,
+                Err(_) if known => continue,
+                Err(e) => return Err(e.into()),
             };
             let mut next = cur.clone();
             next.state = to;
@@ -453,9 +474,11 @@ impl Store {
             };
             let Some(Some(event)) = write_changes(&self.db, &[change]).await?.pop() else {
                 drop(turn);
+                self.known.forget(id);
                 tokio::task::yield_now().await;
                 continue;
             };
+            self.known.learn(&next);
             self.announce(vec![event]);
             drop(turn);
             if cur.state != to {
@@ -586,7 +609,9 @@ impl Store {
                 q = q.bind(id.to_string());
             }
             for r in q.fetch_all(self.db.pool()).await? {
-                out.push(row_to_machine(&r)?);
+                let row = row_to_machine(&r)?;
+                self.known.learn(&row);
+                out.push(row);
             }
         }
         Ok(out)
@@ -604,7 +629,7 @@ impl Store {
     ) -> Result<Vec<Result<MachineRow, StoreError>>, StoreError> {
         let mut out: Vec<Option<Result<MachineRow, StoreError>>> =
             (0..ops.len()).map(|_| None).collect();
-        for _ in 0..MAX_RETRIES {
+        for pass in 0..MAX_RETRIES {
             let pending: Vec<usize> = (0..ops.len()).filter(|&i| out[i].is_none()).collect();
             if pending.is_empty() {
                 break;
@@ -612,12 +637,23 @@ impl Store {
             let mut ids: Vec<MachineId> = pending.iter().map(|&i| ops[i].id).collect();
             ids.sort();
             ids.dedup();
-            let rows: std::collections::HashMap<MachineId, MachineRow> = self
-                .get_many(&ids)
-                .await?
-                .into_iter()
-                .map(|r| (r.id, r))
-                .collect();
+            // The first pass decides on the rows known in memory (see `KnownRows`) and reads
+            // only the others; a refusal is only given on a fresh read.
+            let mut rows = std::collections::HashMap::with_capacity(ids.len());
+            let mut known = std::collections::HashSet::new();
+            if pass == 0 {
+                ids.retain(|id| match self.known.get(*id) {
+                    Some(row) => {
+                        known.insert(*id);
+                        rows.insert(*id, row);
+                        false
+                    }
+                    None => true,
+                });
+            }
+            if !ids.is_empty() {
+                rows.extend(self.get_many(&ids).await?.into_iter().map(|r| (r.id, r)));
+            }
             let mut chosen = std::collections::HashSet::new();
             let mut candidates = Vec::new();
             for i in pending {
@@ -630,15 +666,19 @@ impl Store {
                     // Another operation of this pass writes its row: decide on a fresh read.
                     continue;
                 }
+                let from_memory = known.contains(&op.id);
                 let (to, kind) = match (op.decide)(cur) {
                     Decision::Apply(trigger) => match transition(cur.state, trigger) {
                         Ok(to) => (to, trigger.kind()),
+                        // Decide again on a fresh read.
+                        Err(_) if from_memory => continue,
                         Err(e) => {
                             out[i] = Some(Err(e.into()));
                             continue;
                         }
                     },
                     Decision::Record(kind) => (cur.state, kind),
+                    Decision::Refuse(_) if from_memory => continue,
                     Decision::Refuse(e) => {
                         out[i] = Some(Err(e));
                         continue;
@@ -669,8 +709,12 @@ impl Store {
             let mut applied = Vec::with_capacity(candidates.len());
             for ((i, from, _, kind, next), event) in candidates.into_iter().zip(events) {
                 // No event: another writer changed the row first; the next pass re-reads it.
-                if let Some(event) = event {
-                    applied.push((i, from, kind, event, next));
+                match event {
+                    Some(event) => {
+                        self.known.learn(&next);
+                        applied.push((i, from, kind, event, next));
+                    }
+                    None => self.known.forget(next.id),
                 }
             }
             self.announce(applied.iter().map(|a| a.3.clone()).collect());
@@ -722,14 +766,22 @@ impl Store {
         let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "UPDATE machines SET lease_expires_at = $1, version = version + 1 \
-             WHERE lease_id = $2 AND lease_expires_at >= $3",
+             WHERE lease_id = $2 AND lease_expires_at >= $3 RETURNING id",
         )
         .bind(expires.millis())
         .bind(lease_id)
         .bind(now.millis())
-        .execute(self.db.pool())
+        .fetch_optional(self.db.pool())
         .await?;
-        Ok(r.rows_affected() == 1)
+        let Some(r) = r else {
+            return Ok(false);
+        };
+        // The row in memory has the old version now: read it for the next change.
+        let id: String = r.try_get(0)?;
+        if let Ok(id) = MachineId::parse(&id) {
+            self.known.forget(id);
+        }
+        Ok(true)
     }
 
     pub async fn machine_by_lease(&self, lease_id: &str) -> Result<MachineRow, StoreError> {

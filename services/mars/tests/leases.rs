@@ -475,3 +475,81 @@ async fn event_followers_miss_nothing_under_concurrent_writes() {
         assert_eq!(seen, written, "{backend:?}");
     }
 }
+
+/// mars decides a state change on the row it last read or wrote, without reading it again;
+/// the row's version catches a row changed elsewhere. Two mars on one database, each changing
+/// what the other holds in memory: no lease is granted on a leased machine and none refused on
+/// a free one, in single and batch requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_on_rows_changed_elsewhere_are_made_again_on_a_fresh_read() {
+    use dutgate_mars::power::MemoryPower;
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let t = start(db, Options::default()).await;
+        let m = idle_machine(&t, 1).await;
+        let other = dutgate_mars::machines::Mars::new(
+            dutgate_mars::store::Store::new(t.db.db.clone(), "farm"),
+            dutgate_mars::Config::default(),
+            std::sync::Arc::new(MemoryPower::default()),
+        );
+        let job = LeasePurpose::Job;
+        // `t` leases and releases: it knows the machine idle.
+        let first = t.admin.acquire(m, "one", "t", job, None).await.unwrap();
+        t.admin
+            .release(&first.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        // The other mars leases it behind `t`'s back.
+        let held = other.acquire(lease_req(m, "two", job)).await.unwrap();
+        let refused = t
+            .admin
+            .acquire(m, "three", "t", job, None)
+            .await
+            .unwrap_err();
+        assert!(is_conflict(&refused), "{backend:?}: {refused:?}");
+        let refused = t
+            .admin
+            .acquire_many(&[lease_req(m, "four", job)])
+            .await
+            .unwrap();
+        assert!(
+            matches!(&refused[0], Err(e) if e.status == 409),
+            "{backend:?}: {refused:?}"
+        );
+        // `t` now knows it leased; the other mars releases it: `t` grants the next lease.
+        other
+            .release(&held.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        let granted = t
+            .admin
+            .acquire_many(&[lease_req(m, "five", job)])
+            .await
+            .unwrap();
+        let lease = granted[0].as_ref().unwrap();
+        t.admin
+            .release(&lease.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        let held = other.acquire(lease_req(m, "six", job)).await.unwrap();
+        other
+            .release(&held.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
+        let lease = t.admin.acquire(m, "seven", "t", job, None).await.unwrap();
+        assert_eq!(lease.job_id, "seven");
+        // One lease_acquired per lease granted, in the order granted.
+        let jobs: Vec<String> = t
+            .admin
+            .machine_events(m, None)
+            .await
+            .unwrap()
+            .events
+            .into_iter()
+            .filter(|e| e.kind == "lease_acquired")
+            .filter_map(|e| e.job_id)
+            .collect();
+        assert_eq!(jobs, ["one", "two", "five", "six", "seven"], "{backend:?}");
+        t.stop().await;
+    }
+}
