@@ -23,6 +23,7 @@ pub mod config;
 pub mod control;
 pub mod model;
 pub mod process;
+pub mod queue_head;
 pub mod scheduler;
 pub mod storage;
 pub mod store;

@@ -1,14 +1,16 @@
 //! The queue's scheduler: matches queued jobs (priority, then FIFO) to free machines and
-//! dispatches them, a round's worth at a time: one claim of the planned job rows (`FOR UPDATE
-//! SKIP LOCKED` on PostgreSQL), one batched lease request to mars (one mars transaction, a
-//! result per lease), one commit of the dispatched rows and their events, then the job
-//! processes.
+//! dispatches them, a round's worth at a time: one batched lease request to mars (one mars
+//! transaction, a result per lease), one commit of the dispatched rows and their events (of
+//! the jobs still queued and, on PostgreSQL, not held by another executor), then the job
+//! processes. After a job was missed, batches claim their jobs (`FOR UPDATE SKIP LOCKED` on
+//! PostgreSQL) before the lease request for a while. The queue's head comes from memory
+//! between rounds (see [`crate::queue_head`]).
 //!
 //! Event-driven: it runs a round when woken — a submission, a machine freed (mars' event
 //! stream, followed with a long poll), a job finished — or at the next queued deadline. No
 //! polling loop with sleeps on the hot path.
 //!
-//! Rounds overlap: a round only plans; each planned batch (claim, leases, commit, launches)
+//! Rounds overlap: a round only plans; each planned batch (leases, commit, launches)
 //! runs as a task of its own, so a machine freed while a batch waits for mars is planned at
 //! once instead of after that batch's commit and launches. The jobs and machines of batches
 //! in flight are left out of later plans (see [`InFlight`]). (A variant that took one lease
@@ -32,12 +34,13 @@ use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
 
 use crate::model::Purpose;
-use crate::store::{Dispatch as StoreDispatch, QueuedJob, Store, now_ms};
+use crate::queue_head::QueueHead;
+use crate::store::{ClaimBatch, Dispatch as StoreDispatch, QueuedJob, Store, StoreError, now_ms};
 use crate::supervisor::Supervisor;
 
 /// Jobs looked at per round.
 const ROUND_LIMIT: u32 = 2000;
-/// Most jobs dispatched in one batch (one claim, one lease request, one commit); mars takes
+/// Most jobs dispatched in one batch (one lease request, one commit); mars takes
 /// at most [`dutgate_mars::model::MAX_LEASE_BATCH`] leases per request.
 const MAX_BATCH: usize = 256;
 /// Most batches in flight at once; a round that would start another waits for one to end.
@@ -49,8 +52,8 @@ const UNCLAIMED_RETRY: Duration = Duration::from_millis(20);
 /// Longest time between two looks at the queue's deadlines even when none is known to be
 /// due: jobs submitted through another executor sharing PostgreSQL are not noted here.
 const DEADLINE_RECHECK_MS: i64 = 30_000;
-/// After a planned job could not be claimed, batches claim before they ask mars for leases
-/// (instead of both at once) for this long (see [`Scheduler::dispatch_batch`]).
+/// After a planned job could not be claimed, batches claim (lock the jobs) before they ask
+/// mars for leases (instead of not locking them at all) for this long (see [`Scheduler::dispatch_batch`]).
 const CLAIM_FIRST_FOR_MS: i64 = 10_000;
 
 #[derive(Clone)]
@@ -76,6 +79,8 @@ struct Inner {
     deadline_check_at: AtomicI64,
     /// When a batch last found a planned job it could not claim (ms since the epoch).
     last_claim_miss: AtomicI64,
+    /// The head of the queue between rounds (see [`crate::queue_head`]).
+    head: std::sync::Mutex<QueueHead>,
 }
 
 /// The jobs and machines of the batches being dispatched: a round leaves them out of its
@@ -189,6 +194,7 @@ impl Scheduler {
                 // The first round looks.
                 deadline_check_at: AtomicI64::new(i64::MIN),
                 last_claim_miss: AtomicI64::new(i64::MIN),
+                head: Default::default(),
             }),
         }
     }
@@ -487,11 +493,11 @@ impl Scheduler {
         if free.is_empty() {
             return Ok(Vec::new());
         }
-        let store = &self.inner.store;
         let t_plan = Instant::now();
-        // Read the head of the queue first (a few jobs per free machine), and the whole
-        // window only when free IDLE machines are left over: in steady state a round reads a
-        // few dozen rows, not thousands.
+        // Take the head of the queue first (a few jobs per free machine), and the whole
+        // window only when free IDLE machines are left over: in steady state a round looks at
+        // a few dozen jobs, not thousands (and from memory when the head kept there can
+        // tell).
         let idle = free
             .iter()
             .filter(|m| m.state == MachineState::Idle)
@@ -500,8 +506,7 @@ impl Scheduler {
             .unwrap_or(ROUND_LIMIT)
             .clamp(64, ROUND_LIMIT);
         let plan = loop {
-            let mut queued = store.queued(limit).await.map_err(|e| e.to_string())?;
-            let read = queued.len();
+            let (mut queued, complete) = self.queue_head(limit).await.map_err(|e| e.to_string())?;
             queued.retain(|j| !busy_jobs.contains(&j.id));
             let plan = plan_round(&queued, &free);
             let planned_idle = plan
@@ -511,7 +516,7 @@ impl Scheduler {
                         .any(|f| f.id == *m && f.state == MachineState::Idle)
                 })
                 .count();
-            if planned_idle == idle || (read as u32) < limit || limit >= ROUND_LIMIT {
+            if planned_idle == idle || complete || limit >= ROUND_LIMIT {
                 break plan;
             }
             limit = ROUND_LIMIT;
@@ -542,6 +547,7 @@ impl Scheduler {
                         this.wake();
                     }
                     Err(e) => {
+                        this.head().invalidate();
                         tracing::warn!(error = %e, round, "dispatch batch failed; retrying in 1 s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         this.wake();
@@ -550,6 +556,31 @@ impl Scheduler {
             }));
         }
         Ok(handles)
+    }
+
+    /// The first `limit` jobs of the queue, and whether they are all of it: from the head
+    /// kept in memory when it can tell, else read from the store.
+    async fn queue_head(&self, limit: u32) -> Result<(Vec<QueuedJob>, bool), StoreError> {
+        let store = &self.inner.store;
+        let n = usize::try_from(limit).unwrap_or(usize::MAX);
+        if let Some(head) = self.head().current(store.queue_log(), n) {
+            metrics::counter!("executor_queue_head_total", "from" => "memory").increment(1);
+            return Ok(head);
+        }
+        metrics::counter!("executor_queue_head_total", "from" => "store").increment(1);
+        let mark = store.queue_log().last();
+        let read_at = Instant::now();
+        let read = store.queued(limit).await?;
+        Ok(self.head().fill(read, n, mark, store.queue_log(), read_at))
+    }
+
+    fn head(&self) -> std::sync::MutexGuard<'_, QueueHead> {
+        // A poisoned lock only means a panic elsewhere while it was held: drop the head.
+        self.inner.head.lock().unwrap_or_else(|p| {
+            let mut head = p.into_inner();
+            head.invalidate();
+            head
+        })
     }
 
     /// The in-flight set. A poisoned lock only means a panic elsewhere while it was held; each
@@ -581,17 +612,18 @@ impl Scheduler {
             },
             ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
         };
-        // The claim (PostgreSQL: row locks on the jobs, so that another executor sharing the
-        // queue does not lease machines for them too) and the lease request are independent:
-        // normally both go at once, and the claim's round trips are off the dispatch path. A
-        // lease whose job turns out unclaimed is given back. Once a claim missed (another
-        // executor is dispatching from the same queue, or a job was cancelled meanwhile),
-        // batches claim first for a while, so that executors racing for the same jobs do not
-        // take and give back leases in every round.
+        // Normally the jobs are not locked before the lease request: the commit's conditional
+        // update is the guard (on PostgreSQL it skips jobs another executor holds), and a
+        // lease whose job turns out gone is given back. That keeps the claim's transaction
+        // (two round trips and a commit) off the dispatch path. Once a job was missed
+        // (another executor is dispatching from the same queue, or a job was cancelled
+        // meanwhile), batches claim first for a while (PostgreSQL: row locks, `SKIP LOCKED`),
+        // so that executors racing for the same jobs do not take and give back leases in
+        // every round.
         let claim_first = now_ms()
             .saturating_sub(self.inner.last_claim_miss.load(Ordering::Relaxed))
             < CLAIM_FIRST_FOR_MS;
-        let (mut batch, plan, results, unclaimed, t_lease) = if claim_first {
+        let (mut batch, plan, results, mut unclaimed, t_lease) = if claim_first {
             let batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
             let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
             // Jobs not claimed left the queue or are another executor's right now; their
@@ -602,9 +634,7 @@ impl Scheduler {
                 .collect();
             let unclaimed = plan.len() < ids.len();
             if unclaimed {
-                self.inner
-                    .last_claim_miss
-                    .store(now_ms(), Ordering::Relaxed);
+                self.note_claim_miss();
             }
             if plan.is_empty() {
                 return Ok(Replan::Soon);
@@ -623,70 +653,32 @@ impl Scheduler {
             (batch, plan, results, unclaimed, t_lease)
         } else {
             let reqs: Vec<LeaseRequest> = plan.iter().map(request).collect();
-            let claim = async {
-                let r = store.claim_many(&ids).await;
-                metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
-                    .record(started.elapsed().as_secs_f64());
-                r
-            };
-            let (batch, results) = tokio::join!(claim, self.inner.mars.acquire_many(&reqs));
-            let results = results.map_err(|e| format!("leases: {e}"))?;
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    let taken: Vec<&Lease> =
-                        results.iter().filter_map(|r| r.as_ref().ok()).collect();
-                    self.release_all(&taken, "the dispatch could not be recorded")
-                        .await;
-                    return Err(e.to_string());
-                }
-            };
-            let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
-            let mut kept_plan = Vec::with_capacity(plan.len());
-            let mut kept_results = Vec::with_capacity(plan.len());
-            let mut given_back = Vec::new();
-            for (p, r) in plan.iter().zip(results) {
-                if claimed.contains(&p.0.id) {
-                    kept_plan.push(p);
-                    kept_results.push(r);
-                } else if let Ok(lease) = r {
-                    given_back.push(lease);
-                }
-            }
-            let unclaimed = kept_plan.len() < plan.len();
-            if unclaimed {
-                self.inner
-                    .last_claim_miss
-                    .store(now_ms(), Ordering::Relaxed);
-                let leases: Vec<&Lease> = given_back.iter().collect();
-                self.release_all(&leases, "the job left the queue before it was dispatched")
-                    .await;
-            }
-            if kept_plan.is_empty() {
-                return Ok(Replan::Soon);
-            }
-            (batch, kept_plan, kept_results, unclaimed, started)
+            let results = self
+                .inner
+                .mars
+                .acquire_many(&reqs)
+                .await
+                .map_err(|e| format!("leases: {e}"))?;
+            let plan: Vec<&(QueuedJob, MachineId)> = plan.iter().collect();
+            (ClaimBatch::unlocked(&ids), plan, results, false, started)
         };
         batch.round = round;
         let t_commit = Instant::now();
-        // With the claim alongside, the longer of the two.
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
             .record((t_commit - t_lease).as_secs_f64());
         let mut busy = false;
         let mut leased = Vec::new();
-        let mut taken = Vec::new();
+        let mut refused = Vec::new();
         let mut other_refusal = None;
         for ((job, machine), r) in plan.iter().zip(results) {
             match r {
-                Ok(lease) => {
-                    taken.push(*machine);
-                    leased.push((job, *machine, lease));
-                }
+                // Marked busy once the commit tells whether the job was still queued.
+                Ok(lease) => leased.push((job, *machine, lease)),
                 // Leased or not in a leasable state behind the cache's back, or gone: the
                 // next round plans this job on another machine.
                 Err(refusal) if refusal.status == 409 || refusal.status == 404 => {
                     tracing::debug!(job_id = job.id, machine_id = %machine, error = %refusal.error, "lease refused");
-                    taken.push(*machine);
+                    refused.push(*machine);
                     busy = true;
                 }
                 Err(refusal) => {
@@ -695,7 +687,7 @@ impl Scheduler {
                 }
             }
         }
-        self.mark_busy(&taken).await;
+        self.mark_busy(&refused).await;
         let items: Vec<StoreDispatch> = leased
             .iter()
             .map(|(job, machine, lease)| StoreDispatch {
@@ -721,12 +713,20 @@ impl Scheduler {
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
             .record(t_commit.elapsed().as_secs_f64());
         metrics::counter!("executor_dispatch_batches_total").increment(1);
-        let mut cancelled = Vec::new();
+        let dispatched: Vec<MachineId> = leased
+            .iter()
+            .zip(&done)
+            .filter(|(_, ok)| **ok)
+            .map(|((_, m, _), _)| *m)
+            .collect();
+        self.mark_busy(&dispatched).await;
+        let mut missed = Vec::new();
         let mut launches = Vec::new();
         for ((job, machine, lease), ok) in leased.iter().zip(done) {
             if !ok {
-                // Cancelled meanwhile: give the machine back untouched.
-                cancelled.push(lease);
+                // Cancelled meanwhile, or being dispatched by another executor: give the
+                // machine back untouched (it stays free in the cache).
+                missed.push(lease);
                 continue;
             }
             metrics::histogram!("executor_dispatch_seconds").record(elapsed);
@@ -735,8 +735,12 @@ impl Scheduler {
             launches.push(self.launch(job.id, *machine, lease));
         }
         futures::future::join_all(launches).await;
-        self.release_all(&cancelled, "job cancelled before it started")
-            .await;
+        if !missed.is_empty() {
+            unclaimed = true;
+            self.note_claim_miss();
+            self.release_all(&missed, "the job left the queue before it was dispatched")
+                .await;
+        }
         match other_refusal {
             Some(e) => Err(e),
             None => Ok(if busy {
@@ -747,6 +751,15 @@ impl Scheduler {
                 Replan::No
             }),
         }
+    }
+
+    /// A planned job was not queued any more, or another executor held it: claim first for
+    /// [`CLAIM_FIRST_FOR_MS`], and read the queue again.
+    fn note_claim_miss(&self) {
+        self.inner
+            .last_claim_miss
+            .store(now_ms(), Ordering::Relaxed);
+        self.head().invalidate();
     }
 
     /// Gives leases back (best effort, concurrently).

@@ -8,8 +8,10 @@ use dutgate_core::{JobStatus, MachineId};
 use serde_json::Value;
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
+use std::sync::Arc;
 
 use crate::model::{Event, JobState, Purpose, Timestamp, Trigger, transition};
+use crate::queue_head::{QueueChange, QueueLog};
 
 static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -192,6 +194,21 @@ pub struct ClaimBatch {
     tx: Option<Transaction<'static, Any>>,
 }
 
+impl ClaimBatch {
+    /// A batch of jobs taken without locking them first: [`Store::complete_many`]'s
+    /// conditional update is the only guard. It marks only the jobs still queued and, on
+    /// PostgreSQL, not locked by another executor at that instant (`SKIP LOCKED`); the
+    /// others come back `false`. Saves the claim's transaction (two round trips and a
+    /// commit) when no other executor is taking jobs from the same queue.
+    pub fn unlocked(ids: &[i64]) -> Self {
+        Self {
+            ids: ids.to_vec(),
+            round: 0,
+            tx: None,
+        }
+    }
+}
+
 /// One job of a [`ClaimBatch`] that got a lease.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
@@ -203,11 +220,21 @@ pub struct Dispatch {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
+    /// The queue changes this store made (see [`crate::queue_head`]).
+    queue_log: Arc<QueueLog>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            queue_log: Arc::default(),
+        }
+    }
+
+    /// The queue changes this store committed, in order.
+    pub fn queue_log(&self) -> &QueueLog {
+        &self.queue_log
     }
 
     pub fn db(&self) -> &Db {
@@ -253,6 +280,13 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
+        self.queue_log.record(QueueChange::Queued(QueuedJob {
+            id,
+            priority: job.priority,
+            purpose: job.purpose,
+            target_id: job.target_id,
+            target_tags: job.target_tags.clone(),
+        }));
         Ok(id)
     }
 
@@ -428,6 +462,9 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        if done {
+            self.queue_log.record(QueueChange::Left(claim.id));
+        }
         Ok(done)
     }
 
@@ -495,6 +532,21 @@ impl Store {
         items: &[Dispatch],
         executor: &str,
     ) -> Result<Vec<bool>, StoreError> {
+        let done = self.complete_many_inner(batch, items, executor).await?;
+        for (d, ok) in items.iter().zip(&done) {
+            if *ok {
+                self.queue_log.record(QueueChange::Left(d.id));
+            }
+        }
+        Ok(done)
+    }
+
+    async fn complete_many_inner(
+        &self,
+        batch: ClaimBatch,
+        items: &[Dispatch],
+        executor: &str,
+    ) -> Result<Vec<bool>, StoreError> {
         let next = transition(JobState::Queued, Trigger::Dispatch).map_err(|source| {
             StoreError::Transition {
                 id: items.first().map_or(0, |d| d.id),
@@ -505,26 +557,36 @@ impl Store {
         // The fast lane: the dispatch waits for at most the write in progress and one
         // ordinary writer, not for every job's bookkeeping queued before it.
         let _gate = self.db.priority_write_turn().await;
-        let mut tx = match batch.tx {
-            Some(tx) => tx,
-            None if items.iter().any(|d| claimed.contains(&d.id)) => self.pool().begin().await?,
-            None => return Ok(vec![false; items.len()]),
-        };
+        if !items.iter().any(|d| claimed.contains(&d.id)) {
+            if let Some(tx) = batch.tx {
+                tx.rollback().await?;
+            }
+            return Ok(vec![false; items.len()]);
+        }
         let at = now_ms();
         if self.db.backend() == Backend::Postgres {
-            let done = complete_in_one_statement(
-                &mut tx,
-                &claimed,
+            let statement = DispatchStatement {
+                claimed: &claimed,
                 items,
                 next,
-                batch.round,
+                round: batch.round,
                 executor,
                 at,
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok(done);
+            };
+            return match batch.tx {
+                Some(mut tx) => {
+                    let done = statement.run(&mut tx).await?;
+                    tx.commit().await?;
+                    Ok(done)
+                }
+                // Unlocked: the statement is its own transaction (one round trip).
+                None => statement.run(&mut *self.pool().acquire().await?).await,
+            };
         }
+        let mut tx = match batch.tx {
+            Some(tx) => tx,
+            None => self.pool().begin().await?,
+        };
         let mut out = Vec::with_capacity(items.len());
         for d in items {
             if !claimed.contains(&d.id) {
@@ -602,6 +664,17 @@ impl Store {
         if n == 0 {
             // Lost a race with another writer; the caller re-reads.
             return Ok(None);
+        }
+        if next == JobState::Queued {
+            self.queue_log.record(QueueChange::Queued(QueuedJob {
+                id,
+                priority: cur.priority,
+                purpose: cur.purpose,
+                target_id: cur.target_id,
+                target_tags: cur.target_tags.clone(),
+            }));
+        } else if cur.state == JobState::Queued {
+            self.queue_log.record(QueueChange::Left(id));
         }
         self.get(id).await
     }
@@ -846,45 +919,80 @@ fn dispatched_event(d: &Dispatch, round: u64) -> (String, Value) {
 
 /// [`Store::complete_many`]'s writes on PostgreSQL in one statement (one round trip instead of
 /// two per job): the dispatches travel as one JSON document; each claimed job still queued is
-/// marked `DISPATCHED` and gets its `dispatched` event. Returns one flag per item.
-async fn complete_in_one_statement(
-    tx: &mut Transaction<'static, Any>,
-    claimed: &std::collections::HashSet<i64>,
-    items: &[Dispatch],
+/// marked `DISPATCHED` and gets its `dispatched` event.
+struct DispatchStatement<'a> {
+    claimed: &'a std::collections::HashSet<i64>,
+    items: &'a [Dispatch],
     next: JobState,
     round: u64,
-    executor: &str,
+    executor: &'a str,
     at: i64,
-) -> Result<Vec<bool>, StoreError> {
-    let chosen: Vec<&Dispatch> = items.iter().filter(|d| claimed.contains(&d.id)).collect();
-    if chosen.is_empty() {
-        return Ok(vec![false; items.len()]);
-    }
-    let rows: Vec<Value> = chosen
-        .iter()
-        .map(|d| {
-            let (message, data) = dispatched_event(d, round);
-            serde_json::json!({
-                "id": d.id,
-                "machine": d.machine.to_string(),
-                "lease": d.lease_id,
-                "message": message,
-                "data": data.to_string(),
+}
+
+impl DispatchStatement<'_> {
+    /// Runs the statement on `conn` (a claim's transaction, or a connection on its own, where
+    /// it commits by itself). Returns one flag per item.
+    async fn run(&self, conn: &mut sqlx::AnyConnection) -> Result<Vec<bool>, StoreError> {
+        let chosen: Vec<&Dispatch> = self
+            .items
+            .iter()
+            .filter(|d| self.claimed.contains(&d.id))
+            .collect();
+        if chosen.is_empty() {
+            return Ok(vec![false; self.items.len()]);
+        }
+        let rows: Vec<Value> = chosen
+            .iter()
+            .map(|d| {
+                let (message, data) = dispatched_event(d, self.round);
+                serde_json::json!({
+                    "id": d.id,
+                    "machine": d.machine.to_string(),
+                    "lease": d.lease_id,
+                    "message": message,
+                    "data": data.to_string(),
+                })
             })
-        })
-        .collect();
-    // The ids are also listed as placeholders: the planner cannot tell how many rows
-    // `json_to_recordset` yields (it assumes 100) and would scan the whole queue to join them;
-    // with the ids listed it looks the jobs up in the primary key.
-    let marks: Vec<String> = (6..chosen.len() + 6).map(|i| format!("${i}")).collect();
-    let sql = format!(
+            .collect();
+        let query = chosen.iter().fold(
+            sqlx::query(sqlx::AssertSqlSafe(dispatch_sql(chosen.len())))
+                .bind(Value::Array(rows).to_string())
+                .bind(self.next.as_str())
+                .bind(self.executor.to_string())
+                .bind(self.at)
+                .bind(crate::model::kind::DISPATCHED),
+            |q, d| q.bind(d.id),
+        );
+        let done = query.fetch_all(&mut *conn).await?;
+        let mut ids = std::collections::HashSet::with_capacity(done.len());
+        for r in &done {
+            ids.insert(r.try_get::<i64, _>(0)?);
+        }
+        Ok(self.items.iter().map(|d| ids.contains(&d.id)).collect())
+    }
+}
+
+/// The dispatch statement for `n` jobs. The jobs to mark are those of the list still queued
+/// and not locked by another transaction (`FOR UPDATE SKIP LOCKED`): in a claim's
+/// transaction they are locked already (by this transaction, so not skipped); unlocked, a job
+/// another executor is dispatching right now is skipped instead of waited for.
+///
+/// The ids are also listed as placeholders: the planner cannot tell how many rows
+/// `json_to_recordset` yields (it assumes 100) and would scan the whole queue to join them;
+/// with the ids listed it looks the jobs up in the primary key.
+fn dispatch_sql(n: usize) -> String {
+    let marks: Vec<String> = (6..n + 6).map(|i| format!("${i}")).collect();
+    format!(
         "WITH item AS MATERIALIZED ( \
              SELECT * FROM json_to_recordset($1::json) \
              AS i(id BIGINT, machine TEXT, lease TEXT, message TEXT, data TEXT) \
+         ), target AS MATERIALIZED ( \
+             SELECT id FROM jobs WHERE id IN ({}) AND state = 'QUEUED' \
+             FOR UPDATE SKIP LOCKED \
          ), dispatched AS ( \
              UPDATE jobs j SET state = $2, machine_id = i.machine, lease_id = i.lease, \
                  executor = $3, dispatched_at = $4 \
-             FROM item i WHERE j.id IN ({}) AND j.id = i.id AND j.state = 'QUEUED' \
+             FROM item i, target t WHERE j.id = t.id AND j.id = i.id \
              RETURNING j.id, i.message, i.data \
          ), events AS ( \
              INSERT INTO job_events (job_id, seq, at, kind, message, data) \
@@ -893,22 +1001,7 @@ async fn complete_in_one_statement(
              FROM dispatched d RETURNING job_id \
          ) SELECT job_id FROM events",
         marks.join(", ")
-    );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(Value::Array(rows).to_string())
-        .bind(next.as_str())
-        .bind(executor.to_string())
-        .bind(at)
-        .bind(crate::model::kind::DISPATCHED);
-    for d in &chosen {
-        query = query.bind(d.id);
-    }
-    let done = query.fetch_all(&mut **tx).await?;
-    let mut ids = std::collections::HashSet::with_capacity(done.len());
-    for r in &done {
-        ids.insert(r.try_get::<i64, _>(0)?);
-    }
-    Ok(items.iter().map(|d| ids.contains(&d.id)).collect())
+    )
 }
 
 async fn insert_event(
