@@ -117,8 +117,13 @@ pub enum PoolSize {
 impl PoolSize {
     fn options(self, service_max: u32) -> AnyPoolOptions {
         match self {
+            // No ping before each use: it is a round trip to the server in front of every
+            // statement (the pool pings each connection when it is given back anyway, and
+            // closes it if the ping fails). A connection that broke while idle (the server
+            // restarted) fails its next statement once and is then replaced.
             PoolSize::Service => AnyPoolOptions::new()
                 .max_connections(service_max)
+                .test_before_acquire(false)
                 .acquire_timeout(Duration::from_secs(10)),
             PoolSize::Worker => AnyPoolOptions::new()
                 .max_connections(2)
