@@ -762,14 +762,23 @@ fn virtual_farm_end_to_end() {
     queued.wait_for_code(job_timeout, 0, "the queued job");
     let (job_q, _) = farm.job(queued_id).unwrap();
     assert_eq!(job_q["machine_id"], b.as_str(), "{job_q:#}");
-    // A was free (and retired) well before B: the queued job waited for B.
+    // A was free (and retired) well before B: the queued job waited for B. B's machine is
+    // free once its teardown gave the lease back, which can be a moment before B's
+    // `finished_at` is written (the job process records its end after the teardown): the
+    // queued job must come after B's teardown began.
     let (job_a, _) = farm.job(on_a_id).unwrap();
     let a_free = rfc3339_secs(job_a["finished_at"].as_str().unwrap());
     let dispatched = rfc3339_secs(job_q["dispatched_at"].as_str().unwrap());
-    let b_free = rfc3339_secs(job_b["finished_at"].as_str().unwrap());
+    let b_teardown = events_of(&events_b, "phase")
+        .iter()
+        .find(|e| e["data"]["phase"] == "teardown")
+        .and_then(|e| e["at"].as_str())
+        .map(rfc3339_secs)
+        .unwrap_or_else(|| panic!("job {on_b_id} has no teardown phase: {events_b:#?}"));
     assert!(
-        a_free < dispatched && b_free <= dispatched,
-        "job on A finished at {a_free}, on B at {b_free}, queued job dispatched at {dispatched}"
+        a_free < dispatched && b_teardown <= dispatched,
+        "job on A finished at {a_free}, B's teardown began at {b_teardown}, queued job \
+         dispatched at {dispatched}"
     );
     assert_eq!(farm.machine(&a)["state"], "RETIRED");
     drop(nc);
