@@ -623,7 +623,7 @@ impl Scheduler {
         let claim_first = now_ms()
             .saturating_sub(self.inner.last_claim_miss.load(Ordering::Relaxed))
             < CLAIM_FIRST_FOR_MS;
-        let (mut batch, plan, results, mut unclaimed, t_lease) = if claim_first {
+        let (mut batch, plan, mut unclaimed, t_lease) = if claim_first {
             let batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
             let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
             // Jobs not claimed left the queue or are another executor's right now; their
@@ -642,26 +642,23 @@ impl Scheduler {
             let t_lease = Instant::now();
             metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
                 .record((t_lease - started).as_secs_f64());
-            let reqs: Vec<LeaseRequest> = plan.iter().map(|p| request(p)).collect();
-            // On error no lease of the batch was taken; dropping the claim rolls it back.
-            let results = self
-                .inner
-                .mars
-                .acquire_many(&reqs)
-                .await
-                .map_err(|e| format!("leases: {e}"))?;
-            (batch, plan, results, unclaimed, t_lease)
+            (batch, plan, unclaimed, t_lease)
         } else {
-            let reqs: Vec<LeaseRequest> = plan.iter().map(request).collect();
-            let results = self
-                .inner
-                .mars
-                .acquire_many(&reqs)
-                .await
-                .map_err(|e| format!("leases: {e}"))?;
-            let plan: Vec<&(QueuedJob, MachineId)> = plan.iter().collect();
-            (ClaimBatch::unlocked(&ids), plan, results, false, started)
+            (
+                ClaimBatch::unlocked(&ids),
+                plan.iter().collect(),
+                false,
+                started,
+            )
         };
+        let reqs: Vec<LeaseRequest> = plan.iter().map(|p| request(p)).collect();
+        // On error no lease of the batch was taken; dropping a claim rolls it back.
+        let results = self
+            .inner
+            .mars
+            .acquire_many(&reqs)
+            .await
+            .map_err(|e| format!("leases: {e}"))?;
         batch.round = round;
         let t_commit = Instant::now();
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
