@@ -171,6 +171,7 @@ impl MarsClient {
             holder: holder.to_string(),
             purpose,
             ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
+            lease_id: None,
         };
         self.api.post("/api/v1/leases", &req).await
     }

@@ -424,9 +424,20 @@ impl Mars {
             .ttl_seconds
             .unwrap_or(self.config.lease_ttl_seconds)
             .clamp(1, 3600);
+        let id = match &req.lease_id {
+            Some(id) if crate::model::is_lease_id(id) => id.clone(),
+            Some(_) => {
+                return Err(invalid(
+                    "lease_id",
+                    "must be 32 lowercase hex digits (or left out: mars picks one)",
+                )
+                .into());
+            }
+            None => crate::model::new_lease_id(),
+        };
         let now = Timestamp::now();
         Ok(Lease {
-            id: hex::encode(rand::random::<[u8; 16]>()),
+            id,
             machine_id: req.machine_id,
             job_id: req.job_id.clone(),
             holder: req.holder.clone(),

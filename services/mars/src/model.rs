@@ -186,6 +186,27 @@ pub struct LeaseRequest {
     /// Defaults to the service's `lease_ttl_seconds`; bounded to 1..=3600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
+    /// The lease's id, chosen by the requester ([`LEASE_ID_LEN`] lowercase hex digits from a
+    /// good random source): the executor records the dispatch under it while the lease is
+    /// being taken, instead of after. Default: mars picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
+}
+
+/// How many lowercase hex digits a lease id has (128 random bits).
+pub const LEASE_ID_LEN: usize = 32;
+
+/// A new random lease id.
+pub fn new_lease_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whether `id` has the form of a lease id.
+pub fn is_lease_id(id: &str) -> bool {
+    id.len() == LEASE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// `POST /api/v1/leases/batch`: many lease requests, granted or refused each on its own, in

@@ -176,10 +176,13 @@ async fn write_in_one_statement(
     let written = match result {
         Ok(rows) => rows,
         Err(e) if is_unique_violation(&e) => {
-            return Err(port_conflict(match changes {
-                [one] => Some(one.next),
-                _ => None,
-            }));
+            return Err(unique_conflict(
+                &e,
+                match changes {
+                    [one] => Some(one.next),
+                    _ => None,
+                },
+            ));
         }
         Err(e) => return Err(e.into()),
     };
@@ -207,10 +210,20 @@ async fn write_in_one_statement(
         .collect())
 }
 
-/// The error a unique violation of a row write means: a PDU port taken by another machine
-/// (the only unique column a change can set that is not a fresh random id). `m`: the row
-/// written, when the write was of one row.
-fn port_conflict(m: Option<&MachineRow>) -> StoreError {
+/// The error a unique violation of a row write means: a lease id already in use (ids a lease
+/// requester chose itself), else a PDU port taken by another machine. `m`: the row written,
+/// when the write was of one row.
+fn unique_conflict(e: &sqlx::Error, m: Option<&MachineRow>) -> StoreError {
+    let on_lease_id = match e {
+        sqlx::Error::Database(d) => {
+            d.constraint().is_some_and(|c| c.contains("lease_id"))
+                || d.message().contains("lease_id")
+        }
+        _ => false,
+    };
+    if on_lease_id {
+        return StoreError::Conflict("this lease id is already in use".into());
+    }
     match m {
         Some(m) => StoreError::Conflict(format!(
             "PDU {} port {} is already assigned to another machine",
@@ -332,7 +345,7 @@ async fn update_row(
         .await;
     match r {
         Ok(r) => Ok(r.rows_affected() == 1),
-        Err(e) if is_unique_violation(&e) => Err(port_conflict(Some(m))),
+        Err(e) if is_unique_violation(&e) => Err(unique_conflict(&e, Some(m))),
         Err(e) => Err(e.into()),
     }
 }

@@ -308,6 +308,7 @@ fn lease_req(machine: dutgate_core::MachineId, job: &str, purpose: LeasePurpose)
         holder: "batch-test".into(),
         purpose,
         ttl_seconds: None,
+        lease_id: None,
     }
 }
 
@@ -550,6 +551,57 @@ async fn decisions_on_rows_changed_elsewhere_are_made_again_on_a_fresh_read() {
             .filter_map(|e| e.job_id)
             .collect();
         assert_eq!(jobs, ["one", "two", "five", "six", "seven"], "{backend:?}");
+        t.stop().await;
+    }
+}
+
+/// A lease requester may choose the lease's id (the executor records its dispatch under it
+/// while the lease is taken): granted under that id, refused with 400 naming `lease_id` when it
+/// is not one, and with 409 when it is in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_id_chosen_by_the_requester_is_used_checked_and_unique() {
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let t = start(db, Options::default()).await;
+        let a = idle_machine(&t, 1).await;
+        let b = idle_machine(&t, 2).await;
+        let chosen = dutgate_mars::model::new_lease_id();
+        let mut malformed = lease_req(b, "job-2", LeasePurpose::Job);
+        malformed.lease_id = Some("NOT-HEX".into());
+        let mut first = lease_req(a, "job-1", LeasePurpose::Job);
+        first.lease_id = Some(chosen.clone());
+        let results = t.admin.acquire_many(&[first, malformed]).await.unwrap();
+        let granted = results[0].as_ref().expect("granted");
+        assert_eq!(granted.id, chosen, "{backend:?}");
+        let refusal = results[1].as_ref().expect_err("malformed id");
+        assert_eq!(refusal.status, 400, "{backend:?}: {refusal:?}");
+        assert!(
+            refusal.error.contains("lease_id"),
+            "{backend:?}: {refusal:?}"
+        );
+        assert_eq!(
+            t.admin.machine(a).await.unwrap().lease.map(|l| l.id),
+            Some(chosen.clone())
+        );
+        // The same id for another machine: refused, nothing written.
+        let mut again = lease_req(b, "job-3", LeasePurpose::Job);
+        again.lease_id = Some(chosen.clone());
+        match t.admin.acquire_many(&[again]).await {
+            Ok(r) => assert_eq!(
+                r[0].as_ref().map_err(|e| e.status).err(),
+                Some(409),
+                "{backend:?}"
+            ),
+            Err(e) => assert!(is_conflict(&e), "{backend:?}: {e}"),
+        }
+        let mb = t.admin.machine(b).await.unwrap();
+        assert_eq!(mb.state, MachineState::Idle, "{backend:?}");
+        assert!(mb.lease.is_none(), "{backend:?}");
+        // Released under the chosen id.
+        t.admin
+            .release(&chosen, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap();
         t.stop().await;
     }
 }
