@@ -1,10 +1,11 @@
 //! The queue's scheduler: matches queued jobs (priority, then FIFO) to free machines and
 //! dispatches them, a round's worth at a time: one batched lease request to mars (one mars
-//! transaction, a result per lease), one commit of the dispatched rows and their events (of
-//! the jobs still queued and, on PostgreSQL, not held by another executor), then the job
-//! processes. After a job was missed, batches claim their jobs (`FOR UPDATE SKIP LOCKED` on
-//! PostgreSQL) before the lease request for a while. The queue's head comes from memory
-//! between rounds (see [`crate::queue_head`]).
+//! transaction, a result per lease) and, at the same time, one commit of the dispatched rows
+//! and their events under the lease ids the executor chose (of the jobs still queued and, on
+//! PostgreSQL, not held by another executor), then the job processes. A refused lease takes
+//! its job's record back. After a job was missed, batches claim their jobs (`FOR UPDATE SKIP
+//! LOCKED` on PostgreSQL) before the lease request for a while, and commit after it. The
+//! queue's head comes from memory between rounds (see [`crate::queue_head`]).
 //!
 //! Event-driven: it runs a round when woken — a submission, a machine freed (mars' event
 //! stream, followed with a long poll), a job finished — or at the next queued deadline. No
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 use dutgate_core::{MachineId, Tag};
 use dutgate_mars::client::MarsClient;
 use dutgate_mars::model::{
-    Lease, LeasePurpose, LeaseRequest, Machine, MachineState, ReleaseOutcome,
+    Lease, LeasePurpose, LeaseRefusal, LeaseRequest, Machine, MachineState, ReleaseOutcome,
 };
 use tokio::sync::{Notify, RwLock};
 use tokio_util::sync::CancellationToken;
@@ -592,8 +593,20 @@ impl Scheduler {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Dispatches a planned batch: one claim, one lease request, one commit, then the
-    /// launches. Returns whether and when to plan again.
+    /// Dispatches a planned batch: a lease request (one for the batch) and the record of the
+    /// dispatch (one commit), then the launches. Returns whether and when to plan again.
+    ///
+    /// Normally the two go out at once: the executor chooses each lease's id, so the
+    /// dispatch is recorded under it while mars grants the lease, and a job is launched once
+    /// both are durable — the dispatch costs the slower of two round trips, not their sum. A
+    /// lease refused for a recorded job takes the record back (the job is queued again, in
+    /// its place); a lease granted for a job that could not be recorded (cancelled, or taken
+    /// by another executor) is given back. The record's conditional update is the guard
+    /// against dispatching a job twice: on PostgreSQL it skips jobs another executor holds.
+    /// Once a job was missed (another executor is dispatching from the same queue, or a job
+    /// was cancelled meanwhile), batches claim first for a while (PostgreSQL: row locks,
+    /// `SKIP LOCKED`), then take the leases, then commit — so that executors racing for the
+    /// same jobs do not take and give back leases in every round.
     async fn dispatch_batch(
         &self,
         plan: &[(QueuedJob, MachineId)],
@@ -602,28 +615,10 @@ impl Scheduler {
         let started = Instant::now();
         let store = &self.inner.store;
         let ids: Vec<i64> = plan.iter().map(|(j, _)| j.id).collect();
-        let request = |(job, machine): &(QueuedJob, MachineId)| LeaseRequest {
-            machine_id: *machine,
-            job_id: job.id.to_string(),
-            holder: self.inner.holder.clone(),
-            purpose: match job.purpose {
-                Purpose::Job => LeasePurpose::Job,
-                Purpose::Training => LeasePurpose::Training,
-            },
-            ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
-        };
-        // Normally the jobs are not locked before the lease request: the commit's conditional
-        // update is the guard (on PostgreSQL it skips jobs another executor holds), and a
-        // lease whose job turns out gone is given back. That keeps the claim's transaction
-        // (two round trips and a commit) off the dispatch path. Once a job was missed
-        // (another executor is dispatching from the same queue, or a job was cancelled
-        // meanwhile), batches claim first for a while (PostgreSQL: row locks, `SKIP LOCKED`),
-        // so that executors racing for the same jobs do not take and give back leases in
-        // every round.
         let claim_first = now_ms()
             .saturating_sub(self.inner.last_claim_miss.load(Ordering::Relaxed))
             < CLAIM_FIRST_FOR_MS;
-        let (mut batch, plan, mut unclaimed, t_lease) = if claim_first {
+        let (plan, unclaimed, outcomes) = if claim_first {
             let batch = store.claim_many(&ids).await.map_err(|e| e.to_string())?;
             let claimed: HashSet<i64> = batch.ids.iter().copied().collect();
             // Jobs not claimed left the queue or are another executor's right now; their
@@ -639,103 +634,66 @@ impl Scheduler {
             if plan.is_empty() {
                 return Ok(Replan::Soon);
             }
-            let t_lease = Instant::now();
             metrics::histogram!("executor_dispatch_step_seconds", "step" => "claim")
-                .record((t_lease - started).as_secs_f64());
-            (batch, plan, unclaimed, t_lease)
+                .record(started.elapsed().as_secs_f64());
+            let outcomes = self.lease_then_record(&plan, batch, round).await?;
+            (plan, unclaimed, outcomes)
         } else {
-            (
-                ClaimBatch::unlocked(&ids),
-                plan.iter().collect(),
-                false,
-                started,
-            )
+            let plan: Vec<&(QueuedJob, MachineId)> = plan.iter().collect();
+            let outcomes = self.lease_and_record(&plan, round).await?;
+            (plan, false, outcomes)
         };
-        let reqs: Vec<LeaseRequest> = plan.iter().map(|p| request(p)).collect();
-        // On error no lease of the batch was taken; dropping a claim rolls it back.
-        let results = self
-            .inner
-            .mars
-            .acquire_many(&reqs)
-            .await
-            .map_err(|e| format!("leases: {e}"))?;
-        batch.round = round;
-        let t_commit = Instant::now();
-        metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
-            .record((t_commit - t_lease).as_secs_f64());
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut unclaimed = unclaimed;
         let mut busy = false;
-        let mut leased = Vec::new();
         let mut refused = Vec::new();
         let mut other_refusal = None;
-        for ((job, machine), r) in plan.iter().zip(results) {
-            match r {
-                // Marked busy once the commit tells whether the job was still queued.
-                Ok(lease) => leased.push((job, *machine, lease)),
-                // Leased or not in a leasable state behind the cache's back, or gone: the
-                // next round plans this job on another machine.
-                Err(refusal) if refusal.status == 409 || refusal.status == 404 => {
-                    tracing::debug!(job_id = job.id, machine_id = %machine, error = %refusal.error, "lease refused");
-                    refused.push(*machine);
-                    busy = true;
-                }
+        let mut missed = Vec::new();
+        let mut withdraw = Vec::new();
+        let mut dispatched = Vec::new();
+        for ((job, machine), (lease, recorded)) in plan.iter().zip(outcomes) {
+            match lease {
+                Ok(lease) if recorded.is_some() => dispatched.push((job.id, *machine, lease)),
+                // Cancelled meanwhile, or being dispatched by another executor: give the
+                // machine back untouched (it stays free in the cache).
+                Ok(lease) => missed.push(lease),
                 Err(refusal) => {
-                    tracing::warn!(job_id = job.id, machine_id = %machine, status = refusal.status, error = %refusal.error, "lease failed");
-                    other_refusal = Some(format!("lease of {machine}: {}", refusal.error));
+                    if let Some(lease_id) = recorded {
+                        withdraw.push((job.id, lease_id));
+                    }
+                    if refusal.status == 409 || refusal.status == 404 {
+                        // Leased or not in a leasable state behind the cache's back, or
+                        // gone: the next round plans this job on another machine.
+                        tracing::debug!(job_id = job.id, machine_id = %machine, error = %refusal.error, "lease refused");
+                        refused.push(*machine);
+                        busy = true;
+                    } else {
+                        tracing::warn!(job_id = job.id, machine_id = %machine, status = refusal.status, error = %refusal.error, "lease failed");
+                        other_refusal = Some(format!("lease of {machine}: {}", refusal.error));
+                    }
                 }
             }
         }
         self.mark_busy(&refused).await;
-        let items: Vec<StoreDispatch> = leased
-            .iter()
-            .map(|(job, machine, lease)| StoreDispatch {
-                id: job.id,
-                machine: *machine,
-                lease_id: lease.id.clone(),
-            })
-            .collect();
-        let done = match store
-            .complete_many(batch, &items, self.inner.sup.name())
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                // Nothing was committed: the jobs are still queued; give the machines back.
-                let leases: Vec<&Lease> = leased.iter().map(|(_, _, l)| l).collect();
-                self.release_all(&leases, "the dispatch could not be recorded")
-                    .await;
-                return Err(e.to_string());
-            }
-        };
-        let elapsed = started.elapsed().as_secs_f64();
-        metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
-            .record(t_commit.elapsed().as_secs_f64());
+        let machines: Vec<MachineId> = dispatched.iter().map(|(_, m, _)| *m).collect();
+        self.mark_busy(&machines).await;
         metrics::counter!("executor_dispatch_batches_total").increment(1);
-        let dispatched: Vec<MachineId> = leased
-            .iter()
-            .zip(&done)
-            .filter(|(_, ok)| **ok)
-            .map(|((_, m, _), _)| *m)
-            .collect();
-        self.mark_busy(&dispatched).await;
-        let mut missed = Vec::new();
         let mut launches = Vec::new();
-        for ((job, machine, lease), ok) in leased.iter().zip(done) {
-            if !ok {
-                // Cancelled meanwhile, or being dispatched by another executor: give the
-                // machine back untouched (it stays free in the cache).
-                missed.push(lease);
-                continue;
-            }
+        for (id, machine, lease) in &dispatched {
             metrics::histogram!("executor_dispatch_seconds").record(elapsed);
             metrics::counter!("executor_jobs_dispatched_total").increment(1);
-            tracing::info!(job_id = job.id, machine_id = %machine, lease = %lease.id, round, "dispatched");
-            launches.push(self.launch(job.id, *machine, lease));
+            tracing::info!(job_id = id, machine_id = %machine, lease = %lease.id, round, "dispatched");
+            launches.push(self.launch(*id, *machine, lease));
         }
         futures::future::join_all(launches).await;
+        for (id, lease_id) in withdraw {
+            self.withdraw(id, &lease_id, "the lease was refused").await;
+        }
         if !missed.is_empty() {
             unclaimed = true;
             self.note_claim_miss();
-            self.release_all(&missed, "the job left the queue before it was dispatched")
+            let leases: Vec<&Lease> = missed.iter().collect();
+            self.release_all(&leases, "the job left the queue before it was dispatched")
                 .await;
         }
         match other_refusal {
@@ -747,6 +705,177 @@ impl Scheduler {
             } else {
                 Replan::No
             }),
+        }
+    }
+
+    /// The lease request for `plan`'s jobs, each with a lease id chosen here.
+    fn lease_requests(&self, plan: &[&(QueuedJob, MachineId)]) -> Vec<LeaseRequest> {
+        plan.iter()
+            .map(|(job, machine)| LeaseRequest {
+                machine_id: *machine,
+                job_id: job.id.to_string(),
+                holder: self.inner.holder.clone(),
+                purpose: match job.purpose {
+                    Purpose::Job => LeasePurpose::Job,
+                    Purpose::Training => LeasePurpose::Training,
+                },
+                ttl_seconds: self.inner.lease_ttl.map(|t| t.as_secs().max(1)),
+                lease_id: Some(dutgate_mars::model::new_lease_id()),
+            })
+            .collect()
+    }
+
+    /// Unlocked jobs: the lease request and the dispatch record at once (see
+    /// [`Scheduler::dispatch_batch`]). One outcome per job: its lease or refusal, and whether
+    /// its dispatch is recorded. On an error nothing of the batch stays: recorded dispatches
+    /// are taken back, granted leases given back.
+    async fn lease_and_record(
+        &self,
+        plan: &[&(QueuedJob, MachineId)],
+        round: u64,
+    ) -> Result<Vec<Outcome>, String> {
+        let store = &self.inner.store;
+        let reqs = self.lease_requests(plan);
+        let items: Vec<StoreDispatch> = plan
+            .iter()
+            .zip(&reqs)
+            .map(|((job, machine), req)| StoreDispatch {
+                id: job.id,
+                machine: *machine,
+                lease_id: req.lease_id.clone().unwrap_or_default(),
+            })
+            .collect();
+        let ids: Vec<i64> = items.iter().map(|d| d.id).collect();
+        let mut batch = ClaimBatch::unlocked(&ids);
+        batch.round = round;
+        let t0 = Instant::now();
+        let leases = async {
+            let r = self.inner.mars.acquire_many(&reqs).await;
+            metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
+                .record(t0.elapsed().as_secs_f64());
+            r
+        };
+        let record = async {
+            let r = store
+                .complete_many(batch, &items, self.inner.sup.name())
+                .await;
+            metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
+                .record(t0.elapsed().as_secs_f64());
+            r
+        };
+        match tokio::join!(leases, record) {
+            (Ok(leases), Ok(recorded)) => Ok(leases
+                .into_iter()
+                .zip(recorded)
+                .zip(&items)
+                .map(|((lease, ok), d)| (lease, ok.then(|| d.lease_id.clone())))
+                .collect()),
+            (Ok(leases), Err(e)) => {
+                // Nothing was recorded: the jobs are still queued; give the machines back.
+                let granted: Vec<&Lease> = leases.iter().filter_map(|r| r.as_ref().ok()).collect();
+                self.release_all(&granted, "the dispatch could not be recorded")
+                    .await;
+                Err(e.to_string())
+            }
+            (Err(e), recorded) => {
+                // No lease of the batch was taken: take back what was recorded.
+                if let Ok(recorded) = recorded {
+                    for (d, ok) in items.iter().zip(recorded) {
+                        if ok {
+                            self.withdraw(d.id, &d.lease_id, "the lease request failed")
+                                .await;
+                        }
+                    }
+                }
+                Err(format!("leases: {e}"))
+            }
+        }
+    }
+
+    /// Claimed jobs: the leases first, then the record of the dispatches that got one, in the
+    /// claim's transaction. One outcome per job, as [`Scheduler::lease_and_record`]'s.
+    async fn lease_then_record(
+        &self,
+        plan: &[&(QueuedJob, MachineId)],
+        mut batch: ClaimBatch,
+        round: u64,
+    ) -> Result<Vec<Outcome>, String> {
+        let reqs = self.lease_requests(plan);
+        let t_lease = Instant::now();
+        // On error no lease of the batch was taken; dropping the claim rolls it back.
+        let results = self
+            .inner
+            .mars
+            .acquire_many(&reqs)
+            .await
+            .map_err(|e| format!("leases: {e}"))?;
+        let t_commit = Instant::now();
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
+            .record((t_commit - t_lease).as_secs_f64());
+        batch.round = round;
+        let items: Vec<StoreDispatch> = plan
+            .iter()
+            .zip(&results)
+            .filter_map(|((job, machine), r)| {
+                r.as_ref().ok().map(|lease| StoreDispatch {
+                    id: job.id,
+                    machine: *machine,
+                    lease_id: lease.id.clone(),
+                })
+            })
+            .collect();
+        let done = match self
+            .inner
+            .store
+            .complete_many(batch, &items, self.inner.sup.name())
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing was committed: the jobs are still queued; give the machines back.
+                let granted: Vec<&Lease> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+                self.release_all(&granted, "the dispatch could not be recorded")
+                    .await;
+                return Err(e.to_string());
+            }
+        };
+        metrics::histogram!("executor_dispatch_step_seconds", "step" => "commit")
+            .record(t_commit.elapsed().as_secs_f64());
+        let mut done = done.into_iter();
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                let recorded = match &r {
+                    Ok(lease) => done.next().unwrap_or(false).then(|| lease.id.clone()),
+                    Err(_) => None,
+                };
+                (r, recorded)
+            })
+            .collect())
+    }
+
+    /// Takes back the recorded dispatch of job `id` (its lease was not granted): queued
+    /// again. A failure is logged; the job then stays dispatched without a lease, which the
+    /// executor's start-up check finds (see [`Supervisor::reattach_all`]).
+    async fn withdraw(&self, id: i64, lease_id: &str, reason: &str) {
+        match self
+            .inner
+            .store
+            .withdraw_dispatch(id, lease_id, reason)
+            .await
+        {
+            Ok(true) => {
+                metrics::counter!("executor_dispatches_withdrawn_total").increment(1);
+                tracing::info!(
+                    job_id = id,
+                    reason,
+                    "dispatch withdrawn; the job is queued again"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(job_id = id, error = %e, "cannot withdraw the dispatch");
+            }
         }
     }
 
@@ -819,6 +948,10 @@ impl Scheduler {
         }
     }
 }
+
+/// What became of one job of a batch: its lease (or why not), and the lease id its dispatch
+/// is recorded under (`None`: not recorded).
+type Outcome = (Result<Lease, LeaseRefusal>, Option<String>);
 
 /// Plans a round in priority order: each job takes the first free machine it fits. The plan
 /// alone decides who gets which machine; the leases are then taken concurrently.
@@ -936,6 +1069,7 @@ mod tests {
         mars: dutgate_mars::machines::Mars,
         client: MarsClient,
         sched: Scheduler,
+        sup: Supervisor,
         store: Store,
         launched: Arc<std::sync::Mutex<Vec<(i64, MachineId)>>>,
         shutdown: CancellationToken,
@@ -983,10 +1117,14 @@ mod tests {
         ));
         let client = MarsClient::new(&url, Some(Secret::new("admin")));
         let store = Store::new(db);
-        let gw = Arc::new(dutgate_core::config::GatewayConfig {
+        let mut gw = dutgate_core::config::GatewayConfig {
             state_dir: dir.path().to_path_buf(),
+            internal_host: "127.0.0.1".into(),
             ..Default::default()
-        });
+        };
+        // The supervisor's own mars client (start-up checks) talks to this mars.
+        gw.ports.mars = url.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+        let gw = Arc::new(gw);
         let launched: Arc<std::sync::Mutex<Vec<(i64, MachineId)>>> = Default::default();
         let l2 = launched.clone();
         let inline: crate::supervisor::InlineRunner = Arc::new(move |id, m, _lease| {
@@ -1004,7 +1142,7 @@ mod tests {
         let sched = Scheduler::new(
             store.clone(),
             client.clone(),
-            sup,
+            sup.clone(),
             None,
             Arc::new(Notify::new()),
         );
@@ -1013,6 +1151,7 @@ mod tests {
             mars,
             client,
             sched,
+            sup,
             store,
             launched,
             shutdown,
@@ -1147,6 +1286,25 @@ mod tests {
         assert!(!machines.contains(&ms[0]));
         let row = rig.store.require(high).await.unwrap();
         assert_eq!(row.state, crate::model::JobState::Queued);
+        assert_eq!((row.machine_id, row.lease_id), (None, None));
+        // Its dispatch was recorded while the lease was asked for, then taken back.
+        let events = rig.store.events(high, 0).await.unwrap();
+        let kinds: Vec<(&str, Option<&str>)> = events
+            .iter()
+            .map(|e| {
+                (
+                    e.kind.as_str(),
+                    e.data.get("action").and_then(|a| a.as_str()),
+                )
+            })
+            .collect();
+        assert!(
+            kinds.ends_with(&[
+                (crate::model::kind::DISPATCHED, None),
+                (crate::model::kind::EXECUTOR, Some("dispatch_withdrawn")),
+            ]),
+            "{kinds:?}"
+        );
         // The foreign lease is untouched.
         let m0 = rig.client.machine(ms[0]).await.unwrap();
         assert_eq!(m0.lease.map(|l| l.id), Some(foreign.id.clone()));
@@ -1174,6 +1332,67 @@ mod tests {
             assert_eq!(lease.job_id, id.to_string());
             assert_eq!(row.lease_id, Some(lease.id));
         }
+        rig.shutdown.cancel();
+    }
+
+    /// The dispatch is recorded while its lease is taken: an executor that stopped in between
+    /// leaves a job dispatched under a lease mars never granted. At start-up such a job goes
+    /// back to the queue (it never ran); one whose lease mars holds is launched.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dispatch_under_a_lease_mars_does_not_hold_is_queued_again_at_start_up() {
+        let rig = rig().await;
+        let m = register(&rig, 1, &["a:b:c"], true).await;
+        let record = |id: i64, lease_id: String| {
+            let store = rig.store.clone();
+            let name = rig.sup.name().to_string();
+            async move {
+                store
+                    .complete_many(
+                        ClaimBatch::unlocked(&[id]),
+                        &[StoreDispatch {
+                            id,
+                            machine: m,
+                            lease_id,
+                        }],
+                        &name,
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        let never = rig.store.insert(&new_job(0, &[])).await.unwrap();
+        let lease = dutgate_mars::model::new_lease_id();
+        assert_eq!(record(never, lease).await, vec![true]);
+        rig.sup.reattach_all().await.unwrap();
+        let row = rig.store.require(never).await.unwrap();
+        assert_eq!(
+            (row.state, row.machine_id, row.lease_id),
+            (crate::model::JobState::Queued, None, None)
+        );
+        let events = rig.store.events(never, 0).await.unwrap();
+        assert_eq!(
+            events
+                .last()
+                .and_then(|e| e.data.get("action"))
+                .and_then(|a| a.as_str()),
+            Some("dispatch_withdrawn"),
+            "{events:?}"
+        );
+        assert!(rig.launched.lock().unwrap().is_empty());
+        // Held by mars: launched, not withdrawn.
+        let held = rig.store.insert(&new_job(0, &[])).await.unwrap();
+        let granted = rig
+            .client
+            .acquire(m, &held.to_string(), "test", LeasePurpose::Job, None)
+            .await
+            .unwrap();
+        assert_eq!(record(held, granted.id.clone()).await, vec![true]);
+        rig.sup.reattach_all().await.unwrap();
+        assert_eq!(
+            rig.store.require(held).await.unwrap().state,
+            crate::model::JobState::Dispatched
+        );
+        assert_eq!(rig.launched.lock().unwrap().clone(), vec![(held, m)]);
         rig.shutdown.cancel();
     }
 

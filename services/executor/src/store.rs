@@ -624,6 +624,59 @@ impl Store {
         Ok(out)
     }
 
+    /// Takes back a dispatch recorded under `lease_id` whose lease was not granted (the
+    /// dispatch is recorded while the lease is being taken): the job is queued again, in its
+    /// old place (priority, then id), with an `executor` event saying why — in one
+    /// transaction. `false` when the job is no longer dispatched under that lease (cancelled
+    /// meanwhile, say): nothing is changed then.
+    pub async fn withdraw_dispatch(
+        &self,
+        id: i64,
+        lease_id: &str,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(cur) = self.get(id).await? else {
+            return Ok(false);
+        };
+        let next = transition(JobState::Dispatched, Trigger::Requeue)
+            .map_err(|source| StoreError::Transition { id, source })?;
+        let _gate = self.db.write_turn().await;
+        let mut tx = self.pool().begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = $1, machine_id = NULL, lease_id = NULL, executor = NULL, \
+             dispatched_at = NULL WHERE id = $2 AND state = $3 AND lease_id = $4",
+        )
+        .bind(next.as_str())
+        .bind(id)
+        .bind(JobState::Dispatched.as_str())
+        .bind(lease_id.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let data = serde_json::json!({"action": "dispatch_withdrawn", "lease": lease_id});
+        insert_event(
+            &mut tx,
+            id,
+            crate::model::kind::EXECUTOR,
+            &format!("dispatch withdrawn, back in the queue: {reason}"),
+            &data,
+        )
+        .await?;
+        tx.commit().await?;
+        self.queue_log.record(QueueChange::Queued(QueuedJob {
+            id,
+            priority: cur.priority,
+            purpose: cur.purpose,
+            target_id: cur.target_id,
+            target_tags: cur.target_tags.clone(),
+        }));
+        Ok(true)
+    }
+
     /// Applies `trigger` to job `id` if its state allows it; returns the new row, or `None`
     /// when the state did not allow it (e.g. already finished). `edit` sets extra columns.
     async fn apply(

@@ -311,6 +311,29 @@ impl Supervisor {
                             .await;
                         continue;
                     };
+                    // The dispatch is recorded while its lease is taken: a lease mars does
+                    // not hold (never granted, or expired while no executor ran) means the
+                    // job never started — it goes back to the queue.
+                    if let Ok(m) = self.inner.peers.mars.machine(machine).await
+                        && m.lease.as_ref().is_none_or(|l| l.id != lease)
+                    {
+                        match self
+                            .inner
+                            .store
+                            .withdraw_dispatch(
+                                row.id,
+                                lease,
+                                "its lease is not held (the executor stopped while dispatching it)",
+                            )
+                            .await
+                        {
+                            Ok(_) => self.inner.finished.notify_one(),
+                            Err(e) => {
+                                tracing::error!(job_id = row.id, error = %e, "cannot withdraw the dispatch")
+                            }
+                        }
+                        continue;
+                    }
                     if let Err(e) = self.launch(row.id, machine, lease, ttl).await {
                         tracing::error!(job_id = row.id, error = %e, "cannot start the job process");
                         self.process_gone(row.id, &format!("cannot start: {e}"))
