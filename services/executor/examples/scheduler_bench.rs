@@ -3,7 +3,10 @@
 //! N machines on dummy PDUs (no consoles) in a real mars and a real pdu service, the executor
 //! with its REST API, queue and scheduler; jobs run inline (power on through the pdu service,
 //! power off, finish, release the lease) instead of in a process each, so the figures are the
-//! gateway's dispatch path, not process start-up.
+//! gateway's dispatch path, not process start-up. Each service runs on a runtime (threads) of
+//! its own, as each is a process of its own on a gateway; the inline jobs and the load
+//! generator run on the main runtime, niced as job processes are (see [`Runtimes`]). A job is
+//! launched when the executor calls its runner.
 //!
 //! 0. **Floor**: one write transaction (`UPDATE` of one row, commit) on the executor's
 //!    database, 500 times in a row on the idle gateway: what one dispatch would cost if it
@@ -54,9 +57,13 @@ const ADMIN: &str = "bench-admin";
 const USER: &str = "bench-user";
 const PORTS_PER_PDU: u32 = 64;
 
+/// job → instant the executor launched it. Apart from [`Log`]: written on the executor's
+/// threads only, so that a launch never waits for a lock an inline job's (niced) thread holds.
+type Launches = Arc<Mutex<HashMap<i64, (MachineId, Instant)>>>;
+
 #[derive(Default)]
 struct Log {
-    /// job → instant its launch began.
+    /// job → instant the executor launched it (copied from [`Launches`] after each phase).
     launched: HashMap<i64, (MachineId, Instant)>,
     /// job → instant the pdu read back ON.
     powered: HashMap<i64, Instant>,
@@ -249,8 +256,82 @@ fn port_of(n: u32) -> (String, String) {
     )
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+/// The runtimes the benchmark runs on. On a gateway each service is a process of its own
+/// (gateway-image/systemd) and each job a process of its own, niced (`executor.job_nice`):
+/// here each service gets a runtime (threads) of its own, and the inline jobs and the load
+/// generator (CI clients, elsewhere on a real farm) share this process's main runtime, niced
+/// like job processes. `--shared-runtime` runs everything on one runtime at normal priority
+/// instead (the layout of runs before 2026-11-23 05:00).
+struct Runtimes {
+    pdu: tokio::runtime::Handle,
+    mars: tokio::runtime::Handle,
+    executor: tokio::runtime::Handle,
+    /// Where the inline jobs run.
+    jobs: tokio::runtime::Handle,
+}
+
+/// Runs `f` on `rt` and waits for it.
+async fn on<F>(rt: &tokio::runtime::Handle, f: F) -> F::Output
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    rt.spawn(f).await.expect("service start-up task")
+}
+
+/// Lowers the calling thread's priority (Linux: the nice value is per thread).
+fn nice_this_thread(nice: i32) {
+    // SAFETY: gettid and setpriority have no memory-safety preconditions.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+}
+
+fn runtime(name: &str, nice: Option<i32>) -> tokio::runtime::Runtime {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    b.enable_all().thread_name(format!("bench-{name}"));
+    if let Some(n) = nice {
+        b.on_thread_start(move || nice_this_thread(n));
+    }
+    b.build().expect("tokio runtime")
+}
+
+fn main() {
+    let shared = std::env::args().any(|a| a == "--shared-runtime");
+    if shared {
+        let rt = runtime("shared", None);
+        let h = rt.handle().clone();
+        let rts = Runtimes {
+            pdu: h.clone(),
+            mars: h.clone(),
+            executor: h.clone(),
+            jobs: h,
+        };
+        rt.block_on(bench(rts));
+        return;
+    }
+    let nice = Config::default().job_nice;
+    let (pdu, mars, executor) = (
+        runtime("pdu", None),
+        runtime("mars", None),
+        runtime("executor", None),
+    );
+    nice_this_thread(nice);
+    let main_rt = runtime("jobs", Some(nice));
+    let rts = Runtimes {
+        pdu: pdu.handle().clone(),
+        mars: mars.handle().clone(),
+        executor: executor.handle().clone(),
+        jobs: main_rt.handle().clone(),
+    };
+    main_rt.block_on(bench(rts));
+    for rt in [pdu, mars, executor, main_rt] {
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+async fn bench(rts: Runtimes) {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: &str| -> String {
         args.iter()
@@ -280,11 +361,13 @@ async fn main() {
         Some(Secret::new(USER)),
         dutgate_core::config::default_dut_networks(),
     );
-    let (l_mars, l_pdu, l_exec) = (
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-    );
+    // Bound here, taken over by each service's runtime.
+    let bind = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.set_nonblocking(true).expect("nonblocking");
+        l
+    };
+    let (l_mars, l_pdu, l_exec) = (bind(), bind(), bind());
     let mut gw = GatewayConfig {
         state_dir: tmp.path().to_path_buf(),
         internal_host: "127.0.0.1".into(),
@@ -318,65 +401,85 @@ async fn main() {
             },
         );
     }
-    let pdu_db = open(
-        &backend,
-        &pg,
-        "pdu",
-        tmp.path(),
-        dutgate_pdu::store::MIGRATIONS,
-    )
-    .await;
-    let pdu_running = dutgate_pdu::start_on(
-        l_pdu,
-        dutgate_pdu::store::Store::new(pdu_db.clone()),
-        pdu_cfg,
-        auth.clone(),
-    )
-    .await
-    .expect("pdu");
+    let (pdu_db, pdu_running) = {
+        let (backend, pg, dir, auth) = (
+            backend.clone(),
+            pg.clone(),
+            tmp.path().to_path_buf(),
+            auth.clone(),
+        );
+        on(&rts.pdu, async move {
+            let db = open(&backend, &pg, "pdu", &dir, dutgate_pdu::store::MIGRATIONS).await;
+            let l = TcpListener::from_std(l_pdu).expect("listener");
+            let running =
+                dutgate_pdu::start_on(l, dutgate_pdu::store::Store::new(db.clone()), pdu_cfg, auth)
+                    .await
+                    .expect("pdu");
+            (db, running)
+        })
+        .await
+    };
 
     // mars, without a trainer: machines are admitted directly.
-    let mars_db = open(
-        &backend,
-        &pg,
-        "mars",
-        tmp.path(),
-        dutgate_mars::store::MIGRATIONS,
-    )
-    .await;
-    let mut mars_cfg = dutgate_mars::Config::default();
-    mars_cfg.training.enabled = false;
-    let mars = dutgate_mars::machines::Mars::new(
-        dutgate_mars::store::Store::new(mars_db.clone(), "bench"),
-        mars_cfg,
-        Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None)),
-    );
-    let router = dutgate_mars::start(mars.clone(), auth.clone(), shutdown.clone()).expect("mars");
-    let app = dutgate_core::http::with_common_routes("mars", router, None);
-    tokio::spawn(dutgate_core::http::serve(
-        l_mars,
-        app,
-        shutdown.clone(),
-        Duration::from_millis(100),
-    ));
+    let (mars_db, mars) = {
+        let (backend, pg, dir, auth, gw, shutdown) = (
+            backend.clone(),
+            pg.clone(),
+            tmp.path().to_path_buf(),
+            auth.clone(),
+            gw.clone(),
+            shutdown.clone(),
+        );
+        on(&rts.mars, async move {
+            let db = open(&backend, &pg, "mars", &dir, dutgate_mars::store::MIGRATIONS).await;
+            let mut mars_cfg = dutgate_mars::Config::default();
+            mars_cfg.training.enabled = false;
+            let mars = dutgate_mars::machines::Mars::new(
+                dutgate_mars::store::Store::new(db.clone(), "bench"),
+                mars_cfg,
+                Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None)),
+            );
+            let router = dutgate_mars::start(mars.clone(), auth, shutdown.clone()).expect("mars");
+            let app = dutgate_core::http::with_common_routes("mars", router, None);
+            let l = TcpListener::from_std(l_mars).expect("listener");
+            tokio::spawn(dutgate_core::http::serve(
+                l,
+                app,
+                shutdown,
+                Duration::from_millis(100),
+            ));
+            (db, mars)
+        })
+        .await
+    };
     let mars_url = format!("http://127.0.0.1:{}", gw.ports.mars);
     let admin = MarsClient::new(&mars_url, Some(Secret::new(ADMIN)));
     let anon = MarsClient::new(&mars_url, None);
     // The instant mars announces each event (right after its commit): when a released machine
-    // really is free, for the dispatch latency measured from the commit.
+    // really is free, for the dispatch latency measured from the commit. Taken on a thread of
+    // its own at normal priority, which wakes the moment mars announces, not when a runtime
+    // busy with other tasks gets to it (a late instant would shorten the latencies).
     let announced: Arc<Mutex<Vec<(i64, Instant)>>> = Arc::default();
     {
         let mut rx = mars.store.subscribe();
         let announced = announced.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let seq = *rx.borrow_and_update();
-                announced
-                    .lock()
-                    .expect("announced")
-                    .push((seq, Instant::now()));
-            }
-        });
+        let watcher = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("watcher runtime");
+        std::thread::Builder::new()
+            .name("bench-announced".into())
+            .spawn(move || {
+                watcher.block_on(async move {
+                    while rx.changed().await.is_ok() {
+                        let seq = *rx.borrow_and_update();
+                        announced
+                            .lock()
+                            .expect("announced")
+                            .push((seq, Instant::now()));
+                    }
+                });
+            })
+            .expect("watcher thread");
     }
     let t_reg = Instant::now();
     for n in 0..machines {
@@ -419,14 +522,20 @@ async fn main() {
     );
 
     // The executor with the inline runner.
-    let exec_db = open(
-        &backend,
-        &pg,
-        "executor",
-        tmp.path(),
-        dutgate_executor::store::MIGRATIONS,
-    )
-    .await;
+    let exec_db = {
+        let (backend, pg, dir) = (backend.clone(), pg.clone(), tmp.path().to_path_buf());
+        on(&rts.executor, async move {
+            open(
+                &backend,
+                &pg,
+                "executor",
+                &dir,
+                dutgate_executor::store::MIGRATIONS,
+            )
+            .await
+        })
+        .await
+    };
     let store = Store::new(exec_db.clone());
     let log = Arc::new(Mutex::new(Log::default()));
     let done = Arc::new(AtomicUsize::new(0));
@@ -440,6 +549,12 @@ async fn main() {
     let groups = index.clone();
     // Mean time a job holds its machine after power-on (phase 3), ms; 0 in phases 1 and 2.
     let hold_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let launches: Launches = Arc::default();
+    // Brings `Log::launched` up to date once a phase is over.
+    let sync_launched = || {
+        let copy = launches.lock().expect("launches").clone();
+        log.lock().expect("log").launched = copy;
+    };
     let inline: InlineRunner = {
         let (log, done, done_notify, store, admin, hold_ms) = (
             log.clone(),
@@ -449,7 +564,14 @@ async fn main() {
             admin.clone(),
             hold_ms.clone(),
         );
+        let (launches, jobs_rt) = (launches.clone(), rts.jobs.clone());
         Arc::new(move |id, m, lease| {
+            // Called by the executor as it launches the job: the launch instant. The job's
+            // work then runs where job processes would (see `Runtimes`).
+            launches
+                .lock()
+                .expect("launches")
+                .insert(id, (m, Instant::now()));
             let (log, done, done_notify, store, admin, pdu, index) = (
                 log.clone(),
                 done.clone(),
@@ -462,9 +584,7 @@ async fn main() {
             // 0.5–1.5 × the mean, spread by a hash of the job id (reproducible).
             let spread = (id as u64).wrapping_mul(2_654_435_761) % 1000;
             let hold = hold_ms.load(Ordering::SeqCst) * (500 + spread) / 1000;
-            Box::pin(async move {
-                let t = Instant::now();
-                log.lock().expect("log").launched.insert(id, (m, t));
+            let work = async move {
                 let (p, port) = port_of(index[&m]);
                 pdu.set(&p, &port, Switch::On).await.expect("power on");
                 log.lock().expect("log").powered.insert(id, Instant::now());
@@ -490,6 +610,10 @@ async fn main() {
                 drop(log);
                 done.fetch_add(1, Ordering::SeqCst);
                 done_notify.notify_one();
+            };
+            let job = jobs_rt.spawn(work);
+            Box::pin(async move {
+                let _ = job.await;
             })
         })
     };
@@ -499,23 +623,24 @@ async fn main() {
         lease_ttl_seconds: Some(3600),
         ..Default::default()
     };
-    let exec = Executor::start_with(
-        gw.clone(),
-        cfg,
-        store.clone(),
-        auth.clone(),
-        shutdown.clone(),
-        Some(inline),
-    )
-    .await
-    .expect("executor");
-    let app = dutgate_core::http::with_common_routes("executor", exec.router(), None);
-    tokio::spawn(dutgate_core::http::serve(
-        l_exec,
-        app,
-        shutdown.clone(),
-        Duration::from_millis(100),
-    ));
+    {
+        let (gw, store, auth, shutdown) =
+            (gw.clone(), store.clone(), auth.clone(), shutdown.clone());
+        on(&rts.executor, async move {
+            let exec = Executor::start_with(gw, cfg, store, auth, shutdown.clone(), Some(inline))
+                .await
+                .expect("executor");
+            let app = dutgate_core::http::with_common_routes("executor", exec.router(), None);
+            let l = TcpListener::from_std(l_exec).expect("listener");
+            tokio::spawn(dutgate_core::http::serve(
+                l,
+                app,
+                shutdown,
+                Duration::from_millis(100),
+            ));
+        })
+        .await;
+    }
     let url = format!("http://127.0.0.1:{}/api/v1/jobs", gw.ports.executor);
     let http = reqwest::Client::new();
     // Give the executor's machine cache time to load.
@@ -638,6 +763,7 @@ async fn main() {
     let sat_jobs = submit_many(saturated).await;
     let submit_secs = t_submit.elapsed().as_secs_f64();
     wait_done(start_done + saturated).await;
+    sync_launched();
     let sat_secs = t_submit.elapsed().as_secs_f64();
     let max_jobs_per_s = saturated as f64 / sat_secs;
     let ids: Vec<i64> = sat_jobs.iter().map(|(id, _)| *id).collect();
@@ -696,6 +822,7 @@ async fn main() {
         let cpu3 = cpu_sample();
         let load_jobs = submit_many(loaded).await;
         wait_done(start_done + loaded).await;
+        sync_launched();
         let cpu = cpu_shares(cpu3, cpu_sample());
         let loaded_secs = t3.elapsed().as_secs_f64();
         // When each machine released in this phase was free in mars: the first announcement

@@ -2,8 +2,9 @@
 //! dummy PDUs (no consoles) and 10,000 trivial jobs, on SQLite and on PostgreSQL.
 //!
 //! The measuring program is `services/executor/examples/scheduler_bench.rs` (real mars, pdu
-//! and executor services in one process; each job powers its machine on and off through the
-//! pdu service, then finishes and releases its lease). This module builds it in release mode,
+//! and executor services in one process, each on a runtime of its own as each is a process of
+//! its own on a gateway; each job powers its machine on and off through the pdu service, then
+//! finishes and releases its lease, on a niced runtime as job processes are niced). This module builds it in release mode,
 //! runs it per backend and writes the rows to docs/benchmarks.md. valve-infra had no queue
 //! (clients retried a 409 every second), so there is no peer to run side by side: the
 //! comparison is with the physical floor, one transaction of the same database per dispatch.
