@@ -686,6 +686,12 @@ impl Scheduler {
             launches.push(self.launch(*id, *machine, lease));
         }
         futures::future::join_all(launches).await;
+        if !withdraw.is_empty() {
+            // The machine cache was wrong about a machine (another executor sharing the
+            // database took it, say): lease first for a while, so that racing executors do
+            // not record and take back dispatches in every round.
+            self.note_claim_miss();
+        }
         for (id, lease_id) in withdraw {
             self.withdraw(id, &lease_id, "the lease was refused").await;
         }
@@ -879,8 +885,9 @@ impl Scheduler {
         }
     }
 
-    /// A planned job was not queued any more, or another executor held it: claim first for
-    /// [`CLAIM_FIRST_FOR_MS`], and read the queue again.
+    /// A planned job was not queued any more, another executor held it, or a lease was refused
+    /// after its dispatch was recorded: claim first for [`CLAIM_FIRST_FOR_MS`], and read the
+    /// queue again.
     fn note_claim_miss(&self) {
         self.inner
             .last_claim_miss

@@ -237,7 +237,10 @@ struct Timeline {
     /// The lease as mars recorded it (acquired, released or expired).
     lease: Option<(i64, Option<i64>)>,
     finished: Option<i64>,
+    /// Dispatches that stood: `dispatched` events less those withdrawn (lease refused).
     dispatched_events: u32,
+    /// Dispatches taken back because their lease was refused (the job was queued again).
+    withdrawn: u32,
     process_started_events: u32,
     boots: i64,
 }
@@ -284,7 +287,8 @@ async fn timelines(store: &Store, mars: &Db) -> Result<BTreeMap<i64, Timeline>, 
     }
     let rows = sqlx::query(
         "SELECT job_id, at, kind, data FROM job_events \
-         WHERE kind IN ('dispatched', 'process_started', 'phase', 'teardown') ORDER BY job_id, seq",
+         WHERE kind IN ('dispatched', 'process_started', 'phase', 'teardown', 'executor') \
+         ORDER BY job_id, seq",
     )
     .fetch_all(pool)
     .await
@@ -300,6 +304,10 @@ async fn timelines(store: &Store, mars: &Db) -> Result<BTreeMap<i64, Timeline>, 
         let data: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
         match kind.as_str() {
             "dispatched" => t.dispatched_events += 1,
+            "executor" if data["action"] == "dispatch_withdrawn" => {
+                t.dispatched_events = t.dispatched_events.saturating_sub(1);
+                t.withdrawn += 1;
+            }
             "process_started" => {
                 t.process_started_events += 1;
                 t.process_started.get_or_insert(at);
@@ -1016,6 +1024,10 @@ async fn measure(
     row(
         "jobs run twice / machines with two jobs at once",
         format!("{twice} / {overlaps} (of {} jobs)", jobs.len()),
+    );
+    row(
+        "dispatches withdrawn (lease refused, job queued again)",
+        jobs.values().map(|t| t.withdrawn).sum::<u32>().to_string(),
     );
     row(
         "set-up, drain (s); submission errors; load average at the end",
