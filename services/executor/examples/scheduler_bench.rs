@@ -30,7 +30,8 @@
 //!    (not the first wave, which waits for its own submission).
 //!
 //! Usage: `scheduler_bench [--backend sqlite|postgres] [--postgres-url URL] [--machines N]
-//! [--jobs M] [--load F[,F…]]`; prints one JSON line and one `RESULT key=value …` line per load.
+//! [--jobs M] [--load F[,F…]] [--shared-runtime]`; prints one JSON line and one
+//! `RESULT key=value …` line per load.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

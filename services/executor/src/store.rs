@@ -82,6 +82,19 @@ pub struct JobRow {
     pub has_tarball: bool,
 }
 
+impl JobRow {
+    /// The job as the queue's head holds it.
+    fn queue_entry(&self) -> QueuedJob {
+        QueuedJob {
+            id: self.id,
+            priority: self.priority,
+            purpose: self.purpose,
+            target_id: self.target_id,
+            target_tags: self.target_tags.clone(),
+        }
+    }
+}
+
 /// What a submission stores.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -667,13 +680,8 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.queue_log.record(QueueChange::Queued(QueuedJob {
-            id,
-            priority: cur.priority,
-            purpose: cur.purpose,
-            target_id: cur.target_id,
-            target_tags: cur.target_tags.clone(),
-        }));
+        self.queue_log
+            .record(QueueChange::Queued(cur.queue_entry()));
         Ok(true)
     }
 
@@ -719,13 +727,8 @@ impl Store {
             return Ok(None);
         }
         if next == JobState::Queued {
-            self.queue_log.record(QueueChange::Queued(QueuedJob {
-                id,
-                priority: cur.priority,
-                purpose: cur.purpose,
-                target_id: cur.target_id,
-                target_tags: cur.target_tags.clone(),
-            }));
+            self.queue_log
+                .record(QueueChange::Queued(cur.queue_entry()));
         } else if cur.state == JobState::Queued {
             self.queue_log.record(QueueChange::Left(id));
         }
@@ -739,17 +742,6 @@ impl Store {
             Trigger::Start,
             "pid = $4, started_at = COALESCE(started_at, $5)",
             vec![Bind::Int(i64::from(pid)), Bind::Int(now_ms())],
-        )
-        .await
-    }
-
-    /// Back to the queue (dispatch could not complete).
-    pub async fn requeue(&self, id: i64) -> Result<Option<JobRow>, StoreError> {
-        self.apply(
-            id,
-            Trigger::Requeue,
-            "machine_id = NULL, lease_id = NULL, executor = NULL, dispatched_at = NULL",
-            vec![],
         )
         .await
     }
