@@ -4,11 +4,11 @@
 //! (written by `dutgate up`). A service without an admin token refuses every admin request:
 //! failing closed is the only safe default on a network where DUTs run untrusted code.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -130,22 +130,6 @@ pub async fn require_user(State(auth): State<Auth>, req: Request, next: Next) ->
     match auth.check(req.headers(), Role::User) {
         Ok(_) => next.run(req).await,
         Err(e) => e.into_response(),
-    }
-}
-
-/// Middleware: the peer must be on a DUT network (or present a user/admin token, so admins can
-/// use DUT-facing endpoints from elsewhere for debugging).
-pub async fn require_dut_network(State(auth): State<Auth>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip());
-    let allowed = peer.is_some_and(|ip| auth.is_dut_address(ip))
-        || auth.check(req.headers(), Role::User).is_ok();
-    if allowed {
-        next.run(req).await
-    } else {
-        ApiError::forbidden("this endpoint is only reachable from the DUT network").into_response()
     }
 }
 

@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     /// Port of each service.
     pub ports: ServicePorts,
     pub auth: AuthConfig,
+    /// Where fetches made on a job's or user's behalf may go (see [`crate::outbound`]).
+    pub outbound: crate::outbound::OutboundConfig,
     pub log: LogConfig,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace_seconds: f64,
@@ -59,6 +61,7 @@ impl Default for GatewayConfig {
             public_host: "127.0.0.1".into(),
             ports: ServicePorts::default(),
             auth: AuthConfig::default(),
+            outbound: crate::outbound::OutboundConfig::default(),
             log: LogConfig::default(),
             shutdown_grace_seconds: 3.0,
         }

@@ -71,14 +71,9 @@ pub struct Db {
 /// and then. A process's writers therefore queue here, in arrival order, and each starts the
 /// moment the one before it commits. Writers of other processes (job processes on the same
 /// file) still meet the busy handler; they write rarely.
-///
-/// Two lanes: ordinary writers first queue on `ordinary`, so at most one of them at a time
-/// waits on `writer`; a [`Db::priority_write_turn`] goes straight to `writer` and so waits for
-/// at most the write in progress and one ordinary writer, not for every write queued before it.
 #[derive(Debug, Default)]
 struct WriteGate {
     writer: Arc<tokio::sync::Mutex<()>>,
-    ordinary: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A writer's turn on SQLite: held from `BEGIN` to `COMMIT`; dropping it lets the next writer
@@ -86,7 +81,6 @@ struct WriteGate {
 #[derive(Debug)]
 pub struct WriteTurn {
     _writer: tokio::sync::OwnedMutexGuard<()>,
-    _ordinary: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 fn schema_name(service: &str) -> String {
@@ -318,29 +312,12 @@ impl Db {
         &self.target
     }
 
-    /// An ordinary writer's turn: on SQLite, wait for it and hold it until the transaction
-    /// (or single write) has committed; PostgreSQL needs none (`None`).
+    /// A writer's turn: on SQLite, wait for it and hold it until the transaction (or single
+    /// write) has committed; PostgreSQL needs none (`None`).
     pub async fn write_turn(&self) -> Option<WriteTurn> {
-        match self.backend {
-            Backend::Sqlite => {
-                let ordinary = self.gate.ordinary.clone().lock_owned().await;
-                let writer = self.gate.writer.clone().lock_owned().await;
-                Some(WriteTurn {
-                    _writer: writer,
-                    _ordinary: Some(ordinary),
-                })
-            }
-            Backend::Postgres => None,
-        }
-    }
-
-    /// The fast lane (see [`WriteGate`]): for the one latency-critical writer of a service
-    /// (the executor's dispatch commit, mars' lease batch).
-    pub async fn priority_write_turn(&self) -> Option<WriteTurn> {
         match self.backend {
             Backend::Sqlite => Some(WriteTurn {
                 _writer: self.gate.writer.clone().lock_owned().await,
-                _ordinary: None,
             }),
             Backend::Postgres => None,
         }
