@@ -1,8 +1,9 @@
 //! mars's REST routes (design.md §3, valve-infra compatible where it had the route).
 //!
-//! Access: read routes and registration answer the DUT network or any valid token; admin
-//! routes (PATCH, retire, activate, discovery changes) and lease routes (the executor) need
-//! the admin token. See `docs/machines.md` for bodies and errors.
+//! Access: read routes answer the DUT network or any valid token; registration the DUT
+//! network or the admin token (with the rules of `machines::registration`); admin routes
+//! (PATCH, retire, activate, discovery changes) and lease routes (the executor) need the
+//! admin token. See `docs/machines.md` for bodies and errors.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,9 +21,9 @@ use dutgate_core::{ApiError, ApiJson, MachineId, Tag};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::machines::{Mars, MarsError};
+use crate::machines::{Mars, MarsError, Source, check_registration};
 use crate::model::{
-    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, LeaseBatchRequest,
+    ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, Lease, LeaseBatchRequest,
     LeaseBatchResponse, LeaseList, LeaseRefusal, LeaseRequest, LeaseResult, MAX_LEASE_BATCH,
     Machine, MachineEvents, MachineList, MachinePatch, MachineState, Registration, ReleaseRequest,
     RetireRequest, TrainingReport, TrainingRun,
@@ -50,6 +51,8 @@ impl From<MarsError> for ApiError {
             }
             MarsError::Power(p) => ApiError::unprocessable(p.to_string()),
             MarsError::Store(s) => s.into(),
+            MarsError::Forbidden(m) => ApiError::forbidden(m),
+            MarsError::TooMany(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
         }
     }
 }
@@ -60,6 +63,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(id) => ApiError::not_found(format!("unknown machine {id}")),
             StoreError::Transition(t) => ApiError::conflict(t.to_string()),
             StoreError::Conflict(m) => ApiError::conflict(m),
+            StoreError::Forbidden(m) => ApiError::forbidden(m),
             StoreError::LeaseGone(l) => ApiError::new(
                 StatusCode::GONE,
                 format!("lease {l} is gone (expired or released)"),
@@ -82,8 +86,12 @@ impl FromRequestParts<AppState> for AdminAuth {
     }
 }
 
-/// Extractor: a peer on the DUT network, or any valid token.
-pub struct DutOrToken;
+/// Extractor: a peer on the DUT network, or any valid token; remembers whether the caller
+/// is an admin, because a lease id is the job process's credential for salad and must reach
+/// no one else (see [`hide_lease_ids`]).
+pub struct DutOrToken {
+    admin: bool,
+}
 
 impl FromRequestParts<AppState> for DutOrToken {
     type Rejection = ApiError;
@@ -92,14 +100,45 @@ impl FromRequestParts<AppState> for DutOrToken {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        if peer.is_some_and(|ip| s.auth.is_dut_address(ip))
-            || s.auth.check(&parts.headers, Role::User).is_ok()
-        {
-            Ok(DutOrToken)
+        let role = s.auth.check(&parts.headers, Role::User).ok();
+        if role.is_some() || peer.is_some_and(|ip| s.auth.is_dut_address(ip)) {
+            Ok(DutOrToken {
+                admin: role == Some(Role::Admin),
+            })
         } else {
             Err(ApiError::forbidden(
                 "this endpoint is only reachable from the DUT network or with a token",
             ))
+        }
+    }
+}
+
+/// Extractor: who registers. A peer on the DUT network (a DUT), or the admin token from
+/// anywhere; a user token is not a DUT (403, logged with the source address).
+pub struct Registrant(Source);
+
+impl FromRequestParts<AppState> for Registrant {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        let admin = s.auth.check(&parts.headers, Role::Admin).is_ok();
+        match peer {
+            Some(ip) if admin || s.auth.is_dut_address(ip) => {
+                Ok(Registrant(Source::new(ip, admin)))
+            }
+            _ => {
+                let source = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                tracing::warn!(
+                    source,
+                    "registration refused: not from the DUT network and no admin token"
+                );
+                Err(ApiError::forbidden(
+                    "registration is accepted only from the DUT network or with the admin token",
+                ))
+            }
         }
     }
 }
@@ -168,8 +207,19 @@ struct ListQuery {
     tags: Option<String>,
 }
 
+/// Blanks the lease ids of machines shown to someone who is not an admin: salad and the
+/// holder's own calls take a lease id as proof of holding the machine.
+fn hide_lease_ids<'a>(caller: &DutOrToken, machines: impl IntoIterator<Item = &'a mut Machine>) {
+    if caller.admin {
+        return;
+    }
+    for lease in machines.into_iter().filter_map(|m| m.lease.as_mut()) {
+        lease.id.clear();
+    }
+}
+
 async fn list_machines(
-    _: DutOrToken,
+    caller: DutOrToken,
     State(s): State<AppState>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<ApiJson<MachineList>, ApiError> {
@@ -199,31 +249,42 @@ async fn list_machines(
         .into_iter()
         .map(|r| (r.machine_id, r))
         .collect();
-    let machines = rows
+    let mut machines: Vec<Machine> = rows
         .iter()
         .filter(|r| state.is_none_or(|st| r.state == st))
         .map(|r| s.mars.view(r, runs.get(&r.id)))
         .filter(|m| m.has_tags(&tags))
         .collect();
+    hide_lease_ids(&caller, &mut machines);
     Ok(ApiJson(MachineList { machines }))
 }
 
 async fn get_machine(
-    _: DutOrToken,
+    caller: DutOrToken,
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<ApiJson<Machine>, ApiError> {
-    Ok(ApiJson(view_one(&s.mars, parse_id(&id)?).await?))
+    let mut machine = view_one(&s.mars, parse_id(&id)?).await?;
+    hide_lease_ids(&caller, [&mut machine]);
+    Ok(ApiJson(machine))
 }
 
 async fn register(
-    _: DutOrToken,
+    Registrant(source): Registrant,
     State(s): State<AppState>,
     ApiJson(body): ApiJson<Registration>,
 ) -> Result<Response, ApiError> {
-    let existed = s.mars.store.find(body.mac_address).await?.is_some();
-    let row = s.mars.register(body).await?;
-    let view = view_one(&s.mars, row.id).await?;
+    // DUT-supplied: `Registration`'s deserialisation and this check are what the fuzz
+    // target (`machines::parse_registration`) exercises.
+    let reg = check_registration(body, s.mars.config.max_tags).map_err(MarsError::from)?;
+    let existed = s.mars.store.find(reg.id).await?.is_some();
+    let row = s.mars.register(reg, source).await?;
+    let mut view = view_one(&s.mars, row.id).await?;
+    if !source.admin
+        && let Some(lease) = view.lease.as_mut()
+    {
+        lease.id.clear();
+    }
     let status = if existed {
         StatusCode::OK
     } else {
@@ -358,10 +419,10 @@ async fn stop_discovery(
 }
 
 async fn list_leases(
-    _: DutOrToken,
+    caller: DutOrToken,
     State(s): State<AppState>,
 ) -> Result<ApiJson<LeaseList>, ApiError> {
-    let leases = s
+    let mut leases: Vec<Lease> = s
         .mars
         .store
         .list()
@@ -369,6 +430,11 @@ async fn list_leases(
         .into_iter()
         .filter_map(|r| r.lease)
         .collect();
+    if !caller.admin {
+        for l in &mut leases {
+            l.id.clear();
+        }
+    }
     Ok(ApiJson(LeaseList { leases }))
 }
 
@@ -381,8 +447,8 @@ async fn acquire(
     Ok((StatusCode::CREATED, ApiJson(lease)).into_response())
 }
 
-/// Many leases in one mars transaction; each request is granted or refused on its own
-/// (200 with one result per request, in order).
+/// Many leases in one request; each is granted or refused on its own (200 with one result
+/// per request, in order).
 async fn acquire_batch(
     _: AdminAuth,
     State(s): State<AppState>,
@@ -397,7 +463,7 @@ async fn acquire_batch(
     let results = s
         .mars
         .acquire_many(&body.leases)
-        .await?
+        .await
         .into_iter()
         .map(|r| match r {
             Ok(lease) => LeaseResult {
@@ -473,20 +539,9 @@ async fn events(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait.min(60.0));
     let mut rx = s.mars.store.subscribe();
-    // From memory when it provably holds every event after the cursor up to the newest
-    // announced, else from the table; the periodic re-read always reads the table (events of
-    // another process writing the same PostgreSQL are announced nowhere here).
-    let mut from_table = false;
     loop {
         rx.borrow_and_update();
-        let events = match s.mars.store.recent_events_after(q.after, 1000) {
-            Some(events) if !from_table => events,
-            _ => {
-                let events = s.mars.store.events_after(q.after, 1000).await?;
-                s.mars.store.learn_events(q.after, &events);
-                events
-            }
-        };
+        let events = s.mars.store.events_after(q.after, 1000).await?;
         let now = tokio::time::Instant::now();
         if !events.is_empty() || now >= deadline || s.shutdown.is_cancelled() {
             let next = events.last().map(|e| e.seq).unwrap_or(q.after);
@@ -494,8 +549,8 @@ async fn events(
         }
         let recheck = (now + Duration::from_secs(2)).min(deadline);
         tokio::select! {
-            _ = rx.changed() => from_table = false,
-            _ = tokio::time::sleep_until(recheck) => from_table = true,
+            _ = rx.changed() => {}
+            _ = tokio::time::sleep_until(recheck) => {}
             _ = s.shutdown.cancelled() => {}
         }
     }

@@ -8,18 +8,21 @@
 //! - [`training`]: Sergeant Hartman and the [`training::JobRunner`] it submits boots through.
 //! - [`power`]: PDU port control through the pdu service.
 //! - [`api`]: the REST routes.
+//! - [`fuzzing`]: the entry points of the fuzz targets (`services/mars/fuzz`).
 //!
-//! Invariants: only [`store::Store::apply_with`] changes a machine's state, always through
-//! [`state::transition`]; a machine has at most one lease; only the pdu service talks to PDUs.
+//! Invariants: a machine row is created in `WAIT_FOR_CONFIG` ([`store::Store::insert_new`]);
+//! after that only [`store::Store::apply_with`] changes it, its state only through
+//! [`state::transition`] (an edit cannot set `state`), except a lease's expiry time, which
+//! heartbeats, the restart grace and expiry claims move (`store/leases.rs`); a machine has
+//! at most one lease; an expired lease frees its machine only once the machine is powered off;
+//! only the pdu service talks to PDUs.
 
 pub mod api;
 pub mod client;
-mod known_rows;
+pub mod fuzzing;
 pub mod machines;
 pub mod model;
 pub mod power;
-mod recent_events;
-mod row_write;
 pub mod state;
 pub mod store;
 pub mod training;
@@ -43,12 +46,23 @@ use crate::training::{JobRunner, Templates, Trainer, TrainingConfig};
 pub struct Config {
     /// TTL of a lease; the holder heartbeats well within it.
     pub lease_ttl_seconds: u64,
+    /// When mars starts, or its sweeper resumes after not running for longer than
+    /// [`SWEEP_GAP`] (database unreachable, process stopped), every lease that lapsed
+    /// meanwhile gets this long before it can expire: its holder could not heartbeat.
+    pub lease_grace_seconds: u64,
     /// Off delay given to newly registered machines (seconds).
     pub pdu_off_delay: f64,
     /// Infrastructure failures in a row (failed or expired job leases) before `QUARANTINED`.
     pub quarantine_after_infra_failures: u32,
     /// Most tags a registration or PATCH may carry.
     pub max_tags: usize,
+    /// Most machines waiting for configuration (`WAIT_FOR_CONFIG`) before registrations of
+    /// unknown machines from the DUT network are refused (429).
+    pub max_unknown_machines: usize,
+    /// Creations of unknown machines from the DUT network: this many a minute…
+    pub new_machines_per_minute: u32,
+    /// …after a burst of this many.
+    pub new_machines_burst: u32,
     /// Default discovery timeout (seconds).
     pub discovery_timeout_seconds: f64,
     /// Base URL of the pdu service; unset: the gateway's internal URL of `pdu`.
@@ -60,9 +74,13 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             lease_ttl_seconds: 30,
+            lease_grace_seconds: 60,
             pdu_off_delay: 30.0,
             quarantine_after_infra_failures: 3,
             max_tags: 256,
+            max_unknown_machines: 64,
+            new_machines_per_minute: 60,
+            new_machines_burst: 256,
             discovery_timeout_seconds: 150.0,
             pdu_url: None,
             training: TrainingConfig::default(),
@@ -70,19 +88,46 @@ impl Default for Config {
     }
 }
 
+/// A sweeper that has not completed a sweep for this long was not watching the leases (mars
+/// stopped, its database unreachable): their holders may not have reached mars either, so
+/// leases get [`Config::lease_grace_seconds`] before they can expire.
+pub const SWEEP_GAP: Duration = Duration::from_secs(5);
+
 /// Expires leases and discoveries. A 1 s tick: an expiry is acted on within a second, and
 /// the query is one indexed read.
 pub async fn sweep(mars: Mars, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut n: u64 = 0;
+    // The last completed sweep; none yet: mars (re)started.
+    let mut last_sweep: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = mars.expire_leases().await {
-            tracing::warn!(error = %e, "lease sweep failed");
+        if last_sweep.is_none_or(|t| t.elapsed() > SWEEP_GAP) {
+            let grace = Duration::from_secs(mars.config.lease_grace_seconds);
+            let now = model::Timestamp::now();
+            let until = now.plus_ms(grace.as_millis() as i64);
+            match mars.store.grant_grace(now, until).await {
+                Ok(0) => {}
+                Ok(leases) => {
+                    tracing::warn!(
+                        leases,
+                        grace_seconds = grace.as_secs(),
+                        "lease sweeper resumed after a gap: leases get a grace period for their holders to heartbeat"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot grant the leases their grace period");
+                    continue;
+                }
+            }
+        }
+        match mars.expire_leases().await {
+            Ok(_) => last_sweep = Some(tokio::time::Instant::now()),
+            Err(e) => tracing::warn!(error = %e, "lease sweep failed"),
         }
         if let Err(e) = mars.expire_discovery().await {
             tracing::warn!(error = %e, "discovery sweep failed");

@@ -605,3 +605,176 @@ async fn a_lease_id_chosen_by_the_requester_is_used_checked_and_unique() {
         t.stop().await;
     }
 }
+
+/// A lease that lapsed while mars was down gets a grace period from mars' start for its
+/// holder to heartbeat again; a lease that expires is claimed, the machine powered off, and
+/// only once the PDU reads OFF is the machine freed. While the power-off fails the lease is
+/// neither freed, nor revived by a heartbeat, nor released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_after_a_restart_waits_a_grace_and_powers_off_before_freeing() {
+    use dutgate_core::PowerState;
+    use dutgate_mars::machines::Mars;
+    use dutgate_mars::model::{MachinePatch, Timestamp};
+    use dutgate_mars::power::MemoryPower;
+    use dutgate_mars::state::Trigger;
+    use dutgate_mars::store::{Cause, Store, new_row};
+    use std::sync::Arc;
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let config = dutgate_mars::Config {
+            lease_ttl_seconds: 1,
+            lease_grace_seconds: 2,
+            ..Default::default()
+        };
+        let power = Arc::new(MemoryPower::default());
+        // Before the restart: a mars without its sweeper (stopped) leased an IDLE machine and
+        // the job powered it on.
+        let before = Mars::new(
+            Store::new(db.db.clone(), "farm"),
+            config.clone(),
+            power.clone(),
+        );
+        let id = mac(1);
+        let reg = registration(1);
+        let row = new_row(id, "virtio", reg.tags, reg.ip_address, None, 0.0);
+        before
+            .store
+            .insert_new(row, &Cause::new("test", "registered"))
+            .await
+            .unwrap();
+        before
+            .patch(
+                id,
+                MachinePatch {
+                    pdu: Some(Some("pdu1".into())),
+                    pdu_port_id: Some(Some("1".into())),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        before
+            .store
+            .trigger(
+                id,
+                Trigger::TrainingPassed,
+                &Cause::new("test", "trained"),
+                &|_| {},
+            )
+            .await
+            .unwrap();
+        let lease = before
+            .acquire(lease_req(id, "survivor", LeasePurpose::Job))
+            .await
+            .unwrap();
+        power.set_state("pdu1", "1", PowerState::On);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while Timestamp::now() <= lease.expires_at {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // mars starts: the lapsed lease gets its grace, the holder heartbeats in time.
+        let t = start(
+            db,
+            Options {
+                config,
+                power: Some(power.clone()),
+                ..Default::default()
+            },
+        )
+        .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = t.admin.machine(id).await.unwrap();
+            assert_eq!(m.state, MachineState::Running, "{backend:?}");
+            let l = m.lease.expect("the lease survives the restart");
+            if l.expires_at > Timestamp::now() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend:?}: no grace"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.admin.heartbeat(&lease.id).await.unwrap();
+        assert_eq!(power.state("pdu1", "1"), PowerState::On);
+        // The holder goes silent and the PDU does not answer: claimed, not freed.
+        power
+            .broken
+            .lock()
+            .unwrap()
+            .insert(("pdu1".into(), "1".into()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = t.admin.machine(id).await.unwrap();
+            let l = m.lease.expect("not freed while the power-off fails");
+            assert_eq!(m.state, MachineState::Running, "{backend:?}");
+            if l.expires_at.millis() < 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{backend:?}: never claimed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let e = t.admin.heartbeat(&lease.id).await.unwrap_err();
+        assert!(is_gone(&e), "{backend:?}: {e}");
+        let e = t
+            .admin
+            .release(&lease.id, ReleaseOutcome::Ok, None)
+            .await
+            .unwrap_err();
+        assert!(is_gone(&e), "{backend:?}: {e}");
+        let events = t.admin.machine_events(id, None).await.unwrap().events;
+        assert!(!events.iter().any(|e| e.kind == "lease_expired"));
+        assert_eq!(power.state("pdu1", "1"), PowerState::On);
+        // The PDU answers again: off, then freed (to a quick check).
+        power.broken.lock().unwrap().clear();
+        t.wait_state(id, MachineState::QuickCheck, Duration::from_secs(10))
+            .await;
+        assert_eq!(power.state("pdu1", "1"), PowerState::Off, "{backend:?}");
+        let m = t.admin.machine(id).await.unwrap();
+        assert!(m.lease.is_none());
+        assert_eq!(m.consecutive_infra_failures, 1);
+        t.stop().await;
+    }
+}
+
+/// A lease id is the holder's credential (salad takes it as proof of holding the machine):
+/// only admins see it; DUTs and user tokens see the lease without its id.
+#[tokio::test]
+async fn lease_ids_are_shown_to_admins_only() {
+    for db in databases("mars", MIGRATIONS).await {
+        let backend = db.backend();
+        let t = start(db, Options::default()).await;
+        let id = idle_machine(&t, 1).await;
+        let lease = t
+            .admin
+            .acquire(id, "job-1", "test", LeasePurpose::Job, None)
+            .await
+            .unwrap();
+        assert!(!lease.id.is_empty());
+        let shown = t.admin.machine(id).await.unwrap();
+        assert_eq!(shown.lease.unwrap().id, lease.id, "{backend:?}");
+        for (who, client) in [("user", &t.user), ("DUT", &t.anon)] {
+            let m = client.machine(id).await.unwrap();
+            let l = m.lease.expect("the lease is shown");
+            assert_eq!(l.job_id, "job-1");
+            assert!(l.id.is_empty(), "{backend:?}: {who} sees the lease id");
+            let all = client.machines().await.unwrap();
+            assert!(
+                all.iter()
+                    .filter_map(|m| m.lease.as_ref())
+                    .all(|l| l.id.is_empty()),
+                "{backend:?}: {who} sees a lease id in the list"
+            );
+            let leases = client.leases().await.unwrap();
+            assert!(
+                leases.iter().all(|l| l.id.is_empty()),
+                "{backend:?}: {who} sees a lease id in the lease list"
+            );
+        }
+    }
+}

@@ -130,3 +130,99 @@ async fn discovery_and_retire_switch_real_pdu_ports() {
     pdu.stop().await;
     db.cleanup().await;
 }
+
+/// A lease whose holder went silent: mars powers the machine off through the real pdu
+/// service before it frees the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_powers_the_real_port_off_before_the_machine_is_free() {
+    use dutgate_mars::model::{LeasePurpose, MachinePatch};
+    use dutgate_mars::state::Trigger;
+    use dutgate_mars::store::Cause;
+    let dir = tempfile::tempdir().unwrap();
+    let pdu = pdu_service(dir.path()).await;
+    let power = Arc::new(HttpPower::new(pdu.url(), Some(Secret::new(PDU_ADMIN))));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while power
+        .get("rack", "4")
+        .await
+        .map(|s| s == PowerState::Unknown)
+        .unwrap_or(true)
+    {
+        assert!(tokio::time::Instant::now() < deadline, "pdu never polled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let db = databases("mars", MIGRATIONS).await.remove(0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let mars = Mars::new(
+        Store::new(db.db.clone(), "farm"),
+        dutgate_mars::Config::default(),
+        power.clone(),
+    );
+    let auth = Auth::new(
+        Some(Secret::new(common::ADMIN)),
+        None,
+        dutgate_core::config::default_dut_networks(),
+    );
+    let shutdown = CancellationToken::new();
+    let app = dutgate_core::http::with_common_routes(
+        "mars",
+        dutgate_mars::start(mars.clone(), auth, shutdown.clone()).unwrap(),
+        None,
+    );
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = dutgate_core::http::serve(listener, app, token, Duration::from_millis(100)).await;
+    });
+    let admin = MarsClient::new(&url, Some(Secret::new(common::ADMIN)));
+    let id = admin.register(&common::registration(1)).await.unwrap().id;
+    admin
+        .patch(
+            id,
+            &MachinePatch {
+                pdu: Some(Some("rack".into())),
+                pdu_port_id: Some(Some("4".into())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    mars.store
+        .trigger(
+            id,
+            Trigger::TrainingPassed,
+            &Cause::new("test", "trained"),
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    // A job leases the machine, powers it on, and dies (no heartbeat).
+    admin
+        .acquire(
+            id,
+            "dead-job",
+            "test",
+            LeasePurpose::Job,
+            Some(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap();
+    power.set("rack", "4", PowerState::On).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = admin.machine(id).await.unwrap();
+        if m.lease.is_none() {
+            assert_eq!(m.state, MachineState::QuickCheck);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(power.get("rack", "4").await.unwrap(), PowerState::Off);
+    shutdown.cancel();
+    pdu.stop().await;
+    db.cleanup().await;
+}

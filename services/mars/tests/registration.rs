@@ -37,21 +37,24 @@ async fn post_raw(
 async fn new_mac_waits_for_config_and_a_second_registration_updates() {
     for db in databases("mars", MIGRATIONS).await {
         let t = start(db, Options::default()).await;
-        let body = serde_json::to_value(registration(1)).unwrap();
+        // Registered with the address it registers from (the test client's): later
+        // registrations from there update it.
+        let mut first = registration(1);
+        first.ip_address = "127.0.0.1".parse().unwrap();
+        let body = serde_json::to_value(&first).unwrap();
         let (status, v) = post_raw(&t, "/api/v1/machine/", &body, None).await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         assert_eq!(v["state"], "WAIT_FOR_CONFIG");
         assert_eq!(v["full_name"], "farm-virtio-1");
         assert_eq!(v["mac_address"], "52:54:00:00:00:01");
         assert_eq!(v["local_tty_device"], "ttyS0");
-        // Same MAC again, other IP and tty, spelled in upper case with dashes.
+        // Same MAC again, other tty, spelled in upper case with dashes.
         let mut again = body.clone();
         again["mac_address"] = json!("52-54-00-00-00-01");
-        again["ip_address"] = json!("10.0.2.99");
         again["local_tty_device"] = json!("/dev/ttyUSB3");
         let (status, v) = post_raw(&t, "/api/v1/machine", &again, None).await;
         assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["ip_address"], "10.0.2.99");
+        assert_eq!(v["ip_address"], "127.0.0.1");
         assert_eq!(v["local_tty_device"], "ttyUSB3");
         assert_eq!(v["full_name"], "farm-virtio-1");
         let all = t.admin.machines().await.unwrap();
@@ -67,7 +70,7 @@ async fn new_mac_waits_for_config_and_a_second_registration_updates() {
         );
         // Re-registering machine 1 keeps its name even after others exist.
         assert_eq!(
-            t.anon.register(&registration(1)).await.unwrap().full_name,
+            t.anon.register(&first).await.unwrap().full_name,
             "farm-virtio-1"
         );
         // Events say who and why.
@@ -249,8 +252,19 @@ async fn access_control() {
         t.anon.machines().await.unwrap_err().status(),
         Some(StatusCode::FORBIDDEN)
     );
-    // With a token (an admin debugging from elsewhere) it works.
-    let (status, _) = post_raw(&t, "/api/v1/machine/", &body, Some(USER)).await;
+    // A user token does not make its holder a DUT: refused, nothing stored.
+    let (status, v) = post_raw(&t, "/api/v1/machine/", &body, Some(USER)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("DUT network"),
+        "{v}"
+    );
+    assert!(t.admin.machines().await.unwrap().is_empty());
+    // With the admin token (an admin debugging from elsewhere) it works.
+    let (status, _) = post_raw(&t, "/api/v1/machine/", &body, Some(ADMIN)).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = registration(1).mac_address;
     // Admin routes: no token 401, user token 403.

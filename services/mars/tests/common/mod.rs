@@ -38,6 +38,8 @@ pub struct Options {
     pub runner: Option<Arc<dyn JobRunner>>,
     /// false: 127.0.0.1 is not a DUT network (registration needs a token).
     pub loopback_is_dut: bool,
+    /// The PDU ports mars switches; unset: fresh ones.
+    pub power: Option<Arc<MemoryPower>>,
 }
 
 impl Default for Options {
@@ -46,6 +48,7 @@ impl Default for Options {
             config: Config::default(),
             runner: None,
             loopback_is_dut: true,
+            power: None,
         }
     }
 }
@@ -67,7 +70,7 @@ pub async fn start_with_runner_factory(
         opts.runner = Some(r);
     }
     let store = Store::new(db.db.clone(), "farm");
-    let power = Arc::new(MemoryPower::default());
+    let power = opts.power.clone().unwrap_or_default();
     let mut mars = Mars::new(store, opts.config, power.clone());
     mars.runner = opts.runner;
     let nets = if opts.loopback_is_dut {
