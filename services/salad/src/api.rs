@@ -1,26 +1,46 @@
 //! salad's REST API (design.md §4; valve-infra's SALAD routes plus the console log).
 //!
 //! - `GET /api/v1/machine` → `{"machines": {"<id>": MachineConsole}}`
-//! - `GET /api/v1/machine/{id}` → `MachineConsole`, creating the console server if missing
+//! - `GET /api/v1/machine/{id}` → `MachineConsole`; creating the console server of a new
+//!   machine needs a token and is bounded (`max_consoles`)
 //! - `DELETE /api/v1/machine/{id}` (admin) → frees the machine's ports
 //! - `GET /api/v1/machine/{id}/log?since=<offset|RFC 3339 time>&limit=<bytes>` → raw log
+//! - `PUT /api/v1/machine/{id}/expect` → a boot of the machine is about to start
+//! - `PUT`/`DELETE /api/v1/machine/{id}/secrets` → the current job's secrets, masked on output
+//! - `GET /api/v1/machine/{id}/refusals?after=<seq>` → refused bindings naming the machine
+//! - `GET /api/v1/machine/{id}/console` → read-write console over a WebSocket
 //! - `GET /api/v1/ports` → the open console streams (serial ports and netconsoles)
+//! - `PUT /api/v1/ports/{stream}/machine` (admin) → bind or unbind a stream
+//!
+//! Who may do what (docs/salad.md): reads of console content (log, refusals) need a token or
+//! the machine's lease; changing what happens on a machine's console (expect, secrets, the
+//! console WebSocket) needs the admin token or the machine's current lease, presented in the
+//! [`LEASE_HEADER`] and checked with mars.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Json, Router, middleware};
-use dutgate_core::auth::{Auth, require_admin};
-use dutgate_core::{ApiError, MachineId};
+use bytes::Bytes;
+use dutgate_core::auth::{Auth, Role, require_admin};
+use dutgate_core::{ApiError, ApiJson, MachineId};
+use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 
 use crate::console_log::{self, Since};
-use crate::hub::{Hub, HubError, StreamStatus};
-use crate::relay::Machine;
+use crate::hub::{Hub, HubError, MarsView, StreamStatus};
+use crate::relay::{Machine, Refusal, StreamId};
+use crate::secrets::Masker;
+
+/// The header a job process presents its lease id in (instead of a token).
+pub const LEASE_HEADER: &str = "x-lease-id";
 
 /// Offset of the first byte of a log response.
 pub const LOG_START_HEADER: &str = "x-log-start";
@@ -51,6 +71,36 @@ pub struct PortList {
     pub ports: Vec<StreamStatus>,
 }
 
+/// `PUT /api/v1/machine/{id}/secrets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretsBody {
+    /// Replaces the machine's secrets (8 to 256 bytes each, at most 32).
+    pub secrets: Vec<String>,
+}
+
+/// `GET /api/v1/machine/{id}/refusals`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalList {
+    pub refusals: Vec<Refusal>,
+    /// The `seq` of the last refusal returned (or `after`): pass it as the next `after`.
+    pub next: u64,
+}
+
+/// `PUT /api/v1/ports/{stream}/machine`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindBody {
+    /// The machine to bind the stream to; `null` unbinds it.
+    pub machine: Option<MachineId>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    auth: Auth,
+}
+
 fn console(m: &Machine) -> MachineConsole {
     MachineConsole {
         id: m.id,
@@ -61,11 +111,16 @@ fn console(m: &Machine) -> MachineConsole {
 }
 
 pub fn router(hub: Arc<Hub>, auth: Auth) -> Router {
+    let state = AppState {
+        hub: hub.clone(),
+        auth: auth.clone(),
+    };
     let admin = Router::new()
         .route(
             "/api/v1/machine/{id}",
             axum::routing::delete(delete_machine),
         )
+        .route("/api/v1/ports/{stream}/machine", put(bind_stream))
         .route_layer(middleware::from_fn_with_state(auth, require_admin))
         .with_state(hub.clone());
     Router::new()
@@ -73,10 +128,87 @@ pub fn router(hub: Arc<Hub>, auth: Auth) -> Router {
         .route("/api/v1/machine/", get(list_machines))
         .route("/api/v1/machine/{id}", get(get_machine))
         .route("/api/v1/machine/{id}/log", get(get_log))
+        .route("/api/v1/machine/{id}/expect", put(expect))
+        .route(
+            "/api/v1/machine/{id}/secrets",
+            put(put_secrets).delete(delete_secrets),
+        )
+        .route("/api/v1/machine/{id}/refusals", get(get_refusals))
+        .route("/api/v1/machine/{id}/console", get(console_ws))
         .route("/api/v1/ports", get(list_ports))
-        .with_state(hub)
+        .with_state(state)
         .merge(admin)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+}
+
+/// Who is calling, as far as a machine's console is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    Admin,
+    User,
+    LeaseHolder,
+}
+
+/// Admin token, user token (when `users` is true) or the machine's current lease. Refusals
+/// are logged with the source.
+async fn authorize(
+    s: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    id: MachineId,
+    users: bool,
+    what: &str,
+) -> Result<Caller, ApiError> {
+    let r = authorize_inner(s, headers, id, users).await;
+    if let Err(e) = &r {
+        tracing::warn!(machine = %id, source = %peer, status = e.status.as_u16(), reason = %e.body.error, request = what, "console request refused");
+    }
+    r
+}
+
+async fn authorize_inner(
+    s: &AppState,
+    headers: &HeaderMap,
+    id: MachineId,
+    users: bool,
+) -> Result<Caller, ApiError> {
+    let lease = headers.get(LEASE_HEADER);
+    if headers.contains_key(header::AUTHORIZATION) || lease.is_none() {
+        let needed = if users { Role::User } else { Role::Admin };
+        match s.auth.check(headers, needed) {
+            Ok(Role::Admin) => return Ok(Caller::Admin),
+            Ok(Role::User) => return Ok(Caller::User),
+            // A token that is not enough, with a lease beside it: the lease decides.
+            Err(_) if lease.is_some() => {}
+            Err(e) if e.status == StatusCode::FORBIDDEN => {
+                return Err(ApiError::forbidden(
+                    "this endpoint needs the admin token or the machine's lease (X-Lease-Id)",
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let presented = lease
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("X-Lease-Id is empty or not text"))?;
+    match s.hub.mars_machine(id).await {
+        Ok(MarsView::Known(m)) => match &m.lease {
+            Some(l) if bool::from(l.id.as_bytes().ct_eq(presented.as_bytes())) => {
+                Ok(Caller::LeaseHolder)
+            }
+            _ => Err(ApiError::forbidden(format!(
+                "X-Lease-Id is not the current lease of machine {id}"
+            ))),
+        },
+        Ok(MarsView::Unknown) => Err(ApiError::forbidden(format!(
+            "machine {id} is unknown to mars, so it has no lease"
+        ))),
+        Err(e) => Err(ApiError::unavailable(format!(
+            "cannot check the lease with mars: {e}"
+        ))),
+    }
 }
 
 fn parse_id(raw: &str) -> Result<MachineId, ApiError> {
@@ -89,23 +221,165 @@ impl From<HubError> for ApiError {
             HubError::RangeExhausted { .. } | HubError::ShuttingDown => {
                 ApiError::unavailable(e.to_string())
             }
+            HubError::Full(_) | HubError::UnregisteredFull(_) => ApiError::conflict(e.to_string()),
             other => ApiError::internal(other),
         }
     }
 }
 
-async fn list_machines(State(hub): State<Arc<Hub>>) -> Json<MachineList> {
-    let machines = hub.all().iter().map(|m| (m.id, console(m))).collect();
+async fn list_machines(State(s): State<AppState>) -> Json<MachineList> {
+    let machines = s.hub.all().iter().map(|m| (m.id, console(m))).collect();
     Json(MachineList { machines })
 }
 
+/// A known machine's ports are no secret (they are in the list); creating a console server
+/// takes two ports, so it needs a token.
 async fn get_machine(
-    State(hub): State<Arc<Hub>>,
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Json<MachineConsole>, ApiError> {
     let id = parse_id(&raw)?;
-    let m = hub.get_or_create(id).await?;
+    if let Some(m) = s.hub.get(id) {
+        return Ok(Json(console(&m)));
+    }
+    authorize(&s, &headers, peer, id, true, "create console server").await?;
+    let m = s.hub.get_or_create(id).await.inspect_err(|e| {
+        tracing::warn!(machine = %id, source = %peer, error = %e, "console server not created");
+    })?;
     Ok(Json(console(&m)))
+}
+
+/// The holder of the machine's lease (or an admin) is about to power it on.
+async fn expect(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    let caller = authorize(&s, &headers, peer, id, false, "expect").await?;
+    s.hub.expect(id);
+    tracing::info!(machine = %id, ?caller, window_s = s.hub.config.expect_window_seconds, "boot announced: the machine's console may bind");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn put_secrets(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    ApiJson(body): ApiJson<SecretsBody>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    let caller = authorize(&s, &headers, peer, id, false, "set secrets").await?;
+    Masker::check(&body.secrets)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))?;
+    let m = s.hub.get_or_create(id).await?;
+    m.set_secrets(&body.secrets)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))?;
+    // The count only: secrets are never logged.
+    tracing::info!(machine = %id, ?caller, count = body.secrets.len(), "console secrets set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_secrets(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&raw)?;
+    let caller = authorize(&s, &headers, peer, id, false, "clear secrets").await?;
+    if let Some(m) = s.hub.get(id) {
+        m.set_secrets(&[])
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    tracing::info!(machine = %id, ?caller, "console secrets cleared");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct RefusalQuery {
+    after: Option<u64>,
+}
+
+async fn get_refusals(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Query(q): Query<RefusalQuery>,
+) -> Result<Json<RefusalList>, ApiError> {
+    let id = parse_id(&raw)?;
+    authorize(&s, &headers, peer, id, true, "read refusals").await?;
+    let after = q.after.unwrap_or(0);
+    let refusals = s.hub.get(id).map(|m| m.refusals(after)).unwrap_or_default();
+    let next = refusals.last().map_or(after, |r| r.seq);
+    Ok(Json(RefusalList { refusals, next }))
+}
+
+/// The machine's read-write console over a WebSocket: output from now on as binary
+/// messages, every binary or text message the client sends goes to the DUT.
+async fn console_ws(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&raw)?;
+    let caller = authorize(&s, &headers, peer, id, false, "console").await?;
+    let m = s.hub.get_or_create(id).await?;
+    tracing::info!(machine = %id, source = %peer, ?caller, "console WebSocket opened");
+    Ok(ws.on_upgrade(move |socket| relay_ws(m, peer, socket)))
+}
+
+async fn relay_ws(m: Arc<Machine>, peer: SocketAddr, socket: WebSocket) {
+    let mut client = m.channel_client(peer);
+    let (mut sink, mut stream) = socket.split();
+    let write_timeout = m.write_timeout();
+    loop {
+        tokio::select! {
+            out = client.recv() => {
+                let Some(chunk) = out else { break };
+                match tokio::time::timeout(write_timeout, sink.send(Message::Binary(chunk))).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            msg = stream.next() => {
+                let data = match msg {
+                    Some(Ok(Message::Binary(b))) => b,
+                    Some(Ok(Message::Text(t))) => Bytes::copy_from_slice(t.as_str().as_bytes()),
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                if !data.is_empty() {
+                    client.machine().send_input(data).await;
+                }
+            }
+        }
+    }
+    let _ = sink.send(Message::Close(None)).await;
+}
+
+async fn bind_stream(
+    State(hub): State<Arc<Hub>>,
+    Path(raw): Path<String>,
+    ApiJson(body): ApiJson<BindBody>,
+) -> Result<StatusCode, ApiError> {
+    let stream: u64 = raw.parse().map_err(|_| {
+        ApiError::bad_request("stream must be a stream id from GET /api/v1/ports")
+            .with_field("stream")
+    })?;
+    if hub.admin_bind(StreamId(stream), body.machine).await? {
+        tracing::info!(stream, machine = ?body.machine, "admin (re)binds a console stream");
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no open console stream {stream}")).with_field("stream"))
+    }
 }
 
 async fn delete_machine(
@@ -130,11 +404,15 @@ struct LogQuery {
 }
 
 async fn get_log(
-    State(hub): State<Arc<Hub>>,
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
+    authorize(&s, &headers, peer, id, true, "read log").await?;
+    let hub = &s.hub;
     if hub.get(id).is_none() {
         return Err(ApiError::not_found(format!(
             "no console server for machine {id}"
@@ -168,8 +446,8 @@ async fn get_log(
     Ok(resp)
 }
 
-async fn list_ports(State(hub): State<Arc<Hub>>) -> Json<PortList> {
+async fn list_ports(State(s): State<AppState>) -> Json<PortList> {
     Json(PortList {
-        ports: hub.streams(),
+        ports: s.hub.streams(),
     })
 }

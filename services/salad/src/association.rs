@@ -29,8 +29,10 @@ pub enum Event {
         machine: MachineId,
         line_start: usize,
     },
-    /// A `SALAD.machine_id=` line whose value is not a machine id (logged, otherwise ignored).
-    BadMachineId(String),
+    /// A `SALAD.machine_id=` line whose value (of this many bytes) is not a machine id
+    /// (logged, otherwise ignored). The value itself is not kept: it is DUT output, which may
+    /// hold a job secret, and it goes to salad's own log.
+    BadMachineId(usize),
 }
 
 /// Splits a byte stream into lines and reports the association markers they contain.
@@ -43,6 +45,11 @@ pub struct LineScanner {
 impl LineScanner {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Bytes of the unfinished line kept (at most [`MAX_LINE`]).
+    pub fn buffered(&self) -> usize {
+        self.partial.len()
     }
 
     /// Scans one chunk, appending the events of every line it completes to `events`.
@@ -103,7 +110,7 @@ fn inspect(line: &[u8], line_start: usize, events: &mut Vec<Event>) {
                 machine,
                 line_start,
             }),
-            Err(_) => events.push(Event::BadMachineId(text.chars().take(64).collect())),
+            Err(_) => events.push(Event::BadMachineId(end)),
         }
     }
 }
@@ -166,7 +173,7 @@ mod tests {
     #[test]
     fn bad_id_is_reported_not_bound() {
         let ev = scan_all(&[b"SALAD.machine_id=not-a-mac\n"]);
-        assert_eq!(ev, vec![Event::BadMachineId("not-a-mac".into())]);
+        assert_eq!(ev, vec![Event::BadMachineId(9)]);
     }
 
     #[test]

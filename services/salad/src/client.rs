@@ -9,6 +9,19 @@
 //! let sock = salad.connect(id, "127.0.0.1").await?; // a TcpStream to tcp_port
 //! # Ok(()) }
 //! ```
+//!
+//! A job process that holds a machine's lease (and no admin token) presents the lease id:
+//!
+//! ```no_run
+//! # async fn demo(lease_id: &str) -> Result<(), dutgate_salad::client::SaladClientError> {
+//! use dutgate_salad::client::SaladClient;
+//! let id = "52:54:00:12:34:56".parse().unwrap();
+//! let salad = SaladClient::new("http://127.0.0.1:8005", None).with_lease(lease_id);
+//! salad.set_secrets(id, &["AKIA0123456789".into()]).await?; // masked on every console sink
+//! salad.expect(id).await?;                                    // then power the machine on
+//! let refused = salad.refusals(id, 0).await?;                 // streams that claimed it
+//! # Ok(()) }
+//! ```
 
 use std::time::Duration;
 
@@ -17,9 +30,10 @@ use dutgate_core::{MachineId, Secret};
 use reqwest::Method;
 use tokio::net::TcpStream;
 
-use crate::api::{LOG_END_HEADER, LOG_START_HEADER};
-pub use crate::api::{MachineConsole, MachineList, PortList};
+use crate::api::{BindBody, LEASE_HEADER, LOG_END_HEADER, LOG_START_HEADER, SecretsBody};
+pub use crate::api::{MachineConsole, MachineList, PortList, RefusalList};
 pub use crate::console_log::{LogSlice, Since};
+pub use crate::relay::Refusal;
 
 /// How long connecting to a console port may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,6 +56,8 @@ pub enum SaladClientError {
 #[derive(Debug, Clone)]
 pub struct SaladClient {
     api: ApiClient,
+    /// Presented as `X-Lease-Id` on every request (see [`SaladClient::with_lease`]).
+    lease: Option<Secret>,
 }
 
 fn since_param(since: &Since) -> String {
@@ -61,11 +77,126 @@ impl SaladClient {
     pub fn new(base: impl Into<String>, token: Option<Secret>) -> Self {
         Self {
             api: ApiClient::new(base, token),
+            lease: None,
         }
     }
 
     pub fn from_api(api: ApiClient) -> Self {
-        Self { api }
+        Self { api, lease: None }
+    }
+
+    /// Presents `lease_id` (the machine's current lease, as mars granted it) on every request:
+    /// what the holder of a lease may do without the admin token (expect, secrets, console,
+    /// reads). A bearer token, when the client has one, is checked instead.
+    pub fn with_lease(mut self, lease_id: &str) -> Self {
+        self.lease = Some(Secret::new(lease_id));
+        self
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.api.request(method, path);
+        match &self.lease {
+            Some(l) => rb.header(LEASE_HEADER, l.expose()),
+            None => rb,
+        }
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&dyn erased::Body>,
+    ) -> Result<T, SaladClientError> {
+        let mut rb = self.request(method, path);
+        if let Some(b) = body {
+            rb = b.attach(rb);
+        }
+        Ok(self.api.send(rb, path).await?)
+    }
+
+    /// A boot of the machine is about to start (call it right before powering the machine
+    /// on): for `salad.expect_window_seconds`, a console stream that is not bound yet may
+    /// bind to it by announcing it (docs/salad.md). Admin token or the machine's lease.
+    pub async fn expect(&self, id: MachineId) -> Result<(), SaladClientError> {
+        let _: serde_json::Value = self
+            .call(Method::PUT, &format!("/api/v1/machine/{id}/expect"), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces the secrets masked in the machine's console output (its current job's). Admin
+    /// token or the machine's lease.
+    pub async fn set_secrets(
+        &self,
+        id: MachineId,
+        secrets: &[String],
+    ) -> Result<(), SaladClientError> {
+        let body = SecretsBody {
+            secrets: secrets.to_vec(),
+        };
+        let _: serde_json::Value = self
+            .call(
+                Method::PUT,
+                &format!("/api/v1/machine/{id}/secrets"),
+                Some(&body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets the machine's secrets (the job ended).
+    pub async fn clear_secrets(&self, id: MachineId) -> Result<(), SaladClientError> {
+        let _: serde_json::Value = self
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/machine/{id}/secrets"),
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Console streams that announced the machine and were refused, with `seq > after`;
+    /// continue with `after = list.next`.
+    pub async fn refusals(
+        &self,
+        id: MachineId,
+        after: u64,
+    ) -> Result<RefusalList, SaladClientError> {
+        self.call(
+            Method::GET,
+            &format!("/api/v1/machine/{id}/refusals?after={after}"),
+            None,
+        )
+        .await
+    }
+
+    /// Admin: binds the open console stream `stream` (its `id` in [`ports`](Self::ports)) to
+    /// `machine`, or unbinds it (`None`).
+    pub async fn bind_stream(
+        &self,
+        stream: u64,
+        machine: Option<MachineId>,
+    ) -> Result<(), SaladClientError> {
+        let body = BindBody { machine };
+        let _: serde_json::Value = self
+            .call(
+                Method::PUT,
+                &format!("/api/v1/ports/{stream}/machine"),
+                Some(&body),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The URL of the machine's console WebSocket (`ws://…/api/v1/machine/{id}/console`);
+    /// connect with the admin token or the machine's lease in [`LEASE_HEADER`].
+    pub fn console_url(&self, id: MachineId) -> String {
+        let url = self.api.url(&format!("/api/v1/machine/{id}/console"));
+        match url.strip_prefix("https://") {
+            Some(rest) => format!("wss://{rest}"),
+            None => url.replacen("http://", "ws://", 1),
+        }
     }
 
     /// Every machine salad has a console server for.
@@ -73,9 +204,11 @@ impl SaladClient {
         Ok(self.api.get("/api/v1/machine").await?)
     }
 
-    /// The machine's console ports; salad creates the server if the machine is new.
+    /// The machine's console ports; salad creates the server if the machine is new (which
+    /// needs a token or the machine's lease).
     pub async fn machine(&self, id: MachineId) -> Result<MachineConsole, SaladClientError> {
-        Ok(self.api.get(&format!("/api/v1/machine/{id}")).await?)
+        self.call(Method::GET, &format!("/api/v1/machine/{id}"), None)
+            .await
     }
 
     /// Frees the machine's ports (admin token).
@@ -104,7 +237,6 @@ impl SaladClient {
             query.push_str(&format!("&limit={l}"));
         }
         let resp = self
-            .api
             .request(Method::GET, &format!("{path}{query}"))
             .send()
             .await
@@ -155,6 +287,19 @@ impl SaladClient {
     pub async fn connect(&self, id: MachineId, host: &str) -> Result<TcpStream, SaladClientError> {
         let console = self.machine(id).await?;
         connect_port(id, host, console.tcp_port).await
+    }
+}
+
+/// Request bodies of [`SaladClient::call`], without making it generic over each.
+mod erased {
+    pub trait Body: Sync {
+        fn attach(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder;
+    }
+
+    impl<T: serde::Serialize + Sync> Body for T {
+        fn attach(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+            rb.json(self)
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// The `salad` section of the gateway config.
@@ -27,6 +28,25 @@ pub struct Config {
     pub scrollback_kib: usize,
     /// Per-machine console log files.
     pub console_log: ConsoleLogConfig,
+    /// Networks whose hosts may connect to the raw console ports (both of every machine).
+    /// A peer on a DUT network (`gateway.auth.dut_networks`) is refused even when listed here,
+    /// unless it is the gateway itself (the peer address is the address it dialled).
+    pub console_client_networks: Vec<IpNet>,
+    /// Most console servers (machines with ports); a new one beyond it is refused with a 409.
+    pub max_consoles: usize,
+    /// Most console servers created for machines mars does not know (registering DUTs, or
+    /// made-up ids). When full, those whose stream is gone and that mars still does not know
+    /// are deleted; if none can be, the binding is refused.
+    pub max_unregistered_consoles: usize,
+    /// Most netconsole connections at once; more are closed at accept.
+    pub max_netconsoles: usize,
+    /// How long a `PUT /api/v1/machine/{id}/expect` lets an unbound stream bind to the machine.
+    pub expect_window_seconds: u64,
+    /// Console output that may be the start of a job secret is held back at most this long
+    /// before it is sent on as is.
+    pub secret_hold_ms: u64,
+    /// Base URL of mars; unset: the gateway's internal URL of `mars`.
+    pub mars_url: Option<String>,
 }
 
 impl Default for Config {
@@ -51,6 +71,16 @@ impl Default for Config {
             client_write_timeout_ms: 10_000,
             scrollback_kib: 64,
             console_log: ConsoleLogConfig::default(),
+            console_client_networks: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|n| n.parse().ok())
+                .collect(),
+            max_consoles: 256,
+            max_unregistered_consoles: 32,
+            max_netconsoles: 256,
+            expect_window_seconds: 600,
+            secret_hold_ms: 100,
+            mars_url: None,
         }
     }
 }
@@ -62,6 +92,14 @@ impl Config {
 
     pub fn client_write_timeout(&self) -> Duration {
         Duration::from_millis(self.client_write_timeout_ms.max(100))
+    }
+
+    pub fn expect_window(&self) -> Duration {
+        Duration::from_secs(self.expect_window_seconds)
+    }
+
+    pub fn secret_hold(&self) -> Duration {
+        Duration::from_millis(self.secret_hold_ms)
     }
 
     /// Checks what serde cannot: a config that would make salad misbehave is refused at start.
@@ -100,6 +138,24 @@ impl Config {
             if p.baud == Some(0) {
                 return Err(format!("salad.serial_ports[{i}].baud: must be > 0"));
             }
+        }
+        if self.max_consoles == 0 {
+            return Err("salad.max_consoles: must be at least 1".into());
+        }
+        if self.max_unregistered_consoles > self.max_consoles {
+            return Err(format!(
+                "salad.max_unregistered_consoles ({}) must not exceed salad.max_consoles ({})",
+                self.max_unregistered_consoles, self.max_consoles
+            ));
+        }
+        if self.max_netconsoles == 0 {
+            return Err("salad.max_netconsoles: must be at least 1".into());
+        }
+        if self.expect_window_seconds == 0 || self.expect_window_seconds > 86_400 {
+            return Err("salad.expect_window_seconds: must be between 1 and 86400".into());
+        }
+        if self.secret_hold_ms == 0 || self.secret_hold_ms > 10_000 {
+            return Err("salad.secret_hold_ms: must be between 1 and 10000".into());
         }
         if self.console_log.max_file_bytes < 4096 {
             return Err("salad.console_log.max_file_bytes: must be at least 4096".into());

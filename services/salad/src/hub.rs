@@ -2,24 +2,39 @@
 //!
 //! Machines come from the store at start-up, from `GET /api/v1/machine/{id}` and from
 //! `SALAD.machine_id=` lines. Ports are allocated here, once per machine, from the configured
-//! range and persisted, so a machine keeps its ports across restarts.
+//! range and persisted, so a machine keeps its ports across restarts. Their number is bounded
+//! (`max_consoles`), and so is the number of those created for machines mars does not know
+//! (`max_unregistered_consoles`): a DUT printing made-up ids cannot exhaust the range.
+//!
+//! The hub also holds what binding decisions need ([`crate::binding`]): the boots announced
+//! by lease holders (`expect`) and the mars client.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use dutgate_core::MachineId;
+use dutgate_mars::client::MarsClient;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::console_log::{ConsoleLog, LogError};
-use crate::relay::{ClientLimits, Machine, StreamId, serve_port};
+use crate::relay::{ClientFilter, ClientLimits, Machine, StreamId, serve_port};
 use crate::store::{MachinePorts, Store, StoreError};
+
+/// How long salad waits for mars before it refuses what it wanted to check.
+pub const MARS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Unregistered consoles are swept (mars asked again) at most this often.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Most announced boots remembered at once.
+const MAX_EXPECTATIONS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -33,11 +48,40 @@ pub enum HubError {
     RangeExhausted { first: u16, last: u16 },
     #[error("salad is shutting down")]
     ShuttingDown,
+    #[error("salad already serves {0} consoles (salad.max_consoles); delete unused machines")]
+    Full(usize),
+    #[error(
+        "salad already serves {0} consoles of machines mars does not know (salad.max_unregistered_consoles)"
+    )]
+    UnregisteredFull(usize),
+}
+
+/// Who may reach the consoles and how salad checks: the raw ports' client filter, and the
+/// mars client for machine states and leases.
+pub struct Access {
+    pub filter: ClientFilter,
+    pub mars: MarsClient,
+}
+
+/// What mars says about a machine.
+#[derive(Debug, Clone)]
+pub enum MarsView {
+    Unknown,
+    Known(Box<dutgate_mars::model::Machine>),
+}
+
+/// Sent to a stream's task by the admin binding endpoint.
+#[derive(Clone)]
+pub enum StreamCommand {
+    Bind(Arc<Machine>),
+    Unbind,
 }
 
 /// What `/api/v1/ports` shows about one open console stream.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamStatus {
+    /// Identifies the stream for `PUT /api/v1/ports/{stream}/machine` while it is open.
+    pub id: u64,
     /// `serial` or `netconsole`.
     pub kind: String,
     /// Device path (serial) or peer address (netconsole).
@@ -49,10 +93,14 @@ pub struct StreamStatus {
     pub opened_at: String,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Announcements of this stream that were refused (docs/salad.md, "Binding rules").
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// Live counters of one stream, shared between its task and the hub.
 pub struct StreamEntry {
+    pub id: StreamId,
     pub kind: &'static str,
     pub name: String,
     pub key: Option<String>,
@@ -60,6 +108,8 @@ pub struct StreamEntry {
     pub machine: Mutex<Option<MachineId>>,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    pub refused: AtomicU64,
+    commands: mpsc::Sender<StreamCommand>,
 }
 
 impl StreamEntry {
@@ -69,6 +119,7 @@ impl StreamEntry {
 
     fn status(&self) -> StreamStatus {
         StreamStatus {
+            id: self.id.0,
             kind: self.kind.to_string(),
             name: self.name.clone(),
             key: self.key.clone(),
@@ -76,6 +127,7 @@ impl StreamEntry {
             opened_at: self.opened_at.clone(),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -92,6 +144,13 @@ pub struct Hub {
     alloc: tokio::sync::Mutex<()>,
     streams: Mutex<BTreeMap<StreamId, Arc<StreamEntry>>>,
     next_stream: AtomicU64,
+    filter: Arc<ClientFilter>,
+    pub mars: MarsClient,
+    /// Boots announced by an admin or a lease holder: machine → until when.
+    expected: Mutex<HashMap<MachineId, Instant>>,
+    /// Console servers created for machines mars did not know.
+    unregistered: Mutex<BTreeSet<MachineId>>,
+    last_sweep: Mutex<Option<Instant>>,
 }
 
 impl Hub {
@@ -102,6 +161,7 @@ impl Hub {
         log_root: PathBuf,
         tasks: TaskTracker,
         shutdown: CancellationToken,
+        access: Access,
     ) -> Self {
         Self {
             config,
@@ -114,7 +174,130 @@ impl Hub {
             alloc: tokio::sync::Mutex::new(()),
             streams: Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
+            filter: Arc::new(access.filter),
+            mars: access.mars,
+            expected: Mutex::new(HashMap::new()),
+            unregistered: Mutex::new(BTreeSet::new()),
+            last_sweep: Mutex::new(None),
         }
+    }
+
+    pub fn filter(&self) -> &ClientFilter {
+        &self.filter
+    }
+
+    /// Asks mars about `id` (bounded by [`MARS_TIMEOUT`]); `Err` says why it cannot tell.
+    pub async fn mars_machine(&self, id: MachineId) -> Result<MarsView, String> {
+        match tokio::time::timeout(MARS_TIMEOUT, self.mars.machine(id)).await {
+            Err(_) => Err(format!("mars did not answer within {MARS_TIMEOUT:?}")),
+            Ok(Ok(m)) => Ok(MarsView::Known(Box::new(m))),
+            Ok(Err(e)) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {
+                Ok(MarsView::Unknown)
+            }
+            Ok(Err(e)) => Err(format!("cannot ask mars: {e}")),
+        }
+    }
+
+    /// Lets an unbound stream bind to `id` for `expect_window_seconds` (the holder of its
+    /// lease is about to power it on).
+    pub fn expect(&self, id: MachineId) {
+        let now = Instant::now();
+        let mut map = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, until| *until > now);
+        if map.len() >= MAX_EXPECTATIONS && !map.contains_key(&id) {
+            // Only admins and lease holders get here; dropping the oldest keeps it bounded.
+            if let Some(oldest) = map.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k) {
+                map.remove(&oldest);
+            }
+        }
+        map.insert(id, now + self.config.expect_window());
+    }
+
+    pub fn is_expected(&self, id: MachineId) -> bool {
+        self.expected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// A stream bound to `id`: the announced boot has spoken.
+    pub fn clear_expectation(&self, id: MachineId) {
+        self.expected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
+    fn unregistered_count(&self) -> usize {
+        self.unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// The console server of a machine mars does not know, created within
+    /// `max_unregistered_consoles`. When that is full, consoles whose stream is gone are
+    /// checked with mars again: those mars now knows count no more, those it still does
+    /// not know are deleted.
+    pub async fn get_or_create_unregistered(
+        &self,
+        id: MachineId,
+    ) -> Result<Arc<Machine>, HubError> {
+        if let Some(m) = self.get(id) {
+            return Ok(m);
+        }
+        let max = self.config.max_unregistered_consoles;
+        if self.unregistered_count() >= max {
+            self.sweep_unregistered().await?;
+        }
+        if self.unregistered_count() >= max {
+            return Err(HubError::UnregisteredFull(max));
+        }
+        let m = self.get_or_create(id).await?;
+        self.unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(m)
+    }
+
+    async fn sweep_unregistered(&self) -> Result<(), HubError> {
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < SWEEP_INTERVAL) {
+                return Ok(());
+            }
+            *last = Some(Instant::now());
+        }
+        let ids: Vec<MachineId> = self
+            .unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        for id in ids {
+            if self.get(id).is_some_and(|m| m.has_console()) {
+                continue;
+            }
+            match self.mars_machine(id).await {
+                Ok(MarsView::Known(_)) => {
+                    self.unregistered
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                }
+                Ok(MarsView::Unknown) => {
+                    tracing::info!(machine = %id, "deleting the console of a machine mars never registered");
+                    self.delete(id).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %id, error = %e, "cannot check an unregistered console with mars");
+                }
+            }
+        }
+        Ok(())
     }
 
     fn limits(&self) -> ClientLimits {
@@ -190,22 +373,24 @@ impl Hub {
             log,
             self.shutdown.child_token(),
         ));
-        self.tasks.spawn(serve_port(
+        self.tasks.spawn(machine.servers.track_future(serve_port(
             machine.clone(),
             main,
             self.bind_ip,
             row.tcp_port,
             false,
+            self.filter.clone(),
             self.tasks.clone(),
-        ));
-        self.tasks.spawn(serve_port(
+        )));
+        self.tasks.spawn(machine.servers.track_future(serve_port(
             machine.clone(),
             logs,
             self.bind_ip,
             row.tcp_port_logs,
             true,
+            self.filter.clone(),
             self.tasks.clone(),
-        ));
+        )));
         self.machines
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -224,6 +409,14 @@ impl Hub {
         let _guard = self.alloc.lock().await;
         if let Some(m) = self.get(id) {
             return Ok(m);
+        }
+        let count = self
+            .machines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len();
+        if count >= self.config.max_consoles {
+            return Err(HubError::Full(self.config.max_consoles));
         }
         let range = self.config.console_ports;
         // A few rounds: another gateway sharing the database may take ports under our feet.
@@ -296,7 +489,19 @@ impl Hub {
             .remove(&id);
         if let Some(m) = &removed {
             m.cancel.cancel();
+            // Its listeners are closed when this returns: the ports can be handed out again.
+            m.servers.close();
+            if tokio::time::timeout(Duration::from_secs(5), m.servers.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(machine = %id, "the machine's console servers did not stop within 5 s");
+            }
         }
+        self.unregistered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         let existed = self.store.delete_machine(id).await?;
         Ok(existed || removed.is_some())
     }
@@ -307,9 +512,12 @@ impl Hub {
         kind: &'static str,
         name: String,
         key: Option<String>,
-    ) -> (StreamId, Arc<StreamEntry>) {
+    ) -> (StreamId, Arc<StreamEntry>, mpsc::Receiver<StreamCommand>) {
         let id = StreamId(self.next_stream.fetch_add(1, Ordering::Relaxed));
+        let (commands, rx) = mpsc::channel(4);
         let entry = Arc::new(StreamEntry {
+            id,
+            commands,
             kind,
             name,
             key,
@@ -319,12 +527,47 @@ impl Hub {
             machine: Mutex::new(None),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         });
         self.streams
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, entry.clone());
-        (id, entry)
+        (id, entry, rx)
+    }
+
+    fn stream(&self, id: StreamId) -> Option<Arc<StreamEntry>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// An admin binds stream `id` to `machine` (creating its console server) or unbinds it
+    /// (`None`). `Ok(false)`: no such open stream.
+    pub async fn admin_bind(
+        &self,
+        id: StreamId,
+        machine: Option<MachineId>,
+    ) -> Result<bool, HubError> {
+        let Some(entry) = self.stream(id) else {
+            return Ok(false);
+        };
+        let cmd = match machine {
+            Some(m) => StreamCommand::Bind(self.get_or_create(m).await?),
+            None => StreamCommand::Unbind,
+        };
+        Ok(entry.commands.send(cmd).await.is_ok())
+    }
+
+    /// Tells stream `id` it lost its machine to an admin's binding.
+    pub fn unbind_stream(&self, id: StreamId) {
+        if let Some(entry) = self.stream(id) {
+            // A full queue means commands are pending: the stream also notices at its next
+            // output, which the machine no longer accepts from it.
+            let _ = entry.commands.try_send(StreamCommand::Unbind);
+        }
     }
 
     pub fn remove_stream(&self, id: StreamId) {

@@ -2,23 +2,29 @@
 //!
 //! Data flow: a console stream ([`serial`] port or [`netconsole`] connection) is read by
 //! [`stream::drive`]; [`association`] spots `SALAD.ping` (answered with `SALAD.pong`) and
-//! `SALAD.machine_id=` (binds the stream to a machine); the bytes then go to that machine's
-//! [`relay`], which fans them out to its TCP clients, its scrollback and its
-//! [`console_log`]. The [`hub`] owns the machines and allocates their ports, persisted in the
-//! [`store`]. [`api`] serves the REST routes; [`client`] is the typed client for them.
+//! `SALAD.machine_id=` (asks to bind the stream to a machine: [`binding`] decides, asking
+//! mars, off the read path); the bytes then go to that machine's [`relay`], which masks the
+//! job's [`secrets`] and fans them out to its TCP and WebSocket clients, its scrollback and
+//! its [`console_log`]. The [`hub`] owns the machines and allocates their ports (bounded),
+//! persisted in the [`store`]. [`api`] serves the REST routes; [`client`] is the typed client
+//! for them. [`fuzzing`] holds the checks the fuzz targets and the tests share.
 //!
-//! Invariants: reading a console never waits for a client, the disk or the database; a
+//! Invariants: reading a console never waits for a client, the disk, the database or mars; a
 //! machine keeps its console ports for as long as it is in the store; the main console port
-//! never replays old output.
+//! never replays old output; a stream bound to a machine is never re-bound by what it prints,
+//! and only the bound stream's bytes reach a machine's sinks; no sink sees a live secret.
 
 pub mod api;
 pub mod association;
+pub mod binding;
 pub mod client;
 pub mod config;
 pub mod console_log;
+pub mod fuzzing;
 pub mod hub;
 pub mod netconsole;
 pub mod relay;
+pub mod secrets;
 pub mod serial;
 pub mod store;
 pub mod stream;
@@ -99,6 +105,20 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("state dir: {e}")))?;
     let tasks = TaskTracker::new();
     let shutdown = ctx.shutdown.child_token();
+    // The admin token: salad reads machines' states and leases, which mars shows to admins.
+    let mars = match &config.mars_url {
+        Some(url) => {
+            let token = ctx.gateway.auth.admin_token.clone().or_else(|| {
+                dutgate_core::auth::read_token(&ctx.gateway.tokens_dir().join("admin"))
+            });
+            dutgate_mars::client::MarsClient::new(url.clone(), token)
+        }
+        None => dutgate_mars::client::MarsClient::for_gateway(&ctx.gateway),
+    };
+    let filter = relay::ClientFilter {
+        networks: config.console_client_networks.clone(),
+        auth: ctx.auth(),
+    };
     let hub = Arc::new(Hub::new(
         Arc::new(config),
         store::Store::new(db.clone()),
@@ -106,6 +126,7 @@ pub async fn start(
         state_dir.join("consoles"),
         tasks.clone(),
         shutdown.clone(),
+        hub::Access { filter, mars },
     ));
     let restored = hub
         .load()

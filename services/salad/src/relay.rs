@@ -5,8 +5,12 @@
 //!   whose queue would overflow, or whose socket accepts nothing for `client_write_timeout`,
 //!   is disconnected with a log line. So a stalled client can delay neither the serial read
 //!   nor the other clients, nor any other machine.
-//! - What a client on the main port (`tcp_port`) sends goes to the console stream currently
-//!   bound to the machine (the most recent one to announce it); with none, it is dropped.
+//! - What a client on the main port (`tcp_port`) sends goes to the console stream bound to
+//!   the machine; with none, it is dropped. At most one stream is bound to a machine, and only
+//!   that stream's bytes reach the machine's sinks ([`Machine::output`] checks the sender).
+//! - Output first goes through the machine's [`Masker`]: no sink ever sees a live job secret.
+//! - Raw TCP clients are accepted only from the console client networks ([`ClientFilter`]);
+//!   WebSocket clients ([`Machine::channel_client`]) are authenticated by the REST API.
 //! - The log port (`tcp_port_logs`) is read-only: it first replays the scrollback, then follows
 //!   live. The main port never replays (a job must not see the previous job's output).
 
@@ -25,6 +29,63 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::console_log::ConsoleLog;
+use crate::secrets::{Masker, SecretsError};
+
+/// Refusals kept per machine (oldest dropped first).
+pub const MAX_REFUSALS: usize = 100;
+
+/// A console stream that announced a machine and was not bound to it (design §10), as the
+/// affected machine's job reads it (`GET /api/v1/machine/{id}/refusals`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Refusal {
+    /// Per machine, increasing: read on with `after=<seq>`.
+    pub seq: u64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `serial` or `netconsole`.
+    pub kind: String,
+    /// Device path or `netconsole <peer>`.
+    pub stream: String,
+    /// The netconsole's peer address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The machine the stream announced.
+    pub claimed: MachineId,
+    /// The machine the stream is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<MachineId>,
+    pub reason: String,
+}
+
+/// Who may connect to the raw console ports: the console client networks, never a DUT
+/// network, except the gateway itself.
+#[derive(Debug, Clone)]
+pub struct ClientFilter {
+    pub networks: Vec<ipnet::IpNet>,
+    pub auth: dutgate_core::auth::Auth,
+}
+
+impl ClientFilter {
+    /// `Err` says why `peer`, connected to `local`, is refused.
+    pub fn check(&self, peer: IpAddr, local: IpAddr) -> Result<(), &'static str> {
+        let peer = peer.to_canonical();
+        // A connection whose source is the address it dialled comes from this host: TCP's
+        // handshake cannot complete for a forged source that is the gateway's own address.
+        // With QEMU user networking the DUTs share it (they are NATed to 127.0.0.1), which is
+        // why that setup cannot keep DUTs off the console ports (docs/salad.md).
+        if peer == local.to_canonical() {
+            return Ok(());
+        }
+        if self.auth.is_dut_address(peer) {
+            return Err("peer is on a DUT network");
+        }
+        if self.networks.iter().any(|n| n.contains(&peer)) {
+            Ok(())
+        } else {
+            Err("peer is not on a console client network (salad.console_client_networks)")
+        }
+    }
+}
 
 /// Identifies one console stream (a serial port or a netconsole connection) for input routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,7 +104,8 @@ struct Client {
     read_only: bool,
     peer: SocketAddr,
     /// Shared with the client's tasks: the fan-out writes directly when nothing is queued.
-    sock: Arc<TcpStream>,
+    /// `None` for a WebSocket client, which is always fed through its queue.
+    sock: Option<Arc<TcpStream>>,
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
     cancel: CancellationToken,
@@ -86,8 +148,27 @@ impl Scrollback {
 struct Inner {
     clients: Vec<Client>,
     scrollback: Scrollback,
-    /// Where client input goes: the stream that most recently bound to this machine.
+    /// The stream bound to this machine: its output is the machine's, client input goes to it.
     input: Option<(StreamId, mpsc::Sender<Bytes>)>,
+    masker: Masker,
+    refusals: VecDeque<Refusal>,
+    next_refusal: u64,
+}
+
+impl Inner {
+    fn is_bound_to(&self, stream: StreamId) -> bool {
+        matches!(&self.input, Some((s, _)) if *s == stream)
+    }
+}
+
+/// What [`Machine::output`] did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Relayed; `holding` says bytes are held back (maybe a secret's start): call
+    /// [`Machine::flush_held`] when the stream stays idle for the hold time.
+    Relayed { holding: bool },
+    /// The sender is not (any more) the stream bound to this machine: nothing was relayed.
+    NotBound,
 }
 
 struct MachineMetrics {
@@ -125,6 +206,8 @@ pub struct Machine {
     metrics: MachineMetrics,
     /// Cancelled when the machine is deleted or salad stops: ends its servers and clients.
     pub cancel: CancellationToken,
+    /// Its two port servers (a deletion waits for them, and so for their ports to close).
+    pub servers: TaskTracker,
 }
 
 impl Machine {
@@ -146,10 +229,14 @@ impl Machine {
                 clients: Vec::new(),
                 scrollback: Scrollback::default(),
                 input: None,
+                masker: Masker::new(),
+                refusals: VecDeque::new(),
+                next_refusal: 1,
             }),
             next_client: AtomicU64::new(1),
             metrics: MachineMetrics::new(id),
             cancel,
+            servers: TaskTracker::new(),
         }
     }
 
@@ -168,8 +255,40 @@ impl Machine {
         &self.log
     }
 
-    /// DUT output: to every client, the scrollback and the log. Never waits.
-    pub fn output(&self, at: OffsetDateTime, chunk: Bytes) {
+    /// A client that accepts nothing for this long is dropped.
+    pub fn write_timeout(&self) -> Duration {
+        self.limits.write_timeout
+    }
+
+    /// Output of stream `from`: masked, then to every client, the scrollback and the log.
+    /// Never waits. Relayed only if `from` is the stream bound to this machine.
+    pub fn output(&self, from: StreamId, at: OffsetDateTime, chunk: &[u8]) -> Output {
+        let mut inner = self.lock();
+        if !inner.is_bound_to(from) {
+            return Output::NotBound;
+        }
+        let masked = inner.masker.push(chunk);
+        let holding = inner.masker.held() > 0;
+        self.relay(inner, at, Bytes::from(masked));
+        Output::Relayed { holding }
+    }
+
+    /// Sends on what the masker held back (the stream `from` went idle).
+    pub fn flush_held(&self, from: StreamId, at: OffsetDateTime) {
+        let mut inner = self.lock();
+        if !inner.is_bound_to(from) {
+            return;
+        }
+        let held = inner.masker.flush();
+        self.relay(inner, at, Bytes::from(held));
+    }
+
+    /// Replaces the machine's secrets (empty: none).
+    pub fn set_secrets(&self, secrets: &[String]) -> Result<(), SecretsError> {
+        self.lock().masker.set(secrets)
+    }
+
+    fn relay(&self, mut inner: MutexGuard<'_, Inner>, at: OffsetDateTime, chunk: Bytes) {
         if chunk.is_empty() {
             return;
         }
@@ -177,17 +296,18 @@ impl Machine {
         self.log.append(at, chunk.clone());
         let mut dropped = Vec::new();
         {
-            let mut inner = self.lock();
             let cap = self.limits.scrollback_bytes;
             inner.scrollback.push(&chunk, cap);
             inner.clients.retain(|c| {
                 let queued = c.queued.load(Ordering::Acquire);
                 let mut rest = chunk.clone();
-                if queued == 0 {
+                if queued == 0
+                    && let Some(sock) = &c.sock
+                {
                     // Nothing queued means nothing in flight either (the writer counts a chunk
                     // down only once written), so writing here keeps the order and saves the
                     // hop through the writer task: this is the latency path.
-                    match c.sock.try_write(&chunk) {
+                    match sock.try_write(&chunk) {
                         Ok(n) if n == chunk.len() => return true,
                         Ok(n) => rest = chunk.slice(n..),
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -206,6 +326,7 @@ impl Machine {
             });
             self.update_gauges(&inner);
         }
+        drop(inner);
         for (id, peer, read_only, queued, cancel) in dropped {
             cancel.cancel();
             self.metrics.drops.increment(1);
@@ -216,6 +337,27 @@ impl Machine {
         }
     }
 
+    /// Records a refused binding for the machine's job to read (bounded).
+    pub fn record_refusal(&self, mut r: Refusal) {
+        let mut inner = self.lock();
+        r.seq = inner.next_refusal;
+        inner.next_refusal += 1;
+        if inner.refusals.len() == MAX_REFUSALS {
+            inner.refusals.pop_front();
+        }
+        inner.refusals.push_back(r);
+    }
+
+    /// Refusals with `seq > after`, oldest first.
+    pub fn refusals(&self, after: u64) -> Vec<Refusal> {
+        self.lock()
+            .refusals
+            .iter()
+            .filter(|r| r.seq > after)
+            .cloned()
+            .collect()
+    }
+
     fn update_gauges(&self, inner: &Inner) {
         let rw = inner.clients.iter().filter(|c| !c.read_only).count();
         self.metrics.clients.set(rw as f64);
@@ -224,9 +366,28 @@ impl Machine {
             .set((inner.clients.len() - rw) as f64);
     }
 
-    /// Routes client input to `stream` from now on.
-    pub fn attach_input(&self, stream: StreamId, tx: mpsc::Sender<Bytes>) {
-        self.lock().input = Some((stream, tx));
+    /// Binds `stream` to this machine if no stream is bound (`false`: another one is).
+    pub fn try_attach_input(&self, stream: StreamId, tx: mpsc::Sender<Bytes>) -> bool {
+        let mut inner = self.lock();
+        match &inner.input {
+            Some((s, _)) if *s != stream => false,
+            _ => {
+                inner.input = Some((stream, tx));
+                true
+            }
+        }
+    }
+
+    /// Binds `stream` to this machine whatever was bound (an admin's decision); returns the
+    /// stream that was bound before, if another.
+    pub fn force_attach_input(
+        &self,
+        stream: StreamId,
+        tx: mpsc::Sender<Bytes>,
+    ) -> Option<StreamId> {
+        let mut inner = self.lock();
+        let old = inner.input.replace((stream, tx)).map(|(s, _)| s);
+        old.filter(|s| *s != stream)
     }
 
     /// Stops routing input to `stream` (if it is still the one input goes to).
@@ -240,6 +401,57 @@ impl Machine {
     /// True when a console stream is bound to this machine.
     pub fn has_console(&self) -> bool {
         self.lock().input.is_some()
+    }
+
+    /// The stream bound to this machine.
+    pub fn console_stream(&self) -> Option<StreamId> {
+        self.lock().input.as_ref().map(|(s, _)| *s)
+    }
+
+    /// Client input to the bound stream; `false` when none is bound or it went away.
+    pub async fn send_input(&self, data: Bytes) -> bool {
+        let n = data.len() as u64;
+        match self.input_sender() {
+            Some(tx) if tx.send(data).await.is_ok() => {
+                self.metrics.bytes_to_dut.increment(n);
+                true
+            }
+            _ => {
+                self.metrics.input_dropped.increment(n);
+                false
+            }
+        }
+    }
+
+    /// A read-write client fed through a queue (the per-machine console WebSocket): it gets
+    /// the output from now on (no replay) with the same limits as a TCP client. Dropping
+    /// the returned client unregisters it.
+    pub fn channel_client(self: &Arc<Self>, peer: SocketAddr) -> ChannelClient {
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let cancel = self.cancel.child_token();
+        {
+            let mut inner = self.lock();
+            inner.clients.push(Client {
+                id,
+                read_only: false,
+                peer,
+                sock: None,
+                tx,
+                queued: queued.clone(),
+                cancel: cancel.clone(),
+            });
+            self.update_gauges(&inner);
+        }
+        tracing::info!(machine = %self.id, client = id, %peer, "console WebSocket client connected");
+        ChannelClient {
+            machine: self.clone(),
+            id,
+            rx,
+            queued,
+            cancel,
+        }
     }
 
     fn input_sender(&self) -> Option<mpsc::Sender<Bytes>> {
@@ -281,7 +493,7 @@ impl Machine {
                 id,
                 read_only,
                 peer,
-                sock: sock.clone(),
+                sock: Some(sock.clone()),
                 tx,
                 queued: queued.clone(),
                 cancel: cancel.clone(),
@@ -398,6 +610,40 @@ impl Machine {
     }
 }
 
+/// A client registered by [`Machine::channel_client`].
+pub struct ChannelClient {
+    machine: Arc<Machine>,
+    pub id: u64,
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+    /// Cancelled when the client is dropped for not keeping up, or the machine goes away.
+    pub cancel: CancellationToken,
+}
+
+impl ChannelClient {
+    /// The next output chunk; `None` once the client was dropped or the machine went away.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let chunk = tokio::select! {
+            _ = self.cancel.cancelled() => return None,
+            c = self.rx.recv() => c?,
+        };
+        self.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+        Some(chunk)
+    }
+
+    pub fn machine(&self) -> &Arc<Machine> {
+        &self.machine
+    }
+}
+
+impl Drop for ChannelClient {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        self.machine.remove_client(self.id);
+        tracing::info!(machine = %self.machine.id, client = self.id, "console WebSocket client disconnected");
+    }
+}
+
 /// `write_all` through a shared socket (the fan-out may write to it directly too).
 async fn write_all(sock: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
     while !buf.is_empty() {
@@ -420,8 +666,10 @@ pub async fn serve_port(
     ip: IpAddr,
     port: u16,
     read_only: bool,
+    filter: Arc<ClientFilter>,
     tasks: TaskTracker,
 ) {
+    let refused = metrics::counter!("salad_console_clients_refused_total");
     let listener = match listener {
         Some(l) => l,
         None => {
@@ -449,7 +697,18 @@ pub async fn serve_port(
             a = listener.accept() => a,
         };
         match accepted {
-            Ok((stream, peer)) => machine.serve_client(stream, peer, read_only, &tasks),
+            Ok((stream, peer)) => {
+                let local = stream.local_addr().map(|a| a.ip()).unwrap_or(ip);
+                match filter.check(peer.ip(), local) {
+                    Ok(()) => machine.serve_client(stream, peer, read_only, &tasks),
+                    Err(why) => {
+                        refused.increment(1);
+                        tracing::warn!(machine = %machine.id, port, %peer, reason = why, "console client refused");
+                        // Dropping the socket closes it before a byte is exchanged.
+                        drop(stream);
+                    }
+                }
+            }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(machine = %machine.id, port, error = %e, "accept failed");

@@ -170,6 +170,8 @@ pub async fn run(hub: Arc<Hub>, cancel: CancellationToken) {
                 key: Some(cand.key.clone()),
                 initial,
                 metrics_port: cand.key.clone(),
+                peer: None,
+                local: None,
             };
             let hub2 = hub.clone();
             let open2 = open.clone();

@@ -286,11 +286,43 @@ async fn unplug_and_replug_keeps_the_console() {
         .unwrap_or_else(|| panic!("no reopen counter for {key} in:\n{metrics}"));
     assert!(reopens.ends_with(" 1"), "{reopens}");
 
-    // The replugged adapter now leads to another machine: its next announcement re-binds it.
+    // The replugged adapter now leads to another machine. What the DUT prints cannot move a
+    // bound stream (refused, recorded on both machines); an admin re-binds it.
     let other = machine(33);
     dut.write_all(format!("SALAD.machine_id={other}\n").as_bytes())
         .await
         .unwrap();
+    let refused = wait_for("the refusal recorded on the bound machine", || async {
+        let l = salad.client.refusals(id, 0).await.ok()?;
+        l.refusals.into_iter().find(|r| r.claimed == other)
+    })
+    .await;
+    assert_eq!(refused.bound_to, Some(id));
+    assert!(refused.reason.contains("only an admin"), "{refused:?}");
+    say_until_heard(
+        &mut dut,
+        b"still the first machine\n",
+        &mut client,
+        "stream stays bound",
+    )
+    .await;
+    let stream = salad
+        .client
+        .ports()
+        .await
+        .unwrap()
+        .ports
+        .into_iter()
+        .find(|p| p.name == pair.adapter.display().to_string())
+        .unwrap()
+        .id;
+    let err = salad
+        .client_with(Some(USER))
+        .bind_stream(stream, Some(other))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("403"), "{err}");
+    salad.client.bind_stream(stream, Some(other)).await.unwrap();
     let other_console = salad.wait_machine(other).await;
     salad.wait_port(&pair.adapter, Some(other)).await;
     assert_ne!(other_console.tcp_port, console.tcp_port);

@@ -1,16 +1,21 @@
-//! Test support: salad in-process on ephemeral ports, socat pty pairs as serial adapters, and
-//! console clients that check what they receive.
+//! Test support: salad in-process on ephemeral ports with a real mars beside it (salad asks
+//! mars whether a machine may speak and who holds its lease), socat pty pairs as serial
+//! adapters, and console clients that check what they receive.
 
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::{MachineId, Secret, ServiceContext, ServiceName};
+use dutgate_mars::client::MarsClient;
+use dutgate_mars::machines::Mars;
+use dutgate_mars::model::Registration;
 use dutgate_salad::client::{MachineConsole, SaladClient};
 use dutgate_salad::config::{PortRange, SerialPortSpec};
 use dutgate_salad::{Config, Listeners, SaladHandle};
@@ -22,6 +27,7 @@ use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 pub const ADMIN: &str = "test-admin-token";
+pub const USER: &str = "test-user-token";
 pub const WAIT: Duration = Duration::from_secs(20);
 
 /// A console port range of its own for each salad a test process starts, so that parallel
@@ -39,11 +45,120 @@ pub fn port_range(size: u16) -> PortRange {
     }
 }
 
+/// A real mars (SQLite, in-memory PDU ports) on 127.0.0.1:0.
+pub struct TestMars {
+    pub url: String,
+    pub admin: MarsClient,
+    /// No token, from loopback (a DUT network for this mars): what a DUT uses to register.
+    pub anon: MarsClient,
+    pub mars: Mars,
+    shutdown: CancellationToken,
+}
+
+impl TestMars {
+    pub async fn start(dir: &Path) -> TestMars {
+        std::fs::create_dir_all(dir).unwrap();
+        let db = dutgate_core::db::Db::open_sqlite(
+            &dir.join("mars.db"),
+            dutgate_mars::store::MIGRATIONS,
+        )
+        .await
+        .expect("mars database");
+        let store = dutgate_mars::store::Store::new(db, "farm");
+        let mut config = dutgate_mars::Config::default();
+        config.training.enabled = false;
+        let mars = Mars::new(
+            store,
+            config,
+            Arc::new(dutgate_mars::power::MemoryPower::default()),
+        );
+        let auth = dutgate_core::auth::Auth::new(
+            Some(Secret::new(ADMIN)),
+            Some(Secret::new(USER)),
+            dutgate_core::config::default_dut_networks(),
+        );
+        let shutdown = CancellationToken::new();
+        let router = dutgate_mars::start(mars.clone(), auth, shutdown.clone()).unwrap();
+        let app = dutgate_core::http::with_common_routes("mars", router, None);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ =
+                dutgate_core::http::serve(listener, app, stop, Duration::from_millis(200)).await;
+        });
+        TestMars {
+            admin: MarsClient::new(&url, Some(Secret::new(ADMIN))),
+            anon: MarsClient::new(&url, None),
+            url,
+            mars,
+            shutdown,
+        }
+    }
+
+    /// Registers machine `id` at `ip`: it is then `WAIT_FOR_CONFIG` (its registration boot).
+    pub async fn register(&self, id: MachineId, ip: &str) {
+        self.anon
+            .register(&Registration {
+                base_name: "virtio".into(),
+                tags: vec!["virtio:family:VIRTIO".parse().unwrap()],
+                mac_address: id,
+                ip_address: ip.parse().unwrap(),
+                local_tty_device: Some("ttyS0".into()),
+            })
+            .await
+            .expect("registration");
+    }
+
+    /// Registers `id`, trains it (through the state machine, as the trainer would) and leases
+    /// it for a job: it is `RUNNING`. Returns the lease id.
+    pub async fn running(&self, id: MachineId, ip: &str) -> String {
+        use dutgate_mars::model::{LeasePurpose, MachinePatch};
+        use dutgate_mars::state::Trigger;
+        use dutgate_mars::store::Cause;
+        self.register(id, ip).await;
+        self.admin
+            .patch(
+                id,
+                &MachinePatch {
+                    pdu: Some(Some("pdu1".into())),
+                    pdu_port_id: Some(Some(id.to_string())),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        self.mars
+            .store
+            .trigger(
+                id,
+                Trigger::TrainingPassed,
+                &Cause::new("test", "trained"),
+                &|r| r.trained_at = Some(dutgate_mars::model::Timestamp::now()),
+            )
+            .await
+            .unwrap();
+        self.admin
+            .acquire(id, "job-1", "test", LeasePurpose::Job, None)
+            .await
+            .expect("lease")
+            .id
+    }
+}
+
+impl Drop for TestMars {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 pub struct Salad {
     pub handle: Option<SaladHandle>,
     pub state: PathBuf,
     pub config: Config,
+    /// Admin token.
     pub client: SaladClient,
+    pub mars: Arc<TestMars>,
     shutdown: CancellationToken,
 }
 
@@ -52,18 +167,40 @@ pub fn test_config(adapters_glob: &str, range: PortRange) -> Config {
         serial_ports: vec![SerialPortSpec::pattern(adapters_glob)],
         rescan_interval_ms: 100,
         console_ports: range,
+        max_consoles: 100,
+        max_unregistered_consoles: 100,
         ..Config::default()
     }
 }
 
 impl Salad {
+    /// Salad with a mars of its own; loopback is a DUT network (the embedded default).
     pub async fn start(state: &Path, config: Config) -> Salad {
+        let mars = Arc::new(TestMars::start(&state.join("mars")).await);
+        Salad::start_with(
+            state,
+            config,
+            mars,
+            dutgate_core::config::default_dut_networks(),
+        )
+        .await
+    }
+
+    /// Salad using `mars`, with `dut_networks` as `gateway.auth.dut_networks`.
+    pub async fn start_with(
+        state: &Path,
+        mut config: Config,
+        mars: Arc<TestMars>,
+        dut_networks: Vec<ipnet::IpNet>,
+    ) -> Salad {
+        config.mars_url = Some(mars.url.clone());
         let gateway = GatewayConfig {
             state_dir: state.to_path_buf(),
             bind_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             auth: dutgate_core::config::AuthConfig {
                 admin_token: Some(Secret::new(ADMIN)),
-                ..Default::default()
+                user_token: Some(Secret::new(USER)),
+                dut_networks,
             },
             ..GatewayConfig::default()
         };
@@ -90,8 +227,17 @@ impl Salad {
             state: state.to_path_buf(),
             config,
             client,
+            mars,
             shutdown,
         }
+    }
+
+    /// A client with `token` (`None`: anonymous).
+    pub fn client_with(&self, token: Option<&str>) -> SaladClient {
+        SaladClient::new(
+            format!("http://{}", self.handle().http_addr),
+            token.map(Secret::new),
+        )
     }
 
     pub fn handle(&self) -> &SaladHandle {
