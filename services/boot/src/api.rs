@@ -4,13 +4,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::middleware::Next;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use dutgate_core::auth::{Auth, require_dut_network, require_user};
+use dutgate_core::auth::{Auth, Role, require_user};
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::{ApiError, ApiJson, MachineId, ServiceName};
 use serde::Deserialize;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub cache: ArtifactCache,
     pub config: Arc<Config>,
     pub gateway: Arc<GatewayConfig>,
+    /// Decides whether a peer is the machine whose job script it asks for.
+    pub peers: crate::peer::PeerCheck,
 }
 
 /// A boot config with what its scripts need worked out once, when it is stored, instead of on
@@ -89,7 +92,7 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .route("/boot/{mac}/boot.ipxe", get(script_by_path))
         .route("/boot.ipxe", get(script_by_query))
         .route("/artifacts/{id}/{name}", get(artifact))
-        .layer(from_fn_with_state(auth.clone(), require_dut_network))
+        .layer(from_fn_with_state(auth.clone(), dut_network_or_admin))
         .with_state(state.clone());
     let api = Router::new()
         .route("/api/v1/boot", get(list_configs))
@@ -102,6 +105,35 @@ pub fn router(state: AppState, auth: Auth) -> Router {
         .with_state(state);
     dut.merge(api)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+}
+
+/// Who is asking a DUT-facing route.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub peer: Option<std::net::IpAddr>,
+    pub admin: bool,
+}
+
+/// Middleware of the DUT-facing routes: the peer must be on a DUT network, or the request
+/// must carry the admin token (debugging from elsewhere). A user token is not enough: boot
+/// scripts and artifacts are what DUTs read, and a user is not a DUT.
+async fn dut_network_or_admin(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let admin = req.headers().contains_key(header::AUTHORIZATION)
+        && auth.check(req.headers(), Role::Admin).is_ok();
+    if admin || peer.is_some_and(|ip| auth.is_dut_address(ip)) {
+        req.extensions_mut().insert(Caller { peer, admin });
+        next.run(req).await
+    } else {
+        tracing::warn!(peer = ?peer, path = %req.uri().path(), "DUT-facing route refused: not from a DUT network and no admin token");
+        ApiError::forbidden(
+            "this endpoint is only reachable from the DUT networks (gateway.auth.dut_networks) or with the admin token",
+        )
+        .into_response()
+    }
 }
 
 /// `?a=b&c=d`, decoded leniently (`application/x-www-form-urlencoded`: `+` is a space, `%XX`
@@ -189,12 +221,22 @@ pub fn parse_script_request(uri: &Uri) -> ScriptRequest {
     }
 }
 
-async fn script_by_path(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    script(&app, parse_script_request(&uri), &headers).await
+async fn script_by_path(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    script(&app, caller, parse_script_request(&uri), &headers).await
 }
 
-async fn script_by_query(State(app): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
-    script(&app, parse_script_request(&uri), &headers).await
+async fn script_by_query(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    script(&app, caller, parse_script_request(&uri), &headers).await
 }
 
 fn script_response(text: impl Into<Bytes>) -> Response {
@@ -239,7 +281,12 @@ impl AppState {
     }
 }
 
-async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Response {
+async fn script(
+    app: &AppState,
+    caller: Caller,
+    req: ScriptRequest,
+    headers: &HeaderMap,
+) -> Response {
     let base = app.base_url(headers);
     let ScriptRequest {
         raw_mac,
@@ -272,6 +319,32 @@ async fn script(app: &AppState, req: ScriptRequest, headers: &HeaderMap) -> Resp
         .unwrap_or_else(|p| p.into_inner())
         .get(&mac)
         .cloned();
+    // A stored (job) config carries the job's credentials: only the machine itself and
+    // admins get it; anyone else asking for this MAC gets the default script.
+    let stored = match stored {
+        Some(p) if caller.admin => Some(p),
+        Some(p) => match caller.peer {
+            Some(peer) => match app.peers.matches(mac, peer).await {
+                Ok(how) => {
+                    tracing::debug!(machine_id = %mac, peer = %peer, by = how.as_str(), "peer is the machine");
+                    Some(p)
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        machine_id = %mac,
+                        job_id = p.config.job_id.as_deref().unwrap_or(""),
+                        peer = %peer,
+                        reason = %why,
+                        "job boot script asked by a peer that is not the machine; serving the default script"
+                    );
+                    metrics::counter!("boot_scripts_refused_total").increment(1);
+                    None
+                }
+            },
+            None => None,
+        },
+        None => None,
+    };
     let (prepared, origin) = match stored {
         Some(p) => (Some(p), "job"),
         None => (app.default.clone(), "default"),
@@ -398,9 +471,14 @@ async fn put_config(
     let mac = parse_mac(&mac)?;
     config.validate()?;
     for (field, url, sha) in config.artifacts() {
-        app.cache
-            .register(url, sha)
-            .map_err(|e| ApiError::unprocessable(e.to_string()).with_field(field))?;
+        let refused = |e: CacheError| {
+            if matches!(e, CacheError::Refused(_)) {
+                tracing::warn!(machine_id = %mac, job_id = config.job_id.as_deref().unwrap_or(""), field, error = %e, "boot config refused by the outbound policy");
+            }
+            ApiError::unprocessable(e.to_string()).with_field(field.to_string())
+        };
+        app.cache.register(url, sha).map_err(&refused)?;
+        app.cache.check_upstream(url).await.map_err(&refused)?;
     }
     let prepared = Arc::new(Prepared::new(config.clone(), &app.cache));
     let stored = {

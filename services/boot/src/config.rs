@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::model::BootConfig;
@@ -23,6 +24,13 @@ pub struct Config {
     /// URL prefixes DUTs can fetch directly (the gateway's own S3 storage); such URLs are put
     /// in scripts unchanged. Unset: `http://<public_host>:<ports.s3>/`.
     pub direct_url_prefixes: Option<Vec<String>>,
+    /// Peers on these networks are served any machine's job boot script without checking
+    /// that they are that machine. Only for setups where DUTs cannot be told apart by
+    /// address: `dutgate up --virtual-duts` sets 127.0.0.0/8, because QEMU user networking
+    /// shows every virtual DUT as 127.0.0.1. Default: none.
+    pub unverified_peer_networks: Vec<IpNet>,
+    /// The neighbour table consulted to match a peer's address with the MAC it asks for.
+    pub arp_table: PathBuf,
     pub cache: CacheConfig,
 }
 
@@ -34,6 +42,8 @@ impl Default for Config {
             retry_delay_seconds: 10,
             file_roots: Vec::new(),
             direct_url_prefixes: None,
+            unverified_peer_networks: Vec::new(),
+            arp_table: PathBuf::from(crate::peer::ARP_TABLE),
             cache: CacheConfig::default(),
         }
     }
@@ -46,6 +56,9 @@ pub struct CacheConfig {
     pub dir: Option<PathBuf>,
     /// Size limit of the cache; least recently used artifacts are evicted beyond it.
     pub max_size_bytes: u64,
+    /// Largest single artifact the cache downloads; a bigger one is refused (before its body
+    /// when the upstream announces its length, else as soon as the limit is crossed).
+    pub max_artifact_bytes: u64,
     /// After this many seconds a cached artifact is revalidated with the upstream
     /// (`If-None-Match` / `If-Modified-Since`) before it is served again. Artifacts pinned by
     /// a sha256 are never revalidated.
@@ -63,6 +76,7 @@ impl Default for CacheConfig {
         Self {
             dir: None,
             max_size_bytes: 20 * 1024 * 1024 * 1024,
+            max_artifact_bytes: 2 * 1024 * 1024 * 1024,
             ttl_seconds: 3600,
             connect_timeout_seconds: 10,
             read_timeout_seconds: 60,

@@ -5,6 +5,7 @@
 //! - [`ipxe`]: script rendering and command-line escaping for iPXE's parser.
 //! - [`model`]: boot configs (REST bodies); [`store`]: their table.
 //! - [`cache`]: the artifact cache (single flight, verification, Range/ETag, LRU).
+//! - [`peer`]: who may read a machine's job boot script.
 //! - [`api`]: the routes; [`client`]: the typed client the executor uses.
 //! - [`testing`]: in-process service and a tiny initramfs builder for tests.
 
@@ -14,6 +15,7 @@ pub mod client;
 pub mod config;
 pub mod ipxe;
 pub mod model;
+pub mod peer;
 pub mod store;
 pub mod testing;
 
@@ -61,9 +63,16 @@ impl BootService {
             .direct_url_prefixes
             .clone()
             .unwrap_or_else(|| vec![format!("http://{}:{}/", gw.public_host, gw.ports.s3)]);
-        let cache = ArtifactCache::open(dir, config.cache.clone(), &config.file_roots, direct)
-            .await
-            .map_err(|e| startup(format!("artifact cache: {e}")))?;
+        let policy = dutgate_core::outbound::OutboundPolicy::from_gateway(gw);
+        let cache = ArtifactCache::open(
+            dir,
+            config.cache.clone(),
+            &config.file_roots,
+            direct,
+            policy,
+        )
+        .await
+        .map_err(|e| startup(format!("artifact cache: {e}")))?;
         let store = Store::new(db);
         // Artifacts of the default config must be servable; a bad one is a config error.
         if let Some(default) = &config.default {
@@ -97,6 +106,11 @@ impl BootService {
                 default,
                 write_lock: Arc::new(tokio::sync::Mutex::new(())),
                 cache,
+                peers: peer::PeerCheck {
+                    mars: dutgate_mars::client::MarsClient::for_gateway(&ctx.gateway),
+                    arp_table: config.arp_table.clone(),
+                    unverified: config.unverified_peer_networks.clone(),
+                },
                 config: Arc::new(config),
                 gateway: ctx.gateway.clone(),
             },

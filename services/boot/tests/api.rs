@@ -38,8 +38,15 @@ fn default_config() -> Config {
     }
 }
 
+/// GET a script as an admin (who reads any machine's job script; DUT peers are checked in
+/// tests/scripts.rs).
 async fn script(url: String) -> String {
-    let resp = reqwest::get(url).await.unwrap();
+    let resp = reqwest::Client::new()
+        .get(url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.headers()["content-type"]
@@ -249,13 +256,38 @@ async fn scripts_only_for_the_dut_network() {
         reqwest::get(&url).await.unwrap().status(),
         StatusCode::FORBIDDEN
     );
+    // A user token does not make its holder a DUT; the admin token opens it for debugging.
     let r = reqwest::Client::new()
         .get(&url)
         .bearer_auth(USER_TOKEN)
         .send()
         .await
         .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("gateway.auth.dut_networks"),
+        "{v}"
+    );
+    let r = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // Artifacts likewise.
+    let art = format!("{}/artifacts/0123/vmlinuz", svc.url());
+    let r = reqwest::Client::new()
+        .get(&art)
+        .bearer_auth(USER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     svc.stop().await;
 }
 
@@ -279,6 +311,7 @@ async fn script_via(url: &str, host: &str) -> String {
     let resp = reqwest::Client::new()
         .get(url)
         .header(reqwest::header::HOST, host)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

@@ -52,15 +52,19 @@ async fn artifact_url(svc: &TestBoot, url: &str, sha256: Option<String>) -> Stri
         )
         .await
         .unwrap();
-    let script = reqwest::get(format!(
-        "{}/boot/{MAC}/boot.ipxe?platform=pcbios",
-        svc.url()
-    ))
-    .await
-    .unwrap()
-    .text()
-    .await
-    .unwrap();
+    // As an admin: this machine has no address a DUT check could match.
+    let script = reqwest::Client::new()
+        .get(format!(
+            "{}/boot/{MAC}/boot.ipxe?platform=pcbios",
+            svc.url()
+        ))
+        .bearer_auth(dutgate_boot::testing::ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let line = script
         .lines()
         .find(|l| l.starts_with("kernel "))
@@ -110,7 +114,7 @@ async fn fifty_clients_one_upstream_get_identical_bytes() {
         },
     );
     let dir = tempfile::tempdir().unwrap();
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let url = artifact_url(&svc, &format!("{}/big.img", upstream.url()), None).await;
     let http = reqwest::Client::new();
     let mut clients = Vec::new();
@@ -164,7 +168,7 @@ async fn truncated_upstream_body_is_not_cached_and_is_retried() {
     let upstream = Upstream::start(vec![("/k".into(), body.clone())]).await;
     upstream.set_mode("/k", Mode::Truncate { send: 1 << 20 });
     let dir = tempfile::tempdir().unwrap();
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let url = artifact_url(&svc, &format!("{}/k", upstream.url()), None).await;
     let resp = reqwest::get(&url).await.unwrap();
     let got = if resp.status() == StatusCode::OK {
@@ -190,7 +194,7 @@ async fn wrong_sha256_is_not_cached_and_is_retried() {
     let body = generated(3 << 20, 5);
     let upstream = Upstream::start(vec![("/i".into(), body.clone())]).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let wrong = sha256_hex(b"something else");
     let url = artifact_url(&svc, &format!("{}/i", upstream.url()), Some(wrong)).await;
     for attempt in 1..=2u64 {
@@ -235,7 +239,7 @@ async fn revalidates_after_ttl_and_serves_stale_when_upstream_is_down() {
             ..CacheConfig::default()
         }
     });
-    let svc = TestBoot::start(gateway(dir.path()), config).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), config).await;
     let url = artifact_url(&svc, &format!("{}/r", upstream.url()), None).await;
     let get = |url: String| async move {
         let resp = reqwest::get(&url).await.unwrap();
@@ -277,7 +281,7 @@ async fn range_and_etag() {
     let body = generated(100_000, 13);
     let upstream = Upstream::start(vec![("/x".into(), body.clone())]).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let url = artifact_url(&svc, &format!("{}/x", upstream.url()), None).await;
     let http = reqwest::Client::new();
     assert_eq!(
@@ -350,7 +354,7 @@ async fn evicts_least_recently_used_beyond_the_size_limit() {
             ..CacheConfig::default()
         }
     });
-    let svc = TestBoot::start(gateway(dir.path()), config).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), config).await;
     let mut urls = Vec::new();
     for p in ["/a", "/b", "/c"] {
         urls.push(artifact_url(&svc, &format!("{}{p}", upstream.url()), None).await);
@@ -429,7 +433,7 @@ async fn cache_survives_a_restart() {
     let body = generated(500_000, 41);
     let upstream = Upstream::start(vec![("/p".into(), body.clone())]).await;
     let dir = tempfile::tempdir().unwrap();
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let url = artifact_url(&svc, &format!("{}/p", upstream.url()), None).await;
     assert_eq!(
         reqwest::get(&url).await.unwrap().bytes().await.unwrap(),
@@ -437,7 +441,7 @@ async fn cache_survives_a_restart() {
     );
     let path = url.split_once("/artifacts/").unwrap().1.to_string();
     svc.stop().await;
-    let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
+    let svc = TestBoot::start(upstream.allowed(gateway(dir.path())), Config::default()).await;
     let resp = reqwest::get(format!("{}/artifacts/{path}", svc.url()))
         .await
         .unwrap();

@@ -12,6 +12,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use dutgate_core::outbound::{OutboundPolicy, Refusal, SendError};
+
 use super::CacheStatus;
 use super::index::{self, Entry, Source};
 
@@ -31,6 +33,9 @@ pub enum Phase {
     },
     /// Nothing was stored; waiting clients get an error.
     Failed(String),
+    /// Refused by the outbound policy or the size limit: waiting clients get a 403 that
+    /// names the rule.
+    Refused(String),
 }
 
 #[derive(Debug, Clone)]
@@ -105,11 +110,18 @@ pub enum FetchError {
         expected: String,
         actual: String,
     },
+    #[error("artifact URL {0}")]
+    Refused(Refusal),
     #[error("cache storage: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl FetchError {
+    /// Refused by the outbound policy or the per-artifact size limit (`boot.cache.max_artifact_bytes`).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, FetchError::Refused(_))
+    }
+
     /// Errors that mean "the upstream is down", after which a cached copy is still served.
     pub fn upstream_unavailable(&self) -> bool {
         match self {
@@ -132,6 +144,7 @@ const FLUSH_BYTES: usize = 256 * 1024;
 #[allow(clippy::too_many_arguments)]
 pub async fn fetch(
     http: &reqwest::Client,
+    policy: &OutboundPolicy,
     cfg: &crate::config::CacheConfig,
     dir: &Path,
     id: &str,
@@ -158,15 +171,18 @@ pub async fn fetch(
     };
     upstream_requests.fetch_add(1, Ordering::Relaxed);
     metrics::counter!("boot_artifact_cache_upstream_requests_total").increment(1);
-    let resp = tokio::time::timeout(Duration::from_secs(head_seconds), req.send())
+    let resp = tokio::time::timeout(Duration::from_secs(head_seconds), policy.send(req))
         .await
         .map_err(|_| FetchError::Timeout {
             url: url.clone(),
             seconds: head_seconds,
         })?
-        .map_err(|source| FetchError::Transport {
-            url: url.clone(),
-            source,
+        .map_err(|e| match e {
+            SendError::Refused(r) => FetchError::Refused(r),
+            SendError::Http(source) => FetchError::Transport {
+                url: url.clone(),
+                source,
+            },
         })?;
     let status = resp.status();
     if status == StatusCode::NOT_MODIFIED && prior.is_some() {
@@ -185,6 +201,15 @@ pub async fn fetch(
     let etag = header(ETAG);
     let last_modified = header(LAST_MODIFIED);
     let total = resp.content_length();
+    let too_large = || {
+        FetchError::Refused(Refusal::TooLarge {
+            url: dutgate_core::outbound::redact(resp.url()),
+            limit: cfg.max_artifact_bytes,
+        })
+    };
+    if total.is_some_and(|n| n > cfg.max_artifact_bytes) {
+        return Err(too_large());
+    }
     let tmp = index::tmp_dir(dir).join(format!("{id}-{:016x}.part", rand_u64()));
     let result = receive(resp, &tmp, total, cfg, dl, &url, upstream_bytes).await;
     let (size, sha) = match result {
@@ -276,6 +301,12 @@ async fn receive(
                 });
             }
             Some(Ok(chunk)) => {
+                if written + (buf.len() + chunk.len()) as u64 > cfg.max_artifact_bytes {
+                    return Err(FetchError::Refused(Refusal::TooLarge {
+                        url: url.to_string(),
+                        limit: cfg.max_artifact_bytes,
+                    }));
+                }
                 hasher.update(&chunk);
                 upstream_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 metrics::counter!("boot_artifact_cache_upstream_bytes_total")

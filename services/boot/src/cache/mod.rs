@@ -34,6 +34,7 @@ pub use index::Source;
 use index::{BlobMeta, Entry, IndexFile};
 
 use crate::config::CacheConfig;
+use dutgate_core::outbound::OutboundPolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -57,6 +58,9 @@ pub enum CacheError {
         expected: String,
         actual: String,
     },
+    /// The outbound policy refuses the URL (`gateway.outbound.allow`).
+    #[error("artifact URL {0}")]
+    Refused(#[from] dutgate_core::outbound::Refusal),
     #[error("cache storage: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -157,6 +161,7 @@ struct Inner {
     dir: PathBuf,
     cfg: CacheConfig,
     http: reqwest::Client,
+    policy: OutboundPolicy,
     file_roots: Vec<PathBuf>,
     direct_prefixes: Vec<String>,
     state: Mutex<State>,
@@ -213,12 +218,14 @@ fn display_name(url: &reqwest::Url) -> String {
 }
 
 impl ArtifactCache {
-    /// Opens the cache in `dir` (created), repairing its index against the disk.
+    /// Opens the cache in `dir` (created), repairing its index against the disk. Every
+    /// upstream fetch goes through `policy` (the gateway's outbound rules).
     pub async fn open(
         dir: PathBuf,
         cfg: CacheConfig,
         file_roots: &[PathBuf],
         direct_prefixes: Vec<String>,
+        policy: OutboundPolicy,
     ) -> Result<Self, CacheError> {
         let load_dir = dir.clone();
         let index = tokio::task::spawn_blocking(move || index::load_and_repair(&load_dir))
@@ -231,7 +238,10 @@ impl ArtifactCache {
                 Err(e) => tracing::warn!(root = %r.display(), error = %e, "file root unusable"),
             }
         }
-        let http = reqwest::Client::builder()
+        // No whole-request timeout: a 2 GiB kernel image may take minutes; silence is bounded
+        // by the read timeout instead.
+        let http = policy
+            .client_builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_seconds))
             .read_timeout(Duration::from_secs(cfg.read_timeout_seconds))
             .user_agent(concat!("dutgate-boot/", env!("CARGO_PKG_VERSION")))
@@ -247,6 +257,7 @@ impl ArtifactCache {
             dir,
             cfg,
             http,
+            policy,
             file_roots: roots,
             direct_prefixes,
             state: Mutex::new(state),
@@ -274,6 +285,8 @@ impl ArtifactCache {
                     // `$` is legal in URLs but would be expanded by iPXE.
                     return Ok(ArtifactRef::Direct(parsed.as_str().replace('$', "%24")));
                 }
+                // Fetched by the gateway on the job's behalf: the outbound policy decides.
+                self.inner.policy.check_url(&parsed)?;
             }
             "file" => {
                 let path = parsed
@@ -303,6 +316,35 @@ impl ArtifactCache {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The outbound policy upstream fetches follow.
+    pub fn policy(&self) -> &OutboundPolicy {
+        &self.inner.policy
+    }
+
+    /// Whether the cache would fetch `url` now, with its host name resolved: an early,
+    /// clear refusal for a boot config (the fetch itself checks every hop again). URLs the
+    /// DUTs fetch directly and `file://` URLs are not fetched by the cache.
+    pub async fn check_upstream(&self, url: &str) -> Result<(), CacheError> {
+        let Ok(parsed) = reqwest::Url::parse(url) else {
+            return Ok(());
+        };
+        if !matches!(parsed.scheme(), "http" | "https")
+            || self
+                .inner
+                .direct_prefixes
+                .iter()
+                .any(|p| !p.is_empty() && parsed.as_str().starts_with(p.as_str()))
+        {
+            return Ok(());
+        }
+        let timeout = Duration::from_secs(self.inner.cfg.connect_timeout_seconds.max(1));
+        self.inner
+            .policy
+            .check_url_resolved(&parsed, timeout)
+            .await
+            .map_err(CacheError::from)
     }
 
     pub fn stats(&self) -> CacheStats {
@@ -450,6 +492,7 @@ impl ArtifactCache {
     ) {
         let result = download::fetch(
             &self.inner.http,
+            &self.inner.policy,
             &self.inner.cfg,
             &self.inner.dir,
             &id,
@@ -524,7 +567,11 @@ impl ArtifactCache {
                     tracing::warn!(url = %source.url, error = %e, "artifact download failed; nothing cached");
                     self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("boot_artifact_cache_failures_total").increment(1);
-                    Phase::Failed(e.to_string())
+                    if e.is_refusal() {
+                        Phase::Refused(e.to_string())
+                    } else {
+                        Phase::Failed(e.to_string())
+                    }
                 }
                 (Ok(download::Outcome::NotModified), None) => {
                     self.inner.stats.failures.fetch_add(1, Ordering::Relaxed);

@@ -150,6 +150,7 @@ pub async fn streaming(download: Arc<Download>, status: CacheStatus, req: &Heade
         match progress.phase {
             Phase::Connecting => {}
             Phase::Failed(msg) => return upstream_error(msg),
+            Phase::Refused(msg) => return ApiError::forbidden(msg).into_response(),
             Phase::Done {
                 path,
                 size,
@@ -200,7 +201,7 @@ fn readable(p: &Progress) -> Result<(u64, bool), String> {
             _ => (p.written, false),
         }),
         Phase::Done { size, .. } => Ok((*size, true)),
-        Phase::Failed(msg) => Err(msg.clone()),
+        Phase::Failed(msg) | Phase::Refused(msg) => Err(msg.clone()),
     }
 }
 

@@ -34,6 +34,10 @@ pub enum Mode {
     },
     /// Answer 500.
     Fail,
+    /// Answer 302 to this location.
+    Redirect(String),
+    /// Send the body without a Content-Length (chunked).
+    Chunked,
 }
 
 #[derive(Clone)]
@@ -97,6 +101,18 @@ impl Upstream {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `gw` with exactly this server added to `gateway.outbound.allow` (it is on loopback,
+    /// which the outbound policy refuses otherwise).
+    pub fn allowed(
+        &self,
+        mut gw: dutgate_core::config::GatewayConfig,
+    ) -> dutgate_core::config::GatewayConfig {
+        gw.outbound
+            .allow
+            .push(dutgate_core::outbound::AllowRule::exact(self.addr));
+        gw
     }
 
     pub fn set_mode(&self, path: &str, mode: Mode) {
@@ -168,6 +184,10 @@ async fn serve(
     if matches!(res.mode, Mode::Fail) {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
+    if let Mode::Redirect(to) = &res.mode {
+        c.gets += 1;
+        return (StatusCode::FOUND, [(header::LOCATION, to.clone())]).into_response();
+    }
     if headers
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes() == res.etag.as_bytes())
@@ -180,7 +200,19 @@ async fn serve(
     let len = res.data.len();
     let data = res.data.clone();
     let body = match res.mode {
-        Mode::Normal | Mode::Fail => Body::from(data),
+        Mode::Normal | Mode::Fail | Mode::Redirect(_) => Body::from(data),
+        Mode::Chunked => {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = data
+                .chunks(64 * 1024)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            return (
+                StatusCode::OK,
+                [(header::ETAG, res.etag)],
+                Body::from_stream(futures::stream::iter(chunks)),
+            )
+                .into_response();
+        }
         Mode::Hold { first, gate } => {
             let head = data.slice(..first.min(len));
             let tail = data.slice(first.min(len)..);
