@@ -128,6 +128,49 @@ impl Signer {
         }
     }
 
+    /// A presigned URL's query (SigV4 query flavour, `host` the only signed header, the
+    /// payload unsigned): `query` plus the `X-Amz-*` parameters and the signature. Send it
+    /// as [`canonical_query`] of the answer. `expires_seconds` counts from `now`.
+    pub fn presign(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        query: &[(String, String)],
+        expires_seconds: u64,
+        now: OffsetDateTime,
+    ) -> Vec<(String, String)> {
+        let amz_date = format_amz_date(now);
+        let date = &amz_date[..8];
+        let scope = format!("{date}/{}/s3/aws4_request", self.region);
+        let mut pairs: Vec<(String, String)> = query.to_vec();
+        pairs.extend([
+            (
+                "X-Amz-Algorithm".to_string(),
+                "AWS4-HMAC-SHA256".to_string(),
+            ),
+            (
+                "X-Amz-Credential".to_string(),
+                format!("{}/{scope}", self.access_key),
+            ),
+            ("X-Amz-Date".to_string(), amz_date.clone()),
+            ("X-Amz-Expires".to_string(), expires_seconds.to_string()),
+            ("X-Amz-SignedHeaders".to_string(), "host".to_string()),
+        ]);
+        let canonical_request = format!(
+            "{method}\n{}\n{}\nhost:{host}\n\nhost\n{UNSIGNED_PAYLOAD}",
+            encode_path(path),
+            canonical_query(&pairs),
+        );
+        let string_to_sign = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+            hex::encode(Sha256::digest(canonical_request.as_bytes()))
+        );
+        let signature = hex::encode(hmac(&self.signing_key(date), string_to_sign.as_bytes()));
+        pairs.push(("X-Amz-Signature".to_string(), signature));
+        pairs
+    }
+
     fn signing_key(&self, date: &str) -> Vec<u8> {
         let k_date = hmac(
             format!("AWS4{}", self.secret_key).as_bytes(),
@@ -263,6 +306,33 @@ mod tests {
             "{}",
             signed.authorization
         );
+    }
+
+    /// The presigned "GET Object" example of the AWS SigV4 query-parameter documentation.
+    #[test]
+    fn aws_documentation_presigned_example() {
+        let signer = Signer::new(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            "us-east-1",
+        );
+        let now = OffsetDateTime::from_unix_timestamp(1_369_353_600).unwrap();
+        let q = signer.presign(
+            "GET",
+            "examplebucket.s3.amazonaws.com",
+            "/test.txt",
+            &[],
+            86400,
+            now,
+        );
+        let sig = q.iter().find(|(k, _)| k == "X-Amz-Signature").unwrap();
+        assert_eq!(
+            sig.1,
+            "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"
+        );
+        assert!(canonical_query(&q).contains(
+            "X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request"
+        ));
     }
 
     #[test]

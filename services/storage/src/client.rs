@@ -65,6 +65,7 @@ pub struct S3Client {
     endpoint: reqwest::Url,
     signer: Signer,
     control_timeout: Duration,
+    idle_timeout: Duration,
     /// `max-keys` of listing requests; unset: the server's default (1000 on S3).
     list_page_size: Option<u32>,
 }
@@ -84,18 +85,22 @@ impl S3Client {
                 "S3 endpoint {endpoint} has no host"
             )));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(control_timeout.min(Duration::from_secs(10)))
-            .read_timeout(idle_timeout)
-            .build()
-            .map_err(|e| StorageError::Config(format!("HTTP client: {e}")))?;
+        let http = http_client(control_timeout, idle_timeout, None)?;
         Ok(Self {
             http,
             endpoint,
             signer,
             control_timeout,
+            idle_timeout,
             list_page_size: None,
         })
+    }
+
+    /// Connects from `local` (the source address the server sees), e.g. to act as one DUT
+    /// among several on a test machine.
+    pub fn with_local_address(mut self, local: std::net::IpAddr) -> Result<Self, StorageError> {
+        self.http = http_client(self.control_timeout, self.idle_timeout, Some(local))?;
+        Ok(self)
     }
 
     /// Lists in pages of `n` keys (the server may answer fewer).
@@ -291,18 +296,11 @@ impl S3Client {
                 .text()
                 .await
                 .map_err(|e| StorageError::request("ListObjectsV2", e))?;
-            let page: ListBucketResult = quick_xml::de::from_str(&text).map_err(|e| {
-                StorageError::Protocol(format!("ListObjectsV2 answer is not a listing: {e}"))
-            })?;
-            out.extend(page.contents.into_iter().map(|c| ObjectInfo {
-                key: c.key,
-                size: c.size,
-                last_modified: c.last_modified.unwrap_or_default(),
-                etag: c.etag,
-            }));
+            let page = parse_list_page(&text)?;
+            out.extend(page.objects);
             match (page.is_truncated, page.next_continuation_token) {
-                (Some(true), Some(t)) if token.as_deref() != Some(t.as_str()) => token = Some(t),
-                (Some(true), _) => {
+                (true, Some(t)) if token.as_deref() != Some(t.as_str()) => token = Some(t),
+                (true, _) => {
                     return Err(StorageError::Protocol(
                         "ListObjectsV2 is truncated but gives no new continuation token".into(),
                     ));
@@ -448,6 +446,19 @@ impl S3Client {
     }
 }
 
+fn http_client(
+    control_timeout: Duration,
+    idle_timeout: Duration,
+    local: Option<std::net::IpAddr>,
+) -> Result<reqwest::Client, StorageError> {
+    reqwest::Client::builder()
+        .connect_timeout(control_timeout.min(Duration::from_secs(10)))
+        .read_timeout(idle_timeout)
+        .local_address(local)
+        .build()
+        .map_err(|e| StorageError::Config(format!("HTTP client: {e}")))
+}
+
 fn object_path(bucket: &str, key: &str) -> String {
     format!("/{bucket}/{key}")
 }
@@ -462,9 +473,8 @@ async fn check(
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let parsed: Option<ErrorXml> = quick_xml::de::from_str(&text).ok();
-    let (code, message) = match parsed {
-        Some(e) => (e.code.unwrap_or_default(), e.message.unwrap_or_default()),
+    let (code, message) = match parse_error_body(&text) {
+        Some(parsed) => parsed,
         None => (String::new(), text.chars().take(200).collect()),
     };
     let code = if code.is_empty() {
@@ -483,6 +493,42 @@ async fn check(
         code,
         message,
     })
+}
+
+/// One `ListObjectsV2` answer page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<ObjectInfo>,
+    pub is_truncated: bool,
+    pub next_continuation_token: Option<String>,
+}
+
+/// Parses a `ListObjectsV2` answer. The body comes from whatever S3 server the gateway is
+/// configured with, so this is also what the `s3_xml` fuzz target exercises.
+pub fn parse_list_page(xml: &str) -> Result<ListPage, StorageError> {
+    let page: ListBucketResult = quick_xml::de::from_str(xml).map_err(|e| {
+        StorageError::Protocol(format!("ListObjectsV2 answer is not a listing: {e}"))
+    })?;
+    Ok(ListPage {
+        objects: page
+            .contents
+            .into_iter()
+            .map(|c| ObjectInfo {
+                key: c.key,
+                size: c.size,
+                last_modified: c.last_modified.unwrap_or_default(),
+                etag: c.etag,
+            })
+            .collect(),
+        is_truncated: page.is_truncated == Some(true),
+        next_continuation_token: page.next_continuation_token,
+    })
+}
+
+/// The `Code` and `Message` of an S3 XML error body, when it is one.
+pub fn parse_error_body(xml: &str) -> Option<(String, String)> {
+    let e: ErrorXml = quick_xml::de::from_str(xml).ok()?;
+    Some((e.code.unwrap_or_default(), e.message.unwrap_or_default()))
 }
 
 #[derive(Deserialize)]

@@ -17,6 +17,7 @@ use std::path::{Component, Path, PathBuf};
 
 use dutgate_core::Secret;
 use dutgate_core::config::GatewayConfig;
+use ipnet::IpNet;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -137,19 +138,36 @@ impl JobStorage {
     }
 
     /// Creates the job's bucket (an existing one is kept) and a key pair that opens only it.
-    #[tracing::instrument(skip(self), fields(job_id = %job_id))]
     pub async fn create_job_bucket(&self, job_id: &str) -> Result<JobBucket, StorageError> {
+        self.create_job_bucket_for(job_id, None).await
+    }
+
+    /// Like [`JobStorage::create_job_bucket`], and with `source` set the key pair is
+    /// accepted only from that address or network: the job's DUT (`IpNet::from(dut_ip)`
+    /// for one address). The embedded endpoint refuses the key from anywhere else
+    /// (`403 AccessDenied`, logged with the source). The external backend cannot restrict
+    /// keys (it hands out the admin pair); there `source` is only logged.
+    #[tracing::instrument(skip(self), fields(job_id = %job_id, source = ?source))]
+    pub async fn create_job_bucket_for(
+        &self,
+        job_id: &str,
+        source: Option<IpNet>,
+    ) -> Result<JobBucket, StorageError> {
         let bucket = self.bucket_name(job_id)?;
         self.admin.create_bucket(&bucket).await?;
         let (access_key, secret_key, shared) = match self.backend {
             Backend::Embedded => {
+                let mut query = vec![("bucket".to_string(), bucket.clone())];
+                if let Some(net) = source {
+                    query.push(("source".to_string(), net.to_string()));
+                }
                 let body = self
                     .admin
                     .admin(
                         "CreateJobKeys",
                         Method::POST,
                         &format!("/{ADMIN_PREFIX}/v1/keys"),
-                        &[("bucket".to_string(), bucket.clone())],
+                        &query,
                     )
                     .await?;
                 let issued: IssuedKeys = serde_json::from_slice(&body).map_err(|e| {
@@ -470,6 +488,13 @@ fn unpack(
             .filter_map(|c| c.as_os_str().to_str())
             .collect::<Vec<_>>()
             .join("/");
+        // The endpoint refuses keys with backslashes, control characters, … (they could
+        // leave a bucket on some backend or tool): such a file is skipped, not a failed job.
+        if let Err(problem) = crate::server::paths::check_key(&key) {
+            tracing::warn!(key = ?key, %problem, "tarball entry name is not a usable object key; skipped");
+            skipped += 1;
+            continue;
+        }
         let header = entry.header();
         let meta = TarFile {
             mode: header.mode().unwrap_or(0o644),

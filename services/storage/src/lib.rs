@@ -15,12 +15,13 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod jobs;
 pub mod keys;
 pub mod server;
 pub mod sigv4;
 
-pub use client::{ObjectBody, ObjectInfo, S3Client};
+pub use client::{ListPage, ObjectBody, ObjectInfo, S3Client};
 pub use config::{Backend, Config};
 pub use error::StorageError;
 pub use jobs::{DownloadSummary, JobBucket, JobStorage, UploadSummary};

@@ -148,7 +148,8 @@ async fn job_keys_open_their_bucket_and_nothing_else() {
     assert!(is_denied(
         dut_a.delete_object(&b.bucket, "secret.txt").await
     ));
-    // Escaping through the filesystem backend: `../job-b-2/secret.txt` from its own bucket.
+    // `../job-b-2/secret.txt` from its own bucket (the HTTP client normalises the `..`
+    // away, so this reaches bucket b; tests/isolation.rs sends such paths as they are).
     assert!(is_denied(
         dut_a.get(&a.bucket, "../job-b-2/secret.txt").await
     ));
@@ -406,5 +407,38 @@ async fn job_keys_work_only_from_the_dut_networks() {
         .await
         .unwrap();
     assert_eq!(e.storage.list(&job.bucket).await.unwrap().len(), 1);
+    e.stop().await;
+}
+
+/// Tarball entries whose names the endpoint would refuse as keys (backslash, control
+/// characters) are skipped like links, not a failed upload.
+#[tokio::test]
+async fn tarball_entries_with_unusable_names_are_skipped() {
+    let e = Embedded::start().await;
+    let job = e.storage.create_job_bucket("names").await.unwrap();
+    let tgz = tarball(
+        &[
+            ("ok/file", b"fine", 0o644),
+            ("dir\\..\\evil", b"no", 0o644),
+            ("new\nline", b"no", 0o644),
+        ],
+        true,
+    );
+    let s = e
+        .storage
+        .upload_tarball(&job.bucket, &tgz[..])
+        .await
+        .unwrap();
+    // Two names plus the symlink the helper always adds.
+    assert_eq!((s.files, s.skipped), (1, 3));
+    let keys: Vec<String> = e
+        .storage
+        .list(&job.bucket)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(keys, ["ok/file"]);
     e.stop().await;
 }

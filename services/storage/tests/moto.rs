@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_round_trip_on_moto() {
-    let moto = Moto::start();
+    let moto = Moto::start().await;
     let s3 = client_with(&moto.url, "AKIDMOTO", "motosecret").with_list_page_size(2);
     let bucket = "dutgate-client-test";
     assert!(!s3.bucket_exists(bucket).await.unwrap());
@@ -83,7 +83,7 @@ async fn client_round_trip_on_moto() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_backend_generic_mode_on_moto() {
-    let moto = Moto::start();
+    let moto = Moto::start().await;
     let gateway = GatewayConfig::default();
     let config = Config {
         backend: Backend::External,

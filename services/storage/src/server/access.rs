@@ -1,23 +1,37 @@
 //! Who may do what on the embedded endpoint.
 //!
 //! - [`Auth`] gives s3s the secret of an access key (admin or job), so s3s verifies the
-//!   SigV4 signature; unknown keys are refused.
+//!   SigV4 signature; unknown keys are refused. (SigV2 never gets this far: see
+//!   [`super::gate`].)
 //! - [`Access`] runs after the signature check, before the operation: the admin key may do
 //!   everything; a job key may only use object and read-only bucket operations on its own
 //!   bucket (ListBuckets, CreateBucket, DeleteBucket, bucket configuration: 403).
 //! - Job keys are accepted only from the DUT networks (`gateway.auth.dut_networks`), like
-//!   every DUT-facing endpoint; the admin key from anywhere.
-//! - For everyone, object keys and list prefixes with a `..` segment are refused: the
-//!   filesystem backend maps keys to paths, and `../other-bucket/x` would otherwise reach
-//!   another bucket's directory.
+//!   every DUT-facing endpoint, and a key issued with a source restriction only from that
+//!   address or network (its DUT's); the admin key from anywhere.
+//! - For everyone, every key that reaches the filesystem backend passes
+//!   [`paths::check_key`](super::paths::check_key): the request path, list parameters in the
+//!   query, the `x-amz-copy-source` header and each key of a `DeleteObjects` body. The
+//!   backend would otherwise resolve `../other-bucket/x` into another bucket's directory.
+//!
+//! Every refusal is an S3 XML `AccessDenied` (403), counted in `dutgate_s3_denied_total`
+//! and logged with the access key id (never the secret) and the source address.
+
+use std::net::{IpAddr, SocketAddr};
 
 use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::{S3Auth, SecretKey};
-use s3s::dto::{CopyObjectInput, CopySource, UploadPartCopyInput};
+use s3s::dto::{
+    CopyObjectInput, CopySource, DeleteObjectsInput, ListObjectsInput, ListObjectsV2Input,
+    ListPartsInput, UploadPartCopyInput,
+};
 use s3s::path::S3Path;
 use s3s::{S3Request, S3Result, s3_error};
 
 use super::keystore::{Identity, KeyStore};
+use super::paths::{self, KeyProblem};
+
+pub use super::paths::percent_decode;
 
 pub struct Auth(pub KeyStore);
 
@@ -29,6 +43,7 @@ impl S3Auth for Auth {
             None => {
                 metrics::counter!("dutgate_s3_denied_total", "reason" => "unknown_key")
                     .increment(1);
+                tracing::info!(access_key, "S3 request refused: unknown access key");
                 Err(s3_error!(InvalidAccessKeyId, "unknown access key"))
             }
         }
@@ -57,6 +72,15 @@ const JOB_WRITE_OPS: &[&str] = &[
     "DeleteObjectTagging",
 ];
 
+/// Query parameters that name keys or parts of keys (list prefixes, resume points).
+const KEY_QUERY_PARAMS: &[&str] = &[
+    "prefix",
+    "start-after",
+    "marker",
+    "continuation-token",
+    "key-marker",
+];
+
 fn job_may(op: &str) -> bool {
     op.starts_with("Get")
         || op.starts_with("Head")
@@ -64,9 +88,9 @@ fn job_may(op: &str) -> bool {
         || JOB_WRITE_OPS.contains(&op)
 }
 
-/// True when a key or prefix has a `..` path segment.
+/// True when a key or prefix is refused by the endpoint (see [`paths::check_prefix`]).
 pub fn escapes(key: &str) -> bool {
-    key.split('/').any(|seg| seg == "..")
+    paths::check_prefix(key).is_err()
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> impl Iterator<Item = String> + 'a {
@@ -77,79 +101,120 @@ fn query_param<'a>(query: &'a str, name: &str) -> impl Iterator<Item = String> +
     })
 }
 
-pub fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(hi << 4 | lo);
-            i += 3;
-            continue;
-        }
-        out.push(if b == b'+' { b' ' } else { b });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The TCP peer of a request (axum's `ConnectInfo`, set by the core server).
+pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
+    extensions
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
-fn deny(reason: &'static str, op: &str, message: String) -> s3s::S3Error {
+/// Who sent a request, for refusals and their log lines.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Caller<'a> {
+    pub access_key: Option<&'a str>,
+    pub peer: Option<IpAddr>,
+}
+
+impl<'a> Caller<'a> {
+    fn of<T>(req: &'a S3Request<T>) -> Self {
+        Self {
+            access_key: req.credentials.as_ref().map(|c| c.access_key.as_str()),
+            peer: peer_of(&req.extensions),
+        }
+    }
+}
+
+pub(crate) fn deny(
+    reason: &'static str,
+    op: &str,
+    who: Caller<'_>,
+    message: String,
+) -> s3s::S3Error {
     metrics::counter!("dutgate_s3_denied_total", "reason" => reason).increment(1);
-    tracing::info!(op, reason, "access denied: {message}");
+    tracing::warn!(
+        op,
+        reason,
+        access_key = who.access_key.unwrap_or("-"),
+        peer = %who.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        "S3 request refused: {message}"
+    );
     s3_error!(AccessDenied, "{}", message)
+}
+
+fn bad_key(
+    op: &str,
+    who: Caller<'_>,
+    field: &str,
+    key: &str,
+    problem: &KeyProblem,
+) -> s3s::S3Error {
+    // The key itself is attacker-chosen: logged in its escaped (Debug) form, shortened.
+    let shown: String = key.chars().take(120).collect();
+    deny(
+        "path",
+        op,
+        who,
+        format!("{field} {shown:?} {problem}: keys must stay inside their bucket"),
+    )
 }
 
 #[async_trait::async_trait]
 impl S3Access for Access {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
-        let peer = cx
-            .extensions_mut()
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
+        let peer = peer_of(cx.extensions_mut());
         let op = cx.s3_op().name();
-        let Some(cred) = cx.credentials() else {
-            return Err(deny("anonymous", op, "a signature is required".into()));
+        let access_key = cx.credentials().map(|c| c.access_key.clone());
+        let who = Caller {
+            access_key: access_key.as_deref(),
+            peer,
         };
-        let Some(identity) = self.keys.identity(&cred.access_key) else {
-            return Err(deny("unknown_key", op, "unknown access key".into()));
+        let Some(access_key) = access_key.as_deref() else {
+            return Err(deny("anonymous", op, who, "a signature is required".into()));
+        };
+        let Some(identity) = self.keys.identity(access_key) else {
+            return Err(deny("unknown_key", op, who, "unknown access key".into()));
         };
         if let S3Path::Object { key, .. } = cx.s3_path()
-            && escapes(key)
+            && let Err(p) = paths::check_key(key)
         {
-            return Err(deny(
-                "path",
-                op,
-                "object keys may not contain a '..' segment".into(),
-            ));
+            return Err(bad_key(op, who, "object key", key, &p));
         }
         let query = cx.uri().query().unwrap_or("");
-        for name in ["prefix", "start-after", "marker"] {
-            if query_param(query, name).any(|v| escapes(&v)) {
-                return Err(deny(
-                    "path",
-                    op,
-                    format!("{name} may not contain a '..' segment"),
-                ));
+        for name in KEY_QUERY_PARAMS {
+            for v in query_param(query, name) {
+                if let Err(p) = paths::check_prefix(&v) {
+                    return Err(bad_key(op, who, name, &v, &p));
+                }
             }
         }
         match identity {
             Identity::Admin => Ok(()),
-            Identity::Job { bucket } => {
+            Identity::Job { bucket, source } => {
                 // No peer address (not served over TCP) fails closed.
-                if !peer.is_some_and(|ip| self.networks.is_dut_address(ip)) {
+                let Some(ip) = peer else {
                     return Err(deny(
                         "network",
                         op,
-                        format!(
-                            "job keys are accepted from the DUT networks only, not from {peer:?}"
-                        ),
+                        who,
+                        "job keys need a known source address".into(),
+                    ));
+                };
+                if !self.networks.is_dut_address(ip) {
+                    return Err(deny(
+                        "network",
+                        op,
+                        who,
+                        format!("job keys are accepted from the DUT networks only, not from {ip}"),
+                    ));
+                }
+                if let Some(net) = source
+                    && !net.contains(&canonical(ip))
+                {
+                    return Err(deny(
+                        "source",
+                        op,
+                        who,
+                        format!("this job key is accepted from {net} only, not from {ip}"),
                     ));
                 }
                 let own = match cx.s3_path() {
@@ -162,11 +227,17 @@ impl S3Access for Access {
                     return Err(deny(
                         "other_bucket",
                         op,
+                        who,
                         format!("job keys open bucket {bucket} only"),
                     ));
                 }
                 if !job_may(op) {
-                    return Err(deny("operation", op, format!("job keys may not use {op}")));
+                    return Err(deny(
+                        "operation",
+                        op,
+                        who,
+                        format!("job keys may not use {op}"),
+                    ));
                 }
                 Ok(())
             }
@@ -176,7 +247,7 @@ impl S3Access for Access {
     async fn copy_object(&self, req: &mut S3Request<CopyObjectInput>) -> S3Result<()> {
         check_copy_source(
             &self.keys,
-            req.credentials.as_ref(),
+            Caller::of(req),
             &req.input.copy_source,
             "CopyObject",
         )
@@ -185,43 +256,133 @@ impl S3Access for Access {
     async fn upload_part_copy(&self, req: &mut S3Request<UploadPartCopyInput>) -> S3Result<()> {
         check_copy_source(
             &self.keys,
-            req.credentials.as_ref(),
+            Caller::of(req),
             &req.input.copy_source,
             "UploadPartCopy",
         )
     }
+
+    /// The keys of a multi-delete come in the XML body, which s3s parses after
+    /// [`Access::check`]: each one is checked here, and one bad key refuses the whole
+    /// request (nothing is deleted).
+    async fn delete_objects(&self, req: &mut S3Request<DeleteObjectsInput>) -> S3Result<()> {
+        let who = Caller::of(req);
+        for o in &req.input.delete.objects {
+            if let Err(p) = paths::check_key(&o.key) {
+                return Err(bad_key(
+                    "DeleteObjects",
+                    who,
+                    "Delete.Object.Key",
+                    &o.key,
+                    &p,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The list parameters as s3s decoded them (the query check above decoded them itself).
+    async fn list_objects(&self, req: &mut S3Request<ListObjectsInput>) -> S3Result<()> {
+        let who = Caller::of(req);
+        let i = &req.input;
+        check_list_params(
+            "ListObjects",
+            who,
+            &[("prefix", &i.prefix), ("marker", &i.marker)],
+        )
+    }
+
+    async fn list_objects_v2(&self, req: &mut S3Request<ListObjectsV2Input>) -> S3Result<()> {
+        let who = Caller::of(req);
+        let i = &req.input;
+        check_list_params(
+            "ListObjectsV2",
+            who,
+            &[
+                ("prefix", &i.prefix),
+                ("start-after", &i.start_after),
+                ("continuation-token", &i.continuation_token),
+            ],
+        )
+    }
+
+    /// s3s-fs lists the parts of every file whose name starts with `.upload_id-<id>`, so an
+    /// empty or partial id would list other uploads' parts: only a full upload id is taken
+    /// (the backend then checks that the caller started that upload).
+    async fn list_parts(&self, req: &mut S3Request<ListPartsInput>) -> S3Result<()> {
+        if !is_uuid(&req.input.upload_id) {
+            return Err(deny(
+                "path",
+                "ListParts",
+                Caller::of(req),
+                "uploadId is not an upload id".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_list_params(
+    op: &str,
+    who: Caller<'_>,
+    params: &[(&str, &Option<String>)],
+) -> S3Result<()> {
+    for (name, value) in params {
+        if let Some(v) = value
+            && let Err(p) = paths::check_prefix(v)
+        {
+            return Err(bad_key(op, who, name, v, &p));
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4 peer seen on an IPv6 socket (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// `8-4-4-4-12` hex digits, as s3s-fs writes upload ids.
+pub(crate) fn is_uuid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A copy reads its source through the same rules as a GetObject.
 fn check_copy_source(
     store: &KeyStore,
-    cred: Option<&s3s::auth::Credentials>,
+    who: Caller<'_>,
     source: &CopySource,
     op: &str,
 ) -> S3Result<()> {
-    let Some(identity) = cred.and_then(|c| store.identity(&c.access_key)) else {
-        return Err(deny("unknown_key", op, "unknown access key".into()));
+    let Some(identity) = who.access_key.and_then(|k| store.identity(k)) else {
+        return Err(deny("unknown_key", op, who, "unknown access key".into()));
     };
     let CopySource::Bucket { bucket, key, .. } = source else {
         return Err(deny(
             "operation",
             op,
+            who,
             "only bucket/key copy sources are supported".into(),
         ));
     };
-    if escapes(key) {
-        return Err(deny(
-            "path",
-            op,
-            "copy source keys may not contain a '..' segment".into(),
-        ));
+    if let Err(p) = paths::check_key(key) {
+        return Err(bad_key(op, who, "x-amz-copy-source key", key, &p));
     }
     match identity {
         Identity::Admin => Ok(()),
-        Identity::Job { bucket: own } if **bucket == *own => Ok(()),
-        Identity::Job { bucket: own } => Err(deny(
+        Identity::Job { bucket: own, .. } if **bucket == *own => Ok(()),
+        Identity::Job { bucket: own, .. } => Err(deny(
             "other_bucket",
             op,
+            who,
             format!("job keys open bucket {own} only"),
         )),
     }
@@ -232,10 +393,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dot_dot_segments_are_caught() {
+    fn escapes_are_caught() {
         assert!(escapes(".."));
         assert!(escapes("../job-b/x"));
         assert!(escapes("a/../../x"));
+        assert!(escapes("%2e%2e/x"));
         assert!(!escapes("a..b/c"));
         assert!(!escapes("a/.hidden"));
     }
@@ -248,6 +410,7 @@ mod tests {
             "ListObjectsV2",
             "HeadBucket",
             "DeleteObject",
+            "DeleteObjects",
             "UploadPart",
         ] {
             assert!(job_may(ok), "{ok}");
@@ -258,6 +421,7 @@ mod tests {
             "PutBucketPolicy",
             "DeleteBucketPolicy",
             "PutBucketVersioning",
+            "PostObject",
         ] {
             assert!(!job_may(no), "{no}");
         }
@@ -270,16 +434,14 @@ mod tests {
             query_param(q, "prefix").collect::<Vec<_>>(),
             vec!["../job-b"]
         );
-        assert_eq!(percent_decode("a%20b+c%zz"), "a b c%zz");
     }
 
-    proptest::proptest! {
-        /// Decoding never panics, and encoding then decoding gives the input back.
-        #[test]
-        fn percent_decoding_round_trips(s in "\\PC{0,40}") {
-            let encoded = crate::sigv4::uri_encode(&s, false);
-            proptest::prop_assert_eq!(percent_decode(&encoded), s.clone());
-            let _ = percent_decode(&s);
-        }
+    #[test]
+    fn upload_ids() {
+        assert!(is_uuid("0f8fad5b-d9cb-469f-a165-70867728950e"));
+        assert!(!is_uuid(""));
+        assert!(!is_uuid("0f8fad5b"));
+        assert!(!is_uuid("0f8fad5b-d9cb-469f-a165-70867728950e.part-1"));
+        assert!(!is_uuid("0f8fad5b-d9cb-469f-a165-7086772895zz"));
     }
 }

@@ -1,7 +1,9 @@
 //! Key administration on the embedded endpoint, signed with the admin key pair like any
 //! S3 request (s3s verifies the signature before this route runs):
 //!
-//! - `POST   /dutgate-admin/v1/keys?bucket=B` → `201 {"access_key", "secret_key", "bucket"}`
+//! - `POST   /dutgate-admin/v1/keys?bucket=B[&source=NET]` → `201 {"access_key", "secret_key",
+//!   "bucket"[, "source"]}`; with `source` (an address or a network, e.g. `10.0.2.15` or
+//!   `10.0.2.0/24`) the key is accepted from there only
 //! - `DELETE /dutgate-admin/v1/keys?bucket=B` → `200 {"bucket", "revoked": N}`
 //! - `GET    /dutgate-admin/v1/keys`          → `200 [{"access_key", "bucket", "created_unix_ms"}]`
 //!
@@ -12,6 +14,7 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
+use ipnet::IpNet;
 use s3s::route::S3Route;
 use s3s::{Body, S3Request, S3Response, S3Result, s3_error};
 
@@ -38,6 +41,15 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> S3Response<Bo
         resp.headers.insert(http::header::CONTENT_TYPE, v);
     }
     resp
+}
+
+/// An address (`10.0.2.15`, a /32 or /128) or a network (`10.0.2.0/24`).
+pub fn parse_source(s: &str) -> Option<IpNet> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+        .map(|n| n.trunc())
 }
 
 #[async_trait::async_trait]
@@ -77,10 +89,22 @@ impl S3Route for AdminRoute {
         if path != format!("/{ADMIN_PREFIX}/v1/keys") {
             return Err(s3_error!(NoSuchKey, "no admin route {path}"));
         }
-        let bucket = req.uri.query().unwrap_or("").split('&').find_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            (k == "bucket").then(|| percent_decode(v))
-        });
+        let param = |name: &str| {
+            req.uri.query().unwrap_or("").split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=')?;
+                (k == name).then(|| percent_decode(v))
+            })
+        };
+        let bucket = param("bucket");
+        let source = match param("source") {
+            None => None,
+            Some(s) => Some(parse_source(&s).ok_or_else(|| {
+                s3_error!(
+                    InvalidArgument,
+                    "source: {s:?} is neither an IP address nor a network (e.g. 10.0.2.15 or 10.0.2.0/24)"
+                )
+            })?),
+        };
         match (req.method.clone(), bucket) {
             (Method::GET, _) => {
                 let list = serde_json::to_value(self.keys.list())
@@ -97,18 +121,24 @@ impl S3Route for AdminRoute {
                 }
                 let pair = self
                     .keys
-                    .issue(&bucket)
+                    .issue_for(&bucket, source)
                     .await
                     .map_err(|e| s3_error!(InternalError, "{e}"))?;
-                tracing::info!(bucket = %bucket, access_key = %pair.access_key, "job keys issued");
-                Ok(json_response(
-                    StatusCode::CREATED,
-                    &serde_json::json!({
-                        "access_key": pair.access_key,
-                        "secret_key": pair.secret_key.expose(),
-                        "bucket": bucket,
-                    }),
-                ))
+                tracing::info!(
+                    bucket = %bucket,
+                    access_key = %pair.access_key,
+                    source = %source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                    "job keys issued"
+                );
+                let mut answer = serde_json::json!({
+                    "access_key": pair.access_key,
+                    "secret_key": pair.secret_key.expose(),
+                    "bucket": bucket,
+                });
+                if let Some(net) = source {
+                    answer["source"] = serde_json::Value::String(net.to_string());
+                }
+                Ok(json_response(StatusCode::CREATED, &answer))
             }
             (Method::DELETE, Some(bucket)) => {
                 let revoked = self
@@ -128,5 +158,25 @@ impl S3Route for AdminRoute {
             )),
             _ => Err(s3_error!(MethodNotAllowed)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources() {
+        assert_eq!(
+            parse_source("10.0.2.15").unwrap().to_string(),
+            "10.0.2.15/32"
+        );
+        assert_eq!(
+            parse_source("10.0.2.77/24").unwrap().to_string(),
+            "10.0.2.0/24"
+        );
+        assert_eq!(parse_source("::1").unwrap().to_string(), "::1/128");
+        assert!(parse_source("10.0.2").is_none());
+        assert!(parse_source("").is_none());
     }
 }

@@ -7,8 +7,37 @@ use std::path::PathBuf;
 
 use base64::Engine;
 use s3s::dto::*;
-use s3s::{S3, S3Request, S3Response, S3Result};
+use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 use s3s_fs::FileSystem;
+
+use super::access::{Caller, deny, is_uuid, peer_of};
+use super::paths;
+
+/// Second line of defence behind [`super::access::Access`]: whatever the access rules
+/// let through, a key that would leave its bucket's directory never reaches s3s-fs.
+fn guard<T>(req: &S3Request<T>, op: &str, key: &str) -> S3Result<()> {
+    if paths::inside_bucket(key) {
+        return Ok(());
+    }
+    let who = Caller {
+        access_key: req.credentials.as_ref().map(|c| c.access_key.as_str()),
+        peer: peer_of(&req.extensions),
+    };
+    Err(deny(
+        "path",
+        op,
+        who,
+        "object keys must stay inside their bucket".into(),
+    ))
+}
+
+fn guard_source<T>(req: &S3Request<T>, op: &str, source: &CopySource) -> S3Result<()> {
+    match source {
+        CopySource::Bucket { key, .. } => guard(req, op, key),
+        // s3s-fs answers NotImplemented for the others; nothing to resolve.
+        _ => Ok(()),
+    }
+}
 
 pub struct Backend {
     fs: FileSystem,
@@ -56,6 +85,35 @@ impl Backend {
             }
         }
     }
+
+    /// s3s-fs checks that the caller started an upload before it writes, completes or
+    /// aborts it, but not before it lists its parts: the same check, from the file s3s-fs
+    /// keeps per upload (`.upload-<id>.json`, the starting access key as JSON).
+    async fn check_upload_owner(&self, req: &S3Request<ListPartsInput>) -> S3Result<()> {
+        let id = &req.input.upload_id;
+        if !is_uuid(id) {
+            return Err(s3_error!(NoSuchUpload));
+        }
+        let path = self.root.join(format!(".upload-{id}.json"));
+        let started_by: Option<String> = match tokio::fs::read(&path).await {
+            Ok(b) => serde_json::from_slice(&b).map_err(|_| s3_error!(NoSuchUpload))?,
+            Err(_) => return Err(s3_error!(NoSuchUpload)),
+        };
+        let caller = req.credentials.as_ref().map(|c| c.access_key.as_str());
+        if started_by.as_deref() == caller {
+            return Ok(());
+        }
+        let who = Caller {
+            access_key: caller,
+            peer: peer_of(&req.extensions),
+        };
+        Err(deny(
+            "other_upload",
+            "ListParts",
+            who,
+            "this upload was started with another key".into(),
+        ))
+    }
 }
 
 // Plain forwarding; written out because `async_trait` cannot see into a macro.
@@ -72,6 +130,8 @@ impl S3 for Backend {
         &self,
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
+        guard(&req, "CopyObject", &req.input.key)?;
+        guard_source(&req, "CopyObject", &req.input.copy_source)?;
         self.fs.copy_object(req).await
     }
 
@@ -86,6 +146,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        guard(&req, "GetObject", &req.input.key)?;
         self.fs.get_object(req).await
     }
 
@@ -100,6 +161,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
+        guard(&req, "HeadObject", &req.input.key)?;
         self.fs.head_object(req).await
     }
 
@@ -128,6 +190,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        guard(&req, "PutObject", &req.input.key)?;
         self.fs.put_object(req).await
     }
 
@@ -135,6 +198,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        guard(&req, "CreateMultipartUpload", &req.input.key)?;
         self.fs.create_multipart_upload(req).await
     }
 
@@ -149,6 +213,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<UploadPartCopyInput>,
     ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        guard_source(&req, "UploadPartCopy", &req.input.copy_source)?;
         self.fs.upload_part_copy(req).await
     }
 
@@ -156,6 +221,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<ListPartsInput>,
     ) -> S3Result<S3Response<ListPartsOutput>> {
+        self.check_upload_owner(&req).await?;
         self.fs.list_parts(req).await
     }
 
@@ -163,6 +229,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        guard(&req, "CompleteMultipartUpload", &req.input.key)?;
         self.fs.complete_multipart_upload(req).await
     }
 
@@ -170,6 +237,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        guard(&req, "AbortMultipartUpload", &req.input.key)?;
         self.fs.abort_multipart_upload(req).await
     }
 
@@ -177,6 +245,7 @@ impl S3 for Backend {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        guard(&req, "DeleteObject", &req.input.key)?;
         let bucket = req.input.bucket.clone();
         let key = req.input.key.clone();
         let out = self.fs.delete_object(req).await?;
@@ -188,6 +257,9 @@ impl S3 for Backend {
         &self,
         req: S3Request<DeleteObjectsInput>,
     ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        for o in &req.input.delete.objects {
+            guard(&req, "DeleteObjects", &o.key)?;
+        }
         let bucket = req.input.bucket.clone();
         let keys: Vec<String> = req
             .input

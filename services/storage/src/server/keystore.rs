@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use dutgate_core::Secret;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::StorageError;
@@ -21,9 +22,10 @@ pub const JOB_KEYS_FILE: &str = "job-keys.json";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Admin,
-    /// A job's DUT: only this bucket.
+    /// A job's DUT: only this bucket, and when `source` is set only from there.
     Job {
         bucket: String,
+        source: Option<IpNet>,
     },
 }
 
@@ -32,6 +34,10 @@ struct JobKey {
     secret_key: String,
     bucket: String,
     created_unix_ms: i64,
+    /// The only address or network the key is accepted from (its DUT's); keys written
+    /// before this field existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<IpNet>,
 }
 
 /// A key as listed by the admin route (no secret).
@@ -40,6 +46,8 @@ pub struct KeyListing {
     pub access_key: String,
     pub bucket: String,
     pub created_unix_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<IpNet>,
 }
 
 #[derive(Clone)]
@@ -92,6 +100,7 @@ impl KeyStore {
                 Secret::new(k.secret_key.clone()),
                 Identity::Job {
                     bucket: k.bucket.clone(),
+                    source: k.source,
                 },
             )
         })
@@ -103,11 +112,22 @@ impl KeyStore {
 
     /// A new key pair that opens `bucket` only.
     pub async fn issue(&self, bucket: &str) -> Result<KeyPair, StorageError> {
+        self.issue_for(bucket, None).await
+    }
+
+    /// A new key pair that opens `bucket` only, and only from `source` when given (a single
+    /// address is a /32 or /128 network).
+    pub async fn issue_for(
+        &self,
+        bucket: &str,
+        source: Option<IpNet>,
+    ) -> Result<KeyPair, StorageError> {
         let pair = keys::generate("DGJOB");
         let key = JobKey {
             secret_key: pair.secret_key.expose().to_string(),
             bucket: bucket.to_string(),
             created_unix_ms: now_ms(),
+            source,
         };
         self.update(|jobs| {
             jobs.insert(pair.access_key.clone(), key);
@@ -138,6 +158,7 @@ impl KeyStore {
                 access_key: ak.clone(),
                 bucket: k.bucket.clone(),
                 created_unix_ms: k.created_unix_ms,
+                source: k.source,
             })
             .collect();
         out.sort_by(|a, b| {
@@ -215,9 +236,21 @@ mod tests {
         assert_eq!(
             id,
             Identity::Job {
-                bucket: "job-a".into()
+                bucket: "job-a".into(),
+                source: None,
             }
         );
+        let net: IpNet = "10.0.2.15/32".parse().unwrap();
+        let c = reopened.issue_for("job-c", Some(net)).await.unwrap();
+        let again = KeyStore::open(dir.path(), admin.clone()).unwrap();
+        assert_eq!(
+            again.identity(&c.access_key),
+            Some(Identity::Job {
+                bucket: "job-c".into(),
+                source: Some(net),
+            })
+        );
+        assert_eq!(reopened.revoke_bucket("job-c").await.unwrap(), 1);
 
         assert_eq!(reopened.revoke_bucket("job-a").await.unwrap(), 1);
         assert!(reopened.lookup(&a.access_key).is_none());

@@ -1,12 +1,15 @@
 //! The embedded S3 endpoint, `dutgate s3`: s3s in front of the filesystem backend under the
-//! state dir, with our credential store ([`keystore`]), access rules ([`access`]) and the
-//! key administration route ([`admin`]). `/healthz` and `/metrics` answer like every other
+//! state dir ([`backend`]), with a gate that refuses what s3s should never see ([`gate`]:
+//! SigV2, form POSTs), our credential store ([`keystore`]), access rules ([`access`], with
+//! the key rules of [`paths`]) and the key administration route ([`admin`]). `/healthz` and `/metrics` answer like every other
 //! service (which reserves the bucket names `healthz` and `metrics`).
 
 pub mod access;
 pub mod admin;
 pub mod backend;
+pub mod gate;
 pub mod keystore;
+pub mod paths;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -76,11 +79,12 @@ fn build_blocking(gateway: &GatewayConfig, config: &Config) -> Result<Embedded, 
         tracing::error!(error = ?err, "S3 request failed");
         (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
     });
+    // The gate runs before s3s parses or verifies anything (SigV2, form POSTs).
+    let s3 = Router::new()
+        .fallback_service(s3)
+        .layer(middleware::from_fn(gate::gate));
     Ok(Embedded {
-        router: with_shared_routes(
-            Router::new().fallback_service(s3),
-            Some(data_dir_health(data_dir_for_health)),
-        ),
+        router: with_shared_routes(s3, Some(data_dir_health(data_dir_for_health))),
         keys,
     })
 }

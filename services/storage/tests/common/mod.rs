@@ -2,7 +2,6 @@
 //! tarball builders.
 #![allow(dead_code)]
 
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -149,7 +148,10 @@ pub fn venv_bin(name: &str) -> PathBuf {
 }
 
 impl Moto {
-    pub fn start() -> Self {
+    /// Starts moto on a port it picks itself (`-p 0`: nobody else can take the port between
+    /// choosing and binding it), reads the port from its start-up line, and answers once
+    /// moto has served a real S3 request (ListBuckets), within 30 s.
+    pub async fn start() -> Self {
         let bin = venv_bin("moto_server");
         assert!(
             bin.exists(),
@@ -157,29 +159,231 @@ impl Moto {
              target/test-venv/bin/pip install -r services/storage/tests/requirements.txt`",
             bin.display()
         );
-        let port = StdListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (port_tx, port_rx) = tokio::sync::oneshot::channel::<u16>();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen_by_reader = seen.clone();
+        // Werkzeug writes its start-up line and then one line per request to stderr: the
+        // reader keeps draining it so that moto never blocks on a full pipe.
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut port_tx = Some(port_tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = started_on(&line)
+                    && let Some(tx) = port_tx.take()
+                {
+                    let _ = tx.send(port);
+                }
+                let mut seen = seen_by_reader.lock().unwrap();
+                if seen.len() < 50 {
+                    seen.push(line);
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let port = match tokio::time::timeout_at(deadline.into(), port_rx).await {
+            Ok(Ok(port)) => port,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "moto_server reported no port within 30 s; it said: {:?}",
+                    seen.lock().unwrap()
+                );
+            }
+        };
         let url = format!("http://127.0.0.1:{port}");
-        let started = Instant::now();
+        let moto = Self { url, child };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap();
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
+            // Any S3 answer (moto answers ListBuckets without checking signatures) means
+            // the server is up, not merely that something accepted a TCP connection.
+            match http.get(format!("{}/", moto.url)).send().await {
+                Ok(r) if r.status().is_success() => break,
+                Ok(_) | Err(_) => {}
             }
             assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "moto_server did not start"
+                Instant::now() < deadline,
+                "moto_server on {} did not answer within 30 s; it said: {:?}",
+                moto.url,
+                seen.lock().unwrap()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { url, child }
+        moto
     }
+}
+
+/// The port of werkzeug's ` * Running on http://127.0.0.1:PORT` line.
+fn started_on(line: &str) -> Option<u16> {
+    let rest = line.split("Running on http://").nth(1)?;
+    let port: String = rest
+        .rsplit(':')
+        .next()?
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    port.parse().ok().filter(|p| *p != 0)
+}
+
+/// An answer to [`Raw::send`]: the status and the whole body (S3 errors are short XML).
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request written byte for byte on a TCP socket, so that paths reach the
+/// server exactly as an attacker sends them (an HTTP client library would normalise
+/// `..` and `%2e%2e` away before sending).
+pub struct Raw<'a> {
+    pub method: &'a str,
+    /// As sent on the request line (may hold `..`, `%2e`, …).
+    pub path: &'a str,
+    /// The query pairs, raw; sent encoded and sorted.
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Connect from this address (a DUT's).
+    pub local: Option<std::net::IpAddr>,
+}
+
+impl<'a> Raw<'a> {
+    pub fn new(method: &'a str, path: &'a str) -> Self {
+        Self {
+            method,
+            path,
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: Vec::new(),
+            local: None,
+        }
+    }
+
+    pub fn query(mut self, k: &str, v: &str) -> Self {
+        self.query.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn header(mut self, k: &str, v: &str) -> Self {
+        self.headers.push((k.to_ascii_lowercase(), v.into()));
+        self
+    }
+
+    pub fn body(mut self, b: impl Into<Vec<u8>>) -> Self {
+        self.body = b.into();
+        self
+    }
+
+    pub fn from(mut self, local: std::net::IpAddr) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Signs with SigV4 as of `now` (the path is signed as the server decodes it) and
+    /// sends.
+    pub async fn signed(
+        mut self,
+        url: &str,
+        access_key: &str,
+        secret_key: &str,
+        now: time::OffsetDateTime,
+    ) -> RawResponse {
+        use dutgate_storage::sigv4::{RequestParts, sha256_hex};
+        let host = url.trim_start_matches("http://").to_string();
+        let decoded = dutgate_storage::server::paths::percent_decode(self.path);
+        let hash = sha256_hex(&self.body);
+        let signed = Signer::new(access_key, secret_key, "us-east-1").sign(
+            &RequestParts {
+                method: self.method,
+                host: &host,
+                path: &decoded,
+                query: &self.query,
+                headers: &self.headers,
+                payload_hash: &hash,
+            },
+            now,
+        );
+        self.headers
+            .push(("authorization".into(), signed.authorization));
+        self.headers.push(("x-amz-date".into(), signed.amz_date));
+        self.headers
+            .push(("x-amz-content-sha256".into(), signed.content_sha256));
+        self.send(url).await
+    }
+
+    pub async fn send(self, url: &str) -> RawResponse {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = url.trim_start_matches("http://").to_string();
+        let addr: std::net::SocketAddr = host.parse().unwrap();
+        let query = dutgate_storage::sigv4::canonical_query(&self.query);
+        let target = if query.is_empty() {
+            self.path.to_string()
+        } else {
+            format!("{}?{query}", self.path)
+        };
+        let mut head = format!(
+            "{} {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\ncontent-length: {}\r\n",
+            self.method,
+            self.body.len()
+        );
+        for (k, v) in &self.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let io = async {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            if let Some(local) = self.local {
+                socket.bind(std::net::SocketAddr::new(local, 0)).unwrap();
+            }
+            let mut stream = socket.connect(addr).await.unwrap();
+            stream.write_all(head.as_bytes()).await.unwrap();
+            stream.write_all(&self.body).await.unwrap();
+            let mut out = Vec::new();
+            stream.read_to_end(&mut out).await.unwrap();
+            out
+        };
+        let out = tokio::time::timeout(Duration::from_secs(10), io)
+            .await
+            .expect("the endpoint answered within 10 s");
+        let text = String::from_utf8_lossy(&out).to_string();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        RawResponse { status, body }
+    }
+}
+
+/// Every object of a bucket with its bytes, read with the admin key, in key order.
+pub async fn snapshot(storage: &JobStorage, bucket: &str) -> Vec<(String, Vec<u8>)> {
+    use futures::TryStreamExt;
+    let mut out = Vec::new();
+    for o in storage.list(bucket).await.unwrap() {
+        let chunks: Vec<bytes::Bytes> = storage
+            .get(bucket, &o.key)
+            .await
+            .unwrap()
+            .into_stream()
+            .try_collect()
+            .await
+            .unwrap();
+        out.push((o.key, chunks.concat()));
+    }
+    out
 }
