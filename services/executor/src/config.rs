@@ -37,6 +37,11 @@ pub struct Config {
     pub registry: Option<String>,
     /// Extra template variables (valve-infra's `EXECUTOR_JOB__*`).
     pub template_vars: BTreeMap<String, String>,
+    /// Issue each job's bucket keys for its machine's recorded address only (the embedded S3
+    /// endpoint refuses them from any other address). Off only where DUTs reach the gateway
+    /// through NAT, as under QEMU user networking (`dutgate up --virtual-duts` without
+    /// `--dut-bridge`), where every DUT comes from 127.0.0.1.
+    pub job_keys_from_machine_address: bool,
     /// Object storage for job buckets: the gateway's `s3` section, set by the `dutgate`
     /// binary (not a key of the `executor` section). Unset: jobs run without a bucket.
     #[serde(skip)]
@@ -60,6 +65,7 @@ impl Default for Config {
             console_host: None,
             registry: None,
             template_vars: BTreeMap::new(),
+            job_keys_from_machine_address: true,
             object_store: None,
         }
     }

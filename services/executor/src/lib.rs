@@ -23,7 +23,6 @@ pub mod config;
 pub mod control;
 pub mod model;
 pub mod process;
-pub mod queue_head;
 pub mod scheduler;
 pub mod storage;
 pub mod store;
@@ -77,11 +76,7 @@ impl Executor {
     ) -> Result<Self, ServiceError> {
         cfg.validate().map_err(ServiceError::Startup)?;
         let _ = dutgate_core::telemetry::metrics_handle();
-        let admin = gw
-            .auth
-            .admin_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("admin")));
+        let (admin, _) = process::gateway_tokens(&gw);
         let mars = MarsClient::new(cfg.url_of(&gw, ServiceName::Mars), admin);
         let storage = storage::from_config(&gw, &cfg)
             .await
@@ -108,6 +103,7 @@ impl Executor {
             Err(e) => return Err(ServiceError::Startup(format!("re-attaching jobs: {e}"))),
         }
         tokio::spawn(sched.clone().follow_mars(shutdown.clone()));
+        tokio::spawn(sup.clone().watch_cancels(shutdown.clone()));
         tokio::spawn(sched.clone().run(shutdown.clone()));
         if cfg.artifacts_retention_days > 0.0 {
             tokio::spawn(retention(

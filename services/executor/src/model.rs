@@ -63,11 +63,9 @@ impl FromStr for JobState {
 /// What moves a job from one state to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
-    /// A machine was leased for it.
+    /// mars granted it a machine's lease (recorded only after the grant: a job never goes
+    /// back to the queue).
     Dispatch,
-    /// Dispatch could not complete (the executor died before starting the process, the lease
-    /// was refused): back in the queue.
-    Requeue,
     /// Its process started.
     Start,
     /// It ended (status decided), including cancellation and deadline expiry in the queue.
@@ -86,7 +84,6 @@ pub fn transition(from: JobState, trigger: Trigger) -> Result<JobState, InvalidT
     use JobState::*;
     match (from, trigger) {
         (Queued, Trigger::Dispatch) => Ok(Dispatched),
-        (Dispatched, Trigger::Requeue) => Ok(Queued),
         // A re-attached executor may restart the process of a dispatched job.
         (Dispatched | Running, Trigger::Start) => Ok(Running),
         (Queued | Dispatched | Running, Trigger::Finish) => Ok(Finished),
@@ -212,6 +209,9 @@ pub mod kind {
     pub const TIMEOUT: &str = "timeout";
     pub const RETRY: &str = "retry";
     pub const CANCEL_REQUESTED: &str = "cancel_requested";
+    /// salad refused a console stream that announced this job's machine (a DUT printing
+    /// another machine's id, a second stream, a netconsole from another address).
+    pub const CONSOLE_REFUSED: &str = "console_refused";
     pub const TEARDOWN: &str = "teardown";
     pub const EXECUTOR: &str = "executor";
     pub const FINISHED: &str = "finished";
@@ -234,27 +234,18 @@ mod tests {
     #[test]
     fn transitions_table() {
         use JobState::*;
-        let triggers = [
-            Trigger::Dispatch,
-            Trigger::Requeue,
-            Trigger::Start,
-            Trigger::Finish,
-        ];
+        let triggers = [Trigger::Dispatch, Trigger::Start, Trigger::Finish];
         let expected: &[(JobState, Trigger, Option<JobState>)] = &[
             (Queued, Trigger::Dispatch, Some(Dispatched)),
-            (Queued, Trigger::Requeue, None),
             (Queued, Trigger::Start, None),
             (Queued, Trigger::Finish, Some(Finished)),
             (Dispatched, Trigger::Dispatch, None),
-            (Dispatched, Trigger::Requeue, Some(Queued)),
             (Dispatched, Trigger::Start, Some(Running)),
             (Dispatched, Trigger::Finish, Some(Finished)),
             (Running, Trigger::Dispatch, None),
-            (Running, Trigger::Requeue, None),
             (Running, Trigger::Start, Some(Running)),
             (Running, Trigger::Finish, Some(Finished)),
             (Finished, Trigger::Dispatch, None),
-            (Finished, Trigger::Requeue, None),
             (Finished, Trigger::Start, None),
             (Finished, Trigger::Finish, None),
         ];

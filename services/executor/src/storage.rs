@@ -8,6 +8,7 @@
 //! template variables are then undefined, so a job that uses them fails to render with an
 //! error naming the variable (SETUP_FAIL), never silently.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -38,8 +39,14 @@ impl From<dutgate_storage::StorageError> for StorageError {
 
 #[async_trait::async_trait]
 pub trait JobStorage: Send + Sync + 'static {
-    /// Creates the job's bucket and credentials that open it and nothing else.
-    async fn create(&self, job_id: i64, machine: MachineId) -> Result<BucketAccess, StorageError>;
+    /// Creates the job's bucket and credentials that open it and nothing else, and, with
+    /// `source`, only from that address (the machine's).
+    async fn create(
+        &self,
+        job_id: i64,
+        machine: MachineId,
+        source: Option<IpAddr>,
+    ) -> Result<BucketAccess, StorageError>;
     /// Extracts the initial `.tar.gz` into the bucket.
     async fn upload_tarball(&self, bucket: &str, tarball: &Path) -> Result<(), StorageError>;
     /// Downloads every object of the bucket under `dir`; returns the files written.
@@ -77,8 +84,16 @@ impl S3JobStorage {
 
 #[async_trait::async_trait]
 impl JobStorage for S3JobStorage {
-    async fn create(&self, job_id: i64, machine: MachineId) -> Result<BucketAccess, StorageError> {
-        let b = self.inner.create_job_bucket(&job_id.to_string()).await?;
+    async fn create(
+        &self,
+        job_id: i64,
+        machine: MachineId,
+        source: Option<IpAddr>,
+    ) -> Result<BucketAccess, StorageError> {
+        let b = self
+            .inner
+            .create_job_bucket_for(&job_id.to_string(), source.map(ipnet::IpNet::from))
+            .await?;
         if b.shared_admin_keys {
             tracing::warn!(job_id, machine_id = %machine, bucket = %b.bucket,
                 "the DUT gets the gateway's S3 admin keys (external backend)");

@@ -8,10 +8,8 @@ use dutgate_core::{JobStatus, MachineId};
 use serde_json::Value;
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Row, Transaction};
-use std::sync::Arc;
 
 use crate::model::{Event, JobState, Purpose, Timestamp, Trigger, transition};
-use crate::queue_head::{QueueChange, QueueLog};
 
 static SQLITE: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -80,19 +78,6 @@ pub struct JobRow {
     pub boots: i64,
     pub cancel_requested: bool,
     pub has_tarball: bool,
-}
-
-impl JobRow {
-    /// The job as the queue's head holds it.
-    fn queue_entry(&self) -> QueuedJob {
-        QueuedJob {
-            id: self.id,
-            priority: self.priority,
-            purpose: self.purpose,
-            target_id: self.target_id,
-            target_tags: self.target_tags.clone(),
-        }
-    }
 }
 
 /// What a submission stores.
@@ -187,42 +172,7 @@ fn parse_row(r: &sqlx::any::AnyRow) -> Result<JobRow, StoreError> {
     })
 }
 
-/// A job row claimed for dispatch. With PostgreSQL it holds the row lock (`FOR UPDATE SKIP
-/// LOCKED`) until [`Store::complete_dispatch`] or [`Store::abandon_dispatch`].
-pub struct Claim {
-    pub id: i64,
-    /// The scheduler round that claimed it (recorded in the `dispatched` event, so that the
-    /// order of assignment can be checked even though leases are taken concurrently).
-    pub round: u64,
-    tx: Option<Transaction<'static, Any>>,
-}
-
-/// Jobs claimed together for dispatch ([`Store::claim_many`]). With PostgreSQL it holds
-/// their row locks until [`Store::complete_many`] (or until dropped: rolled back).
-pub struct ClaimBatch {
-    /// The jobs claimed, a subset of those asked for.
-    pub ids: Vec<i64>,
-    /// The scheduler round (recorded in the `dispatched` events).
-    pub round: u64,
-    tx: Option<Transaction<'static, Any>>,
-}
-
-impl ClaimBatch {
-    /// A batch of jobs taken without locking them first: [`Store::complete_many`]'s
-    /// conditional update is the only guard. It marks only the jobs still queued and, on
-    /// PostgreSQL, not locked by another executor at that instant (`SKIP LOCKED`); the
-    /// others come back `false`. Saves the claim's transaction (two round trips and a
-    /// commit) when no other executor is taking jobs from the same queue.
-    pub fn unlocked(ids: &[i64]) -> Self {
-        Self {
-            ids: ids.to_vec(),
-            round: 0,
-            tx: None,
-        }
-    }
-}
-
-/// One job of a [`ClaimBatch`] that got a lease.
+/// A job whose lease mars granted: its dispatch to record ([`Store::record_dispatches`]).
 #[derive(Debug, Clone)]
 pub struct Dispatch {
     pub id: i64,
@@ -233,21 +183,11 @@ pub struct Dispatch {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
-    /// The queue changes this store made (see [`crate::queue_head`]).
-    queue_log: Arc<QueueLog>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self {
-            db,
-            queue_log: Arc::default(),
-        }
-    }
-
-    /// The queue changes this store committed, in order.
-    pub fn queue_log(&self) -> &QueueLog {
-        &self.queue_log
+        Self { db }
     }
 
     pub fn db(&self) -> &Db {
@@ -293,13 +233,6 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        self.queue_log.record(QueueChange::Queued(QueuedJob {
-            id,
-            priority: job.priority,
-            purpose: job.purpose,
-            target_id: job.target_id,
-            target_tags: job.target_tags.clone(),
-        }));
         Ok(id)
     }
 
@@ -391,221 +324,44 @@ impl Store {
         Ok(out)
     }
 
-    /// Claims a queued job for dispatch. `None` when it is no longer queued, or (PostgreSQL)
-    /// when another executor holds it right now.
-    pub async fn claim(&self, id: i64) -> Result<Option<Claim>, StoreError> {
-        match self.db.backend() {
-            Backend::Postgres => {
-                let mut tx = self.pool().begin().await?;
-                let row = sqlx::query(
-                    "SELECT id FROM jobs WHERE id = $1 AND state = 'QUEUED' FOR UPDATE SKIP LOCKED",
-                )
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if row.is_none() {
-                    tx.rollback().await?;
-                    return Ok(None);
-                }
-                Ok(Some(Claim {
-                    id,
-                    round: 0,
-                    tx: Some(tx),
-                }))
-            }
-            // One executor per SQLite file: the conditional update in `complete_dispatch` is
-            // the guard (a cancellation in between wins).
-            Backend::Sqlite => Ok(Some(Claim {
-                id,
-                round: 0,
-                tx: None,
-            })),
-        }
-    }
-
-    /// Marks a claimed job `DISPATCHED` on `machine` with `lease_id`, with its event, in the
-    /// claim's transaction. `false` when the job left the queue meanwhile (SQLite).
-    pub async fn complete_dispatch(
+    /// Records the dispatch of jobs whose leases mars granted, in one transaction: each job
+    /// still `QUEUED` becomes `DISPATCHED` on its machine under its lease, with its
+    /// `dispatched` event. A job that left the queue meanwhile (cancelled, expired, or
+    /// dispatched by another executor sharing the database) is left as it is: its flag is
+    /// `false` and the caller gives its lease back. This conditional update (`… WHERE state =
+    /// 'QUEUED'`) is what keeps a job from being dispatched twice; a job is never shown
+    /// dispatched before it holds its lease.
+    pub async fn record_dispatches(
         &self,
-        claim: Claim,
-        machine: MachineId,
-        lease_id: &str,
+        items: &[Dispatch],
         executor: &str,
-    ) -> Result<bool, StoreError> {
+        round: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
         let next = transition(JobState::Queued, Trigger::Dispatch).map_err(|source| {
             StoreError::Transition {
-                id: claim.id,
+                id: items[0].id,
                 source,
             }
         })?;
-        // The fast lane: the dispatch waits for at most the write in progress and one
-        // ordinary writer, not for every job's bookkeeping queued before it.
-        let _gate = self.db.priority_write_turn().await;
-        let mut tx = match claim.tx {
-            Some(tx) => tx,
-            None => self.pool().begin().await?,
-        };
-        let done = sqlx::query(
-            "UPDATE jobs SET state = $1, machine_id = $2, lease_id = $3, executor = $4, \
-             dispatched_at = $5 WHERE id = $6 AND state = 'QUEUED'",
-        )
-        .bind(next.as_str())
-        .bind(machine.to_string())
-        .bind(lease_id.to_string())
-        .bind(executor.to_string())
-        .bind(now_ms())
-        .bind(claim.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if done {
-            let data = serde_json::json!({
-                "machine_id": machine,
-                "lease_id": lease_id,
-                "round": claim.round,
-            });
-            insert_event(
-                &mut tx,
-                claim.id,
-                crate::model::kind::DISPATCHED,
-                &format!("dispatched to {machine}"),
-                &data,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        if done {
-            self.queue_log.record(QueueChange::Left(claim.id));
-        }
-        Ok(done)
-    }
-
-    pub async fn abandon_dispatch(&self, claim: Claim) -> Result<(), StoreError> {
-        if let Some(tx) = claim.tx {
-            tx.rollback().await?;
-        }
-        Ok(())
-    }
-
-    /// Claims the queued jobs among `ids` for dispatch, in one transaction. With PostgreSQL
-    /// the batch holds the row locks (`FOR UPDATE SKIP LOCKED`: rows another executor holds
-    /// right now, or that left the queue, are not in [`ClaimBatch::ids`]) until
-    /// [`Store::complete_many`]. With SQLite (one executor per file) every id is claimed and
-    /// the conditional update of `complete_many` is the guard.
-    pub async fn claim_many(&self, ids: &[i64]) -> Result<ClaimBatch, StoreError> {
-        match self.db.backend() {
-            Backend::Postgres => {
-                let mut tx = self.pool().begin().await?;
-                let mut claimed = Vec::with_capacity(ids.len());
-                for chunk in ids.chunks(500) {
-                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-                    let sql = format!(
-                        "SELECT id FROM jobs WHERE id IN ({}) AND state = 'QUEUED' \
-                         FOR UPDATE SKIP LOCKED",
-                        marks.join(", ")
-                    );
-                    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for id in chunk {
-                        q = q.bind(*id);
-                    }
-                    for r in q.fetch_all(&mut *tx).await? {
-                        claimed.push(r.try_get::<i64, _>(0)?);
-                    }
-                }
-                if claimed.is_empty() {
-                    tx.rollback().await?;
-                    return Ok(ClaimBatch {
-                        ids: claimed,
-                        round: 0,
-                        tx: None,
-                    });
-                }
-                Ok(ClaimBatch {
-                    ids: claimed,
-                    round: 0,
-                    tx: Some(tx),
-                })
-            }
-            Backend::Sqlite => Ok(ClaimBatch {
-                ids: ids.to_vec(),
-                round: 0,
-                tx: None,
-            }),
-        }
-    }
-
-    /// Marks each of `items` (jobs of `batch`) `DISPATCHED` on its machine with its lease,
-    /// with its `dispatched` event, all in one transaction (the claim's, on PostgreSQL); the
-    /// claimed jobs not in `items` stay queued. One flag per item: `false` when the job left
-    /// the queue meanwhile (a cancellation between claim and commit wins) or was not claimed.
-    pub async fn complete_many(
-        &self,
-        batch: ClaimBatch,
-        items: &[Dispatch],
-        executor: &str,
-    ) -> Result<Vec<bool>, StoreError> {
-        let done = self.complete_many_inner(batch, items, executor).await?;
-        for (d, ok) in items.iter().zip(&done) {
-            if *ok {
-                self.queue_log.record(QueueChange::Left(d.id));
-            }
-        }
-        Ok(done)
-    }
-
-    async fn complete_many_inner(
-        &self,
-        batch: ClaimBatch,
-        items: &[Dispatch],
-        executor: &str,
-    ) -> Result<Vec<bool>, StoreError> {
-        let next = transition(JobState::Queued, Trigger::Dispatch).map_err(|source| {
-            StoreError::Transition {
-                id: items.first().map_or(0, |d| d.id),
-                source,
-            }
-        })?;
-        let claimed: std::collections::HashSet<i64> = batch.ids.iter().copied().collect();
-        // The fast lane: the dispatch waits for at most the write in progress and one
-        // ordinary writer, not for every job's bookkeeping queued before it.
-        let _gate = self.db.priority_write_turn().await;
-        if !items.iter().any(|d| claimed.contains(&d.id)) {
-            if let Some(tx) = batch.tx {
-                tx.rollback().await?;
-            }
-            return Ok(vec![false; items.len()]);
-        }
         let at = now_ms();
+        let _gate = self.db.write_turn().await;
         if self.db.backend() == Backend::Postgres {
             let statement = DispatchStatement {
-                claimed: &claimed,
                 items,
                 next,
-                round: batch.round,
+                round,
                 executor,
                 at,
             };
-            return match batch.tx {
-                Some(mut tx) => {
-                    let done = statement.run(&mut tx).await?;
-                    tx.commit().await?;
-                    Ok(done)
-                }
-                // Unlocked: the statement is its own transaction (one round trip).
-                None => statement.run(&mut *self.pool().acquire().await?).await,
-            };
+            // One statement, its own transaction: one round trip for the whole round.
+            return statement.run(&mut *self.pool().acquire().await?).await;
         }
-        let mut tx = match batch.tx {
-            Some(tx) => tx,
-            None => self.pool().begin().await?,
-        };
+        let mut tx = self.pool().begin().await?;
         let mut out = Vec::with_capacity(items.len());
         for d in items {
-            if !claimed.contains(&d.id) {
-                out.push(false);
-                continue;
-            }
             let done = sqlx::query(
                 "UPDATE jobs SET state = $1, machine_id = $2, lease_id = $3, executor = $4, \
                  dispatched_at = $5 WHERE id = $6 AND state = 'QUEUED'",
@@ -621,7 +377,7 @@ impl Store {
             .rows_affected()
                 == 1;
             if done {
-                let (message, data) = dispatched_event(d, batch.round);
+                let (message, data) = dispatched_event(d, executor, round);
                 insert_event(
                     &mut tx,
                     d.id,
@@ -637,62 +393,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Takes back a dispatch recorded under `lease_id` whose lease was not granted (the
-    /// dispatch is recorded while the lease is being taken): the job is queued again, in its
-    /// old place (priority, then id), with an `executor` event saying why — in one
-    /// transaction. `false` when the job is no longer dispatched under that lease (cancelled
-    /// meanwhile, say): nothing is changed then.
-    pub async fn withdraw_dispatch(
-        &self,
-        id: i64,
-        lease_id: &str,
-        reason: &str,
-    ) -> Result<bool, StoreError> {
-        let Some(cur) = self.get(id).await? else {
-            return Ok(false);
-        };
-        let next = transition(JobState::Dispatched, Trigger::Requeue)
-            .map_err(|source| StoreError::Transition { id, source })?;
-        let _gate = self.db.write_turn().await;
-        let mut tx = self.pool().begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET state = $1, machine_id = NULL, lease_id = NULL, executor = NULL, \
-             dispatched_at = NULL WHERE id = $2 AND state = $3 AND lease_id = $4",
-        )
-        .bind(next.as_str())
-        .bind(id)
-        .bind(JobState::Dispatched.as_str())
-        .bind(lease_id.to_string())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if n == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        let data = serde_json::json!({"action": "dispatch_withdrawn", "lease": lease_id});
-        insert_event(
-            &mut tx,
-            id,
-            crate::model::kind::EXECUTOR,
-            &format!("dispatch withdrawn, back in the queue: {reason}"),
-            &data,
-        )
-        .await?;
-        tx.commit().await?;
-        self.queue_log
-            .record(QueueChange::Queued(cur.queue_entry()));
-        Ok(true)
-    }
-
-    /// Applies `trigger` to job `id` if its state allows it; returns the new row, or `None`
-    /// when the state did not allow it (e.g. already finished). `edit` sets extra columns.
+    /// Applies `trigger` to job `id` if its state allows it, setting `set` (extra columns,
+    /// bound from `$4` on) and appending `event` in the same transaction; returns the new
+    /// row, or `None` when the state did not allow it (e.g. already finished: the first
+    /// writer wins).
     async fn apply(
         &self,
         id: i64,
         trigger: Trigger,
         set: &'static str,
         binds: Vec<Bind>,
+        event: Option<(&str, &str, &Value)>,
     ) -> Result<Option<JobRow>, StoreError> {
         let Some(cur) = self.get(id).await? else {
             return Err(StoreError::NotFound(id));
@@ -708,31 +419,38 @@ impl Store {
                 format!(", {set}")
             }
         );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(next.as_str())
-            .bind(id)
-            .bind(cur.state.as_str());
-        for b in binds {
-            q = match b {
-                Bind::Int(v) => q.bind(v),
-                Bind::Text(v) => q.bind(v),
-            };
-        }
-        let n = {
+        // The event's sequence number may race with another writer's event on PostgreSQL
+        // (the primary key refuses the loser): the whole change is tried again then.
+        let mut last = None;
+        for _ in 0..8 {
             let _gate = self.db.write_turn().await;
-            q.execute(self.pool()).await?.rows_affected()
-        };
-        if n == 0 {
-            // Lost a race with another writer; the caller re-reads.
-            return Ok(None);
+            let mut tx = self.pool().begin().await?;
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(next.as_str())
+                .bind(id)
+                .bind(cur.state.as_str());
+            for b in &binds {
+                q = match b {
+                    Bind::Int(v) => q.bind(*v),
+                    Bind::Text(v) => q.bind(v.clone()),
+                };
+            }
+            if q.execute(&mut *tx).await?.rows_affected() == 0 {
+                // Lost a race with another writer.
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            if let Some((kind, message, data)) = event
+                && let Err(e) = insert_event(&mut tx, id, kind, message, data).await
+            {
+                let _ = tx.rollback().await;
+                last = Some(e);
+                continue;
+            }
+            tx.commit().await?;
+            return self.get(id).await;
         }
-        if next == JobState::Queued {
-            self.queue_log
-                .record(QueueChange::Queued(cur.queue_entry()));
-        } else if cur.state == JobState::Queued {
-            self.queue_log.record(QueueChange::Left(id));
-        }
-        self.get(id).await
+        Err(last.map_or(StoreError::NotFound(id), StoreError::Db))
     }
 
     /// The job process runs (pid recorded).
@@ -742,18 +460,25 @@ impl Store {
             Trigger::Start,
             "pid = $4, started_at = COALESCE(started_at, $5)",
             vec![Bind::Int(i64::from(pid)), Bind::Int(now_ms())],
+            None,
         )
         .await
     }
 
-    /// Ends the job with `status` and `reason`, and stores the `finished` event. Returns
-    /// `None` when it was already finished (the first writer wins).
+    /// Ends the job with `status` and `reason`, with its `finished` event, in one
+    /// transaction. Returns `None` when it was already finished (the first writer wins).
     pub async fn finish(
         &self,
         id: i64,
         status: JobStatus,
         reason: &str,
     ) -> Result<Option<JobRow>, StoreError> {
+        let data = serde_json::json!({
+            "status": status,
+            "exit_code": status.exit_code(),
+            "reason": reason,
+        });
+        let message = format!("{status}: {reason}");
         let row = self
             .apply(
                 id,
@@ -764,21 +489,10 @@ impl Store {
                     Bind::Text(reason.to_string()),
                     Bind::Int(now_ms()),
                 ],
+                Some((crate::model::kind::FINISHED, &message, &data)),
             )
             .await?;
         if row.is_some() {
-            let data = serde_json::json!({
-                "status": status,
-                "exit_code": status.exit_code(),
-                "reason": reason,
-            });
-            self.add_event(
-                id,
-                crate::model::kind::FINISHED,
-                &format!("{status}: {reason}"),
-                data,
-            )
-            .await?;
             metrics::counter!("executor_jobs_finished_total", "status" => status.as_str())
                 .increment(1);
         }
@@ -826,6 +540,21 @@ impl Store {
         .await?
         .rows_affected();
         Ok(n == 1)
+    }
+
+    /// The unfinished jobs dispatched by `executor` whose cancellation was requested (through
+    /// any executor sharing the database): the executor polls it to signal their processes.
+    pub async fn cancels_of(&self, executor: &str) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id FROM jobs WHERE state IN ('DISPATCHED', 'RUNNING') AND executor = $1 \
+             AND cancel_requested <> 0",
+        )
+        .bind(executor.to_string())
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<i64, _>(0).map_err(StoreError::from))
+            .collect()
     }
 
     /// Appends an event; returns its sequence number.
@@ -953,20 +682,20 @@ enum Bind {
 }
 
 /// The message and data of a job's `dispatched` event.
-fn dispatched_event(d: &Dispatch, round: u64) -> (String, Value) {
+fn dispatched_event(d: &Dispatch, executor: &str, round: u64) -> (String, Value) {
     let data = serde_json::json!({
         "machine_id": d.machine,
         "lease_id": d.lease_id,
+        "executor": executor,
         "round": round,
     });
     (format!("dispatched to {}", d.machine), data)
 }
 
-/// [`Store::complete_many`]'s writes on PostgreSQL in one statement (one round trip instead of
-/// two per job): the dispatches travel as one JSON document; each claimed job still queued is
-/// marked `DISPATCHED` and gets its `dispatched` event.
+/// [`Store::record_dispatches`] on PostgreSQL in one statement (one round trip instead of
+/// two per job): the dispatches travel as one JSON document; each job still queued is marked
+/// `DISPATCHED` and gets its `dispatched` event.
 struct DispatchStatement<'a> {
-    claimed: &'a std::collections::HashSet<i64>,
     items: &'a [Dispatch],
     next: JobState,
     round: u64,
@@ -975,21 +704,13 @@ struct DispatchStatement<'a> {
 }
 
 impl DispatchStatement<'_> {
-    /// Runs the statement on `conn` (a claim's transaction, or a connection on its own, where
-    /// it commits by itself). Returns one flag per item.
+    /// Runs the statement on `conn` (it commits by itself). Returns one flag per item.
     async fn run(&self, conn: &mut sqlx::AnyConnection) -> Result<Vec<bool>, StoreError> {
-        let chosen: Vec<&Dispatch> = self
+        let rows: Vec<Value> = self
             .items
             .iter()
-            .filter(|d| self.claimed.contains(&d.id))
-            .collect();
-        if chosen.is_empty() {
-            return Ok(vec![false; self.items.len()]);
-        }
-        let rows: Vec<Value> = chosen
-            .iter()
             .map(|d| {
-                let (message, data) = dispatched_event(d, self.round);
+                let (message, data) = dispatched_event(d, self.executor, self.round);
                 serde_json::json!({
                     "id": d.id,
                     "machine": d.machine.to_string(),
@@ -999,8 +720,8 @@ impl DispatchStatement<'_> {
                 })
             })
             .collect();
-        let query = chosen.iter().fold(
-            sqlx::query(sqlx::AssertSqlSafe(dispatch_sql(chosen.len())))
+        let query = self.items.iter().fold(
+            sqlx::query(sqlx::AssertSqlSafe(dispatch_sql(self.items.len())))
                 .bind(Value::Array(rows).to_string())
                 .bind(self.next.as_str())
                 .bind(self.executor.to_string())
@@ -1018,9 +739,9 @@ impl DispatchStatement<'_> {
 }
 
 /// The dispatch statement for `n` jobs. The jobs to mark are those of the list still queued
-/// and not locked by another transaction (`FOR UPDATE SKIP LOCKED`): in a claim's
-/// transaction they are locked already (by this transaction, so not skipped); unlocked, a job
-/// another executor is dispatching right now is skipped instead of waited for.
+/// and not locked by another transaction (`FOR UPDATE SKIP LOCKED`): a job another executor
+/// is dispatching (or a client cancelling) right now is skipped instead of waited for; its
+/// lease is given back.
 ///
 /// The ids are also listed as placeholders: the planner cannot tell how many rows
 /// `json_to_recordset` yields (it assumes 100) and would scan the whole queue to join them;

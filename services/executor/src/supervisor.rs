@@ -71,8 +71,11 @@ struct Inner {
     state_dir: PathBuf,
     peers: Peers,
     storage: Option<Arc<dyn JobStorage>>,
+    command: JobCommand,
     jobs: Mutex<HashMap<i64, Tracked>>,
     handled: Mutex<HashSet<i64>>,
+    /// Jobs whose processes were sent SIGTERM for a cancellation (once each).
+    signalled: Mutex<HashSet<i64>>,
     inline: Option<InlineRunner>,
     /// Woken when a job finishes (the scheduler may have work).
     finished: Arc<Notify>,
@@ -90,19 +93,83 @@ fn kill_group(pid: u32, sig: libc::c_int) -> bool {
     unsafe { libc::kill(-pid, sig) == 0 }
 }
 
-/// Whether `pid` is alive and is job `id`'s process (not a recycled pid).
-fn is_job_process(pid: u32, id: i64) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        && let Some(rest) = stat.rsplit(')').next()
-        && rest.trim_start().starts_with('Z')
-    {
-        return false;
+/// How often the executor looks in the store for cancellations of its jobs requested through
+/// another executor sharing the database.
+const CANCEL_POLL: Duration = Duration::from_secs(1);
+
+/// The command line of job processes: `<program> <lead…> <id>`, exactly as the executor
+/// starts them. A process is taken for job `id`'s only when its argv is exactly that (never
+/// when it merely contains the id: a recycled pid must not be signalled).
+#[derive(Debug, Clone)]
+pub struct JobCommand {
+    program: PathBuf,
+    lead: Vec<PathBuf>,
+    /// A configured command of several elements may be a wrapper that ends by exec'ing its
+    /// last element with the id: that element.
+    exec_target: Option<PathBuf>,
+}
+
+impl JobCommand {
+    /// `executor.job_command`, or this binary with `job`.
+    pub fn from_config(cfg: &Config) -> Self {
+        match &cfg.job_command {
+            Some(cmd) if !cmd.is_empty() => Self {
+                program: cmd[0].clone(),
+                lead: cmd[1..].to_vec(),
+                exec_target: (cmd.len() > 1).then(|| cmd[cmd.len() - 1].clone()),
+            },
+            _ => Self {
+                // Unknown only if /proc is not mounted; the job processes would not start
+                // either, which the launch reports.
+                program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("dutgate")),
+                lead: vec![PathBuf::from("job")],
+                exec_target: None,
+            },
+        }
     }
-    let id = id.to_string();
-    cmdline.split(|b| *b == 0).any(|a| a == id.as_bytes())
+
+    /// The argv of job `id`'s process.
+    pub fn argv(&self, id: i64) -> Vec<std::ffi::OsString> {
+        let mut argv = vec![self.program.clone().into_os_string()];
+        argv.extend(self.lead.iter().map(|a| a.clone().into_os_string()));
+        argv.push(id.to_string().into());
+        argv
+    }
+
+    /// Whether `cmdline` (the NUL-separated argv of `/proc/<pid>/cmdline`) is that of job
+    /// `id`'s process: exactly [`JobCommand::argv`], or — for a configured command of several
+    /// elements, a wrapper that ends by exec'ing its last element with the id (`/bin/sh -c
+    /// '…; exec "$0" "$@"' /usr/bin/dutgate-job`) — exactly `<last element> <id>`.
+    pub fn matches(&self, id: i64, cmdline: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let args: Vec<&[u8]> = cmdline
+            .strip_suffix(&[0])
+            .unwrap_or(cmdline)
+            .split(|b| *b == 0)
+            .collect();
+        let argv = self.argv(id);
+        if args.iter().copied().eq(argv.iter().map(|a| a.as_bytes())) {
+            return true;
+        }
+        let id = id.to_string();
+        self.exec_target
+            .as_ref()
+            .is_some_and(|target| args == [target.as_os_str().as_bytes(), id.as_bytes()])
+    }
+
+    /// Whether `pid` is alive (not a zombie) and runs job `id`'s process.
+    fn is_running(&self, pid: u32, id: i64) -> bool {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            && let Some(rest) = stat.rsplit(')').next()
+            && rest.trim_start().starts_with('Z')
+        {
+            return false;
+        }
+        self.matches(id, &cmdline)
+    }
 }
 
 impl Supervisor {
@@ -120,6 +187,7 @@ impl Supervisor {
             inner: Arc::new(Inner {
                 store,
                 name: cfg.executor_name(),
+                command: JobCommand::from_config(&cfg),
                 peers,
                 cfg,
                 gw,
@@ -127,6 +195,7 @@ impl Supervisor {
                 storage,
                 jobs: Mutex::new(HashMap::new()),
                 handled: Mutex::new(HashSet::new()),
+                signalled: Mutex::new(HashSet::new()),
                 inline,
                 finished,
             }),
@@ -170,16 +239,10 @@ impl Supervisor {
             .open(dir.join("process.log"))
             .map_err(LaunchError::Spawn)?;
         let log2 = log.try_clone().map_err(LaunchError::Spawn)?;
-        let (program, lead): (PathBuf, Vec<PathBuf>) = match &self.inner.cfg.job_command {
-            Some(cmd) if !cmd.is_empty() => (cmd[0].clone(), cmd[1..].to_vec()),
-            _ => (
-                std::env::current_exe().map_err(LaunchError::Spawn)?,
-                vec![PathBuf::from("job")],
-            ),
-        };
-        let mut cmd = tokio::process::Command::new(&program);
-        cmd.args(&lead)
-            .arg(id.to_string())
+        // Exactly the argv the process is recognised by later (`JobCommand::matches`).
+        let argv = self.inner.command.argv(id);
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             // Its own group: signals to the executor (Ctrl-C, systemd stop) do not reach it,
             // and cancellation reaches everything it started.
             .process_group(0)
@@ -256,7 +319,10 @@ impl Supervisor {
         let path = control::socket_path(&self.job_dir(id));
         let mut attached = false;
         for _ in 0..200 {
-            if !is_job_process(pid, id) {
+            // A child of ours is known to be the job's process (its end is learnt from
+            // `wait`); right after the spawn its command line may even be empty still (the
+            // kernel is finishing the exec). Another's is checked by its command line.
+            if not_child.is_some() && !self.inner.command.is_running(pid, id) {
                 break;
             }
             match control::follow(&path, &ptx).await {
@@ -277,9 +343,17 @@ impl Supervisor {
         let Some(alive) = not_child else {
             return;
         };
-        // Not our child: wait until the pid is really gone, then conclude.
-        while is_job_process(pid, id) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        // Not our child: wait until the pid is really gone, then conclude. Gone means gone
+        // twice, 50 ms apart: while a wrapper execs the job program its command line is
+        // briefly empty.
+        loop {
+            while self.inner.command.is_running(pid, id) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !self.inner.command.is_running(pid, id) {
+                break;
+            }
         }
         let _ = alive.send(false);
         self.process_gone(id, "exited").await;
@@ -291,7 +365,9 @@ impl Supervisor {
         let mut n = 0;
         for row in rows {
             match (row.state, row.pid) {
-                (JobState::Running, Some(pid)) if is_job_process(pid as u32, row.id) => {
+                (JobState::Running, Some(pid))
+                    if self.inner.command.is_running(pid as u32, row.id) =>
+                {
                     self.attach(row.id, pid as u32).await?;
                     n += 1;
                 }
@@ -303,7 +379,8 @@ impl Supervisor {
                         n += 1;
                         continue;
                     }
-                    // Dispatched, but the executor died before starting the process.
+                    // Dispatched (recorded after mars granted the lease), but the executor
+                    // died before starting the process.
                     let ttl = self.inner.cfg.lease_ttl_seconds.unwrap_or(30);
                     let (Some(machine), Some(lease)) = (row.machine_id, row.lease_id.as_deref())
                     else {
@@ -311,27 +388,15 @@ impl Supervisor {
                             .await;
                         continue;
                     };
-                    // The dispatch is recorded while its lease is taken: a lease mars does
-                    // not hold (never granted, or expired while no executor ran) means the
-                    // job never started — it goes back to the queue.
-                    if let Ok(m) = self.inner.peers.mars.machine(machine).await
-                        && m.lease.as_ref().is_none_or(|l| l.id != lease)
+                    // The lease expired while no executor ran: the machine may serve another
+                    // job already. Nothing of this job ever touched it, so it is not touched
+                    // now either; the job ends without running. Judged from mars' list of
+                    // active leases: when mars cannot be asked, the job is launched and its
+                    // first heartbeat finds out.
+                    if let Ok(leases) = self.inner.peers.mars.leases().await
+                        && !leases.iter().any(|l| l.id == lease)
                     {
-                        match self
-                            .inner
-                            .store
-                            .withdraw_dispatch(
-                                row.id,
-                                lease,
-                                "its lease is not held (the executor stopped while dispatching it)",
-                            )
-                            .await
-                        {
-                            Ok(_) => self.inner.finished.notify_one(),
-                            Err(e) => {
-                                tracing::error!(job_id = row.id, error = %e, "cannot withdraw the dispatch")
-                            }
-                        }
+                        self.finish_unstarted(row.id, lease).await;
                         continue;
                     }
                     if let Err(e) = self.launch(row.id, machine, lease, ttl).await {
@@ -348,6 +413,28 @@ impl Supervisor {
             }
         }
         Ok(n)
+    }
+
+    /// A dispatched job whose lease expired before its process started: it ends `INCOMPLETE`
+    /// without a teardown (it never touched its machine, which it no longer holds).
+    async fn finish_unstarted(&self, id: i64, lease: &str) {
+        let reason = format!(
+            "its lease {lease} expired before its process started (no executor was running)"
+        );
+        tracing::warn!(
+            job_id = id,
+            lease,
+            "lease expired before the job process started"
+        );
+        if let Err(e) = self
+            .inner
+            .store
+            .finish(id, JobStatus::Incomplete, &reason)
+            .await
+        {
+            tracing::error!(job_id = id, error = %e, "cannot finish the job");
+        }
+        self.inner.finished.notify_one();
     }
 
     /// Follows job `id`'s process `pid`, which another executor (process) started.
@@ -392,7 +479,8 @@ impl Supervisor {
             let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
             let state = fields.next()?;
             let pgrp = fields.nth(1)?.parse::<u32>().ok()?;
-            (state != "Z" && pgrp == pid).then_some(pid)
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (state != "Z" && pgrp == pid && self.inner.command.matches(id, &cmdline)).then_some(pid)
         })
     }
 
@@ -459,7 +547,29 @@ impl Supervisor {
             return;
         };
         let machine = self.inner.peers.mars.machine(machine_id).await.ok();
-        process::teardown_power_off(&self.inner.peers, machine.as_ref(), machine_id, &r).await;
+        // Held under another lease (this one expired and mars gave the machine to someone
+        // else): not this job's to power off.
+        let other = machine
+            .as_ref()
+            .and_then(|m| m.lease.as_ref())
+            .filter(|l| Some(l.id.as_str()) != row.lease_id.as_deref());
+        match other {
+            Some(l) => {
+                r.event(
+                    kind::TEARDOWN,
+                    format!(
+                        "power_off skipped: machine {machine_id} is held by lease {}",
+                        l.id
+                    ),
+                    json!({"step": "power_off", "ok": false, "skipped": true}),
+                )
+                .await
+            }
+            None => {
+                process::teardown_power_off(&self.inner.peers, machine.as_ref(), machine_id, &r)
+                    .await
+            }
+        }
         process::teardown_clear_boot(&self.inner.peers, machine_id, row.id, &r).await;
         if let Some(storage) = &self.inner.storage {
             let bucket = self
@@ -514,50 +624,93 @@ impl Supervisor {
                     .await?;
                 let tracked = self.jobs().get(&id).cloned();
                 match tracked {
-                    Some(t) => {
-                        kill_group(t.pid, libc::SIGTERM);
-                        let me = self.clone();
-                        let grace = self.inner.cfg.cancel_grace();
-                        tokio::spawn(async move {
-                            let mut alive = t.alive.clone();
-                            let ended = tokio::time::timeout(grace, async {
-                                let _ = alive.wait_for(|a| !*a).await;
-                            })
-                            .await
-                            .is_ok();
-                            if !ended && is_job_process(t.pid, id) {
-                                kill_group(t.pid, libc::SIGKILL);
-                                let _ = me
-                                    .inner
-                                    .store
-                                    .add_event(
-                                        id,
-                                        kind::EXECUTOR,
-                                        &format!(
-                                            "job process {} still there after {:.1} s: killed",
-                                            t.pid,
-                                            grace.as_secs_f64()
-                                        ),
-                                        json!({"action": "killed", "pid": t.pid}),
-                                    )
-                                    .await;
-                            }
-                        });
-                    }
+                    Some(t) => self.terminate(id, t),
                     None if row.executor.as_deref() == Some(self.inner.name.as_str()) => {
                         // Ours, but no process: the executor tears down itself.
                         if let Some(pid) = row.pid
-                            && is_job_process(pid as u32, id)
+                            && self.inner.command.is_running(pid as u32, id)
                         {
                             kill_group(pid as u32, libc::SIGTERM);
                         } else {
                             self.process_gone(id, "no process").await;
                         }
                     }
-                    // Another executor's job: it sees the flag when its process ends.
+                    // Another executor's job: that executor finds the flag within
+                    // `CANCEL_POLL` (`Supervisor::watch_cancels`) and signals its process.
                     None => {}
                 }
                 Ok(self.inner.store.require(id).await?)
+            }
+        }
+    }
+
+    /// Cancels job `id`'s process `t`: SIGTERM (the process tears down), SIGKILL after the
+    /// grace period. Once per job.
+    fn terminate(&self, id: i64, t: Tracked) {
+        {
+            let mut signalled = self
+                .inner
+                .signalled
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if !signalled.insert(id) {
+                return;
+            }
+        }
+        kill_group(t.pid, libc::SIGTERM);
+        let me = self.clone();
+        let grace = self.inner.cfg.cancel_grace();
+        tokio::spawn(async move {
+            let mut alive = t.alive.clone();
+            let ended = tokio::time::timeout(grace, async {
+                let _ = alive.wait_for(|a| !*a).await;
+            })
+            .await
+            .is_ok();
+            if !ended && me.inner.command.is_running(t.pid, id) {
+                kill_group(t.pid, libc::SIGKILL);
+                let _ = me
+                    .inner
+                    .store
+                    .add_event(
+                        id,
+                        kind::EXECUTOR,
+                        &format!(
+                            "job process {} still there after {:.1} s: killed",
+                            t.pid,
+                            grace.as_secs_f64()
+                        ),
+                        json!({"action": "killed", "pid": t.pid}),
+                    )
+                    .await;
+            }
+        });
+    }
+
+    /// Signals the processes of this executor's jobs whose cancellation was requested through
+    /// another executor sharing the database: that executor only sets the flag in the store.
+    /// Looks every [`CANCEL_POLL`] (one query for all of this executor's jobs).
+    pub async fn watch_cancels(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(CANCEL_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let ids = match self.inner.store.cancels_of(&self.inner.name).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot look for cancellations");
+                    continue;
+                }
+            };
+            for id in ids {
+                let tracked = self.jobs().get(&id).cloned();
+                if let Some(t) = tracked {
+                    tracing::info!(job_id = id, pid = t.pid, "cancellation found in the store");
+                    self.terminate(id, t);
+                }
             }
         }
     }
@@ -567,7 +720,7 @@ impl Supervisor {
     pub async fn lease_expired(&self, id: i64) {
         let tracked = self.jobs().get(&id).cloned();
         if let Some(t) = tracked {
-            if is_job_process(t.pid, id) {
+            if self.inner.command.is_running(t.pid, id) {
                 kill_group(t.pid, libc::SIGKILL);
             }
             return; // The exit (or the socket closing) finishes the job.
@@ -587,5 +740,94 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(sig)) => format!("signal {sig}"),
         _ => "unknown exit".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(cmd: &[&str]) -> JobCommand {
+        JobCommand::from_config(&Config {
+            job_command: Some(cmd.iter().map(PathBuf::from).collect()),
+            ..Default::default()
+        })
+    }
+
+    /// A live process with `argv`, killed when dropped.
+    struct Proc(std::process::Child);
+
+    impl Proc {
+        fn start(argv: &[&str]) -> Self {
+            let child = std::process::Command::new(argv[0])
+                .args(&argv[1..])
+                .spawn()
+                .unwrap();
+            // `spawn` returns once the exec began; the kernel sets the new command line a
+            // moment later (until then `/proc/<pid>/cmdline` is empty).
+            let path = format!("/proc/{}/cmdline", child.id());
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::read(&path).is_ok_and(|c| c.is_empty()) {
+                assert!(std::time::Instant::now() < end, "{argv:?} never exec'd");
+                std::thread::yield_now();
+            }
+            Self(child)
+        }
+
+        fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for Proc {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A process is a job's only when its argv is exactly the job's command line: one whose
+    /// command line merely contains the id (a recycled pid, say) is not, nor is a zombie.
+    #[test]
+    fn job_processes_are_identified_by_their_exact_argv() {
+        let cmd = command(&["/bin/sleep", "30"]);
+        // `/bin/sleep 30 1` is exactly job 1's command line.
+        let job = Proc::start(&["/bin/sleep", "30", "1"]);
+        assert!(cmd.is_running(job.pid(), 1));
+        // The same process holds "30" as an argument, but it is not job 30's.
+        assert!(!cmd.is_running(job.pid(), 30));
+        // Another program whose arguments contain the id, in other places.
+        let other = Proc::start(&["/bin/sleep", "1", "30"]);
+        assert!(!cmd.is_running(other.pid(), 1));
+        assert!(!cmd.is_running(other.pid(), 30));
+        let longer = Proc::start(&["/bin/sleep", "30", "1", "2"]);
+        assert!(!cmd.is_running(longer.pid(), 1));
+        // Gone (and reaped): not running.
+        let pid = job.pid();
+        drop(job);
+        assert!(!cmd.is_running(pid, 1));
+    }
+
+    #[test]
+    fn a_wrapper_command_is_recognised_before_and_after_its_exec() {
+        let cmd = command(&[
+            "/bin/sh",
+            "-c",
+            "exec \"$0\" \"$@\"",
+            "/usr/bin/dutgate-job",
+        ]);
+        let started = b"/bin/sh\0-c\0exec \"$0\" \"$@\"\0/usr/bin/dutgate-job\x0042\0";
+        assert!(cmd.matches(42, started));
+        assert!(cmd.matches(42, b"/usr/bin/dutgate-job\x0042\0"));
+        assert!(!cmd.matches(4, b"/usr/bin/dutgate-job\x0042\0"));
+        assert!(!cmd.matches(42, b"/usr/bin/dutgate-job\0--x\x0042\0"));
+        assert!(!cmd.matches(42, b"/bin/sh\0-c\0sleep 42\0"));
+        // This binary's `job` subcommand: only `<exe> job <id>`.
+        let default = JobCommand::from_config(&Config::default());
+        let exe = std::env::current_exe().unwrap();
+        let mut own = exe.as_os_str().as_encoded_bytes().to_vec();
+        own.extend_from_slice(b"\0job\x007\0");
+        assert!(default.matches(7, &own));
+        assert!(!default.matches(7, b"job\x007\0"));
     }
 }

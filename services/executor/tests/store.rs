@@ -1,5 +1,6 @@
 //! The queue store on SQLite, and on PostgreSQL when `DUTGATE_TEST_POSTGRES_URL` is set:
-//! dispatch order, claims (`FOR UPDATE SKIP LOCKED` on PostgreSQL), events, one finish.
+//! dispatch order, the conditional dispatch record, events, one finish (state and event in
+//! one transaction).
 
 use dutgate_core::db::Backend;
 use dutgate_core::db::testing::databases;
@@ -21,7 +22,7 @@ fn job(priority: i64, tags: &[&str]) -> NewJob {
 }
 
 #[tokio::test]
-async fn queue_order_claims_events_and_finish() {
+async fn queue_order_dispatch_events_and_finish() {
     for db in databases("executor", MIGRATIONS).await {
         let store = Store::new(db.db.clone());
         let low = store.insert(&job(0, &["a:b:c"])).await.unwrap();
@@ -37,28 +38,27 @@ async fn queue_order_claims_events_and_finish() {
         assert_eq!(order, vec![high, low, low2], "priority, then FIFO");
 
         let m = MachineId::parse("52:54:00:00:00:01").unwrap();
-        let claim = store.claim(high).await.unwrap().unwrap();
-        if db.backend() == Backend::Postgres {
-            // A second executor skips the locked row instead of waiting for it.
-            let other = Store::new(db.db.clone());
-            assert!(other.claim(high).await.unwrap().is_none());
-        }
-        assert!(
+        let d = |lease: &str| Dispatch {
+            id: high,
+            machine: m,
+            lease_id: lease.into(),
+        };
+        assert_eq!(
             store
-                .complete_dispatch(claim, m, "lease-1", "exec-a")
+                .record_dispatches(&[d("lease-1")], "exec-a", 1)
                 .await
-                .unwrap()
+                .unwrap(),
+            vec![true]
         );
-        // Already dispatched: no second claim succeeds.
-        match store.claim(high).await.unwrap() {
-            None => {}
-            Some(c) => assert!(
-                !store
-                    .complete_dispatch(c, m, "lease-2", "exec-b")
-                    .await
-                    .unwrap()
-            ),
-        }
+        // Already dispatched: a second record (another executor's lease) loses.
+        let other = Store::new(db.db.clone());
+        assert_eq!(
+            other
+                .record_dispatches(&[d("lease-2")], "exec-b", 1)
+                .await
+                .unwrap(),
+            vec![false]
+        );
         let row = store.require(high).await.unwrap();
         assert_eq!(
             (row.state, row.machine_id, row.lease_id.as_deref()),
@@ -133,49 +133,31 @@ async fn queue_order_claims_events_and_finish() {
 }
 
 #[tokio::test]
-async fn batch_claim_and_commit() {
+async fn dispatch_records_only_jobs_still_queued() {
     for db in databases("executor", MIGRATIONS).await {
         let store = Store::new(db.db.clone());
-        let ids: Vec<i64> = {
-            let mut v = Vec::new();
-            for _ in 0..4 {
-                v.push(store.insert(&job(0, &[])).await.unwrap());
-            }
-            v
-        };
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(store.insert(&job(0, &[])).await.unwrap());
+        }
         let m = |n: u8| MachineId::from_bytes([0x52, 0x54, 0, 0, 0, n]);
         let d = |id: i64, n: u8| Dispatch {
             id,
             machine: m(n),
             lease_id: format!("lease-{n}"),
         };
-
-        let mut batch = store.claim_many(&ids[..3]).await.unwrap();
-        batch.round = 7;
-        assert_eq!(batch.ids, ids[..3].to_vec());
-        if db.backend() == Backend::Postgres {
-            // Another executor skips the locked rows and gets only the free one.
-            let other = Store::new(db.db.clone());
-            let theirs = other.claim_many(&ids).await.unwrap();
-            assert_eq!(theirs.ids, vec![ids[3]]);
-            // Dropped: rolled back, the job stays queued.
-            drop(theirs);
-        } else {
-            // SQLite: a cancellation between claim and commit wins (PostgreSQL's cancel
-            // waits for the row lock instead).
-            store
-                .finish(ids[2], JobStatus::Incomplete, "cancelled")
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        // ids[1]'s lease was refused: not in the items, it stays queued.
+        // Cancelled between the plan and the record: the record loses, the job stays
+        // finished; ids[1]'s lease was refused: not recorded, it stays queued.
+        store
+            .finish(ids[2], JobStatus::Incomplete, "cancelled")
+            .await
+            .unwrap()
+            .unwrap();
         let done = store
-            .complete_many(batch, &[d(ids[0], 1), d(ids[2], 3)], "exec-a")
+            .record_dispatches(&[d(ids[0], 1), d(ids[2], 3)], "exec-a", 7)
             .await
             .unwrap();
-        let cancelled = db.backend() == Backend::Sqlite;
-        assert_eq!(done, vec![true, !cancelled]);
+        assert_eq!(done, vec![true, false]);
         let row = store.require(ids[0]).await.unwrap();
         assert_eq!(
             (row.state, row.machine_id, row.lease_id.as_deref()),
@@ -184,35 +166,100 @@ async fn batch_claim_and_commit() {
         let ev = store.events(ids[0], 0).await.unwrap();
         assert_eq!(ev.last().unwrap().kind, "dispatched");
         assert_eq!(ev.last().unwrap().data["round"], 7);
+        assert_eq!(ev.last().unwrap().data["executor"], "exec-a");
         assert_eq!(store.require(ids[1]).await.unwrap().state, JobState::Queued);
-        let expect = if cancelled {
-            JobState::Finished
-        } else {
-            JobState::Dispatched
-        };
-        assert_eq!(store.require(ids[2]).await.unwrap().state, expect);
-        let queued: Vec<i64> = store
-            .queued(10)
-            .await
-            .unwrap()
-            .iter()
-            .map(|q| q.id)
-            .collect();
-        assert_eq!(queued, vec![ids[1], ids[3]]);
-
-        // A job already dispatched is not claimed again (PostgreSQL) or not committed twice
-        // (SQLite).
-        let again = store.claim_many(&[ids[0], ids[1]]).await.unwrap();
+        let row = store.require(ids[2]).await.unwrap();
+        assert_eq!(
+            (row.state, row.machine_id, row.lease_id),
+            (JobState::Finished, None, None)
+        );
+        if db.backend() == Backend::Postgres {
+            // A job another transaction holds (an executor recording it, a client cancelling
+            // it) is skipped, not waited for: its lease goes back.
+            let mut holder = db.pool().begin().await.unwrap();
+            sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+                .bind(ids[3])
+                .fetch_all(&mut *holder)
+                .await
+                .unwrap();
+            let done = store
+                .record_dispatches(&[d(ids[1], 2), d(ids[3], 4)], "exec-b", 8)
+                .await
+                .unwrap();
+            assert_eq!(done, vec![true, false]);
+            holder.rollback().await.unwrap();
+            assert_eq!(store.require(ids[3]).await.unwrap().state, JobState::Queued);
+        }
+        // A job already dispatched is not recorded twice.
         let done = store
-            .complete_many(again, &[d(ids[0], 5), d(ids[1], 2)], "exec-b")
+            .record_dispatches(&[d(ids[0], 5)], "exec-b", 9)
             .await
             .unwrap();
-        assert_eq!(done, vec![false, true]);
+        assert_eq!(done, vec![false]);
         let row = store.require(ids[0]).await.unwrap();
         assert_eq!(
             (row.machine_id, row.executor.as_deref()),
             (Some(m(1)), Some("exec-a"))
         );
+        db.cleanup().await;
+    }
+}
+
+/// A job's end and its `finished` event are one transaction: when the event cannot be
+/// written, the job is not finished either (a reader never sees a finished job without its
+/// `finished` event, nor the reverse).
+#[tokio::test]
+async fn finish_and_its_event_are_one_transaction() {
+    for db in databases("executor", MIGRATIONS).await {
+        let store = Store::new(db.db.clone());
+        let id = store.insert(&job(0, &[])).await.unwrap();
+        // A fault in the event write: the database refuses `finished` events.
+        match db.backend() {
+            Backend::Sqlite => {
+                sqlx::query(
+                    "CREATE TRIGGER refuse_finished BEFORE INSERT ON job_events \
+                     WHEN NEW.kind = 'finished' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+                )
+                .execute(db.pool())
+                .await
+                .unwrap();
+            }
+            Backend::Postgres => {
+                sqlx::query(
+                    "ALTER TABLE job_events ADD CONSTRAINT refuse_finished \
+                     CHECK (kind <> 'finished')",
+                )
+                .execute(db.pool())
+                .await
+                .unwrap();
+            }
+        }
+        assert!(
+            store
+                .finish(id, JobStatus::Incomplete, "cancelled")
+                .await
+                .is_err()
+        );
+        let row = store.require(id).await.unwrap();
+        assert_eq!((row.state, row.status), (JobState::Queued, None));
+        // The fault gone, the end is written with its event.
+        match db.backend() {
+            Backend::Sqlite => sqlx::query("DROP TRIGGER refuse_finished"),
+            Backend::Postgres => {
+                sqlx::query("ALTER TABLE job_events DROP CONSTRAINT refuse_finished")
+            }
+        }
+        .execute(db.pool())
+        .await
+        .unwrap();
+        store
+            .finish(id, JobStatus::Incomplete, "cancelled")
+            .await
+            .unwrap()
+            .unwrap();
+        let events = store.events(id, 0).await.unwrap();
+        assert_eq!(events.last().unwrap().kind, "finished");
+        assert_eq!(store.require(id).await.unwrap().state, JobState::Finished);
         db.cleanup().await;
     }
 }

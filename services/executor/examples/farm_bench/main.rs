@@ -237,15 +237,16 @@ struct Timeline {
     /// The lease as mars recorded it (acquired, released or expired).
     lease: Option<(i64, Option<i64>)>,
     finished: Option<i64>,
-    /// Dispatches that stood: `dispatched` events less those withdrawn (lease refused).
+    /// `dispatched` events (one per job: a dispatch is recorded only under a granted lease).
     dispatched_events: u32,
-    /// Dispatches taken back because their lease was refused (the job was queued again).
-    withdrawn: u32,
     process_started_events: u32,
     boots: i64,
 }
 
-async fn timelines(store: &Store, mars: &Db) -> Result<BTreeMap<i64, Timeline>, String> {
+async fn timelines(
+    store: &Store,
+    mars: &dutgate_mars::client::MarsClient,
+) -> Result<BTreeMap<i64, Timeline>, String> {
     let pool = store.db().pool();
     let err = |e: sqlx::Error| format!("reading the results: {e}");
     let mut jobs: BTreeMap<i64, Timeline> = BTreeMap::new();
@@ -304,10 +305,6 @@ async fn timelines(store: &Store, mars: &Db) -> Result<BTreeMap<i64, Timeline>, 
         let data: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
         match kind.as_str() {
             "dispatched" => t.dispatched_events += 1,
-            "executor" if data["action"] == "dispatch_withdrawn" => {
-                t.dispatched_events = t.dispatched_events.saturating_sub(1);
-                t.withdrawn += 1;
-            }
             "process_started" => {
                 t.process_started_events += 1;
                 t.process_started.get_or_insert(at);
@@ -336,21 +333,28 @@ async fn timelines(store: &Store, mars: &Db) -> Result<BTreeMap<i64, Timeline>, 
             _ => {}
         }
     }
-    // Leases, from mars' own record of its machines' state changes.
-    let mars_err = |e: sqlx::Error| format!("reading mars' machine events: {e}");
-    let rows = sqlx::query(
-        "SELECT at, kind, job_id, machine_id FROM machine_events \
-         WHERE kind IN ('lease_acquired', 'lease_released', 'lease_expired') ORDER BY seq",
-    )
-    .fetch_all(mars.pool())
-    .await
-    .map_err(mars_err)?;
+    // Leases, from mars' event stream (its record of its machines' state changes).
+    let mut rows = Vec::new();
+    let mut after = 0;
+    loop {
+        let batch = mars
+            .events(after, Duration::ZERO)
+            .await
+            .map_err(|e| format!("reading mars' machine events: {e}"))?;
+        if batch.events.is_empty() {
+            break;
+        }
+        after = batch.next;
+        rows.extend(batch.events.into_iter().filter(|e| {
+            matches!(
+                e.kind.as_str(),
+                "lease_acquired" | "lease_released" | "lease_expired"
+            )
+        }));
+    }
     let mut holder: HashMap<String, i64> = HashMap::new();
     for r in rows {
-        let at: i64 = r.try_get(0).map_err(mars_err)?;
-        let kind: String = r.try_get(1).map_err(mars_err)?;
-        let job: Option<String> = r.try_get(2).map_err(mars_err)?;
-        let machine: String = r.try_get(3).map_err(mars_err)?;
+        let (at, kind, job, machine) = (r.at.millis(), r.kind, r.job_id, r.machine_id.to_string());
         if kind == "lease_acquired" {
             let Some(id) = job.and_then(|j| j.parse::<i64>().ok()) else {
                 continue;
@@ -716,7 +720,7 @@ async fn measure(
     stop.cancel();
 
     // ---- analysis --------------------------------------------------------------------
-    let jobs = timelines(&store, farm.mars_handle.store.db()).await?;
+    let jobs = timelines(&store, &farm.mars).await?;
     let submitted = submitted.lock().expect("submitted").clone();
     let window_ms = (t1 - t0) as f64;
     let window_h = window_ms / 3_600_000.0;
@@ -1024,10 +1028,6 @@ async fn measure(
     row(
         "jobs run twice / machines with two jobs at once",
         format!("{twice} / {overlaps} (of {} jobs)", jobs.len()),
-    );
-    row(
-        "dispatches withdrawn (lease refused, job queued again)",
-        jobs.values().map(|t| t.withdrawn).sum::<u32>().to_string(),
     );
     row(
         "set-up, drain (s); submission errors; load average at the end",

@@ -54,17 +54,7 @@ pub struct ProcessSetup {
 
 impl ProcessSetup {
     pub fn new(gateway: &GatewayConfig, executor: &Config, lease_ttl_seconds: u64) -> Self {
-        let dir = gateway.tokens_dir();
-        let admin = gateway
-            .auth
-            .admin_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&dir.join("admin")));
-        let user = gateway
-            .auth
-            .user_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&dir.join("user")));
+        let (admin, user) = gateway_tokens(gateway);
         Self {
             gateway: serde_json::to_value(gateway).unwrap_or(Value::Null),
             database_url: gateway
@@ -102,6 +92,25 @@ impl ProcessSetup {
         });
         cfg
     }
+}
+
+/// The gateway's admin and user tokens: from the config, else from the token files
+/// (`<state>/tokens/admin`, `<state>/tokens/user`) that `dutgate up` writes and every service
+/// reads ([`dutgate_core::auth::Auth::from_gateway`]). Both the executor (its own teardown of
+/// dead jobs) and the job processes call peers with them.
+pub fn gateway_tokens(gw: &GatewayConfig) -> (Option<Secret>, Option<Secret>) {
+    let dir = gw.tokens_dir();
+    let admin = gw
+        .auth
+        .admin_token
+        .clone()
+        .or_else(|| dutgate_core::auth::read_token(&dir.join("admin")));
+    let user = gw
+        .auth
+        .user_token
+        .clone()
+        .or_else(|| dutgate_core::auth::read_token(&dir.join("user")));
+    (admin, user)
 }
 
 /// Directory of job `id`'s files under the executor's state dir.
@@ -160,13 +169,18 @@ pub(crate) struct Peers {
     /// Plain HTTP client for boot artifacts (long downloads).
     pub http: reqwest::Client,
     pub boot_url: String,
-    pub user_token: Option<Secret>,
+    /// The admin token, for reading the machine's job script and its artifacts before
+    /// power-on: boot serves a job script only to its machine or an admin, and the job
+    /// process is not the machine.
+    pub admin_token: Option<Secret>,
     pub console_host: String,
 }
 
 impl Peers {
     pub fn new(gw: &GatewayConfig, cfg: &Config) -> Self {
-        let admin = gw.auth.admin_token.clone();
+        // Under `dutgate up` the tokens are in files, not in the config: without them the
+        // executor's teardown of a dead job is refused (401) and the DUT stays powered.
+        let (admin, _user) = gateway_tokens(gw);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(600))
@@ -176,10 +190,10 @@ impl Peers {
             mars: MarsClient::new(cfg.url_of(gw, ServiceName::Mars), admin.clone()),
             pdu: PduClient::new(cfg.url_of(gw, ServiceName::Pdu), admin.clone()),
             boot: BootClient::new(cfg.url_of(gw, ServiceName::Boot), admin.clone()),
-            salad: SaladClient::new(cfg.url_of(gw, ServiceName::Salad), admin),
+            salad: SaladClient::new(cfg.url_of(gw, ServiceName::Salad), admin.clone()),
             http,
             boot_url: cfg.url_of(gw, ServiceName::Boot),
-            user_token: gw.auth.user_token.clone(),
+            admin_token: admin,
             console_host: cfg.console_host(gw),
         }
     }

@@ -54,6 +54,9 @@ pub(crate) enum Outcome {
 pub(crate) struct SessionState {
     pub machine: Option<Machine>,
     pub bucket: Option<BucketAccess>,
+    /// salad's refusal cursor for the machine when the job attached: refusals after it
+    /// happened during this job (teardown records them as events).
+    pub console_refusals_after: Option<u64>,
 }
 
 pub(crate) async fn run(
@@ -104,6 +107,12 @@ async fn session(job: &JobContext, state: &mut SessionState) -> Outcome {
         Ok(c) => c,
         Err(e) => return setup_fail(e, true),
     };
+    match job.peers.salad.refusals(job.machine, 0).await {
+        Ok(list) => state.console_refusals_after = Some(list.next),
+        Err(e) => {
+            tracing::warn!(job_id = job.row.id, machine_id = %job.machine, error = %e, "cannot read salad's console refusals")
+        }
+    }
     let Some(machine) = state.machine.clone() else {
         return setup_fail("machine record missing", true);
     };
@@ -167,6 +176,17 @@ async fn session(job: &JobContext, state: &mut SessionState) -> Outcome {
             format!("power cycle (off {:.1} s)", off.as_secs_f64()),
         )
         .await;
+        // salad binds a console that announces this machine only while a boot of it is
+        // expected (design.md §10): announce this one right before the power-on.
+        if let Err(e) = job.peers.salad.expect(job.machine).await {
+            tracing::warn!(job_id = job.row.id, machine_id = %job.machine, error = %e, "cannot announce the boot to salad");
+            r.event(
+                kind::PHASE,
+                format!("salad did not take the boot announcement: {e}"),
+                json!({"phase": phase::POWER, "salad_expect": false}),
+            )
+            .await;
+        }
         if let Err(e) = job.peers.pdu.cycle(&pdu, &port, Some(off)).await {
             return setup_fail(format!("power cycle of {pdu} port {port}: {e}"), true);
         }
@@ -357,8 +377,13 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
         .map_err(|e| setup_fail(format!("machine record: {e}"), true))?;
     state.machine = Some(machine.clone());
     if let Some(storage) = job.storage.as_ref().filter(|_| state.bucket.is_none()) {
+        // The keys travel on the kernel cmdline: bound to the machine's address, a DUT that
+        // reads them anyway (an echoed console, a stolen script) cannot use them.
+        let source = machine
+            .ip_address
+            .filter(|_| job.cfg.job_keys_from_machine_address);
         let access = storage
-            .create(job.row.id, job.machine)
+            .create(job.row.id, job.machine, source)
             .await
             .map_err(|e| setup_fail(format!("job bucket: {e}"), true))?;
         r.event(
@@ -367,6 +392,19 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
             json!({"phase": phase::SETUP, "bucket": access.bucket}),
         )
         .await;
+        // The keys are on the kernel cmdline, which the kernel echoes on the console: salad
+        // masks them in every console sink from before the first power-on.
+        job.peers
+            .salad
+            .set_secrets(
+                job.machine,
+                &[
+                    access.access_key.clone(),
+                    access.secret_key.expose().to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| setup_fail(format!("masking the job's keys on the console: {e}"), true))?;
         state.bucket = Some(access.clone());
         let tarball = job.dir.join("initial.tar.gz");
         if job.row.has_tarball && tarball.exists() {
@@ -421,7 +459,7 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
 async fn prefetch(job: &JobContext) -> Result<(), Outcome> {
     let url = format!("{}/boot/{}/boot.ipxe", job.peers.boot_url, job.machine);
     let mut rb = job.peers.http.get(&url).timeout(Duration::from_secs(30));
-    if let Some(t) = &job.peers.user_token {
+    if let Some(t) = &job.peers.admin_token {
         rb = rb.bearer_auth(t.expose());
     }
     let script = match rb.send().await {
@@ -439,7 +477,7 @@ async fn prefetch(job: &JobContext) -> Result<(), Outcome> {
         .filter(|w| w.starts_with("http") && w.contains("/artifacts/"))
     {
         let mut rb = job.peers.http.get(art);
-        if let Some(t) = &job.peers.user_token {
+        if let Some(t) = &job.peers.admin_token {
             rb = rb.bearer_auth(t.expose());
         }
         match rb.send().await {

@@ -11,6 +11,7 @@ use dutgate_jobspec::{DEFAULT_INFRA_TEARDOWN, JobSpec, TemplateVars};
 use dutgate_mars::model::{Machine, ReleaseOutcome};
 use dutgate_pdu::PduClient;
 use dutgate_pdu_driver::Switch;
+use dutgate_salad::client::SaladClient;
 use serde_json::json;
 
 use super::session::{Outcome, SessionState};
@@ -68,6 +69,22 @@ pub(crate) fn classify(outcome: &Outcome) -> (JobStatus, String, Option<ReleaseO
     }
 }
 
+/// The least time a teardown gets, whatever the job asks (`timeouts.infra_teardown`): enough
+/// for the power-off (two attempts, each read back by the pdu service), the boot config and
+/// the lease release. A shorter limit would cut those off and leave the DUT powered, the
+/// lease held until it expires and the DUT's credentials valid.
+pub const INFRA_TEARDOWN_FLOOR: Duration = Duration::from_secs(30);
+
+/// How long job `job_yaml`'s teardown may take: its `timeouts.infra_teardown` (default
+/// [`DEFAULT_INFRA_TEARDOWN`]), at least [`INFRA_TEARDOWN_FLOOR`].
+pub(crate) fn teardown_limit(job_yaml: &str) -> Duration {
+    JobSpec::parse_and_render(job_yaml, &TemplateVars::placeholders())
+        .ok()
+        .and_then(|s| s.timeouts.infra_teardown.duration)
+        .unwrap_or(DEFAULT_INFRA_TEARDOWN)
+        .max(INFRA_TEARDOWN_FLOOR)
+}
+
 pub(crate) async fn run(
     job: &JobContext,
     outcome: &Outcome,
@@ -80,10 +97,7 @@ pub(crate) async fn run(
         format!("tearing down ({status}: {reason})"),
     )
     .await;
-    let limit = JobSpec::parse_and_render(&job.row.job_yaml, &TemplateVars::placeholders())
-        .ok()
-        .and_then(|s| s.timeouts.infra_teardown.duration)
-        .unwrap_or(DEFAULT_INFRA_TEARDOWN);
+    let limit = teardown_limit(&job.row.job_yaml);
     let steps = async {
         let machine = match &state.machine {
             Some(m) => Some(m.clone()),
@@ -96,6 +110,17 @@ pub(crate) async fn run(
         clear_boot(&job.peers.boot, job.machine, job.row.id, r).await;
         if let (Some(storage), Some(bucket)) = (&job.storage, &state.bucket) {
             keep_bucket(storage.as_ref(), &bucket.bucket, &job.dir, r).await;
+        }
+        if let Some(after) = state.console_refusals_after {
+            record_console_refusals(&job.peers.salad, job.machine, after, r).await;
+        }
+        // The keys are revoked; their masking goes with the lease (never the next job's).
+        if release.is_some() && state.bucket.is_some() {
+            let step = "clear_console_secrets";
+            match job.peers.salad.clear_secrets(job.machine).await {
+                Ok(()) => step_ok(r, step, "console masking of the job's keys cleared").await,
+                Err(e) => step_err(r, step, &e.to_string()).await,
+            }
         }
         if let Some(outcome) = release {
             let step = "release_lease";
@@ -184,6 +209,42 @@ pub(crate) async fn power_off(
     step_err(r, step, &last).await;
 }
 
+/// Records, as events of the job, the console streams salad refused for its machine since
+/// the job attached (refusal `seq` after `after`).
+async fn record_console_refusals(
+    salad: &SaladClient,
+    machine: MachineId,
+    after: u64,
+    r: &Reporter,
+) {
+    let list = match salad.refusals(machine, after).await {
+        Ok(list) => list,
+        Err(e) => {
+            tracing::warn!(job_id = r.id, machine_id = %machine, error = %e, "cannot read salad's console refusals");
+            return;
+        }
+    };
+    for refusal in list.refusals {
+        r.event(
+            kind::CONSOLE_REFUSED,
+            format!(
+                "salad refused console stream {} announcing {}: {}",
+                refusal.stream, refusal.claimed, refusal.reason
+            ),
+            json!({
+                "stream": refusal.stream,
+                "kind": refusal.kind,
+                "source": refusal.source,
+                "claimed": refusal.claimed.to_string(),
+                "bound_to": refusal.bound_to.map(|m| m.to_string()),
+                "reason": refusal.reason,
+                "at": refusal.at,
+            }),
+        )
+        .await;
+    }
+}
+
 /// Clears the boot config this job set (never the next job's).
 pub(crate) async fn clear_boot(boot: &BootClient, machine: MachineId, job_id: i64, r: &Reporter) {
     let step = "clear_boot_config";
@@ -227,5 +288,37 @@ pub(crate) async fn keep_bucket(storage: &dyn JobStorage, bucket: &str, dir: &Pa
             Ok(()) => step_ok(r, "delete_bucket", &format!("bucket {bucket} deleted")).await,
             Err(e) => step_err(r, "delete_bucket", &e.to_string()).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(teardown: &str) -> String {
+        format!(
+            "version: 1\ntimeouts:\n{teardown}\ndeployment:\n  start:\n    kernel:\n      \
+             url: \"http://a/k\"\n"
+        )
+    }
+
+    #[test]
+    fn infra_teardown_has_a_floor() {
+        assert_eq!(
+            teardown_limit(&yaml("  infra_teardown: {seconds: 0}")),
+            INFRA_TEARDOWN_FLOOR
+        );
+        assert_eq!(
+            teardown_limit(&yaml("  infra_teardown: {seconds: 5}")),
+            INFRA_TEARDOWN_FLOOR
+        );
+        assert_eq!(
+            teardown_limit(&yaml("  infra_teardown: {minutes: 2}")),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            teardown_limit(&yaml("  overall: {minutes: 5}")),
+            DEFAULT_INFRA_TEARDOWN
+        );
     }
 }

@@ -102,6 +102,9 @@ pub struct Options {
     pub database_url: Option<String>,
     /// The machines' PDU off delay (seconds) in a power cycle.
     pub off_delay: f64,
+    /// The tokens as `dutgate up` keeps them: in `<state>/tokens/{admin,user}`, not in the
+    /// executors' config (the services check them all the same).
+    pub tokens_in_files: bool,
     /// Starts a [`sim`] DUT per machine. Off: the caller simulates the DUTs itself (on
     /// [`Farm::device`], booting from the boot service and talking to [`Farm::netconsole`]).
     pub sims: bool,
@@ -121,6 +124,7 @@ impl Default for Options {
             executor_mode: ExecutorMode::InProcess,
             database_url: None,
             off_delay: 0.0,
+            tokens_in_files: false,
             sims: true,
         }
     }
@@ -140,6 +144,11 @@ pub struct ExecutorSlot {
     pub name: String,
     pub port: u16,
     pub url: String,
+    /// The executor's socket, bound once by the farm (port 0) and kept for the farm's life:
+    /// every start of the executor gets a copy (in process), or inherits it as fd 3 with
+    /// `LISTEN_FDS=1` (as a process, the way systemd hands sockets over). The port is never
+    /// released and picked up again, so nothing else can take it in between.
+    listener: std::net::TcpListener,
     running: Option<Running>,
 }
 
@@ -286,6 +295,13 @@ impl Farm {
         gw.ports.executor = port(&l_execs[0]);
         gw.auth.admin_token = Some(Secret::new(ADMIN));
         gw.auth.user_token = Some(Secret::new(USER));
+        // The jobs' boot artifacts come from the farm's artifact server on loopback, which the
+        // outbound policy refuses unless allowed.
+        gw.outbound.allow.push(
+            format!("127.0.0.1:{}", port(&l_art))
+                .parse()
+                .expect("an outbound allow rule"),
+        );
         let l_s3 = if opts.s3 {
             let l = bind().await;
             gw.ports.s3 = port(&l);
@@ -485,20 +501,32 @@ impl Farm {
             object_store: s3
                 .as_ref()
                 .map(|_| crate::storage::ObjectStore(s3_cfg.clone())),
+            // Simulated DUTs are processes on the gateway: they reach S3 from 127.0.0.1, not
+            // from the addresses their machines registered.
+            job_keys_from_machine_address: false,
             ..Default::default()
         };
         let mut exec_gw = (*gw).clone();
+        if opts.tokens_in_files {
+            let dir = exec_gw.tokens_dir();
+            std::fs::create_dir_all(&dir).expect("the tokens dir");
+            std::fs::write(dir.join("admin"), format!("{ADMIN}\n")).expect("the admin token file");
+            std::fs::write(dir.join("user"), format!("{USER}\n")).expect("the user token file");
+            exec_gw.auth.admin_token = None;
+            exec_gw.auth.user_token = None;
+        }
         if let Some(url) = &opts.database_url {
             exec_gw.database_url =
                 Some(serde_json::from_value(json!(url)).expect("a database URL for the executors"));
         }
         let executors: Vec<ExecutorSlot> = l_execs
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, l)| ExecutorSlot {
                 name: format!("farm-exec-{i}"),
-                port: port(l),
-                url: format!("http://127.0.0.1:{}", port(l)),
+                port: port(&l),
+                url: format!("http://127.0.0.1:{}", port(&l)),
+                listener: l.into_std().expect("a std listener"),
                 running: None,
             })
             .collect();
@@ -527,18 +555,14 @@ impl Farm {
             s3,
             netconsole,
         };
-        for (i, l) in l_execs.into_iter().enumerate() {
-            farm.start_executor_on(i, Some(l)).await;
+        for i in 0..farm.executors.len() {
+            farm.start_executor(i).await;
         }
         farm
     }
 
     /// Starts (or restarts) executor `i` on its port; returns once it answers.
     pub async fn start_executor(&mut self, i: usize) {
-        self.start_executor_on(i, None).await;
-    }
-
-    async fn start_executor_on(&mut self, i: usize, listener: Option<TcpListener>) {
         assert!(
             !self.executors[i].is_running(),
             "executor {i} is already running"
@@ -549,16 +573,13 @@ impl Farm {
         gw.ports.executor = self.executors[i].port;
         let running = match self.executor_mode.clone() {
             ExecutorMode::InProcess => {
-                let listener = match listener {
-                    Some(l) => l.into_std().expect("a std listener"),
-                    None => std::net::TcpListener::bind(("127.0.0.1", self.executors[i].port))
-                        .expect("the executor's port again"),
-                };
+                let listener = self.executors[i]
+                    .listener
+                    .try_clone()
+                    .expect("a copy of the executor's socket");
                 start_in_process(Arc::new(gw), cfg, listener).await
             }
             ExecutorMode::Process(command) => {
-                // The process binds the port itself.
-                drop(listener);
                 self.spawn_executor_process(i, &command, gw, cfg).await
             }
         };
@@ -582,9 +603,13 @@ impl Farm {
             s3,
         })
         .expect("the executor config as JSON");
-        // Secrets serialize masked: write the real ones.
-        doc["gateway"]["auth"]["admin_token"] = json!(ADMIN);
-        doc["gateway"]["auth"]["user_token"] = json!(USER);
+        // Secrets serialize masked: write the real ones (none when they are in files).
+        if gw.auth.admin_token.is_some() {
+            doc["gateway"]["auth"]["admin_token"] = json!(ADMIN);
+        }
+        if gw.auth.user_token.is_some() {
+            doc["gateway"]["auth"]["user_token"] = json!(USER);
+        }
         if let Some(url) = &gw.database_url {
             doc["gateway"]["database_url"] = json!(url.expose());
         }
@@ -598,10 +623,29 @@ impl Farm {
             .open(self.tmp.path().join(format!("{}.log", slot.name)))
             .expect("the executor's log file");
         let mut cmd = std::process::Command::new(program);
+        use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
+        let fd = slot.listener.as_raw_fd();
+        // SAFETY: between fork and exec only async-signal-safe calls are made: dup2(2) and
+        // fcntl(2) on descriptors this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The executor's socket as fd 3, inherited across the exec (no CLOEXEC).
+                if fd == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.args(args)
             .env("DUTGATE_CONFIG", &path)
-            .env_remove("LISTEN_FDS")
+            // systemd's socket activation (`dutgate_core::http::listener`): no LISTEN_PID,
+            // so the process takes fd 3 whatever its pid.
+            .env("LISTEN_FDS", "1")
             .env_remove("LISTEN_PID")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("the log file again"))
