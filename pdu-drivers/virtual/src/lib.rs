@@ -9,6 +9,19 @@
 //! SeaBIOS's serial console (`etc/sercon-port`) is on by default, so SeaBIOS and iPXE
 //! messages reach the console too: a VM that fails to netboot says why on its console.
 //!
+//! Two ways to reach the gateway, for two kinds of farm:
+//! - QEMU user networking (the default): every VM is alone on its own 10.0.2.0/24 and reaches
+//!   the gateway from 127.0.0.1. Nothing to set up, so the demo uses it.
+//! - `bridge: NAME`: the NIC is a tap device on a Linux bridge of the DUT network, where a
+//!   real DHCP server (dnsmasq) gives the address and the boot file, as on a real farm. Every
+//!   VM then has an address of its own, which the address rules of the gateway (docs/security.md)
+//!   need to mean anything. The tap joins the bridge through a one-line `ip link` script that
+//!   QEMU runs (`<run_dir>/qemu-ifup`).
+//!
+//! With `pty_console: true` the serial console is a pty instead of a netconsole: the driver
+//! links it at `<run_dir>/tty-<port>` after each power-on and removes the link at power-off,
+//! so salad opens it like a USB serial adapter that is plugged in while the machine is on.
+//!
 //! Each VM's pid is kept in `<run_dir>/port-<n>.pid`; a driver that finds a live QEMU with
 //! the port's MAC there (after a service restart) adopts it instead of reporting OFF. TCG
 //! only: KVM must not be used just because /dev/kvm exists (see the lab notes).
@@ -71,6 +84,15 @@ pub struct Config {
     /// outlets). Default: stop them with the service.
     #[serde(default)]
     pub keep_running: bool,
+    /// Put the NIC on this Linux bridge (a tap device) instead of QEMU user networking; the
+    /// DUT network's DHCP server then gives the address and the boot file (`boot_url` is not
+    /// used). Needs CAP_NET_ADMIN and `ip` (iproute2).
+    #[serde(default)]
+    pub bridge: Option<String>,
+    /// The serial console as a pty linked at `<run_dir>/tty-<port>` while the VM runs (for
+    /// salad's `serial_ports`), instead of `netconsole`.
+    #[serde(default)]
+    pub pty_console: bool,
 }
 
 fn default_boot_port() -> u16 {
@@ -117,6 +139,14 @@ pub fn build(config: yaml_serde::Value) -> Result<Box<dyn PduDriver>, ConfigErro
             "an http:// URL iPXE can fetch",
         ));
     }
+    if let Some(b) = &cfg.bridge
+        && !is_interface_name(b)
+    {
+        return Err(ConfigError::field(
+            "bridge",
+            "a network interface name: 1-15 of A-Z a-z 0-9 . _ -",
+        ));
+    }
     if cfg.memory_mb < 64 {
         return Err(ConfigError::field("memory_mb", "at least 64"));
     }
@@ -132,6 +162,28 @@ pub fn build(config: yaml_serde::Value) -> Result<Box<dyn PduDriver>, ConfigErro
         run_dir,
         vms: BTreeMap::new(),
     }))
+}
+
+/// Whether `name` is a Linux interface name. It is written into the tap script QEMU runs, so
+/// nothing but these characters may reach it.
+fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// How long QEMU may take to say which pty it opened.
+const PTY_WAIT: Duration = Duration::from_secs(5);
+
+/// The pty QEMU's log names for the console (`char device redirected to /dev/pts/3 (label
+/// con)`).
+fn console_pty(log: &str) -> Option<&str> {
+    log.lines().find_map(|l| {
+        let rest = l.split("char device redirected to ").nth(1)?;
+        let (path, label) = rest.split_once(' ')?;
+        (label.starts_with("(label con)") && path.starts_with("/dev/pts/")).then_some(path)
+    })
 }
 
 /// The MAC address of port `n` of virtual PDU `pdu`.
@@ -189,6 +241,15 @@ impl VirtualPdu {
         self.run_dir.join(format!("port-{port}.pid"))
     }
 
+    /// Where the console pty of `port` is linked while its VM runs (`pty_console`).
+    pub fn tty_link(&self, port: &str) -> PathBuf {
+        self.run_dir.join(format!("tty-{port}"))
+    }
+
+    fn ifup_script(&self) -> PathBuf {
+        self.run_dir.join("qemu-ifup")
+    }
+
     fn mac(&self, n: u8) -> String {
         mac_of(self.cfg.pdu_id, n)
     }
@@ -220,13 +281,23 @@ impl VirtualPdu {
             "-display".into(),
             "none".into(),
             "-netdev".into(),
-            format!("user,id=n0,bootfile={bootfile}"),
+            match &self.cfg.bridge {
+                None => format!("user,id=n0,bootfile={bootfile}"),
+                Some(_) => format!(
+                    "tap,id=n0,script={},downscript=no",
+                    self.ifup_script().display()
+                ),
+            },
             "-device".into(),
             format!("virtio-net-pci,netdev=n0,mac={mac}"),
             "-boot".into(),
             "order=n".into(),
         ];
         match &self.cfg.netconsole {
+            _ if self.cfg.pty_console => {
+                args.push("-chardev".into());
+                args.push("pty,id=con".into());
+            }
             Some(nc) => {
                 let (host, p) = nc.rsplit_once(':').unwrap_or((nc.as_str(), "8100"));
                 args.push("-chardev".into());
@@ -269,6 +340,45 @@ impl VirtualPdu {
             std::fs::write(self.sercon_file(), 0x3f8u64.to_le_bytes())
                 .map_err(|e| local("cannot write", &self.sercon_file(), e))?;
         }
+        if let Some(bridge) = &self.cfg.bridge {
+            use std::os::unix::fs::PermissionsExt;
+            // QEMU runs this with the tap device's name once it has created it.
+            let script = format!("#!/bin/sh\nexec ip link set \"$1\" master {bridge} up\n");
+            let path = self.ifup_script();
+            std::fs::write(&path, script).map_err(|e| local("cannot write", &path, e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| local("cannot make executable", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Links the console pty of the VM just started (named in its log) at `tty_link`.
+    async fn link_pty(&self, port: &str, log_path: &Path) -> Result<(), DriverError> {
+        let deadline = Instant::now() + PTY_WAIT;
+        let pty = loop {
+            let log = tokio::fs::read_to_string(log_path)
+                .await
+                .unwrap_or_default();
+            if let Some(p) = console_pty(&log) {
+                break PathBuf::from(p);
+            }
+            if Instant::now() > deadline {
+                return Err(DriverError::Local(format!(
+                    "QEMU of port {port} named no console pty in {}",
+                    log_path.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // A new link replaces the old one at once (rename), so salad never sees a link to a
+        // pty of an earlier power-on.
+        let link = self.tty_link(port);
+        let tmp = self.run_dir.join(format!(".tty-{port}.new"));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&pty, &tmp)
+            .and_then(|()| std::fs::rename(&tmp, &link))
+            .map_err(|e| DriverError::Local(format!("cannot link {}: {e}", link.display())))?;
+        tracing::info!(port, pty = %pty.display(), link = %link.display(), "console pty linked");
         Ok(())
     }
 
@@ -286,8 +396,11 @@ impl VirtualPdu {
                     return true;
                 }
                 _ => {
+                    // The VM powered itself off: its pty is gone, and a link left to it could
+                    // later point at another process's pty of the same number.
                     self.vms.remove(port);
                     let _ = std::fs::remove_file(self.pid_file(port));
+                    let _ = std::fs::remove_file(self.tty_link(port));
                     return false;
                 }
             },
@@ -298,6 +411,7 @@ impl VirtualPdu {
                 }
                 self.vms.remove(port);
                 let _ = std::fs::remove_file(self.pid_file(port));
+                let _ = std::fs::remove_file(self.tty_link(port));
                 return false;
             }
             None => {}
@@ -353,6 +467,9 @@ impl VirtualPdu {
             tracing::info!(port, pid, mac = %self.mac(n), "virtual DUT powered on");
         }
         self.vms.insert(port.to_string(), Vm::Child(child));
+        if self.cfg.pty_console {
+            self.link_pty(port, &log_path).await?;
+        }
         Ok(())
     }
 
@@ -386,6 +503,7 @@ impl VirtualPdu {
             }
         }
         let _ = std::fs::remove_file(self.pid_file(port));
+        let _ = std::fs::remove_file(self.tty_link(port));
         tracing::info!(port, "virtual DUT powered off");
         Ok(())
     }
@@ -467,6 +585,45 @@ mod tests {
     }
 
     #[test]
+    fn bridged_with_a_pty_console() {
+        let cfg: Config = parse_config(
+            yaml_serde::from_str("{pdu_id: 2, ports: 3, bridge: dutbr0, pty_console: true}")
+                .unwrap(),
+        )
+        .unwrap();
+        let v = VirtualPdu {
+            ports: port_list(&cfg.ports, 1),
+            run_dir: PathBuf::from("/run/x"),
+            cfg,
+            vms: BTreeMap::new(),
+        };
+        let args = v.qemu_args("3", 3).join(" ");
+        assert!(
+            args.contains("-netdev tap,id=n0,script=/run/x/qemu-ifup,downscript=no"),
+            "{args}"
+        );
+        assert!(args.contains("-chardev pty,id=con"), "{args}");
+        assert!(!args.contains("bootfile"), "{args}");
+        assert!(!args.contains("socket"), "{args}");
+        assert_eq!(v.tty_link("3"), PathBuf::from("/run/x/tty-3"));
+    }
+
+    #[test]
+    fn the_console_pty_is_read_from_the_log() {
+        let log = "qemu: some warning\nchar device redirected to /dev/pts/17 (label con)\n";
+        assert_eq!(console_pty(log), Some("/dev/pts/17"));
+        assert_eq!(
+            console_pty("char device redirected to /dev/pts/2 (label mon)"),
+            None
+        );
+        assert_eq!(
+            console_pty("char device redirected to /tmp/x (label con)"),
+            None
+        );
+        assert_eq!(console_pty(""), None);
+    }
+
+    #[test]
     fn bad_configs_name_the_field() {
         let b = |t: &str| build(yaml_serde::from_str(t).unwrap()).err().unwrap();
         assert_eq!(
@@ -478,6 +635,12 @@ mod tests {
                 .field
                 .as_deref(),
             Some("netconsole")
+        );
+        assert_eq!(
+            b("{pdu_id: 1, ports: 1, bridge: 'br0; reboot'}")
+                .field
+                .as_deref(),
+            Some("bridge")
         );
         assert_eq!(
             b("{pdu_id: 1, ports: 1, boot_url: 'tftp://x'}")

@@ -75,7 +75,13 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match config::load(cli.config.as_deref(), cli.state_dir.as_deref()) {
+    // `up --virtual-duts N` brings its own DUT networks (loopback, QEMU's user network).
+    let virtual_farm = matches!(&cli.command, Command::Up(args) if args.virtual_farm_enabled());
+    let loaded = match config::load(
+        cli.config.as_deref(),
+        cli.state_dir.as_deref(),
+        virtual_farm,
+    ) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("dutgate: config error: {e}");

@@ -27,6 +27,12 @@ pub struct UpArgs {
     virtual_farm: VirtualFarmArgs,
 }
 
+impl UpArgs {
+    pub fn virtual_farm_enabled(&self) -> bool {
+        self.virtual_farm.enabled()
+    }
+}
+
 /// Total time children get to stop after SIGTERM before they are killed.
 const STOP_BUDGET: Duration = Duration::from_millis(4000);
 /// How long a service may take to answer `/healthz` after start.

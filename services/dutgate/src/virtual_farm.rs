@@ -56,6 +56,13 @@ pub struct VirtualFarmArgs {
     /// Do not discover the ports: machines appear only when something powers them.
     #[arg(long)]
     pub no_discover: bool,
+    /// Put the DUTs' NICs on this Linux bridge instead of QEMU user networking, with their
+    /// consoles on ptys that salad opens as serial adapters: every DUT then has an address of
+    /// its own, as on a real farm. The bridge, its address (`gateway.public_host`) and a DHCP
+    /// server handing out `http://<public_host>:<boot port>/boot/${mac}/boot.ipxe` to iPXE
+    /// are the operator's (docs/quickstart.md, "Bridged virtual farm").
+    #[arg(long, value_name = "BRIDGE")]
+    pub dut_bridge: Option<String>,
 }
 
 impl VirtualFarmArgs {
@@ -162,26 +169,49 @@ pub fn overrides(
             args.training_loops
         );
     }
-    if config.salad.netconsole_port == 0 {
+    if args.dut_bridge.is_none() && config.salad.netconsole_port == 0 {
         bail!("the virtual farm needs salad's netconsole listener (salad.netconsole_port is 0)");
     }
+    // Bridged, the DUTs reach the gateway at its address on the bridge; with QEMU user
+    // networking at the address QEMU shows the host as.
+    let guest_host = match &args.dut_bridge {
+        None => GUEST_HOST.to_string(),
+        Some(bridge) => {
+            let loopback = gw
+                .public_host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+            if loopback || gw.public_host == "localhost" {
+                bail!(
+                    "--dut-bridge {bridge} needs gateway.public_host set to the gateway's \
+                     address on the bridge (it is {})",
+                    gw.public_host
+                );
+            }
+            gw.public_host.clone()
+        }
+    };
+    let run_dir = gw.state_dir.join("virtual-pdu");
     let image = image_dir(args, config)?;
     let kernel = image.join("vmlinuz");
     let initramfs = image.join("initramfs.cpio");
     let kernel_url = file_url(&kernel)?;
     let initramfs_url = file_url(&initramfs)?;
-    let mars_url = format!("http://{GUEST_HOST}:{}", gw.ports.mars);
-    let pdu = json!({
-        "driver": "virtual",
-        "config": {
-            "pdu_id": 1,
-            "ports": args.virtual_duts,
-            "boot_port": gw.ports.boot,
-            "netconsole": format!("127.0.0.1:{}", config.salad.netconsole_port),
-            "memory_mb": args.dut_memory_mb,
-            "run_dir": gw.state_dir.join("virtual-pdu"),
-        },
+    let mars_url = format!("http://{guest_host}:{}", gw.ports.mars);
+    let mut pdu_config = json!({
+        "pdu_id": 1,
+        "ports": args.virtual_duts,
+        "boot_port": gw.ports.boot,
+        "netconsole": format!("127.0.0.1:{}", config.salad.netconsole_port),
+        "memory_mb": args.dut_memory_mb,
+        "run_dir": run_dir,
     });
+    if let Some(bridge) = &args.dut_bridge {
+        pdu_config["bridge"] = json!(bridge);
+        pdu_config["pty_console"] = json!(true);
+        pdu_config["netconsole"] = serde_json::Value::Null;
+    }
+    let pdu = json!({ "driver": "virtual", "config": pdu_config });
     let boot_default = json!({
         "kernel": {
             "url": kernel_url,
@@ -196,8 +226,46 @@ pub fn overrides(
         "mars_port": gw.ports.mars.to_string(),
     });
     let v = |value: serde_json::Value| value.to_string();
-    Ok(vec![
-        env("GATEWAY__PUBLIC_HOST", GUEST_HOST.to_string()),
+    let mut overrides = Vec::new();
+    if args.dut_bridge.is_some() {
+        // The VMs' console ptys, linked while each VM runs (see the `virtual` driver).
+        let ttys = run_dir.join("tty-*");
+        overrides.push(env(
+            "SALAD__SERIAL_PORTS",
+            v(json!([{ "path": ttys.to_string_lossy() }])),
+        ));
+    }
+    // The boot cache fetches the jobs' kernels from the image server on loopback: exactly
+    // that address and port joins the outbound allow list, nothing else on loopback.
+    let mut allow = gw.outbound.allow.clone();
+    allow.push(dutgate_core::outbound::AllowRule::exact(image_server_addr(
+        image_url,
+    )?));
+    overrides.push(env("GATEWAY__OUTBOUND__ALLOW", v(json!(allow))));
+    // Passed on explicitly so that the children, which load the same config file without
+    // `--virtual-duts`, see the DUT networks as set (the file may omit them).
+    overrides.push(env(
+        "GATEWAY__AUTH__DUT_NETWORKS",
+        v(json!(gw.auth.dut_networks)),
+    ));
+    if args.dut_bridge.is_none() {
+        // QEMU user networking shows every virtual DUT as 127.0.0.1: no address tells them
+        // apart, so the boot service serves job scripts to loopback peers unchecked.
+        let mut unverified = config.boot.unverified_peer_networks.clone();
+        let loopback = "127.0.0.0/8".parse().context("loopback network")?;
+        if !unverified.contains(&loopback) {
+            unverified.push(loopback);
+        }
+        overrides.push(env("BOOT__UNVERIFIED_PEER_NETWORKS", v(json!(unverified))));
+        // For the same reason a job's bucket keys cannot be bound to its machine's address
+        // (10.0.2.15 inside every VM, 127.0.0.1 as the gateway sees it).
+        overrides.push(env(
+            "EXECUTOR__JOB_KEYS_FROM_MACHINE_ADDRESS",
+            "false".to_string(),
+        ));
+    }
+    overrides.extend([
+        env("GATEWAY__PUBLIC_HOST", guest_host),
         env("PDU__PDUS__VIRTUAL", v(pdu)),
         env("BOOT__FILE_ROOTS", v(json!([image]))),
         env("BOOT__DEFAULT", v(boot_default)),
@@ -219,7 +287,23 @@ pub fn overrides(
             "MARS__TRAINING__QUARANTINE_AFTER_FAILED_TRAININGS",
             "5".to_string(),
         ),
-    ])
+    ]);
+    Ok(overrides)
+}
+
+/// The socket address of the [`ImageServer`] from its base URL (`http://127.0.0.1:P/…`).
+fn image_server_addr(image_url: &str) -> anyhow::Result<std::net::SocketAddr> {
+    let url = reqwest::Url::parse(image_url)
+        .with_context(|| format!("image server URL {image_url:?}"))?;
+    let host: std::net::IpAddr = url
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|h| h.parse().ok())
+        .with_context(|| format!("image server URL {image_url}: the host must be an IP address"))?;
+    let port = url
+        .port_or_known_default()
+        .with_context(|| format!("image server URL {image_url}: no port"))?;
+    Ok(std::net::SocketAddr::new(host, port))
 }
 
 fn env(key: &str, value: String) -> (String, String) {
@@ -401,6 +485,7 @@ mod tests {
             off_delay: 2.0,
             dut_memory_mb: 512,
             no_discover: false,
+            dut_bridge: None,
         }
     }
 
@@ -428,6 +513,58 @@ mod tests {
         assert_eq!(
             c.executor.template_vars["dut_kernel_url"],
             "http://127.0.0.1:1/dut-image/vmlinuz"
+        );
+        // Exactly the image server is allowed; everything else on loopback stays refused.
+        assert_eq!(
+            c.gateway.outbound.allow,
+            vec!["127.0.0.1:1".parse().unwrap()]
+        );
+        let policy = dutgate_core::outbound::OutboundPolicy::from_gateway(&c.gateway);
+        let ok = |u: &str| policy.check_url(&reqwest::Url::parse(u).unwrap()).is_ok();
+        assert!(ok("http://127.0.0.1:1/dut-image/vmlinuz"));
+        assert!(!ok("http://127.0.0.1:8004/api/v1/pdus"));
+        assert!(!ok("http://127.0.0.2:1/dut-image/vmlinuz"));
+        assert_eq!(c.gateway.auth.dut_networks, base.gateway.auth.dut_networks);
+        let unverified: Vec<String> = c
+            .boot
+            .unverified_peer_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(unverified, ["127.0.0.0/8"]);
+    }
+
+    /// Bridged: the DUTs reach the gateway at its address on the bridge, the VMs' NICs are
+    /// on the bridge and their consoles are ptys salad opens as serial adapters.
+    #[test]
+    fn bridged_overlay_uses_the_bridge_and_ptys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vmlinuz"), b"k").unwrap();
+        std::fs::write(dir.path().join("initramfs.cpio"), b"i").unwrap();
+        let mut a = args(2, dir.path());
+        a.dut_bridge = Some("dutbr0".into());
+        let e = overrides(&a, &FileConfig::default(), "x").unwrap_err();
+        assert!(e.to_string().contains("gateway.public_host"), "{e}");
+        let mut base = FileConfig::default();
+        base.gateway.public_host = "10.77.0.1".into();
+        let env = overrides(&a, &base, "http://127.0.0.1:1/dut-image").unwrap();
+        let source = dutgate_core::config::ConfigSource::locate(None).unwrap();
+        let c: FileConfig = source.load(env).unwrap();
+        assert_eq!(c.gateway.public_host, "10.77.0.1");
+        let pdu = c.pdu.pdus.get(PDU_NAME).unwrap();
+        assert_eq!(pdu.config["bridge"], "dutbr0");
+        assert_eq!(pdu.config["pty_console"], true);
+        assert!(pdu.config["netconsole"].is_null());
+        let tty_glob = c.salad.serial_ports[0].path.clone();
+        assert!(tty_glob.ends_with("virtual-pdu/tty-*"), "{tty_glob}");
+        let default = c.boot.default.unwrap();
+        assert!(
+            default
+                .kernel
+                .cmdline
+                .contains("dutgate.mars_url=http://10.77.0.1:"),
+            "{}",
+            default.kernel.cmdline
         );
     }
 

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -230,30 +229,24 @@ fn mismatches(declared: &Routes, documented: &Routes) -> Vec<String> {
 }
 
 struct Up {
-    child: Child,
+    // Dropped first: stops `dutgate up` before its state dir goes.
+    _gateway: common::Gateway,
     _state: tempfile::TempDir,
     ports: Vec<u16>,
     admin_token: String,
     user_token: String,
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_all() -> Up {
     let state = tempfile::tempdir().unwrap();
-    let (mut cmd, ports) = common::up_on_free_ports(state.path());
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
-    let child = cmd.spawn().unwrap();
+    let gateway = common::Gateway::start(
+        &state.path().join("state"),
+        &common::SERVICES,
+        Duration::from_secs(60),
+    );
+    let ports = gateway.ports.clone();
     let token = |name: &str| {
-        let path = state.path().join("tokens").join(name);
+        let path = state.path().join("state").join("tokens").join(name);
         let started = Instant::now();
         loop {
             if let Ok(t) = std::fs::read_to_string(&path)
@@ -271,7 +264,7 @@ fn start_all() -> Up {
     let admin_token = token("admin");
     let user_token = token("user");
     Up {
-        child,
+        _gateway: gateway,
         _state: state,
         ports,
         admin_token,
@@ -591,8 +584,8 @@ fn populate() -> Vec<Step> {
     let pdu = json!({"name": "rack", "driver": "dummy", "config": {"ports": 2}});
     let machine = json!({"base_name": "qemu", "tags": ["cpu:arch:x86_64"], "mac_address": MAC,
                          "ip_address": "10.0.2.15"});
-    let boot = json!({"kernel": {"url": "http://127.0.0.1:9/k", "cmdline": ["console=ttyS0"]},
-                      "initramfs": {"url": "http://127.0.0.1:9/i"}, "job_id": "1"});
+    let boot = json!({"kernel": {"url": "http://upstream.example/k", "cmdline": ["console=ttyS0"]},
+                      "initramfs": {"url": "http://upstream.example/i"}, "job_id": "1"});
     let m = |p: &str| format!("/api/v1/machine/{MAC}{p}");
     vec![
         step(

@@ -1,27 +1,11 @@
 //! `dutgate up` and `dutgate config check`, driven as a user would: through the binary.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{SERVICES, dutgate, free_port, up_on_free_ports};
-
-fn healthz(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.starts_with("HTTP/1.1 200").then_some(out)
-}
+use common::{Gateway, SERVICES, children_of, dutgate, healthz, listening_ports, up_command};
 
 /// Processes whose command line mentions `needle` (our unique state dir).
 fn processes_mentioning(needle: &str) -> Vec<String> {
@@ -43,42 +27,26 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
 
 #[test]
 fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
-    let state = tempfile::tempdir().unwrap();
-    let (mut cmd, ports) = up_on_free_ports(state.path());
-    cmd.stdout(Stdio::piped()).stderr(Stdio::null());
-    let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    for (svc, p) in SERVICES.iter().zip(&ports) {
-        loop {
-            if let Some(body) = healthz(*p) {
-                assert!(body.contains(svc), "{svc} answered {body}");
-                break;
-            }
-            // Start-up time is not what this test is about (the stop is): a debug build
-            // starting beside the other tests of this file on two busy cores may need more
-            // than a few seconds.
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "{svc} did not answer /healthz within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Start-up time is not what this test is about (the stop is): a debug build starting
+    // beside the other tests of this file on two busy cores may need more than a few seconds.
+    let mut gw = Gateway::start(&state, &SERVICES, Duration::from_secs(60));
     // Tokens exist with mode 0600; endpoints are published for dutctl.
     for t in ["admin", "user"] {
-        let meta = std::fs::metadata(state.path().join("tokens").join(t)).unwrap();
+        let meta = std::fs::metadata(state.join("tokens").join(t)).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     }
-    let endpoints = std::fs::read_to_string(state.path().join("endpoints.json")).unwrap();
-    assert!(endpoints.contains(&ports[0].to_string()));
+    let endpoints = std::fs::read_to_string(state.join("endpoints.json")).unwrap();
+    assert!(endpoints.contains(&gw.ports[0].to_string()));
 
-    let needle = state.path().to_string_lossy().to_string();
+    let needle = state.to_string_lossy().to_string();
     assert_eq!(processes_mentioning(&needle).len(), 1 + SERVICES.len());
 
     let stop = Instant::now();
-    unsafe_free_kill(child.id(), "TERM");
-    let status = child.wait().unwrap();
+    gw.terminate();
+    let status = gw.child.wait().unwrap();
     assert!(status.success(), "up exited with {status}");
     let deadline = Instant::now() + Duration::from_secs(5);
     while !processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
@@ -94,50 +62,54 @@ fn up_starts_every_service_and_sigterm_stops_all_within_5s() {
         Vec::<String>::new(),
         "orphans left"
     );
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    let out = std::fs::read_to_string(&gw.stdout).unwrap();
     for svc in SERVICES {
         assert!(out.contains(svc), "no line for {svc} in:\n{out}");
     }
     assert!(out.contains("ready"));
 }
 
+/// The salad child of `up` other than `not`, and the port its REST API answers on.
+fn salad_child(up: u32, not: Option<u32>) -> Option<(u32, u16)> {
+    children_of(up)
+        .into_iter()
+        .filter(|pid| Some(*pid) != not)
+        .find_map(|pid| {
+            let port = listening_ports(pid)
+                .into_iter()
+                .find(|p| healthz(*p).is_some_and(|body| body.contains("salad")))?;
+            Some((pid, port))
+        })
+}
+
 #[test]
 fn a_crashed_service_is_restarted() {
     let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = dutgate()
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["up", "--only", "salad"])
-        .env("DUTGATE_GATEWAY__PORTS__SALAD", port.to_string())
-        .env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+    // Port 0: salad binds a port of the kernel's choice, again on each restart, and the test
+    // reads it from /proc, so no other process can take it in between. (`up` reports salad
+    // NOT READY on port 0 after its ready budget; supervision is what is tested here.)
+    let mut child = up_command(state.path(), &["salad"], &[0])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let wait_up = |limit: Duration| {
+    let up = child.id();
+    let wait_up = |not: Option<u32>, limit: Duration| {
         let t = Instant::now();
-        while healthz(port).is_none() {
+        loop {
+            if let Some(found) = salad_child(up, not) {
+                return found;
+            }
             assert!(t.elapsed() < limit, "salad not (back) up after {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait_up(Duration::from_secs(30));
-    let needle = format!("{} salad", state.path().display());
-    let victim = processes_mentioning(&needle)
-        .first()
-        .and_then(|l| l.split(':').next().map(String::from))
-        .unwrap();
-    unsafe_free_kill(victim.parse().unwrap(), "KILL");
-    std::thread::sleep(Duration::from_millis(300));
-    // Back-off is 1 s for a first crash; the rest is slack for a loaded machine.
-    wait_up(Duration::from_secs(15));
+    let (victim, _) = wait_up(None, Duration::from_secs(30));
+    unsafe_free_kill(victim, "KILL");
+    // Back-off is 1 s for a first crash; the rest is slack for a loaded machine (and for
+    // `up`, which supervises only after its 5 s ready budget for the port-0 salad).
+    let (restarted, _) = wait_up(Some(victim), Duration::from_secs(20));
+    assert_ne!(restarted, victim);
     unsafe_free_kill(child.id(), "TERM");
     assert!(child.wait().unwrap().success());
 }
@@ -209,7 +181,7 @@ fn config_check_prints_effective_config_with_secrets_masked() {
     let path = write(
         dir.path(),
         "ok.yml",
-        "gateway:\n  farm_name: lab\n  database_url: postgres://dut:pw@db/farm\n  auth:\n    admin_token: sup3rsecret\n",
+        "gateway:\n  farm_name: lab\n  database_url: postgres://dut:pw@db/farm\n  auth:\n    admin_token: sup3rsecret\n    dut_networks: [10.42.0.0/16]\n",
     );
     let out = dutgate()
         .arg("--config")
