@@ -1,5 +1,5 @@
-//! The virtual farm end to end: `dutgate up --virtual-duts 2 --no-discover` on free ports
-//! (below the ephemeral range), two QEMU DUTs (TCG) netbooting the DUT image with iPXE from the
+//! The virtual farm end to end: `dutgate up --virtual-duts 2 --no-discover` on ports below
+//! the ephemeral range (started again on others if one turns out taken), two QEMU DUTs (TCG) netbooting the DUT image with iPXE from the
 //! boot service, their consoles in salad through its netconsole port, powered by the `virtual`
 //! PDU.
 //!
@@ -52,17 +52,23 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| root().join("target"))
 }
 
-/// Ports nobody listens on right now (the listeners are closed before use), below the kernel's
-/// ephemeral range: while a service restarts, a client's outgoing connection could otherwise
-/// take its port as a source port (even connect to itself) and keep it from listening again.
-fn free_ports(n: usize) -> Vec<u16> {
+/// Port numbers nobody listened on a moment ago, below the kernel's ephemeral range: while a
+/// service restarts, a client's outgoing connection could otherwise take its port as a source
+/// port (even connect to itself) and keep it from listening again. Only candidates: another
+/// process may take one before the gateway binds it, which [`start_gateway`] detects.
+fn candidate_ports(n: usize) -> Vec<u16> {
     let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
         .unwrap_or(32768);
-    // A start that differs between runs, so parallel runs rarely probe the same ports.
+    // A start that differs between runs and attempts, so parallel runs rarely probe the same
+    // ports.
     let span = u32::from(low.saturating_sub(10_000)).max(1);
-    let mut port = 10_000 + (std::process::id() % span) as u16;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let seed = std::process::id() ^ nanos;
+    let mut port = 10_000 + (seed.wrapping_mul(7919) % span) as u16;
     let mut listeners = Vec::new();
     for _ in 0..u32::from(low) {
         if listeners.len() == n {
@@ -78,6 +84,59 @@ fn free_ports(n: usize) -> Vec<u16> {
         .iter()
         .map(|l| l.local_addr().unwrap().port())
         .collect()
+}
+
+/// Pids of the processes whose parent is `parent`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// TCP ports process `pid` listens on, read from /proc: proof that a port belongs to this
+/// gateway and not to another process that answers on the same number.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // `sl local_address rem_address st … inode`: local "0100007F:1F90", st 0A = LISTEN.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                ports.extend(port);
+            }
+        }
+    }
+    ports
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as the gateway writes them
@@ -415,16 +474,6 @@ fn start_farm(tmp: &Path) -> Farm {
         .unwrap();
     assert!(status.success(), "cargo xtask dut-image failed");
 
-    let p = free_ports(8);
-    let config = tmp.join("gateway.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "gateway:\n  bind_address: 127.0.0.1\n  ports: {{executor: {}, mars: {}, registry: {}, boot: {}, pdu: {}, salad: {}, s3: {}}}\nsalad:\n  netconsole_port: {}\n",
-            p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
-        ),
-    )
-    .unwrap();
     // Run copies: the executor starts `dutgate job` from its own executable, which a rebuild
     // of target/ during the test would otherwise pull from under it.
     let bin = tmp.join("bin");
@@ -433,43 +482,94 @@ fn start_farm(tmp: &Path) -> Farm {
         std::fs::copy(target_dir().join("debug").join(name), bin.join(name)).unwrap();
     }
     let dutgate = bin.join("dutgate");
-    // The config the services will load is valid (what an operator checks first).
-    let out = Command::new(&dutgate)
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["config", "check"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "dutgate config check failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-
+    let config = tmp.join("gateway.yml");
     let log = tmp.join("gateway.log");
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(&dutgate)
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["up", "--virtual-duts", "2", "--no-discover"])
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
+    // The services find each other through their configured ports, so they cannot bind port
+    // 0: the gateway starts on candidate ports and again on others when `up` refuses one or
+    // a service reports it taken. It counts as started once its own children listen on
+    // every port (another gateway answering on the same number is never taken for it).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for _attempt in 0..10 {
+        let p = candidate_ports(8);
+        // QEMU user networking NATs the DUTs to 127.0.0.1 (10.0.2.0/24 inside the guests):
+        // the DUT networks an operator of this farm lists.
+        std::fs::write(
+            &config,
+            format!(
+                "gateway:\n  bind_address: 127.0.0.1\n  ports: {{executor: {}, mars: {}, registry: {}, boot: {}, pdu: {}, salad: {}, s3: {}}}\n  auth:\n    dut_networks: [127.0.0.0/8, \"::1/128\", 10.0.2.0/24]\nsalad:\n  netconsole_port: {}\n",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+            ),
+        )
         .unwrap();
-    Farm {
-        gateway: Gateway { child, log },
-        tmp: tmp.to_path_buf(),
-        state,
-        dutctl: bin.join("dutctl"),
-        executor_port: p[0],
-        salad_port: p[5],
+        // The config the services will load is valid (what an operator checks first).
+        let out = Command::new(&dutgate)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "dutgate config check failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&dutgate)
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["up", "--virtual-duts", "2", "--no-discover"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut gateway = Gateway {
+            child,
+            log: log.clone(),
+        };
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Ok(Some(status)) = gateway.child.try_wait() {
+                assert!(
+                    text.contains("is not available"),
+                    "dutgate up exited ({status}):\n{}",
+                    gateway.log_tail()
+                );
+                break;
+            }
+            if text.contains("Address already in use") {
+                // Dropping the gateway stops it; the next attempt starts afresh.
+                break;
+            }
+            let held: Vec<u16> = children_of(gateway.child.id())
+                .into_iter()
+                .flat_map(listening_ports)
+                .collect();
+            if p.iter().all(|port| held.contains(port)) {
+                return Farm {
+                    gateway,
+                    tmp: tmp.to_path_buf(),
+                    state,
+                    dutctl: bin.join("dutctl"),
+                    executor_port: p[0],
+                    salad_port: p[5],
+                };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dutgate up did not listen on {p:?} within 120 s:\n{}",
+                gateway.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
+    panic!("dutgate up found a taken port on every attempt");
 }
 
 /// `examples/hello.yml` with `from` replaced by `to` (each must occur).

@@ -219,12 +219,11 @@ async fn shelly_gen2_over_http() {
 
 #[tokio::test]
 async fn dead_and_hanging_devices_are_errors_within_the_timeout() {
-    // Nothing listens: connection refused.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens: connection refused. A socket bound but never listening holds the port
+    // for the whole test, so no other process can start listening on it meanwhile.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let mut d = build(
         json!({"url": format!("http://127.0.0.1:{port}"), "device": "tasmota", "ports": 2, "timeout_ms": 500}),
     );

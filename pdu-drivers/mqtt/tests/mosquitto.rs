@@ -3,7 +3,8 @@
 //! switch ports, read them back; a dead broker or a silent device is a clear error within
 //! the timeout, never OFF.
 
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +26,9 @@ impl Drop for Broker {
     }
 }
 
-fn free_port() -> u16 {
+/// A port number nobody held a moment ago: only a candidate, since another process may
+/// take it before mosquitto binds it; [`broker`] then retries with another.
+fn candidate_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,38 +36,80 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Whether an MQTT 3.1.1 CONNECT on `port` is answered with an accepting CONNACK.
+fn answers_connect(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    ) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    // CONNECT: protocol "MQTT" level 4, clean session, keep-alive 60 s, client id "probe".
+    let connect = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b'p', b'r', b'o', b'b', b'e',
+    ];
+    let mut connack = [0u8; 4];
+    s.write_all(&connect).is_ok()
+        && s.read_exact(&mut connack).is_ok()
+        && connack == [0x20, 2, 0, 0]
+}
+
+/// Our own mosquitto on 127.0.0.1. mosquitto cannot bind port 0 (in its config, port 0
+/// means a Unix socket), so it is started on a candidate port and started again on another
+/// when its log says the port is taken. It is ours once its log says "running", which it
+/// prints only after every listener is bound (a broker of another test on the same port is
+/// never taken for it), and ready once it answers a CONNECT.
 fn broker() -> Broker {
     let bin = dutgate_core::testing::require_program("mosquitto", "mosquitto");
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
-    // `user root`: mosquitto started as root would otherwise switch to user `mosquitto`,
-    // which cannot read a private temp dir.
-    std::fs::write(
-        &conf,
-        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"),
-    )
-    .unwrap();
-    let child = Command::new(bin)
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+    let log = dir.path().join("mosquitto.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for _attempt in 0..20 {
+        let port = candidate_port();
+        // `user root`: mosquitto started as root would otherwise switch to user `mosquitto`,
+        // which cannot read a private temp dir.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser root\n"
+            ),
+        )
         .unwrap();
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "mosquitto did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
+        let out = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(" running") && answers_connect(port) {
+                return Broker {
+                    child,
+                    port,
+                    _dir: dir,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                assert!(
+                    text.contains("Address already in use"),
+                    "mosquitto exited ({status}):\n{text}"
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("mosquitto not ready within 30 s:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    Broker {
-        child,
-        port,
-        _dir: dir,
-    }
+    panic!("mosquitto found every candidate port taken");
 }
 
 /// A simulated device: connects, subscribes, answers with `handle`.
@@ -300,7 +345,11 @@ async fn silent_device_and_dead_broker_are_errors_within_the_timeout() {
     ));
 
     // No broker at all.
-    let dead = free_port();
+    // A socket bound but never listening: connections are refused, and no broker can start
+    // on that port while the test runs.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let dead = reserved.local_addr().unwrap().port();
     let mut d = build(
         json!({"broker": "127.0.0.1", "port": dead, "device": "tasmota", "topic": "x", "ports": 1, "timeout_ms": 600}),
     );

@@ -168,9 +168,7 @@ async fn wrong_community_unreachable_agent_and_read_only_community() {
     assert!(!agent.outlet("apc_rpdu2", 1));
 
     // Nothing listening: ICMP port unreachable comes back at once on loopback.
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let dead_port = dead.local_addr().unwrap().port();
-    drop(dead);
+    let (_reserved, dead_port) = common::unreachable_udp_port();
     let cfg = serde_json::json!({"host": "127.0.0.1", "port": dead_port, "timeout_ms": 500});
     let mut d = driver("apc_masterswitch", cfg);
     let start = Instant::now();

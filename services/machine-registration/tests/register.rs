@@ -58,14 +58,14 @@ fn pty_pair(dir: &Path, name: &str) -> Socat {
 }
 
 /// Plays salad on `port` until `stop`: answers pings, records every line it reads.
-/// Returns once the port is open.
+/// Returns once the port is open, with the thread playing it.
 fn play_salad(
     port: PathBuf,
     lines: Arc<Mutex<Vec<String>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
-) {
+) -> std::thread::JoinHandle<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let player = std::thread::spawn(move || {
         let mut f = machine_registration::serial::open_raw(&port).unwrap();
         ready_tx.send(()).unwrap();
         let mut buf = [0u8; 512];
@@ -100,6 +100,7 @@ fn play_salad(
         }
     });
     ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    player
 }
 
 async fn run_agent(args: Vec<String>) -> (i32, String) {
@@ -151,7 +152,7 @@ async fn register_and_check_over_a_pty_pair() {
     let router = dutgate_mars::start(mars, auth, shutdown.clone()).unwrap();
     let app = dutgate_core::http::with_common_routes("mars", router, None);
     let token = shutdown.clone();
-    tokio::spawn(async move {
+    let server = tokio::spawn(async move {
         let _ = dutgate_core::http::serve(listener, app, token, Duration::from_millis(100)).await;
     });
     let client = MarsClient::new(&url, Some(Secret::new("adm")));
@@ -162,7 +163,7 @@ async fn register_and_check_over_a_pty_pair() {
     let wired = pty_pair(dir.path(), "wired");
     let lines = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    play_salad(wired.gateway.clone(), lines.clone(), stop.clone());
+    let player = play_salad(wired.gateway.clone(), lines.clone(), stop.clone());
 
     let base = vec![
         "--mars-url".to_string(),
@@ -235,7 +236,15 @@ async fn register_and_check_over_a_pty_pair() {
     // Nobody answers and mars is gone: a clear failure line, exit 1.
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("mars stops within 10 s")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !player.is_finished() {
+        assert!(Instant::now() < deadline, "the salad player did not stop");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (code, out) = run_agent(vec![
         "register".into(),
         "--mars-url".into(),

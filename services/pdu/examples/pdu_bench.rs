@@ -82,18 +82,11 @@ async fn reads(agent: &snmp_agent::Agent, iterations: usize) -> (Vec<f64>, Vec<f
     (walk, gets)
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn start_pdudaemon(dir: &std::path::Path, agent_port: u16) -> (Killed, u16) {
     let bin = dutgate_core::testing::require_program("pdudaemon", "pdudaemon");
-    let port = free_tcp_port();
+    // Port 0: pdudaemon binds a port of the kernel's choice, read back from /proc.
     let conf = serde_json::json!({
-        "daemon": {"hostname": "127.0.0.1", "port": port, "logging_level": "INFO", "listener": "http"},
+        "daemon": {"hostname": "127.0.0.1", "port": 0, "logging_level": "INFO", "listener": "http"},
         "pdus": {"bench": {
             "driver": "localcmdline",
             "cmd_on": format!("snmpset -v2c -c private 127.0.0.1:{agent_port} {CONTROL}.%s i 1"),
@@ -113,15 +106,10 @@ fn start_pdudaemon(dir: &std::path::Path, agent_port: u16) -> (Killed, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start pdudaemon");
-    let k = Killed(child);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "pdudaemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut k = Killed(child);
+    let log = || std::fs::read_to_string(dir.join("pdudaemon.log")).unwrap_or_default();
+    // A listening socket accepts connections from here on: no further wait is needed.
+    let port = snmp_agent::bound_port(&mut k.0, "pdudaemon", false, Duration::from_secs(30), log);
     (k, port)
 }
 

@@ -22,11 +22,7 @@ async fn snmp_pdu_over_rest_with_read_back_and_unreachable_agent_refused() {
     let c = admin(&r);
 
     // A port where no agent listens: 422 naming the reason, within the timeout.
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_reserved, dead) = snmp_agent::unreachable_udp_port();
     let start_t = std::time::Instant::now();
     let e = c
         .add(&NewPdu {

@@ -247,10 +247,14 @@ pub fn write_index_layout(dir: &Path, tag: &str, specs: &[ImageSpec]) -> io::Res
     })
 }
 
-/// A free TCP port on 127.0.0.1 (for peers that cannot report the port they bound).
-pub fn free_port() -> io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+/// The port of the first `listening on 127.0.0.1:<port>` line of a distribution log: the
+/// registry prints the address it actually bound, so it can be told to bind port 0.
+fn listening_port(log: &str) -> Option<u16> {
+    log.lines().find_map(|l| {
+        let rest = l.split("listening on 127.0.0.1:").nth(1)?;
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
 }
 
 /// Debian's `docker-registry` (CNCF distribution 2.8) running as a child process.
@@ -264,7 +268,6 @@ impl DockerRegistry {
     /// Starts a registry storing under `dir`; with `proxy_of`, in pull-through proxy mode.
     pub async fn start(dir: &Path, proxy_of: Option<&str>) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port()?;
         let data = dir.join("data");
         let proxy = proxy_of
             .map(|u| format!("proxy:\n  remoteurl: {u}\n"))
@@ -272,12 +275,14 @@ impl DockerRegistry {
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  \
-             cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: dutgate-test\n{proxy}",
+             cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:0\n  secret: dutgate-test\n{proxy}",
             data.display()
         );
         let config_path = dir.join("config.yml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("registry.log");
+        // The log is appended to across restarts in one dir: only this start's lines count.
+        let skip = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -290,25 +295,38 @@ impl DockerRegistry {
             .stderr(out)
             .kill_on_drop(true)
             .spawn()?;
-        let reg = Self {
+        let mut reg = Self {
             child: Some(child),
-            port,
+            port: 0,
             log,
         };
         let http = reqwest::Client::new();
-        for _ in 0..200 {
-            let r = http
-                .get(format!("{}/v2/", reg.url()))
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await;
-            if r.is_ok_and(|r| r.status().is_success()) {
-                return Ok(reg);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < deadline {
+            if reg.port == 0 {
+                let text = tokio::fs::read_to_string(&reg.log).await?;
+                reg.port = listening_port(text.get(skip..).unwrap_or("")).unwrap_or(0);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(Ok(Some(status))) = reg.child.as_mut().map(|c| c.try_wait()) {
+                return Err(io::Error::other(format!(
+                    "docker-registry exited ({status}); see {}",
+                    reg.log.display()
+                )));
+            }
+            if reg.port != 0 {
+                let r = http
+                    .get(format!("{}/v2/", reg.url()))
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await;
+                if r.is_ok_and(|r| r.status().is_success()) {
+                    return Ok(reg);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Err(io::Error::other(format!(
-            "docker-registry did not answer on port {port}; see {}",
+            "docker-registry did not answer within 10 s; see {}",
             reg.log.display()
         )))
     }
@@ -395,6 +413,14 @@ pub fn tree_digests(dir: &Path) -> io::Result<std::collections::BTreeMap<String,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bound_port_is_read_from_the_registry_log() {
+        let log = "time=\"…\" level=info msg=\"redis not configured\"\n\
+                   time=\"…\" level=info msg=\"listening on 127.0.0.1:45041\" go.version=go1.19.8\n";
+        assert_eq!(listening_port(log), Some(45041));
+        assert_eq!(listening_port("level=info msg=\"starting\"\n"), None);
+    }
 
     #[test]
     fn gzip_and_tar_are_well_formed() {

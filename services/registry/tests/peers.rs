@@ -553,14 +553,24 @@ async fn corrupted_upstream_blob_is_refused_and_not_cached() {
         r.bytes().await.is_err(),
         "the body must be cut, not completed"
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The proxy counts the failure and removes the partial download after cutting the body.
+    let leftovers = || {
+        std::fs::read_dir(proxy.cache.path().join("tmp/blobs"))
+            .unwrap()
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.reg.stats.snapshot().verify_failures < 1 || leftovers() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 10 s: {} verify failures, {} partial downloads left",
+            proxy.reg.stats.snapshot().verify_failures,
+            leftovers()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(!proxy.reg.blobs.contains(&big));
     assert!(!proxy.blob_file_exists(&big));
-    assert!(proxy.reg.stats.snapshot().verify_failures >= 1);
-    let leftovers = std::fs::read_dir(proxy.cache.path().join("tmp/blobs"))
-        .unwrap()
-        .count();
-    assert_eq!(leftovers, 0, "partial downloads are removed");
 
     faults.corrupt.store(false, Ordering::SeqCst);
     pull_ok(&format!("{px}/lab/bad:v1"), &w.join("o2"), false).await;

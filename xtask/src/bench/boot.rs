@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -55,10 +55,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// One HTTP/1.0 request on 127.0.0.1:port; returns (status, body).
@@ -107,48 +103,82 @@ fn wait_ready(what: &str, port: u16, path: &str, proc: &mut Proc) -> anyhow::Res
 fn nginx(lab: &Path, www: &Path) -> anyhow::Result<(Proc, u16)> {
     let dir = lab.join("nginx");
     std::fs::create_dir_all(dir.join("logs"))?;
-    let port = free_port()?;
-    // Tuned as a farm admin would for static files: sendfile, keep-alive, one worker per core.
-    let conf = format!(
-        "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log warn;\n\
-         events {{ worker_connections 1024; }}\n\
-         http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n\
-           default_type application/octet-stream;\n\
-           client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;\n\
-           uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;\n\
-           server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }}\n}}\n",
-        dir = dir.display(),
-        www = www.display()
-    );
-    let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let mut cmd = Command::new("nginx");
-    cmd.arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg(&conf_path)
-        .arg("-e")
-        .arg(dir.join("logs/error.log"));
-    let mut p = Proc::spawn(cmd, "nginx", &dir.join("stdout.log"))?;
-    wait_ready("nginx", port, "/script.ipxe", &mut p)?;
-    Ok((p, port))
+    let error_log = dir.join("logs/error.log");
+    // nginx cannot listen on port 0: candidate ports, another one when it reports the port
+    // taken (nginx logs "Address already in use" and exits).
+    let spawn = |ports: &[u16]| {
+        let port = ports[0];
+        // Tuned as a farm admin would for static files: sendfile, keep-alive, one worker per
+        // core.
+        let conf = format!(
+            "daemon off;\nworker_processes auto;\npid {dir}/nginx.pid;\nerror_log {dir}/logs/error.log warn;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 1000000;\n\
+               default_type application/octet-stream;\n\
+               client_body_temp_path {dir}/tmp; proxy_temp_path {dir}/tmp; fastcgi_temp_path {dir}/tmp;\n\
+               uwsgi_temp_path {dir}/tmp; scgi_temp_path {dir}/tmp;\n\
+               server {{ listen 127.0.0.1:{port}; root {www}; location / {{ }} }}\n}}\n",
+            dir = dir.display(),
+            www = www.display()
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        // A fresh error log per attempt: an earlier attempt's "in use" must not count.
+        File::create(&error_log)?;
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(&error_log);
+        Proc::spawn(cmd, "nginx", &dir.join("stdout.log"))
+    };
+    let (mut p, ports) = super::ports::start_on_candidates(
+        "nginx",
+        1,
+        &error_log,
+        Duration::from_secs(60),
+        spawn,
+        |p: &mut Proc| &mut p.child,
+    )?;
+    wait_ready("nginx", ports[0], "/script.ipxe", &mut p)?;
+    Ok((p, ports[0]))
 }
 
 fn dutgate_boot(exe: &Path, lab: &Path, nginx_port: u16) -> anyhow::Result<(Proc, u16)> {
     let dir = lab.join("dutgate");
     std::fs::create_dir_all(&dir)?;
-    let port = free_port()?;
-    let cfg = format!(
-        "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    boot: {port}\n  log:\n    level: warn\n  \
-           auth:\n    user_token: {USER_TOKEN}\n    admin_token: bench-admin-token\n\
-         boot:\n  cache:\n    ttl_seconds: 86400\n",
-        state = dir.join("state").display(),
-    );
-    let cfg_path = dir.join("gateway.yml");
-    std::fs::write(&cfg_path, cfg)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg(&cfg_path);
-    let mut p = Proc::spawn(cmd, "dutgate boot", &dir.join("boot.log"))?;
+    let log = dir.join("boot.log");
+    // The service renders its own URLs from its configured port, so it is told one: a
+    // candidate, and another when it reports the port taken.
+    let spawn = |ports: &[u16]| {
+        // The artifacts come from the benchmark's nginx on loopback, which outbound fetches
+        // may reach only when allowed by name; the load generator asks for the DUT's script
+        // from loopback, as the virtual farm's DUTs do.
+        let cfg = format!(
+            "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    boot: {port}\n  log:\n    level: warn\n  \
+               auth:\n    user_token: {USER_TOKEN}\n    admin_token: bench-admin-token\n  \
+               outbound:\n    allow: [\"127.0.0.1:{nginx_port}\"]\n\
+             boot:\n  unverified_peer_networks: [127.0.0.0/8]\n  cache:\n    ttl_seconds: 86400\n",
+            state = dir.join("state").display(),
+            port = ports[0],
+        );
+        let cfg_path = dir.join("gateway.yml");
+        std::fs::write(&cfg_path, cfg)?;
+        let mut cmd = Command::new(exe);
+        cmd.arg(&cfg_path);
+        Proc::spawn(cmd, "dutgate boot", &log)
+    };
+    let (mut p, ports) = super::ports::start_on_candidates(
+        "dutgate boot",
+        1,
+        &log,
+        Duration::from_secs(60),
+        spawn,
+        |p: &mut Proc| &mut p.child,
+    )?;
+    let port = ports[0];
     wait_ready("dutgate boot", port, "/healthz", &mut p)?;
     let body = format!(
         "{{\"kernel\": {{\"url\": \"http://127.0.0.1:{nginx_port}/artifact.bin\", \

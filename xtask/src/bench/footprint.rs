@@ -3,7 +3,6 @@
 //! There is no peer for this one: the figures are the gateway's own floor.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,44 +89,67 @@ struct RunResult {
     rss: Vec<(String, u64)>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `dutgate up`, killed (with its services, which follow their parent) when dropped.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn one_run(exe: &std::path::Path) -> anyhow::Result<RunResult> {
-    let state = std::env::temp_dir().join(format!(
-        "dutgate-bench-{}-{}",
-        std::process::id(),
-        free_port()?
-    ));
-    let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir").arg(&state).arg("up");
-    let mut ports = Vec::new();
-    for svc in SERVICES {
-        let p = free_port()?;
-        ports.push(p);
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let state = std::env::temp_dir().join(format!("dutgate-bench-{}-{run}", std::process::id()));
+    let log = std::env::temp_dir().join(format!("dutgate-bench-{}-{run}.log", std::process::id()));
+    // The services find each other through their configured ports, so `up` is told them:
+    // candidates (the last one for salad's netconsole), and others when one is taken. The
+    // start is timed from the spawn that succeeded.
+    let mut t0 = Instant::now();
+    let spawn = |ports: &[u16]| -> anyhow::Result<Up> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("--state-dir").arg(&state).arg("up");
+        for (svc, p) in SERVICES.iter().zip(ports) {
+            cmd.env(
+                format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
+                p.to_string(),
+            );
+        }
+        let out = std::fs::File::create(&log)?;
         cmd.env(
-            format!("DUTGATE_GATEWAY__PORTS__{}", svc.to_uppercase()),
-            p.to_string(),
-        );
-    }
-    cmd.env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+            "DUTGATE_SALAD__NETCONSOLE_PORT",
+            ports[SERVICES.len()].to_string(),
+        )
+        .env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let t0 = Instant::now();
-    let mut child = cmd.spawn().context("starting dutgate up")?;
-    for p in &ports {
+        .stderr(out);
+        t0 = Instant::now();
+        Ok(Up(cmd.spawn().context("starting dutgate up")?))
+    };
+    let (mut up, ports) = super::ports::start_on_candidates(
+        "dutgate up",
+        SERVICES.len() + 1,
+        &log,
+        Duration::from_secs(20),
+        spawn,
+        |u: &mut Up| &mut u.0,
+    )?;
+    for p in &ports[..SERVICES.len()] {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !healthy(*p) {
             if Instant::now() > deadline {
-                let _ = child.kill();
                 bail!("service on port {p} never became healthy");
             }
             std::thread::sleep(Duration::from_millis(5));
         }
     }
     let start = t0.elapsed();
+    // Part of the measurement, not a wait for a condition: "idle" RSS is read one second
+    // after the last service answered, the same in every run.
     std::thread::sleep(Duration::from_secs(1));
+    let child = &mut up.0;
     let rss = children_rss(child.id());
     let t1 = Instant::now();
     // SAFETY-free: signal through the kill command to avoid a libc dependency here.
@@ -137,6 +159,7 @@ fn one_run(exe: &std::path::Path) -> anyhow::Result<RunResult> {
     child.wait()?;
     let stop = t1.elapsed();
     let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_file(&log);
     Ok(RunResult { start, stop, rss })
 }
 

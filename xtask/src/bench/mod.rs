@@ -11,6 +11,7 @@ pub mod jobspec;
 pub mod mars;
 pub mod overhead;
 pub mod pdu;
+mod ports;
 pub mod registry;
 pub mod report;
 pub mod s3;

@@ -49,8 +49,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let state = std::env::temp_dir().join(format!("dutgate-bench-overhead-{}", std::process::id()));
     std::fs::create_dir_all(&state)?;
     let config = state.join("gateway.yml");
-    write_config(&config)?;
-    let mut farm = demo::start_farm(&args.root, &state, 1, Some(&config), "bench overhead")?;
+    // The services find each other through their configured ports: the gateway starts on
+    // candidate ports, and again on others when one turns out taken.
+    let mut started = None;
+    for _attempt in 0..10 {
+        let ports = write_config(&config)?;
+        let farm = demo::start_farm(&args.root, &state, 1, Some(&config), "bench overhead")?;
+        if super::ports::gateway_listens(&state, &ports, &farm.log_path, Duration::from_secs(120))?
+        {
+            started = Some(farm);
+            break;
+        }
+    }
+    let mut farm = started.context("the gateway found a taken port on every attempt")?;
     let machine = farm.wait_idle(900)?;
     println!("bench overhead: {machine} is IDLE; {runs} run(s) of examples/hello.yml");
 
@@ -180,17 +191,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ports nobody listens on right now, and a config putting every service on one of them.
-fn write_config(path: &Path) -> anyhow::Result<()> {
-    let listeners: Vec<TcpListener> = (0..8)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()
-        .context("finding free ports")?;
-    let p: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<Result<_, _>>()?;
-    drop(listeners);
+/// A config putting every service on a candidate port; returns the ports (salad's netconsole
+/// last).
+fn write_config(path: &Path) -> anyhow::Result<Vec<u16>> {
+    let p = super::ports::candidates(8)?;
     std::fs::write(
         path,
         format!(
@@ -199,7 +203,8 @@ fn write_config(path: &Path) -> anyhow::Result<()> {
             p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
         ),
     )
-    .with_context(|| format!("writing {}", path.display()))
+    .with_context(|| format!("writing {}", path.display()))?;
+    Ok(p)
 }
 
 fn loadavg() -> String {

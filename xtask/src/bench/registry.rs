@@ -16,7 +16,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,10 +79,6 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Status code of `GET path` on 127.0.0.1:port (HTTP/1.0, short timeouts).
 fn http_status(port: u16, path: &str) -> anyhow::Result<u16> {
     let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1))?;
@@ -111,14 +107,14 @@ fn wait_ready(what: &str, port: u16, path: &str, proc: &mut Proc) -> anyhow::Res
 
 fn docker_registry(dir: &Path, proxy_of: Option<u16>) -> anyhow::Result<(Proc, u16)> {
     std::fs::create_dir_all(dir)?;
-    let port = free_port()?;
     let proxy = proxy_of
         .map(|p| format!("proxy:\n  remoteurl: http://127.0.0.1:{p}\n"))
         .unwrap_or_default();
+    // Port 0: the registry binds a port of the kernel's choice, read back from /proc.
     let cfg = format!(
         "version: 0.1\nlog:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
          storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n  \
-         cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: bench\n{proxy}",
+         cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:0\n  secret: bench\n{proxy}",
         data = dir.join("data").display()
     );
     let cfg_path = dir.join("config.yml");
@@ -126,25 +122,45 @@ fn docker_registry(dir: &Path, proxy_of: Option<u16>) -> anyhow::Result<(Proc, u
     let mut cmd = Command::new("docker-registry");
     cmd.arg("serve").arg(&cfg_path);
     let mut p = Proc::spawn(cmd, "docker-registry", &dir.join("registry.log"))?;
+    let port = super::ports::bound_port(
+        &mut p.child,
+        "docker-registry",
+        Duration::from_secs(30),
+        |_| true,
+    )?;
     wait_ready("docker-registry", port, "/v2/", &mut p)?;
     Ok((p, port))
 }
 
 fn dutgate_registry(exe: &Path, dir: &Path, upstream: u16) -> anyhow::Result<(Proc, u16)> {
     std::fs::create_dir_all(dir)?;
-    let port = free_port()?;
-    let cfg = format!(
-        "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    registry: {port}\n  log:\n    level: warn\n\
-         registry:\n  upstreams:\n    - prefix: \"up/\"\n      url: \"http://127.0.0.1:{upstream}\"\n  default_upstream: \"up/\"\n",
-        state = dir.join("state").display(),
-    );
-    let cfg_path = dir.join("gateway.yml");
-    std::fs::write(&cfg_path, cfg)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--config").arg(&cfg_path).arg("registry");
-    let mut p = Proc::spawn(cmd, "dutgate registry", &dir.join("registry.log"))?;
-    wait_ready("dutgate registry", port, "/healthz", &mut p)?;
-    Ok((p, port))
+    let log = dir.join("registry.log");
+    // The service is told its port (it is part of the URLs it hands out): a candidate, and
+    // another when it reports the port taken.
+    let spawn = |ports: &[u16]| {
+        // Every client of the benchmark is on loopback: the one DUT network a config lists.
+        let cfg = format!(
+            "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    registry: {port}\n  log:\n    level: warn\n  auth:\n    dut_networks: [127.0.0.0/8]\n\
+             registry:\n  upstreams:\n    - prefix: \"up/\"\n      url: \"http://127.0.0.1:{upstream}\"\n  default_upstream: \"up/\"\n",
+            state = dir.join("state").display(),
+            port = ports[0],
+        );
+        let cfg_path = dir.join("gateway.yml");
+        std::fs::write(&cfg_path, cfg)?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config").arg(&cfg_path).arg("registry");
+        Proc::spawn(cmd, "dutgate registry", &log)
+    };
+    let (mut p, ports) = super::ports::start_on_candidates(
+        "dutgate registry",
+        1,
+        &log,
+        Duration::from_secs(60),
+        spawn,
+        |p: &mut Proc| &mut p.child,
+    )?;
+    wait_ready("dutgate registry", ports[0], "/healthz", &mut p)?;
+    Ok((p, ports[0]))
 }
 
 /// Upstream traffic for `REPO` so far, from the upstream's access log.

@@ -8,10 +8,9 @@
 //! `--quick`: 1 MiB, 10 small objects, one run, debug build (checks the harness only).
 //! `-- <runs>`: number of runs (default 5).
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -104,24 +103,6 @@ impl Server {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_port(port: u16, child: &mut Child, name: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!("{name} exited early: {status}");
-        }
-        if started.elapsed() > Duration::from_secs(30) {
-            bail!("{name} did not listen on {port} within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 fn build(args: &BenchArgs) -> anyhow::Result<PathBuf> {
     Ok(super::cargo_build(args, &["--bin", "dutgate"])?.join("dutgate"))
 }
@@ -130,31 +111,39 @@ fn start_dutgate(exe: &Path, lab: &Path) -> anyhow::Result<(Server, String, Stri
     // A private copy: the shared target/ may be rebuilt while the benchmark runs.
     let copy = lab.join("dutgate");
     std::fs::copy(exe, &copy).with_context(|| format!("copying {}", exe.display()))?;
-    let port = free_port()?;
     let state = lab.join("state");
-    let mut child = Command::new(&copy)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("s3")
-        .env("DUTGATE_CONFIG", "/dev/null")
-        .env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
-        .env("DUTGATE_GATEWAY__PORTS__S3", port.to_string())
-        .env("DUTGATE_GATEWAY__LOG__LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting dutgate s3")?;
-    wait_port(port, &mut child, "dutgate s3")?;
-    let keys: serde_like::Keys = serde_like::read_keys(&state.join("s3/admin-keys.json"))?;
-    Ok((
-        Server {
+    let log = lab.join("s3.log");
+    // The service is told its port (it signs and hands out URLs with it): a candidate, and
+    // another when it reports the port taken.
+    let spawn = |ports: &[u16]| -> anyhow::Result<Server> {
+        let child = Command::new(&copy)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("s3")
+            .env("DUTGATE_CONFIG", "/dev/null")
+            .env("DUTGATE_GATEWAY__BIND_ADDRESS", "127.0.0.1")
+            .env("DUTGATE_GATEWAY__PORTS__S3", ports[0].to_string())
+            .env("DUTGATE_GATEWAY__LOG__LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting dutgate s3")?;
+        Ok(Server {
             child,
-            url: format!("http://127.0.0.1:{port}"),
-        },
-        keys.access_key,
-        keys.secret_key,
-    ))
+            url: format!("http://127.0.0.1:{}", ports[0]),
+        })
+    };
+    let (server, _) = super::ports::start_on_candidates(
+        "dutgate s3",
+        1,
+        &log,
+        Duration::from_secs(30),
+        spawn,
+        |s: &mut Server| &mut s.child,
+    )?;
+    let keys: serde_like::Keys = serde_like::read_keys(&state.join("s3/admin-keys.json"))?;
+    Ok((server, keys.access_key, keys.secret_key))
 }
 
 /// The key file is two string fields of a flat JSON object; read them without a JSON crate.
@@ -185,19 +174,26 @@ mod serde_like {
 }
 
 fn start_moto(venv: &Path) -> anyhow::Result<Server> {
-    let port = free_port()?;
-    let mut child = Command::new(venv.join("bin/moto_server"))
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+    // Port 0: moto binds a port of the kernel's choice, read back from /proc.
+    let child = Command::new(venv.join("bin/moto_server"))
+        .args(["-H", "127.0.0.1", "-p", "0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("starting moto_server")?;
-    wait_port(port, &mut child, "moto_server")?;
-    Ok(Server {
+    let mut server = Server {
         child,
-        url: format!("http://127.0.0.1:{port}"),
-    })
+        url: String::new(),
+    };
+    let port = super::ports::bound_port(
+        &mut server.child,
+        "moto_server",
+        Duration::from_secs(30),
+        |_| true,
+    )?;
+    server.url = format!("http://127.0.0.1:{port}");
+    Ok(server)
 }
 
 /// Runs the driver once; answers step → seconds.

@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -118,10 +118,6 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> any
     Ok(())
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// A socat pty pair; returns (process, DUT end, adapter end).
 fn pty_pair(lab: &Path, name: &str) -> anyhow::Result<(Proc, PathBuf, PathBuf)> {
     let dut = lab.join(name);
@@ -148,9 +144,20 @@ fn open_pty(path: &Path) -> anyhow::Result<File> {
 
 /// A minimal HTTP/1.0 GET (xtask stays free of an HTTP client stack).
 fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    http(port, "GET", path, "")
+}
+
+/// One HTTP/1.0 request to salad with the benchmark's admin token and a JSON body (may be
+/// empty); (status, body).
+fn http(port: u16, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp
@@ -164,6 +171,9 @@ fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// The benchmark's own salad takes this admin token (nothing else listens with it).
+const ADMIN_TOKEN: &str = "bench-admin-token";
 
 fn json_number(body: &str, key: &str) -> Option<u64> {
     let at = body.find(&format!("\"{key}\":"))? + key.len() + 3;
@@ -358,25 +368,39 @@ struct SaladRun {
 }
 
 fn start_salad(exe: &Path, lab: &Path, adapters: &[&Path]) -> anyhow::Result<SaladRun> {
-    let http = free_port()?;
-    // Console ports: a free-looking range below the ephemeral ports.
+    // Console ports: a free-looking range below the ephemeral ports (salad skips taken ones).
     let first = 20_000 + (std::process::id() % 500) as u16 * 20;
     let ports: Vec<String> = adapters
         .iter()
         .map(|a| format!("    - path: {}\n", a.display()))
         .collect();
-    let cfg = format!(
-        "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    salad: {http}\n  log:\n    level: warn\n\
-         salad:\n  serial_ports:\n{ports}  netconsole_port: 0\n  rescan_interval_ms: 200\n  console_ports:\n    first: {first}\n    last: {last}\n",
-        state = lab.join("state").display(),
-        ports = ports.concat(),
-        last = first + 19,
-    );
-    let cfg_path = lab.join("gateway.yml");
-    std::fs::write(&cfg_path, cfg)?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--config").arg(&cfg_path).arg("salad");
-    let mut proc = Proc::spawn(cmd, "dutgate salad", &lab.join("salad.log"))?;
+    let log = lab.join("salad.log");
+    // The REST port is a candidate, and another when salad reports it taken.
+    let spawn = |http: &[u16]| {
+        // Every client of the benchmark is on loopback: the one DUT network a config lists.
+        let cfg = format!(
+            "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    salad: {http}\n  log:\n    level: warn\n  auth:\n    dut_networks: [127.0.0.0/8]\n    admin_token: {ADMIN_TOKEN}\n\
+             salad:\n  serial_ports:\n{ports}  netconsole_port: 0\n  rescan_interval_ms: 200\n  console_ports:\n    first: {first}\n    last: {last}\n",
+            state = lab.join("state").display(),
+            http = http[0],
+            ports = ports.concat(),
+            last = first + 19,
+        );
+        let cfg_path = lab.join("gateway.yml");
+        std::fs::write(&cfg_path, cfg)?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--config").arg(&cfg_path).arg("salad");
+        Proc::spawn(cmd, "dutgate salad", &log)
+    };
+    let (mut proc, http) = super::ports::start_on_candidates(
+        "dutgate salad",
+        1,
+        &log,
+        Duration::from_secs(20),
+        spawn,
+        |p: &mut Proc| &mut p.child,
+    )?;
+    let http = http[0];
     let pid = proc.pid();
     wait_until("salad /healthz", Duration::from_secs(20), || {
         http_get(http, "/healthz").is_ok_and(|(s, _)| s == 200)
@@ -389,18 +413,28 @@ fn start_salad(exe: &Path, lab: &Path, adapters: &[&Path]) -> anyhow::Result<Sal
     })
 }
 
-/// Binds the DUT end to `machine` and returns the machine's console port.
-fn bind_machine(
-    salad: &SaladRun,
-    dut: &mut File,
-    adapter: &Path,
-    machine: &str,
-) -> anyhow::Result<u16> {
+/// Binds the adapter to `machine` as an admin does (salad binds an announcement only for a
+/// machine mars expects, and this benchmark runs no mars) and returns the machine's console
+/// port.
+fn bind_machine(salad: &SaladRun, adapter: &Path, machine: &str) -> anyhow::Result<u16> {
     let adapter = adapter.display().to_string();
+    let mut stream = None;
     wait_until("salad to open the adapter", Duration::from_secs(10), || {
-        http_get(salad.http, "/api/v1/ports").is_ok_and(|(_, b)| b.contains(&adapter))
+        stream = http_get(salad.http, "/api/v1/ports")
+            .ok()
+            .and_then(|(_, b)| stream_id(&b, &adapter));
+        stream.is_some()
     })?;
-    dut.write_all(format!("SALAD.machine_id={machine}\n").as_bytes())?;
+    let stream = stream.context("no stream id")?;
+    let (status, body) = http(
+        salad.http,
+        "PUT",
+        &format!("/api/v1/ports/{stream}/machine"),
+        &format!("{{\"machine\":\"{machine}\"}}"),
+    )?;
+    if status != 204 {
+        bail!("binding {adapter} to {machine}: HTTP {status}: {body}");
+    }
     let bound = format!("\"machine\":\"{machine}\"");
     wait_until("the adapter to be bound", Duration::from_secs(10), || {
         http_get(salad.http, "/api/v1/ports").is_ok_and(|(_, b)| b.contains(&bound))
@@ -409,6 +443,16 @@ fn bind_machine(
     json_number(&body, "tcp_port")
         .and_then(|p| u16::try_from(p).ok())
         .with_context(|| format!("no tcp_port in {body}"))
+}
+
+/// The `id` of the stream named `name` in a `GET /api/v1/ports` body.
+fn stream_id(body: &str, name: &str) -> Option<u64> {
+    let ports: serde_json::Value = serde_json::from_str(body).ok()?;
+    ports["ports"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name || p["key"] == name)?["id"]
+        .as_u64()
 }
 
 fn run_salad(
@@ -424,7 +468,7 @@ fn run_salad(
     let (_sb, dut_b, adapter_b) = pty_pair(lab, "salad-b")?;
     let salad = start_salad(exe, lab, &[&adapter_a, &adapter_b])?;
     let mut dut = open_pty(&dut_a)?;
-    let port_a = bind_machine(&salad, &mut dut, &adapter_a, MACHINE_A)?;
+    let port_a = bind_machine(&salad, &adapter_a, MACHINE_A)?;
     let mut client = connect_synced(port_a, &mut dut)?;
     measure(fig, &mut dut, &mut client, Some(salad.pid), p, data)?;
     drop(client);
@@ -432,7 +476,7 @@ fn run_salad(
     // Isolation: machine A floods a client that never reads; machine B's latency meanwhile.
     phase("latency of machine B while machine A floods a stalled client");
     let mut dut_b_file = open_pty(&dut_b)?;
-    let port_b = bind_machine(&salad, &mut dut_b_file, &adapter_b, MACHINE_B)?;
+    let port_b = bind_machine(&salad, &adapter_b, MACHINE_B)?;
     let mut client_b = connect_synced(port_b, &mut dut_b_file)?;
     let stalled = connect_synced(port_a, &mut dut)?;
     let mut flood_src = dut.try_clone()?;
@@ -485,33 +529,37 @@ fn run_ser2net(
     nodelay: &mut Figures,
 ) -> anyhow::Result<()> {
     let (_s, dut_path, adapter) = pty_pair(lab, "ser2net")?;
-    let (p1, p2) = (free_port()?, free_port()?);
-    let cfg = format!(
-        "%YAML 1.1\n---\n\
-         connection: &default\n  accepter: tcp,127.0.0.1,{p1}\n  enable: on\n  options:\n    kickolduser: true\n  connector: serialdev,{dev},115200n81,local\n\
-         connection: &nodelay\n  accepter: tcp,127.0.0.1,{p2}\n  enable: on\n  options:\n    kickolduser: true\n    chardelay: false\n  connector: serialdev,{dev},115200n81,local\n",
-        dev = adapter.display()
-    );
-    let cfg_path = lab.join("ser2net.yaml");
-    std::fs::write(&cfg_path, cfg)?;
-    let mut cmd = Command::new("ser2net");
-    cmd.arg("-n")
-        .arg("-u")
-        .arg("-c")
-        .arg(&cfg_path)
-        .arg("-P")
-        .arg(lab.join("ser2net.pid"));
-    let mut proc = Proc::spawn(cmd, "ser2net", &lab.join("ser2net.log"))?;
-    let pid = proc.pid();
-    thread::sleep(Duration::from_millis(300));
-    proc.check_alive()?;
     let mut dut = open_pty(&dut_path)?;
-    for (port, fig) in [(p1, default), (p2, nodelay)] {
+    // One ser2net per configuration, each on port 0: ser2net does not say which port it got,
+    // so it is read from /proc. Stopping each one before the next also closes the device.
+    for (name, options, fig) in [
+        ("default", "", default),
+        ("nodelay", "    chardelay: false\n", nodelay),
+    ] {
+        let cfg = format!(
+            "%YAML 1.1\n---\n\
+             connection: &{name}\n  accepter: tcp,127.0.0.1,0\n  enable: on\n  options:\n    kickolduser: true\n{options}  connector: serialdev,{dev},115200n81,local\n",
+            dev = adapter.display()
+        );
+        let cfg_path = lab.join(format!("ser2net-{name}.yaml"));
+        std::fs::write(&cfg_path, cfg)?;
+        let mut cmd = Command::new("ser2net");
+        cmd.arg("-n")
+            .arg("-u")
+            .arg("-c")
+            .arg(&cfg_path)
+            .arg("-P")
+            .arg(lab.join(format!("ser2net-{name}.pid")));
+        let mut proc = Proc::spawn(cmd, "ser2net", &lab.join(format!("ser2net-{name}.log")))?;
+        let pid = proc.pid();
+        let port =
+            super::ports::bound_port(&mut proc.child, "ser2net", Duration::from_secs(10), |_| {
+                true
+            })?;
         let mut client = connect_synced(port, &mut dut)?;
         measure(fig, &mut dut, &mut client, Some(pid), p, data)?;
         drop(client);
-        // ser2net closes the device when its client leaves; let it settle before the next.
-        thread::sleep(Duration::from_millis(300));
+        drop(proc);
     }
     Ok(())
 }

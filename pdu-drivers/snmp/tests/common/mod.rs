@@ -1,7 +1,10 @@
 //! A real SNMP agent for tests and benchmarks: net-snmp `snmpd` on an ephemeral UDP port,
 //! with `pdu_agent.py` (pass_persist) playing the outlet tables of every supported model.
+//! Also how the tests that include this module start any peer without a port race: the
+//! peer binds port 0 and [`bound_port`] reads the port it got.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::UdpSocket;
 
 use std::path::{Path, PathBuf};
@@ -57,9 +60,81 @@ fn script() -> PathBuf {
         .expect("pdu-drivers/snmp/tests/pdu_agent.py in the workspace")
 }
 
-fn free_udp_port() -> u16 {
+/// Local ports of the sockets process `pid` has bound (TCP: listening ones), read from
+/// /proc. Peers such as snmpd and pdudaemon bind port 0 when told to but do not say which
+/// port they got; this reads it, and proves the port belongs to that very process.
+pub fn bound_ports(pid: u32, udp: bool) -> Vec<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let proto = if udp { "udp" } else { "tcp" };
+    let mut ports = Vec::new();
+    for table in [proto.to_string(), format!("{proto}6")] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // `sl local_address rem_address st … inode`: local "0100007F:1F90", st 0A = LISTEN.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && (udp || f[3] == "0A") && inodes.contains(f[9]) {
+                let port = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                ports.extend(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// The one port `child`, told to bind port 0, got: polls [`bound_ports`] until the peer has
+/// bound it; panics with `log()` when it exits first or takes longer than `within`.
+pub fn bound_port(
+    child: &mut Child,
+    what: &str,
+    udp: bool,
+    within: Duration,
+    log: impl Fn() -> String,
+) -> u16 {
+    let start = Instant::now();
+    loop {
+        match bound_ports(child.id(), udp).as_slice() {
+            [port] => return *port,
+            [] => {}
+            many => panic!("{what} bound several ports {many:?}; log:\n{}", log()),
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited ({status}) before binding a port; log:\n{}",
+                log()
+            );
+        }
+        assert!(
+            start.elapsed() < within,
+            "{what} bound no port within {within:?}; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A UDP port of 127.0.0.1 where nothing answers (a request gets ICMP port-unreachable),
+/// reserved for as long as the returned socket lives. The socket is connected to the discard
+/// port, so the kernel hands it no datagram from anyone else; no other process can bind the
+/// port meanwhile, unlike a port that was merely free a moment ago.
+pub fn unreachable_udp_port() -> (UdpSocket, u16) {
     let s = UdpSocket::bind("127.0.0.1:0").expect("bind an ephemeral UDP port");
-    s.local_addr().unwrap().port()
+    s.connect("127.0.0.1:9").expect("connect the UDP socket");
+    let port = s.local_addr().expect("local address").port();
+    (s, port)
 }
 
 impl Agent {
@@ -68,13 +143,12 @@ impl Agent {
         let snmpd = dutgate_core::testing::require_program("snmpd", "snmpd");
         dutgate_core::testing::require_program("python3", "python3");
         let dir = tempfile::tempdir().unwrap();
-        let port = free_udp_port();
         let state = dir.path().join("state");
         let persist = dir.path().join("persist");
         std::fs::create_dir_all(&state).unwrap();
         std::fs::create_dir_all(&persist).unwrap();
         let mut conf = format!(
-            "agentAddress udp:127.0.0.1:{port}\n\
+            "agentAddress udp:127.0.0.1:0\n\
              rocommunity public 127.0.0.1\n\
              rwcommunity private 127.0.0.1\n\
              createUser {V3_USER} SHA \"{V3_AUTH}\" AES \"{V3_PRIV}\"\n\
@@ -100,7 +174,21 @@ impl Agent {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start snmpd");
-        let agent = Agent { child, port, dir };
+        // Built before the port is known so that a failed start still stops snmpd.
+        let mut agent = Agent {
+            child,
+            port: 0,
+            dir,
+        };
+        let log_path = agent.dir.path().join("snmpd.log");
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        agent.port = bound_port(
+            &mut agent.child,
+            "snmpd",
+            true,
+            Duration::from_secs(20),
+            log,
+        );
         agent.wait_ready();
         agent
     }
