@@ -439,6 +439,9 @@ async fn discover(mars: &MarsClient, a: DiscoverArgs, format: Format) -> anyhow:
     Ok(())
 }
 
+/// How long a discovery that ended may still show its machine's binding in mars' events.
+const BINDING_GRACE: Duration = Duration::from_secs(5);
+
 /// Follows mars's events until a machine is bound by the discovery, or it ends unbound.
 async fn wait_for_binding(
     mars: &MarsClient,
@@ -458,18 +461,27 @@ async fn wait_for_binding(
             return Ok(());
         }
         if mars.discovery().await?.discovery.is_none() {
-            // Consumed or expired: a binding that happened since the last batch shows now.
-            let last = mars.events(cursor, Duration::ZERO).await?;
-            if let Some(e) = last
-                .events
-                .iter()
-                .find(|e| e.kind == "configured" && e.actor == "registration")
-            {
-                let m = mars.machine(e.machine_id).await?;
-                print(format, &m, machine_text);
-                return Ok(());
+            // Consumed or expired. mars ends a discovery when a registration claims it and
+            // binds the machine in the writes that follow (`registered`, then `configured`):
+            // follow the events a little longer before calling it expired.
+            let deadline = tokio::time::Instant::now() + BINDING_GRACE;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let last = mars.events(cursor, left).await?;
+                cursor = last.next;
+                if let Some(e) = last
+                    .events
+                    .iter()
+                    .find(|e| e.kind == "configured" && e.actor == "registration")
+                {
+                    let m = mars.machine(e.machine_id).await?;
+                    print(format, &m, machine_text);
+                    return Ok(());
+                }
+                if left.is_zero() {
+                    bail!("the discovery ended without a machine registering");
+                }
             }
-            bail!("the discovery ended without a machine registering");
         }
     }
 }
