@@ -17,7 +17,9 @@
 //! one DUT while an attacker job on the other tries to read the victim's boot script (which
 //! carries the victim's bucket keys), rewrite the victim's machine record, and take over the
 //! victim's console by printing its id. The victim job PASSes with its file and a console
-//! that holds none of the attacker's lines; the victim's machine record is unchanged.
+//! that holds none of the attacker's lines; the victim's machine record is unchanged. Last, a
+//! job whose kernel URL is an internal service of the gateway ends SETUP_FAIL naming the
+//! outbound rule, and nothing is fetched.
 //!
 //! Peers: iproute2 (`ip`), dnsmasq (Debian `dnsmasq-base`), qemu-system-x86 + ipxe-qemu,
 //! linux-image-amd64 + busybox-static (the DUT image), curl. Needs root (network namespaces).
@@ -548,4 +550,31 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
     farm.wait_for("the victim back to IDLE", Duration::from_secs(120), |f| {
         (f.machine(victim)["state"] == "IDLE").then_some(())
     });
+
+    // 4. A job whose kernel URL points at an internal service (the PDU service on the
+    //    gateway's loopback) makes the artifact cache fetch nothing: the job ends SETUP_FAIL
+    //    naming the rule, before any power-on.
+    let text = std::fs::read_to_string(root().join("examples/hello.yml")).unwrap();
+    let kernel = "url: \"{{ dut_kernel_url }}\"";
+    assert!(
+        text.contains(kernel),
+        "examples/hello.yml no longer contains {kernel:?}"
+    );
+    let ssrf = tmp.path().join("ssrf.yml");
+    std::fs::write(
+        &ssrf,
+        text.replace(kernel, "url: \"http://127.0.0.1:8004/api/v1/pdus\""),
+    )
+    .unwrap();
+    let (code, console, err, _) = farm
+        .spawn_run("ssrf", &ssrf, attacker)
+        .wait(Duration::from_secs(120));
+    assert_eq!(
+        code, 6,
+        "a job fetching an internal URL did not end SETUP_FAIL:\n{console}\n{err}"
+    );
+    assert!(
+        err.contains("loopback") && err.contains("gateway.outbound.allow"),
+        "the refusal does not name the rule:\n{err}"
+    );
 }
