@@ -10,6 +10,7 @@
 //!
 //! Invariant: this crate knows no service's business; services depend on it, never the reverse.
 
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;

@@ -4,6 +4,7 @@
 mod config;
 mod dut_image;
 mod services;
+mod tokens;
 mod up;
 mod virtual_farm;
 
@@ -59,6 +60,11 @@ enum Command {
     /// Assemble the DUT environment (kernel, initramfs) the virtual farm boots; see
     /// `cargo xtask dut-image`, which builds the static agents first.
     DutImage(dut_image::DutImageArgs),
+    /// The gateway's tokens, offline: bootstrap tokens, named tokens (create, list, revoke).
+    Tokens {
+        #[command(subcommand)]
+        command: tokens::TokensCommand,
+    },
     /// The per-job process (started by the executor, setup on stdin).
     #[command(hide = true)]
     Job {
@@ -101,6 +107,15 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("dutgate: dut-image: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Command::Tokens { command } => {
+            return match tokens::run(command, &loaded.config.gateway) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dutgate: tokens: {e:#}");
                     ExitCode::FAILURE
                 }
             };

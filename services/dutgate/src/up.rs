@@ -4,12 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Args;
 use dutgate_core::ServiceName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -58,7 +57,7 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
     };
     std::fs::create_dir_all(&gw.state_dir)
         .with_context(|| format!("creating state dir {}", gw.state_dir.display()))?;
-    ensure_tokens(&gw.tokens_dir())?;
+    crate::tokens::bootstrap(&gw.tokens_dir())?;
     for name in &names {
         let addr = SocketAddr::new(gw.bind_address, gw.port_of(*name));
         // Fail early and clearly instead of letting a child crash-loop on a taken port.
@@ -276,44 +275,4 @@ async fn stop_all(children: &mut [Supervised]) {
         }
         s.child = None;
     }
-}
-
-/// Creates the admin and user tokens (mode 0600) when absent.
-fn ensure_tokens(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    for name in ["admin", "user"] {
-        let path = dir.join(name);
-        if dutgate_core::auth::read_token(&path).is_some() {
-            continue;
-        }
-        let token = hex_token();
-        write_private(&path, &token).with_context(|| format!("writing {}", path.display()))?;
-    }
-    if !dir.join("admin").exists() {
-        bail!("no admin token in {}", dir.display());
-    }
-    Ok(())
-}
-
-fn hex_token() -> String {
-    use std::fmt::Write;
-    let bytes: [u8; 24] = rand::random();
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(content.as_bytes())?;
-    f.write_all(b"\n")
 }

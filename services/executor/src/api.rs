@@ -1,5 +1,6 @@
 //! The executor's REST routes (docs/jobs.md §4).
 
+use std::net::SocketAddr;
 use std::path::{Component, Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,13 +8,16 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, Extension, FromRequest, Multipart, Path, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use dutgate_core::auth::{Auth, Role, require_user};
+use dutgate_core::audit::{Actor, AuditLog};
+use dutgate_core::auth::{Auth, Identity, Role, require_user};
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::{ApiError, JobStatus, MachineId, ServiceName};
 use dutgate_jobspec::{JobErrorKind, JobErrors, JobSpec, MAX_JOB_BYTES, TemplateVars};
@@ -23,7 +27,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use crate::config::Config;
+use crate::config::{Config, JobVisibility};
 use crate::model::{
     Artifact, ArtifactList, EventList, Job, JobList, JobState, Purpose, Submitted, TargetView,
     Timestamp,
@@ -40,6 +44,7 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub gw: Arc<GatewayConfig>,
     pub auth: Auth,
+    pub audit: AuditLog,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -55,8 +60,90 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(state.auth.clone(), require_user))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::tokens::router(
+            state.auth.clone(),
+            state.audit.clone(),
+        ))
+        .merge(
+            Router::new()
+                .route("/api/v1/audit", get(dutgate_core::audit::list))
+                .with_state((state.audit, state.auth)),
+        )
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+}
+
+/// What a caller wants to do with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Show, list, events, console output: everyone or owners only (`job_visibility`).
+    Read,
+    /// Cancel, type into the console, download artifacts: the owner and admins only.
+    Control,
+}
+
+/// Whether `who` may `access` job `row`; the refusal names the rule, not the owner (with
+/// `job_visibility: owner` the owner's name is not theirs to know).
+fn authorize_job(
+    s: &AppState,
+    who: &Identity,
+    row: &JobRow,
+    access: Access,
+) -> Result<(), ApiError> {
+    if who.is_admin() {
+        return Ok(());
+    }
+    let own = row.owner == who.name;
+    match access {
+        Access::Read if s.cfg.job_visibility == JobVisibility::All || own => Ok(()),
+        Access::Read => Err(ApiError::forbidden(format!(
+            "job {} belongs to another user and executor.job_visibility is `owner`",
+            row.id
+        ))),
+        // Training jobs belong to the trainer (a service): only it and admins stop them.
+        Access::Control if row.purpose == Purpose::Training => {
+            if who.role == Role::Service {
+                Ok(())
+            } else {
+                Err(ApiError::forbidden(format!(
+                    "job {} is a training job: only an admin may do this",
+                    row.id
+                )))
+            }
+        }
+        Access::Control if own => Ok(()),
+        Access::Control => Err(ApiError::forbidden(format!(
+            "job {} belongs to another user: only its owner or an admin may do this",
+            row.id
+        ))),
+    }
+}
+
+/// Loads job `id` and checks `who` may `access` it; refusals go to the audit log.
+async fn job_for(
+    s: &AppState,
+    who: &Identity,
+    peer: SocketAddr,
+    id: i64,
+    access: Access,
+    action: &str,
+) -> Result<JobRow, ApiError> {
+    let row = s.store.require(id).await.map_err(store_err)?;
+    if let Err(e) = authorize_job(s, who, &row, access) {
+        tracing::warn!(job_id = id, actor = %who.name, source = %peer, action, reason = %e.body.error, "job access refused");
+        if access == Access::Control {
+            s.audit
+                .record(
+                    &Actor::known(who, peer),
+                    action,
+                    &format!("job/{id}"),
+                    &format!("refused: {}", e.body.error),
+                )
+                .await;
+        }
+        return Err(e);
+    }
+    Ok(row)
 }
 
 fn store_err(e: StoreError) -> ApiError {
@@ -224,9 +311,13 @@ fn job_errors(errors: &JobErrors) -> ApiError {
     e
 }
 
-async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, ApiError> {
+async fn submit(
+    State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let pairs = query_pairs(req.uri());
-    let headers = req.headers().clone();
     let sub = read_submission(&s, req).await?;
 
     let purpose: Purpose = match param(&pairs, "purpose") {
@@ -235,8 +326,20 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
             .map_err(|e: String| ApiError::bad_request(e).with_field("purpose"))?,
         None => Purpose::Job,
     };
-    if purpose == Purpose::Training {
-        s.auth.check(&headers, Role::Admin)?;
+    if purpose == Purpose::Training && !who.role.allows(Role::Service) {
+        let e = ApiError::forbidden(format!(
+            "training jobs are submitted by the trainer or an admin; token {:?} is a {} token",
+            who.name, who.role
+        ));
+        s.audit
+            .record(
+                &Actor::known(&who, peer),
+                "job.submit",
+                "training",
+                &format!("refused: {}", e.body.error),
+            )
+            .await;
+        return Err(e);
     }
     let priority = match (sub.metadata.priority, param(&pairs, "priority")) {
         (Some(p), _) => p,
@@ -366,6 +469,7 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
         target_tags,
         deadline_ms,
         has_tarball: staged.is_some(),
+        owner: who.name.clone(),
     };
     let id = match s.store.insert(&new).await {
         Ok(id) => id,
@@ -393,7 +497,15 @@ async fn submit(State(s): State<AppState>, req: Request) -> Result<Response, Api
         }
     }
     metrics::counter!("executor_jobs_submitted_total").increment(1);
-    tracing::info!(job_id = id, priority, "job submitted");
+    tracing::info!(job_id = id, priority, owner = %who.name, "job submitted");
+    s.audit
+        .record(
+            &Actor::known(&who, peer),
+            "job.submit",
+            &format!("job/{id}"),
+            "ok",
+        )
+        .await;
     if let Some(d) = deadline_ms {
         s.sched.note_deadline(d);
     }
@@ -457,18 +569,27 @@ fn view(s: &AppState, row: JobRow, with_job: bool) -> Job {
         finished_at: row.finished_at.map(Timestamp),
         boots: row.boots,
         console_bytes,
+        owner: row.owner,
         job: with_job.then_some(row.job_yaml),
     }
 }
 
 // ---- list and show ----------------------------------------------------------------------
 
-async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>, ApiError> {
+async fn list(
+    State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    uri: Uri,
+) -> Result<axum::Json<JobList>, ApiError> {
     let pairs = query_pairs(&uri);
     let mut f = ListFilter {
         limit: 100,
         ..Default::default()
     };
+    // With `job_visibility: owner`, a user's list holds their own jobs only.
+    if s.cfg.job_visibility == JobVisibility::Owner && !who.is_admin() {
+        f.owner = Some(who.name.clone());
+    }
     for (k, v) in &pairs {
         match k.as_str() {
             "state" => {
@@ -501,6 +622,15 @@ async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>
                     })?
             }
             "before" => f.before = Some(parse_id(v)?),
+            "owner" => {
+                if f.owner.as_ref().is_some_and(|o| o != v) {
+                    return Err(ApiError::forbidden(
+                        "executor.job_visibility is `owner`: only your own jobs are listed",
+                    )
+                    .with_field("owner"));
+                }
+                f.owner = Some(v.clone());
+            }
             other => {
                 return Err(
                     ApiError::bad_request(format!("unknown query parameter {other:?}"))
@@ -517,10 +647,12 @@ async fn list(State(s): State<AppState>, uri: Uri) -> Result<axum::Json<JobList>
 
 async fn show(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<Job>, ApiError> {
     let id = parse_id(&id)?;
-    let row = s.store.require(id).await.map_err(store_err)?;
+    let row = job_for(&s, &who, peer, id, Access::Read, "job.show").await?;
     Ok(axum::Json(view(&s, row, true)))
 }
 
@@ -550,12 +682,14 @@ async fn wait_change(
 
 async fn events(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    s.store.require(id).await.map_err(store_err)?;
+    job_for(&s, &who, peer, id, Access::Read, "job.events").await?;
     let pairs = query_pairs(&uri);
     let after = match param(&pairs, "after")
         .or_else(|| headers.get("last-event-id").and_then(|v| v.to_str().ok()))
@@ -664,11 +798,13 @@ where
 
 async fn console(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let row = s.store.require(id).await.map_err(store_err)?;
+    let row = job_for(&s, &who, peer, id, Access::Read, "job.console").await?;
     let q = console_query(&uri)?;
     let len = std::fs::metadata(s.sup.job_dir(id).join("console.log"))
         .map(|m| m.len())
@@ -706,17 +842,24 @@ async fn console(
 
 async fn console_ws(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
     uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    s.store.require(id).await.map_err(store_err)?;
+    let row = job_for(&s, &who, peer, id, Access::Read, "job.console").await?;
+    // Everyone who may read the job watches; only its owner and admins type.
+    let may_type = authorize_job(&s, &who, &row, Access::Control).is_ok();
     let q = console_query(&uri)?;
-    Ok(ws.on_upgrade(move |socket| ws_session(s, id, q.offset, socket)))
+    let actor = Actor::known(&who, peer);
+    Ok(ws.on_upgrade(move |socket| ws_session(s, id, q.offset, socket, may_type.then_some(actor))))
 }
 
-async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket) {
+/// `typist`: who may type (the owner or an admin); `None` makes the session read-only, and
+/// the first keystroke of a read-only session is refused (logged and audited once).
+async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket, typist: Option<Actor>) {
     use futures::StreamExt;
     let (mut sink, mut stream) = socket.split();
     let (otx, mut orx) = mpsc::channel::<Bytes>(16);
@@ -733,6 +876,7 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket) {
         let s = s.clone();
         tokio::spawn(async move {
             let mut conn: Option<tokio::net::TcpStream> = None;
+            let mut refused = false;
             while let Some(Ok(msg)) = stream.next().await {
                 let data: Vec<u8> = match msg {
                     Message::Binary(b) => b.to_vec(),
@@ -740,6 +884,13 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket) {
                     Message::Close(_) => return,
                     _ => continue,
                 };
+                if typist.is_none() {
+                    if !refused {
+                        refused = true;
+                        tracing::warn!(job_id = id, "console input refused: read-only session");
+                    }
+                    continue;
+                }
                 let Ok(Some(row)) = s.store.get(id).await else {
                     return;
                 };
@@ -810,10 +961,12 @@ async fn events_json(s: &AppState, id: i64) -> Result<Vec<u8>, ApiError> {
 
 async fn artifacts(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<ArtifactList>, ApiError> {
     let id = parse_id(&id)?;
-    s.store.require(id).await.map_err(store_err)?;
+    job_for(&s, &who, peer, id, Access::Read, "job.artifacts").await?;
     let dir = s.sup.job_dir(id);
     let mut list = Vec::new();
     if let Ok(m) = std::fs::metadata(dir.join("console.log")) {
@@ -844,10 +997,19 @@ fn artifact_path(dir: &FsPath, path: &str) -> Option<PathBuf> {
 
 async fn artifact(
     State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((id, path)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    s.store.require(id).await.map_err(store_err)?;
+    // The console log and the events are readable as through their own routes; the files
+    // the job produced are its owner's.
+    let access = if path == "events.json" || path == "console.log" {
+        Access::Read
+    } else {
+        Access::Control
+    };
+    job_for(&s, &who, peer, id, access, "job.artifact.download").await?;
     if path == "events.json" {
         let body = events_json(&s, id).await?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
@@ -876,10 +1038,19 @@ async fn artifact(
 
 // ---- cancel -----------------------------------------------------------------------------
 
-async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel(
+    State(s): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    job_for(&s, &who, peer, id, Access::Control, "job.cancel").await?;
+    let actor = Actor::known(&who, peer);
+    let target = format!("job/{id}");
     match s.sup.cancel(id).await {
         Ok(row) => {
+            s.audit.record(&actor, "job.cancel", &target, "ok").await;
             s.sched.wake();
             Ok((StatusCode::ACCEPTED, axum::Json(view(&s, row, false))).into_response())
         }

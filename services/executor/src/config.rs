@@ -42,10 +42,22 @@ pub struct Config {
     /// through NAT, as under QEMU user networking (`dutgate up --virtual-duts` without
     /// `--dut-bridge`), where every DUT comes from 127.0.0.1.
     pub job_keys_from_machine_address: bool,
+    /// Who may read (show, list, events, console) other users' jobs: `all` (as LAVA's public
+    /// jobs) or `owner` (only their owner and admins). Cancelling, typing into a job's console
+    /// and downloading its artifacts are always for its owner and admins only.
+    pub job_visibility: JobVisibility,
     /// Object storage for job buckets: the gateway's `s3` section, set by the `dutgate`
     /// binary (not a key of the `executor` section). Unset: jobs run without a bucket.
     #[serde(skip)]
     pub object_store: Option<crate::storage::ObjectStore>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobVisibility {
+    #[default]
+    All,
+    Owner,
 }
 
 impl Default for Config {
@@ -66,6 +78,7 @@ impl Default for Config {
             registry: None,
             template_vars: BTreeMap::new(),
             job_keys_from_machine_address: true,
+            job_visibility: JobVisibility::All,
             object_store: None,
         }
     }

@@ -29,6 +29,7 @@ pub mod store;
 pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +114,9 @@ impl Executor {
                 shutdown,
             ));
         }
+        let audit = dutgate_core::audit::AuditLog::new(&gw.state_dir, "executor");
         let state = api::AppState {
+            audit,
             store,
             sched,
             sup,

@@ -150,6 +150,9 @@ pub struct Job {
     pub finished_at: Option<Timestamp>,
     pub boots: i64,
     pub console_bytes: u64,
+    /// Name of the token that submitted the job.
+    #[serde(default)]
+    pub owner: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
 }

@@ -78,6 +78,8 @@ pub struct JobRow {
     pub boots: i64,
     pub cancel_requested: bool,
     pub has_tarball: bool,
+    /// Name of the token that submitted the job.
+    pub owner: String,
 }
 
 /// What a submission stores.
@@ -91,6 +93,8 @@ pub struct NewJob {
     pub target_tags: Vec<String>,
     pub deadline_ms: Option<i64>,
     pub has_tarball: bool,
+    /// Name of the submitting token ([`dutgate_core::auth::Identity`]).
+    pub owner: String,
 }
 
 /// The fields the scheduler needs to match a queued job.
@@ -112,11 +116,13 @@ pub struct ListFilter {
     pub tags: Vec<String>,
     pub before: Option<i64>,
     pub limit: u32,
+    /// Only the jobs of this owner (`executor.job_visibility: owner`).
+    pub owner: Option<String>,
 }
 
 const JOB_COLUMNS: &str = "id, external_id, state, phase, status, reason, priority, purpose, \
      job_yaml, target_id, target_tags, deadline_ms, submitted_at, dispatched_at, started_at, \
-     finished_at, machine_id, lease_id, executor, pid, boots, cancel_requested, has_tarball";
+     finished_at, machine_id, lease_id, executor, pid, boots, cancel_requested, has_tarball, owner";
 
 fn corrupt(id: i64, field: &'static str, value: impl Into<String>) -> StoreError {
     StoreError::Corrupt {
@@ -169,6 +175,7 @@ fn parse_row(r: &sqlx::any::AnyRow) -> Result<JobRow, StoreError> {
         boots: r.try_get("boots")?,
         cancel_requested: r.try_get::<i64, _>("cancel_requested")? != 0,
         has_tarball: r.try_get::<i64, _>("has_tarball")? != 0,
+        owner: r.try_get("owner")?,
     })
 }
 
@@ -205,8 +212,8 @@ impl Store {
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query(
             "INSERT INTO jobs (external_id, state, priority, purpose, job_yaml, target_id, \
-             target_tags, deadline_ms, submitted_at, has_tarball) \
-             VALUES ($1, 'QUEUED', $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+             target_tags, deadline_ms, submitted_at, has_tarball, owner) \
+             VALUES ($1, 'QUEUED', $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
         )
         .bind(job.external_id.clone())
         .bind(job.priority)
@@ -217,12 +224,14 @@ impl Store {
         .bind(job.deadline_ms)
         .bind(now_ms())
         .bind(i64::from(job.has_tarball))
+        .bind(job.owner.clone())
         .fetch_one(&mut *tx)
         .await?;
         let id: i64 = row.try_get(0)?;
         let data = serde_json::json!({
             "priority": job.priority,
             "target": {"id": job.target_id, "tags": job.target_tags},
+            "owner": job.owner,
         });
         insert_event(
             &mut tx,
@@ -261,7 +270,7 @@ impl Store {
         let sql = format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE ($1 IS NULL OR state = $2) \
              AND ($3 IS NULL OR status = $4) AND ($5 IS NULL OR machine_id = $6) \
-             AND id < $7 ORDER BY id DESC LIMIT $8"
+             AND id < $7 AND ($8 IS NULL OR owner = $9) ORDER BY id DESC LIMIT $10"
         );
         let state = filter.state.map(|s| s.as_str().to_string());
         let status = filter.status.map(|s| s.as_str().to_string());
@@ -274,6 +283,8 @@ impl Store {
             .bind(machine.clone())
             .bind(machine)
             .bind(filter.before.unwrap_or(i64::MAX))
+            .bind(filter.owner.clone())
+            .bind(filter.owner.clone())
             .bind(i64::from(fetch))
             .fetch_all(self.pool())
             .await?;

@@ -18,6 +18,7 @@ fn job(priority: i64, tags: &[&str]) -> NewJob {
         target_tags: tags.iter().map(|t| t.to_string()).collect(),
         deadline_ms: None,
         has_tarball: false,
+        owner: "user".into(),
     }
 }
 

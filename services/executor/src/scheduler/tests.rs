@@ -165,6 +165,7 @@ fn new_job(priority: i64, tags: &[&str]) -> crate::store::NewJob {
         target_tags: tags.iter().map(|t| t.to_string()).collect(),
         deadline_ms: None,
         has_tarball: false,
+        owner: "user".into(),
     }
 }
 
