@@ -122,6 +122,11 @@ impl ServiceContext {
         router: axum::Router,
         health: Option<crate::http::HealthCheck>,
     ) -> Result<(), ServiceError> {
+        let auth = crate::auth::Auth::from_gateway_quiet(&self.gateway);
+        let router = router.layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::refuse_unknown_bearer,
+        ));
         let app = crate::http::with_common_routes(self.name.as_str(), router, health);
         let listener = crate::http::listener(self.listen_addr()).await?;
         let grace =

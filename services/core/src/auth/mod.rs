@@ -150,6 +150,26 @@ impl Auth {
     /// The gateway's tokens: bootstrap tokens from the config or `<state_dir>/tokens/`, named
     /// tokens from `<state_dir>/auth/tokens.json`.
     pub fn from_gateway(gw: &GatewayConfig) -> Self {
+        let auth = Self::from_gateway_quiet(gw);
+        let named_admin = auth.store().is_some_and(|st| {
+            st.list()
+                .map(|l| l.iter().any(|t| t.role == Role::Admin))
+                .unwrap_or(false)
+        });
+        if !named_admin
+            && !auth
+                .inner
+                .bootstrap
+                .iter()
+                .any(|(_, r, _)| *r == Role::Admin)
+        {
+            tracing::warn!("no admin token configured: admin endpoints will refuse every request");
+        }
+        auth
+    }
+
+    /// As [`Auth::from_gateway`], without the start-up warning (for a second instance).
+    pub fn from_gateway_quiet(gw: &GatewayConfig) -> Self {
         let dir = gw.tokens_dir();
         let admin = gw
             .auth
@@ -163,13 +183,6 @@ impl Auth {
             .or_else(|| read_token(&dir.join("user")));
         let service = read_token(&dir.join("service"));
         let store = TokenStore::in_state_dir(&gw.state_dir);
-        let no_named_admin = store
-            .list()
-            .map(|l| !l.iter().any(|t| t.role == Role::Admin))
-            .unwrap_or(true);
-        if admin.is_none() && no_named_admin {
-            tracing::warn!("no admin token configured: admin endpoints will refuse every request");
-        }
         Self::build(
             admin,
             user,
@@ -292,6 +305,28 @@ pub fn service_token(gw: &GatewayConfig) -> Option<Secret> {
     read_token(&dir.join("service"))
         .or_else(|| gw.auth.admin_token.clone())
         .or_else(|| read_token(&dir.join("admin")))
+}
+
+/// Middleware of every service ([`crate::service::ServiceContext::serve_http`]): a request
+/// that presents a bearer token the gateway does not know (revoked, expired, made up) gets 401
+/// whatever the route, even one open to the DUT network without a token, so a client learns at
+/// once that its token is no longer valid. Other `Authorization` schemes (S3's SigV4) pass.
+pub async fn refuse_unknown_bearer(State(auth): State<Auth>, req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer ") || v.starts_with("bearer "));
+    if bearer && let Err(e) = auth.identify(req.headers()) {
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.to_string())
+            .unwrap_or_default();
+        tracing::warn!(source = %peer, path = %req.uri().path(), reason = %e.body.error, "request with an unknown token refused");
+        return e.into_response();
+    }
+    next.run(req).await
 }
 
 /// Middleware: admin token required.
