@@ -1,6 +1,14 @@
-//! HTTP routes: iPXE scripts and artifacts for DUTs, boot configs for the executor.
+//! HTTP routes: iPXE scripts and artifacts for DUTs, boot configs for job processes.
+//!
+//! Who may do what (docs/security.md): DUT-facing routes answer the DUT networks, the
+//! service role and admins, and the holder of a machine's current lease (`X-Lease-Id`: the
+//! job process reads its machine's job script and that script's artifacts before power-on).
+//! Boot configs are read with any token; setting or clearing the config of machine M needs
+//! the service role or M's current lease (users cannot, any more). Changes and refused
+//! attempts go to the audit log.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
 use axum::Router;
@@ -9,11 +17,13 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use bytes::Bytes;
+use dutgate_core::audit::{Actor, AuditLog};
 use dutgate_core::auth::{Auth, Role, require_user};
 use dutgate_core::config::GatewayConfig;
-use dutgate_core::{ApiError, ApiJson, MachineId, ServiceName};
+use dutgate_core::lease::{self, LeaseCheck, Target};
+use dutgate_core::{ApiError, ApiJson, MachineId, Secret, ServiceName};
 use serde::Deserialize;
 
 use crate::cache::{ArtifactCache, ArtifactRef, CacheError, CacheStats};
@@ -37,6 +47,10 @@ pub struct AppState {
     pub gateway: Arc<GatewayConfig>,
     /// Decides whether a peer is the machine whose job script it asks for.
     pub peers: crate::peer::PeerCheck,
+    /// Checks the leases job processes present (with mars).
+    pub leases: LeaseCheck,
+    pub audit: AuditLog,
+    pub auth: Auth,
 }
 
 /// A boot config with what its scripts need worked out once, when it is stored, instead of on
@@ -87,50 +101,79 @@ impl Prepared {
     }
 }
 
-pub fn router(state: AppState, auth: Auth) -> Router {
+pub fn router(state: AppState) -> Router {
+    let auth = state.auth.clone();
     let dut = Router::new()
         .route("/boot/{mac}/boot.ipxe", get(script_by_path))
         .route("/boot.ipxe", get(script_by_query))
         .route("/artifacts/{id}/{name}", get(artifact))
-        .layer(from_fn_with_state(auth.clone(), dut_network_or_admin))
+        .layer(from_fn_with_state(
+            auth.clone(),
+            dut_network_service_or_lease,
+        ))
         .with_state(state.clone());
-    let api = Router::new()
+    let reads = Router::new()
         .route("/api/v1/boot", get(list_configs))
-        .route(
-            "/api/v1/boot/{mac}",
-            get(get_config).put(put_config).delete(delete_config),
-        )
+        .route("/api/v1/boot/{mac}", get(get_config))
         .route("/api/v1/boot-cache", get(cache_stats))
-        .layer(from_fn_with_state(auth, require_user))
-        .with_state(state);
-    dut.merge(api)
+        .layer(from_fn_with_state(auth.clone(), require_user))
+        .with_state(state.clone());
+    // Writes check their caller themselves: a token or the machine's lease.
+    let writes = Router::new()
+        .route("/api/v1/boot/{mac}", put(put_config).delete(delete_config))
+        .with_state(state.clone());
+    let audit = Router::new()
+        .route("/api/v1/audit", get(dutgate_core::audit::list))
+        .with_state((state.audit, auth));
+    dut.merge(reads)
+        .merge(writes)
+        .merge(audit)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
 /// Who is asking a DUT-facing route.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub peer: Option<std::net::IpAddr>,
-    pub admin: bool,
+    /// The service role or an admin: any script, any artifact.
+    pub privileged: bool,
+    /// The lease the request presents (a job process): what it opens is checked with mars
+    /// by the route, for the machine the route names.
+    pub lease: Option<Secret>,
 }
 
 /// Middleware of the DUT-facing routes: the peer must be on a DUT network, or the request
-/// must carry the admin token (debugging from elsewhere). A user token is not enough: boot
-/// scripts and artifacts are what DUTs read, and a user is not a DUT.
-async fn dut_network_or_admin(State(auth): State<Auth>, mut req: Request, next: Next) -> Response {
+/// must carry a service or admin token (the gateway's actors, debugging from elsewhere), or a
+/// lease (`X-Lease-Id`, checked by the route against the machine it names). A user token is
+/// not enough: boot scripts and artifacts are what DUTs read, and a user is not a DUT.
+async fn dut_network_service_or_lease(
+    State(auth): State<Auth>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let peer = req
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let admin = req.headers().contains_key(header::AUTHORIZATION)
-        && auth.check(req.headers(), Role::Admin).is_ok();
-    if admin || peer.is_some_and(|ip| auth.is_dut_address(ip)) {
-        req.extensions_mut().insert(Caller { peer, admin });
+    let privileged = req.headers().contains_key(header::AUTHORIZATION)
+        && auth.check(req.headers(), Role::Service).is_ok();
+    let lease = match lease::presented(req.headers()) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => return ApiError::from(e).into_response(),
+        None => None,
+    };
+    if privileged || lease.is_some() || peer.is_some_and(|ip| auth.is_dut_address(ip)) {
+        req.extensions_mut().insert(Caller {
+            peer,
+            privileged,
+            lease,
+        });
         next.run(req).await
     } else {
-        tracing::warn!(peer = ?peer, path = %req.uri().path(), "DUT-facing route refused: not from a DUT network and no admin token");
+        tracing::warn!(peer = ?peer, path = %req.uri().path(), "DUT-facing route refused: not from a DUT network, no service token and no lease");
         ApiError::forbidden(
-            "this endpoint is only reachable from the DUT networks (gateway.auth.dut_networks) or with the admin token",
+            "this endpoint is only reachable from the DUT networks (gateway.auth.dut_networks), \
+             with a service or admin token, or with the machine's lease (X-Lease-Id)",
         )
         .into_response()
     }
@@ -319,10 +362,20 @@ async fn script(
         .unwrap_or_else(|p| p.into_inner())
         .get(&mac)
         .cloned();
-    // A stored (job) config carries the job's credentials: only the machine itself and
-    // admins get it; anyone else asking for this MAC gets the default script.
+    // The holder of the machine's lease (its job process) is judged by its lease alone: a
+    // lease that does not hold is refused, never answered with the default script.
+    if !caller.privileged
+        && let Some(l) = &caller.lease
+        && let Err(e) = app.leases.check(mac, l).await
+    {
+        tracing::warn!(machine_id = %mac, peer = ?caller.peer, reason = %e, "job boot script refused to a lease that does not hold the machine");
+        return ApiError::from(e).into_response();
+    }
+    // A stored (job) config carries the job's credentials: only the machine itself, the
+    // holder of its lease, services and admins get it; anyone else asking for this MAC gets
+    // the default script.
     let stored = match stored {
-        Some(p) if caller.admin => Some(p),
+        Some(p) if caller.privileged || caller.lease.is_some() => Some(p),
         Some(p) => match caller.peer {
             Some(peer) => match app.peers.matches(mac, peer).await {
                 Ok(how) => {
@@ -433,11 +486,71 @@ fn render_for(
     Ok(text)
 }
 
+#[derive(Debug, Deserialize)]
+struct ArtifactQuery {
+    /// The machine whose lease the request presents (lease holders only).
+    machine: Option<String>,
+}
+
+impl AppState {
+    /// Whether the boot config stored for `mac` names cached artifact `id`.
+    fn names_artifact(&self, mac: MachineId, id: &str) -> bool {
+        let configs = self.configs.read().unwrap_or_else(|p| p.into_inner());
+        configs.get(&mac).is_some_and(|p| {
+            p.refs.as_ref().is_ok_and(|refs| {
+                refs.iter()
+                    .any(|r| matches!(r, ArtifactRef::Cached { id: c, .. } if c == id))
+            })
+        })
+    }
+}
+
+/// A caller that is neither on a DUT network nor privileged presents a lease: it may read
+/// the artifacts its machine's boot config names, the machine named by `?machine=`.
+async fn lease_may_read(
+    app: &AppState,
+    caller: &Caller,
+    query: &ArtifactQuery,
+    id: &str,
+) -> Result<(), ApiError> {
+    let on_dut_network = caller.peer.is_some_and(|ip| app.auth.is_dut_address(ip));
+    if caller.privileged || on_dut_network {
+        return Ok(());
+    }
+    let Some(l) = &caller.lease else {
+        return Err(ApiError::forbidden(
+            "this artifact needs the machine's lease",
+        ));
+    };
+    let Some(raw) = query.machine.as_deref() else {
+        return Err(
+            ApiError::bad_request("a lease holder names its machine: ?machine=<MAC>")
+                .with_field("machine"),
+        );
+    };
+    let mac = MachineId::parse(raw)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("machine"))?;
+    app.leases.check(mac, l).await?;
+    if app.names_artifact(mac, id) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "the boot config of {mac} does not name artifact {id:?}"
+        )))
+    }
+}
+
 async fn artifact(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path((id, _name)): Path<(String, String)>,
+    Query(query): Query<ArtifactQuery>,
     headers: HeaderMap,
 ) -> Response {
+    if let Err(e) = lease_may_read(&app, &caller, &query, &id).await {
+        tracing::warn!(artifact = %id, peer = ?caller.peer, reason = %e.body.error, "artifact refused");
+        return e.into_response();
+    }
     match app.cache.open_artifact(&id).await {
         Ok(served) => crate::cache::serve::respond(served, &headers).await,
         Err(CacheError::NotFound) => ApiError::not_found(format!(
@@ -463,12 +576,72 @@ fn now_ms() -> i64 {
     crate::cache::now_ms() as i64
 }
 
+/// Who may change machine `mac`'s boot config: the service role or the machine's current
+/// lease. A refusal is audited.
+async fn writer(
+    app: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    mac: MachineId,
+    action: &str,
+) -> Result<Actor, ApiError> {
+    match lease::authorize(
+        &app.auth,
+        &app.leases,
+        headers,
+        Role::Service,
+        Target::Machine(mac),
+    )
+    .await
+    {
+        Ok(caller) => Ok(caller.actor(peer)),
+        Err(e) => {
+            tracing::warn!(machine_id = %mac, source = %peer, reason = %e.body.error, action, "boot config change refused");
+            let actor = lease::refused_actor(&app.auth, headers, peer);
+            app.audit
+                .record(
+                    &actor,
+                    action,
+                    &format!("machine/{mac}"),
+                    &format!("refused: {}", e.body.error),
+                )
+                .await;
+            Err(e)
+        }
+    }
+}
+
 async fn put_config(
     State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(mac): Path<String>,
-    ApiJson(config): ApiJson<BootConfig>,
+    body: Result<ApiJson<BootConfig>, ApiError>,
 ) -> Result<ApiJson<StoredBootConfig>, ApiError> {
     let mac = parse_mac(&mac)?;
+    let actor = writer(&app, &headers, peer, mac, "boot.config.set").await?;
+    let r = set_config(&app, mac, body).await;
+    let outcome = match &r {
+        Ok(s) => format!("ok: job {}", s.config.job_id.as_deref().unwrap_or("<none>")),
+        Err(e) => format!("failed: {}", e.body.error),
+    };
+    app.audit
+        .record(
+            &actor,
+            "boot.config.set",
+            &format!("machine/{mac}"),
+            &outcome,
+        )
+        .await;
+    r.map(ApiJson)
+}
+
+async fn set_config(
+    app: &AppState,
+    mac: MachineId,
+    body: Result<ApiJson<BootConfig>, ApiError>,
+) -> Result<StoredBootConfig, ApiError> {
+    let ApiJson(config) = body?;
     config.validate()?;
     for (field, url, sha) in config.artifacts() {
         let refused = |e: CacheError| {
@@ -500,7 +673,7 @@ async fn put_config(
         kernel = %config.kernel.url,
         "boot config set"
     );
-    Ok(ApiJson(stored))
+    Ok(stored)
 }
 
 async fn get_config(
@@ -524,10 +697,36 @@ struct DeleteQuery {
 
 async fn delete_config(
     State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(mac): Path<String>,
-    Query(q): Query<DeleteQuery>,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
     let mac = parse_mac(&mac)?;
+    let actor = writer(&app, &headers, peer, mac, "boot.config.clear").await?;
+    let r = clear_config(&app, mac, q).await;
+    let outcome = match &r {
+        Ok(Deleted::Yes) => "ok".to_string(),
+        Ok(_) => "ok: nothing to clear".to_string(),
+        Err(e) => format!("failed: {}", e.body.error),
+    };
+    app.audit
+        .record(
+            &actor,
+            "boot.config.clear",
+            &format!("machine/{mac}"),
+            &outcome,
+        )
+        .await;
+    r.map(|_| StatusCode::NO_CONTENT)
+}
+
+async fn clear_config(
+    app: &AppState,
+    mac: MachineId,
+    q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Deleted, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let _writer = app.write_lock.lock().await;
     let deleted = app
         .store
@@ -543,9 +742,9 @@ async fn delete_config(
     match deleted {
         Deleted::Yes => {
             tracing::info!(machine_id = %mac, job_id = q.job_id.as_deref().unwrap_or(""), "boot config cleared");
-            Ok(StatusCode::NO_CONTENT)
+            Ok(Deleted::Yes)
         }
-        Deleted::Absent => Ok(StatusCode::NO_CONTENT),
+        Deleted::Absent => Ok(Deleted::Absent),
         Deleted::OtherJob(other) => Err(ApiError::conflict(format!(
             "the boot config of {mac} belongs to job {}; kept",
             other.as_deref().unwrap_or("<none>")

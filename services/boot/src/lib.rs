@@ -36,7 +36,6 @@ use store::Store;
 /// The service, opened (database migrated, cache index loaded) but not yet listening.
 pub struct BootService {
     state: api::AppState,
-    auth: dutgate_core::auth::Auth,
 }
 
 fn startup(msg: impl std::fmt::Display) -> ServiceError {
@@ -111,15 +110,17 @@ impl BootService {
                     arp_table: config.arp_table.clone(),
                     unverified: config.unverified_peer_networks.clone(),
                 },
+                leases: dutgate_core::lease::LeaseCheck::for_gateway(&ctx.gateway),
+                audit: dutgate_core::audit::AuditLog::new(&ctx.gateway.state_dir, "boot"),
+                auth: ctx.auth(),
                 config: Arc::new(config),
                 gateway: ctx.gateway.clone(),
             },
-            auth: ctx.auth(),
         })
     }
 
     pub fn router(&self) -> axum::Router {
-        api::router(self.state.clone(), self.auth.clone())
+        api::router(self.state.clone())
     }
 
     pub fn cache(&self) -> &ArtifactCache {

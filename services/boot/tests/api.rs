@@ -1,5 +1,7 @@
 //! The REST API and the script endpoints, served in-process on 127.0.0.1:0.
 
+mod common;
+
 use dutgate_boot::testing::{ADMIN_TOKEN, TestBoot, USER_TOKEN, gateway};
 use dutgate_boot::{Artifact, BootConfig, Config, Kernel};
 use dutgate_core::MachineId;
@@ -69,9 +71,26 @@ async fn put_get_delete_and_auth() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let r = http.get(&url).bearer_auth("wrong").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let client = svc.client();
+    // A user reads boot configs and writes none: the reason names what would do.
+    let user = svc.client();
     let mac = MachineId::parse(MAC).unwrap();
-    assert_eq!(client.get(mac).await.unwrap(), None);
+    assert_eq!(user.get(mac).await.unwrap(), None);
+    for r in [
+        http.put(&url)
+            .bearer_auth(USER_TOKEN)
+            .json(&job_config("1")),
+        http.delete(&url).bearer_auth(USER_TOKEN),
+    ] {
+        let r = r.send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let v: serde_json::Value = r.json().await.unwrap();
+        let why = v["error"].as_str().unwrap();
+        assert!(
+            why.contains("service role") && why.contains("X-Lease-Id"),
+            "{why}"
+        );
+    }
+    let client = common::writer(&svc);
     let stored = client.put(mac, &job_config("1")).await.unwrap();
     assert_eq!(stored.mac, mac);
     assert_eq!(
@@ -103,7 +122,7 @@ async fn invalid_requests_name_the_field() {
     let http = reqwest::Client::new();
     let put = |mac: &str, body: serde_json::Value| {
         http.put(format!("{}/api/v1/boot/{mac}", svc.url()))
-            .bearer_auth(USER_TOKEN)
+            .bearer_auth(ADMIN_TOKEN)
             .json(&body)
             .send()
     };
@@ -162,7 +181,10 @@ async fn scripts_for_job_default_and_malformed_macs() {
     assert!(s.contains(&format!("kernel {base}/artifacts/")), "{s}");
     // A job's config, rewritten to the cache, escaped, with initrd= under EFI.
     let mac = MachineId::parse(MAC).unwrap();
-    svc.client().put(mac, &job_config("7")).await.unwrap();
+    common::writer(&svc)
+        .put(mac, &job_config("7"))
+        .await
+        .unwrap();
     let s = script(format!(
         "{base}/boot/{MAC}/boot.ipxe?platform=efi&buildarch=x86_64"
     ))
@@ -228,7 +250,7 @@ async fn direct_urls_and_public_url() {
     let svc = TestBoot::start(gateway(dir.path()), config).await;
     let mut c = job_config("9");
     c.initramfs[0].url = "http://10.42.0.1:9000/boot/b2c.cpio".into();
-    svc.client()
+    common::writer(&svc)
         .put(MachineId::parse(MAC).unwrap(), &c)
         .await
         .unwrap();
@@ -296,7 +318,10 @@ async fn boot_configs_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mac = MachineId::parse(MAC).unwrap();
     let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
-    svc.client().put(mac, &job_config("3")).await.unwrap();
+    common::writer(&svc)
+        .put(mac, &job_config("3"))
+        .await
+        .unwrap();
     svc.stop().await;
     let svc = TestBoot::start(gateway(dir.path()), Config::default()).await;
     let got = svc.client().get(mac).await.unwrap().unwrap();
@@ -327,7 +352,10 @@ async fn repeated_scripts_follow_the_platform_the_host_and_config_changes() {
     let svc = TestBoot::start(gateway(dir.path()), default_config()).await;
     let base = svc.url();
     let mac = MachineId::parse(MAC).unwrap();
-    svc.client().put(mac, &job_config("7")).await.unwrap();
+    common::writer(&svc)
+        .put(mac, &job_config("7"))
+        .await
+        .unwrap();
     let path = |platform: &str| format!("{base}/boot/{MAC}/boot.ipxe?platform={platform}");
     for _ in 0..2 {
         let bios = script_via(&path("pcbios"), "gw-a.example:8003").await;
@@ -347,7 +375,10 @@ async fn repeated_scripts_follow_the_platform_the_host_and_config_changes() {
         assert!(!other_host.contains("gw-a.example"), "{other_host}");
     }
     // A new config for the same machine replaces the kept script.
-    svc.client().put(mac, &job_config("8")).await.unwrap();
+    common::writer(&svc)
+        .put(mac, &job_config("8"))
+        .await
+        .unwrap();
     let s = script_via(&path("pcbios"), "gw-a.example:8003").await;
     assert!(s.contains("job 8") && !s.contains("job 7"), "{s}");
     // The default config is shared: two MACs asking in turn each get their own script.
@@ -371,7 +402,7 @@ async fn repeated_scripts_follow_the_platform_the_host_and_config_changes() {
     // Clearing the job's config falls back to the default at once.
     let resp = reqwest::Client::new()
         .delete(format!("{base}/api/v1/boot/{MAC}"))
-        .bearer_auth(USER_TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap();

@@ -37,7 +37,7 @@ fn config_with(f: impl FnOnce(&mut Config)) -> Config {
 /// Sets a boot config whose kernel is `url` and returns the cache URL the script names.
 async fn artifact_url(svc: &TestBoot, url: &str, sha256: Option<String>) -> String {
     let mac = MachineId::parse(MAC).unwrap();
-    svc.client()
+    common::writer(svc)
         .put(
             mac,
             &BootConfig {
@@ -408,8 +408,7 @@ async fn file_urls_are_served_in_place_and_confined_to_roots() {
         StatusCode::BAD_GATEWAY
     );
     // Files outside the roots are refused when the config is set.
-    let err = svc
-        .client()
+    let err = common::writer(&svc)
         .put(
             MachineId::parse(MAC).unwrap(),
             &BootConfig {

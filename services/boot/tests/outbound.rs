@@ -5,7 +5,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{Mode, Upstream};
-use dutgate_boot::testing::{ADMIN_TOKEN, TestBoot, USER_TOKEN, gateway};
+use dutgate_boot::testing::{ADMIN_TOKEN, TestBoot, gateway};
 use dutgate_boot::{BootConfig, CacheConfig, Config, Kernel};
 use dutgate_core::MachineId;
 use reqwest::StatusCode;
@@ -16,7 +16,7 @@ const MAC: &str = "52:54:00:00:00:21";
 async fn put_kernel(svc: &TestBoot, url: &str) -> (StatusCode, Value) {
     let r = reqwest::Client::new()
         .put(format!("{}/api/v1/boot/{MAC}", svc.url()))
-        .bearer_auth(USER_TOKEN)
+        .bearer_auth(ADMIN_TOKEN)
         .json(&json!({"kernel": {"url": url, "cmdline": "console=ttyS0"}, "job_id": "1"}))
         .send()
         .await
@@ -29,7 +29,7 @@ async fn put_kernel(svc: &TestBoot, url: &str) -> (StatusCode, Value) {
 /// the cache URL its script names.
 async fn cached_url(svc: &TestBoot, url: &str) -> String {
     let mac = MachineId::parse(MAC).unwrap();
-    svc.client()
+    common::writer(svc)
         .put(
             mac,
             &BootConfig {

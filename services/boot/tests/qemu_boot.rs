@@ -188,7 +188,7 @@ async fn per_mac_config_with_special_cmdline_arrives_byte_for_byte() {
                    #notacomment dg.bs=a\\b || &&  two  spaces\ttab end\\";
     let mac = MachineId::parse("52:54:00:ab:cd:ef").unwrap();
     let sha = common::sha256_hex(&initrd_bytes);
-    svc.client()
+    common::writer(&svc)
         .put(
             mac,
             &BootConfig {

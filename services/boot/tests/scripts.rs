@@ -5,6 +5,8 @@
 //! Every loopback peer is 127.0.0.1 unless the client binds another loopback address, so the
 //! clients bind 127.0.0.2 ("the DUT") and 127.0.0.3 ("another DUT").
 
+mod common;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,7 +164,7 @@ async fn job_scripts_only_for_their_machine() {
     gw.ports.mars = mars.addr.port();
     let svc = TestBoot::start(gw, default_config(arp)).await;
     for mac in [DUT_A, DUT_B] {
-        svc.client()
+        common::writer(&svc)
             .put(MachineId::parse(mac).unwrap(), &job_config())
             .await
             .unwrap();
@@ -225,7 +227,7 @@ async fn unverified_peer_networks_get_job_scripts() {
     let mut config = default_config(dir.path().join("no-arp"));
     config.unverified_peer_networks = vec!["127.0.0.1/32".parse().unwrap()];
     let svc = TestBoot::start(gateway(&dir.path().join("state")), config).await;
-    svc.client()
+    common::writer(&svc)
         .put(MachineId::parse(DUT_A).unwrap(), &job_config())
         .await
         .unwrap();

@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod http;
+pub mod lease;
 pub mod outbound;
 pub mod secret;
 pub mod service;

@@ -15,15 +15,9 @@ pub async fn run(name: ServiceName, config: FileConfig) -> Result<(), ServiceErr
             dutgate_executor::run(ctx, executor).await
         }
         ServiceName::Mars => {
-            // Sergeant Hartman's boots go through the executor's queue like any job, with the
-            // admin token (the trainer's privilege).
-            let admin = config.gateway.auth.admin_token.clone().or_else(|| {
-                dutgate_core::auth::read_token(&config.gateway.tokens_dir().join("admin"))
-            });
-            let runner = dutgate_executor::client::ExecutorClient::new(
-                config.gateway.internal_url(ServiceName::Executor),
-                admin,
-            );
+            // Sergeant Hartman's boots go through the executor's queue like any job, as
+            // training jobs: the service credential may submit and stop those.
+            let runner = dutgate_executor::client::ExecutorClient::for_gateway(&config.gateway);
             dutgate_mars::run_with_runner(ctx, config.mars, Some(std::sync::Arc::new(runner))).await
         }
         ServiceName::Registry => dutgate_registry::run(ctx, config.registry).await,

@@ -333,6 +333,8 @@ fn file_url(p: &Path) -> anyhow::Result<String> {
 /// (mars runs one discovery at a time). Progress goes to stdout.
 pub async fn discover_all(args: VirtualFarmArgs, config: FileConfig) {
     let gw = &config.gateway;
+    // Starting a discovery is administration (it binds a PDU port to whatever registers
+    // next): the admin token, not the service credential the gateway's actors use.
     let admin = config
         .gateway
         .auth

@@ -684,7 +684,7 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}"),
             "/api/v1/boot/{mac}",
             Some(boot),
-            false,
+            true,
             200,
         ),
         step(
@@ -1082,7 +1082,7 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}?job_id=2"),
             "/api/v1/boot/{mac}",
             None,
-            false,
+            true,
             409,
         ),
         step(
@@ -1091,7 +1091,7 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}?job_id=1"),
             "/api/v1/boot/{mac}",
             None,
-            false,
+            true,
             204,
         ),
         step(
@@ -1109,7 +1109,7 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}"),
             "/api/v1/boot/{mac}",
             Some(json!({"kernel": {"url": "http://x/k", "sha256": "zz"}})),
-            false,
+            true,
             422,
         ),
         step(

@@ -1,6 +1,6 @@
 //! Typed client of the executor's REST API (docs/jobs.md §4), for `dutctl`, tests and mars'
 //! trainer: [`ExecutorClient`] implements mars' [`JobRunner`], so Sergeant Hartman's boots go
-//! through the queue like any job (with the trainer's privilege).
+//! through the queue like any job (as training jobs, which the service role submits).
 
 use std::time::Duration;
 
@@ -63,14 +63,13 @@ impl ExecutorClient {
         }
     }
 
-    /// The client another service of the gateway uses (internal URL, admin token).
+    /// The client another service of the gateway uses: internal URL, the service credential
+    /// ([`dutgate_core::auth::service_token`]), which may submit and stop training jobs.
     pub fn for_gateway(gw: &GatewayConfig) -> Self {
-        let token = gw
-            .auth
-            .admin_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("admin")));
-        Self::new(gw.internal_url(ServiceName::Executor), token)
+        Self::new(
+            gw.internal_url(ServiceName::Executor),
+            dutgate_core::auth::service_token(gw),
+        )
     }
 
     pub fn api(&self) -> &ApiClient {

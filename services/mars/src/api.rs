@@ -1,23 +1,30 @@
 //! mars's REST routes (design.md §3, valve-infra compatible where it had the route).
 //!
-//! Access: read routes answer the DUT network or any valid token; registration the DUT
-//! network or the admin token (with the rules of `machines::registration`); admin routes
-//! (PATCH, retire, activate, discovery changes) and lease routes (the executor) need the
-//! admin token. See `docs/machines.md` for bodies and errors.
+//! Access: read routes answer the DUT network, any valid token or the holder of a current
+//! lease (`X-Lease-Id`); registration the DUT network or the admin token (with the rules of
+//! `machines::registration`); admin routes (PATCH, retire, activate, discovery changes) need
+//! the admin token; lease routes need the service role (the executor, the trainer), and a
+//! lease's heartbeat and release also accept that lease itself in `X-Lease-Id` (its job
+//! process). Lease ids are shown to admins, services and each lease's own holder only. Admin
+//! changes and every refused change go to the audit log. See `docs/machines.md` for bodies
+//! and errors.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use dutgate_core::audit::{Actor, AuditList, AuditLog, AuditQuery};
 use dutgate_core::auth::{Auth, Role};
-use dutgate_core::{ApiError, ApiJson, MachineId, Tag};
+use dutgate_core::lease::presented;
+use dutgate_core::{ApiError, ApiJson, MachineId, Secret, Tag};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +46,76 @@ pub struct AppState {
     pub mars: Mars,
     pub auth: Auth,
     pub shutdown: CancellationToken,
+    /// `None` for a mars started without a state dir (tests and benchmarks of other parts):
+    /// audited calls are then only traced.
+    pub audit: Option<AuditLog>,
+}
+
+impl AppState {
+    async fn audit(&self, actor: &Actor, action: &str, target: &str, outcome: &str) {
+        match &self.audit {
+            Some(log) => log.record(actor, action, target, outcome).await,
+            None => tracing::info!(
+                actor = %actor.name, source = %actor.source, action, target, outcome,
+                "audit (no audit log)"
+            ),
+        }
+    }
+
+    /// The caller, who must have `needed`; a refusal is audited.
+    async fn require(
+        &self,
+        headers: &HeaderMap,
+        source: &str,
+        needed: Role,
+        action: &str,
+        target: &str,
+    ) -> Result<Actor, ApiError> {
+        match self.auth.check_identity(headers, needed) {
+            Ok(id) => Ok(Actor::known(&id, source)),
+            Err(e) => {
+                let actor = Actor::from_headers(&self.auth, headers, source);
+                self.audit(&actor, action, target, &refused(&e)).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Records an admin change and its outcome.
+    async fn audit_outcome<T>(
+        &self,
+        actor: &Actor,
+        action: &str,
+        target: &str,
+        result: &Result<T, ApiError>,
+    ) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("failed: {}", e.body.error),
+        };
+        self.audit(actor, action, target, &outcome).await;
+    }
+}
+
+fn refused(e: &ApiError) -> String {
+    format!("refused: {}", e.body.error)
+}
+
+/// Extractor: the caller's address, for logs and the audit log.
+pub struct Peer(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Peer(peer_of(parts)))
+    }
+}
+
+fn peer_of(parts: &Parts) -> String {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.to_string())
 }
 
 impl From<MarsError> for ApiError {
@@ -76,21 +153,14 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// Extractor: the admin token.
-pub struct AdminAuth;
-
-impl FromRequestParts<AppState> for AdminAuth {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, s: &AppState) -> Result<Self, ApiError> {
-        s.auth.check(&parts.headers, Role::Admin).map(|_| AdminAuth)
-    }
-}
-
-/// Extractor: a peer on the DUT network, or any valid token; remembers whether the caller
-/// is an admin, because a lease id is the job process's credential for salad and must reach
-/// no one else (see [`hide_lease_ids`]).
+/// Extractor: a peer on the DUT network, any valid token, or the holder of a current lease.
+/// Remembers what decides which lease ids the caller may see: a lease id is a job process's
+/// credential and must reach no one else (see [`hide_lease_ids`]).
 pub struct DutOrToken {
-    admin: bool,
+    /// An admin or one of the gateway's services: sees every lease id.
+    privileged: bool,
+    /// The lease the caller presented: that lease's id is its own to see.
+    lease: Option<Secret>,
 }
 
 impl FromRequestParts<AppState> for DutOrToken {
@@ -100,15 +170,29 @@ impl FromRequestParts<AppState> for DutOrToken {
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0.ip());
-        let role = s.auth.check(&parts.headers, Role::User).ok();
+        let checked = s.auth.check(&parts.headers, Role::User);
+        let role = checked.as_ref().ok().copied();
+        let lease = presented(&parts.headers).and_then(Result::ok);
+        let caller = DutOrToken {
+            privileged: role.is_some_and(|r| r.allows(Role::Service)),
+            lease,
+        };
         if role.is_some() || peer.is_some_and(|ip| s.auth.is_dut_address(ip)) {
-            Ok(DutOrToken {
-                admin: role == Some(Role::Admin),
-            })
-        } else {
-            Err(ApiError::forbidden(
-                "this endpoint is only reachable from the DUT network or with a token",
-            ))
+            return Ok(caller);
+        }
+        // A job process has no token: the lease it holds lets it read.
+        if let Some(l) = &caller.lease
+            && s.mars.store.machine_by_lease(l.expose()).await.is_ok()
+        {
+            return Ok(caller);
+        }
+        match checked {
+            // A token that is not valid (revoked, expired, unknown) is told so.
+            Err(e) if parts.headers.contains_key(header::AUTHORIZATION) => Err(e),
+            _ => Err(ApiError::forbidden(
+                "this endpoint is only reachable from the DUT network, with a token or with a \
+                 current lease (X-Lease-Id)",
+            )),
         }
     }
 }
@@ -130,14 +214,18 @@ impl FromRequestParts<AppState> for Registrant {
                 Ok(Registrant(Source::new(ip, admin)))
             }
             _ => {
-                let source = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                let source = peer_of(parts);
                 tracing::warn!(
                     source,
                     "registration refused: not from the DUT network and no admin token"
                 );
-                Err(ApiError::forbidden(
+                let e = ApiError::forbidden(
                     "registration is accepted only from the DUT network or with the admin token",
-                ))
+                );
+                let actor = Actor::from_headers(&s.auth, &parts.headers, &source);
+                s.audit(&actor, "machine.register", "machines", &refused(&e))
+                    .await;
+                Err(e)
             }
         }
     }
@@ -172,6 +260,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/leases/{lease}/heartbeat", post(heartbeat))
         .route("/api/v1/leases/{lease}/release", post(release))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/audit", get(audit_log))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -207,14 +296,28 @@ struct ListQuery {
     tags: Option<String>,
 }
 
-/// Blanks the lease ids of machines shown to someone who is not an admin: salad and the
-/// holder's own calls take a lease id as proof of holding the machine.
+/// Blanks the lease ids of machines shown to someone who is neither an admin nor one of the
+/// gateway's services, except the caller's own lease: boot, pdu, salad and mars itself take a
+/// lease id as proof of holding the machine.
 fn hide_lease_ids<'a>(caller: &DutOrToken, machines: impl IntoIterator<Item = &'a mut Machine>) {
-    if caller.admin {
+    hide_ids(
+        caller,
+        machines.into_iter().filter_map(|m| m.lease.as_mut()),
+    );
+}
+
+fn hide_ids<'a>(caller: &DutOrToken, leases: impl IntoIterator<Item = &'a mut Lease>) {
+    if caller.privileged {
         return;
     }
-    for lease in machines.into_iter().filter_map(|m| m.lease.as_mut()) {
-        lease.id.clear();
+    for lease in leases {
+        if !caller
+            .lease
+            .as_ref()
+            .is_some_and(|own| own.matches(&lease.id))
+        {
+            lease.id.clear();
+        }
     }
 }
 
@@ -272,13 +375,37 @@ async fn get_machine(
 async fn register(
     Registrant(source): Registrant,
     State(s): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
     ApiJson(body): ApiJson<Registration>,
 ) -> Result<Response, ApiError> {
     // DUT-supplied: `Registration`'s deserialisation and this check are what the fuzz
     // target (`machines::parse_registration`) exercises.
     let reg = check_registration(body, s.mars.config.max_tags).map_err(MarsError::from)?;
-    let existed = s.mars.store.find(reg.id).await?.is_some();
-    let row = s.mars.register(reg, source).await?;
+    let id = reg.id;
+    let existed = s.mars.store.find(id).await?.is_some();
+    let row = match s.mars.register(reg, source).await {
+        Ok(row) => row,
+        Err(e) => {
+            let e = ApiError::from(e);
+            // The registration rules' refusals (a known machine from elsewhere, too many
+            // unknown ones); bad bodies are not attempts on anything.
+            if matches!(
+                e.status,
+                StatusCode::FORBIDDEN | StatusCode::TOO_MANY_REQUESTS
+            ) {
+                let actor = Actor::from_headers(&s.auth, &headers, &peer);
+                s.audit(
+                    &actor,
+                    "machine.register",
+                    &format!("machine/{id}"),
+                    &refused(&e),
+                )
+                .await;
+            }
+            return Err(e);
+        }
+    };
     let mut view = view_one(&s.mars, row.id).await?;
     if !source.admin
         && let Some(lease) = view.lease.as_mut()
@@ -294,37 +421,64 @@ async fn register(
 }
 
 async fn patch_machine(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<MachinePatch>,
+    body: Result<ApiJson<MachinePatch>, ApiError>,
 ) -> Result<ApiJson<Machine>, ApiError> {
+    let target = format!("machine/{id}");
+    let actor = s
+        .require(&headers, &source, Role::Admin, "machine.edit", &target)
+        .await?;
+    let ApiJson(body) = body?;
     let id = parse_id(&id)?;
-    s.mars.patch(id, body).await?;
+    let r = s.mars.patch(id, body).await.map_err(ApiError::from);
+    s.audit_outcome(&actor, "machine.edit", &target, &r).await;
+    r?;
     Ok(ApiJson(view_one(&s.mars, id).await?))
 }
 
 async fn retire(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<ApiJson<Machine>, ApiError> {
+    let target = format!("machine/{id}");
+    let actor = s
+        .require(&headers, &source, Role::Admin, "machine.retire", &target)
+        .await?;
     let id = parse_id(&id)?;
     let req: RetireRequest = optional_body(&body)?;
-    s.mars.retire(id, req).await?;
+    let r = s.mars.retire(id, req).await.map_err(ApiError::from);
+    s.audit_outcome(&actor, "machine.retire", &target, &r).await;
+    r?;
     Ok(ApiJson(view_one(&s.mars, id).await?))
 }
 
 async fn activate(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<ApiJson<Machine>, ApiError> {
+    let target = format!("machine/{id}");
+    let actor = s
+        .require(&headers, &source, Role::Admin, "machine.activate", &target)
+        .await?;
     let id = parse_id(&id)?;
     let req: ActivateRequest = optional_body(&body)?;
-    s.mars.activate(id, req.reason).await?;
+    let r = s
+        .mars
+        .activate(id, req.reason)
+        .await
+        .map_err(ApiError::from);
+    s.audit_outcome(&actor, "machine.activate", &target, &r)
+        .await;
+    r?;
     Ok(ApiJson(view_one(&s.mars, id).await?))
 }
 
@@ -394,14 +548,30 @@ async fn get_discovery(
 }
 
 async fn start_discovery(
-    _: AdminAuth,
     State(s): State<AppState>,
-    ApiJson(body): ApiJson<DiscoverRequest>,
+    Peer(source): Peer,
+    headers: HeaderMap,
+    body: Result<ApiJson<DiscoverRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let d = s
+    let actor = s
+        .require(
+            &headers,
+            &source,
+            Role::Admin,
+            "discovery.start",
+            "discovery",
+        )
+        .await?;
+    let ApiJson(body) = body?;
+    let target = format!("pdu/{}/port/{}", body.pdu, body.port_id);
+    let r = s
         .mars
         .start_discovery(body.pdu, body.port_id, body.timeout)
-        .await?;
+        .await
+        .map_err(ApiError::from);
+    s.audit_outcome(&actor, "discovery.start", &target, &r)
+        .await;
+    let d = r?;
     Ok((
         StatusCode::CREATED,
         ApiJson(DiscoveryStatus { discovery: Some(d) }),
@@ -410,12 +580,23 @@ async fn start_discovery(
 }
 
 async fn stop_discovery(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
 ) -> Result<ApiJson<DiscoveryStatus>, ApiError> {
-    Ok(ApiJson(DiscoveryStatus {
-        discovery: s.mars.stop_discovery().await?,
-    }))
+    let actor = s
+        .require(
+            &headers,
+            &source,
+            Role::Admin,
+            "discovery.stop",
+            "discovery",
+        )
+        .await?;
+    let r = s.mars.stop_discovery().await.map_err(ApiError::from);
+    s.audit_outcome(&actor, "discovery.stop", "discovery", &r)
+        .await;
+    Ok(ApiJson(DiscoveryStatus { discovery: r? }))
 }
 
 async fn list_leases(
@@ -430,19 +611,19 @@ async fn list_leases(
         .into_iter()
         .filter_map(|r| r.lease)
         .collect();
-    if !caller.admin {
-        for l in &mut leases {
-            l.id.clear();
-        }
-    }
+    hide_ids(&caller, &mut leases);
     Ok(ApiJson(LeaseList { leases }))
 }
 
 async fn acquire(
-    _: AdminAuth,
     State(s): State<AppState>,
-    ApiJson(body): ApiJson<LeaseRequest>,
+    Peer(source): Peer,
+    headers: HeaderMap,
+    body: Result<ApiJson<LeaseRequest>, ApiError>,
 ) -> Result<Response, ApiError> {
+    s.require(&headers, &source, Role::Service, "lease.acquire", "leases")
+        .await?;
+    let ApiJson(body) = body?;
     let lease = s.mars.acquire(body).await?;
     Ok((StatusCode::CREATED, ApiJson(lease)).into_response())
 }
@@ -450,10 +631,14 @@ async fn acquire(
 /// Many leases in one request; each is granted or refused on its own (200 with one result
 /// per request, in order).
 async fn acquire_batch(
-    _: AdminAuth,
     State(s): State<AppState>,
-    ApiJson(body): ApiJson<LeaseBatchRequest>,
+    Peer(source): Peer,
+    headers: HeaderMap,
+    body: Result<ApiJson<LeaseBatchRequest>, ApiError>,
 ) -> Result<ApiJson<LeaseBatchResponse>, ApiError> {
+    s.require(&headers, &source, Role::Service, "lease.batch", "leases")
+        .await?;
+    let ApiJson(body) = body?;
     if body.leases.len() > MAX_LEASE_BATCH {
         return Err(
             ApiError::bad_request(format!("at most {MAX_LEASE_BATCH} leases per batch"))
@@ -485,21 +670,71 @@ async fn acquire_batch(
     Ok(ApiJson(LeaseBatchResponse { results }))
 }
 
+/// The service role, or the lease itself in `X-Lease-Id` (its holder, the job process: the
+/// lease id is a secret only its holder, admins and services see). Refusals are audited; the
+/// lease id never is.
+async fn lease_holder_or_service(
+    s: &AppState,
+    headers: &HeaderMap,
+    source: &str,
+    lease: &str,
+    action: &str,
+) -> Result<(), ApiError> {
+    let presented = presented(headers);
+    let refusal = if headers.contains_key(header::AUTHORIZATION) || presented.is_none() {
+        match s.auth.check_identity(headers, Role::Service) {
+            Ok(_) => return Ok(()),
+            // A token that is not enough, with a lease beside it: the lease decides.
+            Err(_) if presented.is_some() => None,
+            Err(e) => Some(ApiError::new(
+                e.status,
+                format!(
+                    "{}: this endpoint needs a service token or the lease itself in X-Lease-Id",
+                    e.body.error
+                ),
+            )),
+        }
+    } else {
+        None
+    };
+    let refusal = refusal.or_else(|| match presented {
+        Some(Ok(l)) if l.matches(lease) => None,
+        Some(Ok(_)) => Some(ApiError::forbidden(
+            "X-Lease-Id is not the lease this request names",
+        )),
+        Some(Err(e)) => Some(ApiError::from(e)),
+        None => Some(ApiError::unauthorized("X-Lease-Id is missing")),
+    });
+    match refusal {
+        None => Ok(()),
+        Some(e) => {
+            let actor = dutgate_core::lease::refused_actor(&s.auth, headers, source);
+            s.audit(&actor, action, "lease", &refused(&e)).await;
+            Err(e)
+        }
+    }
+}
+
 async fn heartbeat(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(lease): Path<String>,
 ) -> Result<Response, ApiError> {
+    lease_holder_or_service(&s, &headers, &source, &lease, "lease.heartbeat").await?;
     let l = s.mars.heartbeat(&lease).await?;
     Ok(ApiJson(l).into_response())
 }
 
 async fn release(
-    _: AdminAuth,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(lease): Path<String>,
-    ApiJson(body): ApiJson<ReleaseRequest>,
+    body: Result<ApiJson<ReleaseRequest>, ApiError>,
 ) -> Result<ApiJson<Machine>, ApiError> {
+    lease_holder_or_service(&s, &headers, &source, &lease, "lease.release").await?;
+    let ApiJson(body) = body?;
     let row = s.mars.release(&lease, body.outcome, body.reason).await?;
     Ok(ApiJson(view_one(&s.mars, row.id).await?))
 }
@@ -552,6 +787,23 @@ async fn events(
             _ = rx.changed() => {}
             _ = tokio::time::sleep_until(recheck) => {}
             _ = s.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// `GET /api/v1/audit` (admin): this mars' audit log.
+async fn audit_log(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<axum::Json<AuditList>, ApiError> {
+    match s.audit.clone() {
+        Some(log) => dutgate_core::audit::list(State((log, s.auth.clone())), headers, q).await,
+        None => {
+            s.auth.check(&headers, Role::Admin)?;
+            Err(ApiError::not_found(
+                "this mars keeps no audit log: it was started without a state dir",
+            ))
         }
     }
 }

@@ -44,22 +44,27 @@ pub struct MarsClient {
 }
 
 impl MarsClient {
-    /// `base` like `http://127.0.0.1:8001`; `token` is the admin token for admin and lease
-    /// routes (read routes accept any valid token).
+    /// `base` like `http://127.0.0.1:8001`; `token`: the admin token for admin routes, a
+    /// service token for lease routes (read routes accept any valid token).
     pub fn new(base: impl Into<String>, token: Option<Secret>) -> Self {
         Self {
             api: ApiClient::new(base, token),
         }
     }
 
-    /// The client another service of the same gateway uses: internal URL, admin token.
+    /// A client over `api`, e.g. one whose requests present a lease (`X-Lease-Id`) instead of
+    /// a token: what a job process uses for its own lease's heartbeat and release.
+    pub fn from_api(api: ApiClient) -> Self {
+        Self { api }
+    }
+
+    /// The client another service of the same gateway uses: internal URL, the service
+    /// credential ([`dutgate_core::auth::service_token`]): leases and reads, no administration.
     pub fn for_gateway(gw: &GatewayConfig) -> Self {
-        let token = gw
-            .auth
-            .admin_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("admin")));
-        Self::new(gw.internal_url(ServiceName::Mars), token)
+        Self::new(
+            gw.internal_url(ServiceName::Mars),
+            dutgate_core::auth::service_token(gw),
+        )
     }
 
     pub fn api(&self) -> &ApiClient {
@@ -148,7 +153,7 @@ impl MarsClient {
         self.api.delete("/api/v1/machine/discover").await
     }
 
-    // ---- leases (executor) ---------------------------------------------------------------
+    // ---- leases (executor: service role; heartbeat and release: also the lease's holder) --
 
     /// Atomically leases `machine_id` for `job_id`.
     ///

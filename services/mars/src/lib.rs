@@ -153,10 +153,23 @@ async fn export_state_gauges(mars: &Mars) {
 }
 
 /// Starts the background tasks (sweeper, trainer when a runner is given) and returns the
-/// router. Used by [`run_with_runner`] and by tests that serve on their own listener.
+/// router, without an audit log (tests and benchmarks of other parts: audited calls are only
+/// traced). See [`start_with_audit`].
 pub fn start(
     mars: Mars,
     auth: dutgate_core::auth::Auth,
+    shutdown: CancellationToken,
+) -> Result<axum::Router, ServiceError> {
+    start_with_audit(mars, auth, None, shutdown)
+}
+
+/// [`start`] with the audit log admin changes and refused calls go to
+/// (`AuditLog::new(state_dir, "mars")`). Used by [`run_with_runner`] and by tests that serve
+/// on their own listener.
+pub fn start_with_audit(
+    mars: Mars,
+    auth: dutgate_core::auth::Auth,
+    audit: Option<dutgate_core::audit::AuditLog>,
     shutdown: CancellationToken,
 ) -> Result<axum::Router, ServiceError> {
     tokio::spawn(sweep(mars.clone(), shutdown.clone()));
@@ -176,6 +189,7 @@ pub fn start(
         mars,
         auth,
         shutdown,
+        audit,
     });
     Ok(dutgate_core::http::openapi_route(
         router,
@@ -201,6 +215,7 @@ pub async fn run_with_runner(
     ));
     let mut mars = Mars::new(store, config, power);
     mars.runner = runner;
-    let router = start(mars, ctx.auth(), ctx.shutdown.clone())?;
+    let audit = dutgate_core::audit::AuditLog::new(&ctx.gateway.state_dir, "mars");
+    let router = start_with_audit(mars, ctx.auth(), Some(audit), ctx.shutdown.clone())?;
     ctx.serve_http(router, Some(db_health(db))).await
 }

@@ -56,12 +56,10 @@ impl HttpPower {
         }
     }
 
+    /// The pdu service of the gateway (or at `url`), called with the service credential:
+    /// switching and reading ports is what the service role may do on the pdu service.
     pub fn for_gateway(gw: &GatewayConfig, url: Option<&str>) -> Self {
-        let token = gw
-            .auth
-            .admin_token
-            .clone()
-            .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("admin")));
+        let token = dutgate_core::auth::service_token(gw);
         let base = url
             .map(str::to_string)
             .unwrap_or_else(|| gw.internal_url(ServiceName::Pdu));

@@ -1,15 +1,25 @@
-//! REST routes (design.md §5). Reads are open; every change needs the admin token.
+//! REST routes (design.md §5). Reads are open. Switching a port (`PATCH` with a `state`,
+//! `POST …/cycle`) needs the service role (the gateway's own actors: mars, the executor's
+//! teardown) or the current lease of the machine mars records on that port, presented in
+//! `X-Lease-Id` by its job process; there is no other way to switch a port. Configuration
+//! (adding and removing PDUs, a port's label and reservation, refreshing) needs the admin
+//! token. Every change and every refused attempt goes to the audit log.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{FromRef, FromRequestParts, Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use dutgate_core::audit::{Actor, AuditList, AuditLog, AuditQuery};
 use dutgate_core::auth::{Auth, Role};
+use dutgate_core::lease::{self, Caller, LeaseCheck, Target};
 use dutgate_core::{ApiError, ApiJson};
 use dutgate_pdu_driver::{DriverError, DriverInfo};
 use serde::{Deserialize, Serialize};
@@ -21,29 +31,109 @@ use crate::service::{ManageError, NewPdu, PduDetail, PduInfo, PduService};
 pub struct AppState {
     pub svc: PduService,
     pub auth: Auth,
+    /// Checks the leases job processes present (with mars).
+    pub leases: LeaseCheck,
+    /// `None` for a service started without a state dir (tests of other parts): audited
+    /// calls are then only traced.
+    pub audit: Option<AuditLog>,
 }
 
-impl FromRef<AppState> for Auth {
-    fn from_ref(s: &AppState) -> Auth {
-        s.auth.clone()
+impl AppState {
+    async fn audit(&self, actor: &Actor, action: &str, target: &str, outcome: &str) {
+        match &self.audit {
+            Some(log) => log.record(actor, action, target, outcome).await,
+            None => tracing::info!(
+                actor = %actor.name, source = %actor.source, action, target, outcome,
+                "audit (no audit log)"
+            ),
+        }
+    }
+
+    async fn refused(
+        &self,
+        headers: &HeaderMap,
+        source: &str,
+        action: &str,
+        target: &str,
+        e: &ApiError,
+    ) {
+        let actor = lease::refused_actor(&self.auth, headers, source);
+        self.audit(
+            &actor,
+            action,
+            target,
+            &format!("refused: {}", e.body.error),
+        )
+        .await;
+    }
+
+    /// The admin; a refusal is audited.
+    async fn admin(
+        &self,
+        headers: &HeaderMap,
+        source: &str,
+        action: &str,
+        target: &str,
+    ) -> Result<Actor, ApiError> {
+        match self.auth.check_identity(headers, Role::Admin) {
+            Ok(id) => Ok(Actor::known(&id, source)),
+            Err(e) => {
+                self.refused(headers, source, action, target, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Who may switch port `port` of PDU `pdu`: the service role, or the current lease of
+    /// the machine mars records on that port. A refusal is audited.
+    async fn switcher(
+        &self,
+        headers: &HeaderMap,
+        source: &str,
+        pdu: &str,
+        port: &str,
+        action: &str,
+    ) -> Result<Caller, ApiError> {
+        let target = Target::Port { pdu, port };
+        match lease::authorize(&self.auth, &self.leases, headers, Role::Service, target).await {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                tracing::warn!(pdu, port, source, reason = %e.body.error, action, "port switch refused");
+                self.refused(headers, source, action, &port_target(pdu, port), &e)
+                    .await;
+                Err(e)
+            }
+        }
     }
 }
 
-/// Extractor: the request carries the admin token.
-pub struct Admin;
+fn port_target(pdu: &str, port: &str) -> String {
+    format!("pdu/{pdu}/port/{port}")
+}
 
-impl<S: Send + Sync> FromRequestParts<S> for Admin
-where
-    Auth: FromRef<S>,
-{
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Auth::from_ref(state).check(&parts.headers, Role::Admin)?;
-        Ok(Admin)
+fn outcome<T>(r: &Result<T, ApiError>, ok: impl FnOnce(&T) -> String) -> String {
+    match r {
+        Ok(v) => ok(v),
+        Err(e) => format!("failed: {}", e.body.error),
     }
 }
 
-pub fn router(svc: PduService, auth: Auth) -> Router {
+/// Extractor: the caller's address, for logs and the audit log.
+pub struct Peer(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or_else(|| "unknown".to_string(), |c| c.0.to_string()),
+        ))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/drivers", get(drivers))
         .route("/api/v1/pdus", get(list_pdus).post(add_pdu))
@@ -56,7 +146,8 @@ pub fn router(svc: PduService, auth: Auth) -> Router {
         )
         .route("/api/v1/pdus/{name}/ports/{id}/cycle", post(cycle_port))
         .route("/api/v1/pdus/{name}/ports/{id}/history", get(port_history))
-        .with_state(AppState { svc, auth })
+        .route("/api/v1/audit", get(audit_log))
+        .with_state(state)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
@@ -139,12 +230,18 @@ async fn list_pdus(State(s): State<AppState>) -> ApiJson<PduList> {
 }
 
 async fn add_pdu(
-    _: Admin,
     State(s): State<AppState>,
-    ApiJson(new): ApiJson<NewPdu>,
+    Peer(source): Peer,
+    headers: HeaderMap,
+    body: Result<ApiJson<NewPdu>, ApiError>,
 ) -> Result<Response, ApiError> {
-    let detail = s.svc.add(new).await.map_err(manage_error)?;
-    Ok((StatusCode::CREATED, ApiJson(detail)).into_response())
+    let actor = s.admin(&headers, &source, "pdu.add", "pdus").await?;
+    let ApiJson(new) = body?;
+    let target = format!("pdu/{}", new.name);
+    let r = s.svc.add(new).await.map_err(manage_error);
+    s.audit(&actor, "pdu.add", &target, &outcome(&r, |_| "ok".into()))
+        .await;
+    Ok((StatusCode::CREATED, ApiJson(r?)).into_response())
 }
 
 async fn get_pdu(
@@ -156,19 +253,27 @@ async fn get_pdu(
 }
 
 async fn delete_pdu(
-    _: Admin,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    s.svc.remove(&name).await.map_err(manage_error)?;
+    let target = format!("pdu/{name}");
+    let actor = s.admin(&headers, &source, "pdu.remove", &target).await?;
+    let r = s.svc.remove(&name).await.map_err(manage_error);
+    s.audit(&actor, "pdu.remove", &target, &outcome(&r, |_| "ok".into()))
+        .await;
+    r?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Reads every port of the PDU again (changes nothing, so it is not audited).
 async fn refresh_pdu(
-    _: Admin,
     State(s): State<AppState>,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<ApiJson<PduDetail>, ApiError> {
+    s.auth.check(&headers, Role::Admin)?;
     let p = pdu(&s, &name).await?;
     p.refresh().await.map_err(power_error)?;
     Ok(ApiJson(PduService::detail(&p)))
@@ -189,22 +294,58 @@ async fn get_port(
     Ok(ApiJson(p.port(&id).map_err(power_error)?))
 }
 
+/// Switches a port (`state`: service role or the lease of the port's machine) and changes its
+/// label or reservation (admin).
 async fn patch_port(
-    _: Admin,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
-    ApiJson(patch): ApiJson<PortPatch>,
+    body: Result<ApiJson<PortPatch>, ApiError>,
 ) -> Result<ApiJson<crate::OpResult>, ApiError> {
-    let p = pdu(&s, &name).await?;
-    Ok(ApiJson(p.patch(&id, patch).await.map_err(power_error)?))
+    let caller = s
+        .switcher(&headers, &source, &name, &id, "pdu.switch")
+        .await?;
+    let ApiJson(patch) = body?;
+    let target = port_target(&name, &id);
+    let configures = patch.label.is_some() || patch.reserved.is_some();
+    let action = if configures {
+        "pdu.port.edit"
+    } else {
+        "pdu.switch"
+    };
+    if configures && !caller.has_role(Role::Admin) {
+        let e = ApiError::forbidden(
+            "changing a port's label or reservation needs the admin token; switching it \
+             (`state` alone) is what the service role and the machine's lease allow",
+        );
+        s.refused(&headers, &source, action, &target, &e).await;
+        return Err(e);
+    }
+    let state = patch.state;
+    let r = match pdu(&s, &name).await {
+        Ok(p) => p.patch(&id, patch).await.map_err(power_error),
+        Err(e) => Err(e),
+    };
+    let outcome = outcome(&r, |o| match state {
+        Some(st) => format!("ok: {st}, read back {}", o.port.state),
+        None => "ok".into(),
+    });
+    s.audit(&caller.actor(&source), action, &target, &outcome)
+        .await;
+    Ok(ApiJson(r?))
 }
 
 async fn cycle_port(
-    _: Admin,
     State(s): State<AppState>,
+    Peer(source): Peer,
+    headers: HeaderMap,
     Path((name, id)): Path<(String, String)>,
     body: Bytes,
 ) -> Result<ApiJson<crate::CycleReport>, ApiError> {
+    let caller = s
+        .switcher(&headers, &source, &name, &id, "pdu.cycle")
+        .await?;
     let req: CycleRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CycleRequest::default()
     } else {
@@ -227,8 +368,19 @@ async fn cycle_port(
                 .with_field("off_seconds")
             })?,
     };
-    let p = pdu(&s, &name).await?;
-    Ok(ApiJson(p.cycle(&id, off).await.map_err(power_error)?))
+    let r = match pdu(&s, &name).await {
+        Ok(p) => p.cycle(&id, off).await.map_err(power_error),
+        Err(e) => Err(e),
+    };
+    let outcome = outcome(&r, |_| format!("ok: off {:.1} s", off.as_secs_f64()));
+    s.audit(
+        &caller.actor(&source),
+        "pdu.cycle",
+        &port_target(&name, &id),
+        &outcome,
+    )
+    .await;
+    Ok(ApiJson(r?))
 }
 
 async fn port_history(
@@ -242,4 +394,21 @@ async fn port_history(
     Ok(ApiJson(
         p.port_history(&id, limit).await.map_err(power_error)?,
     ))
+}
+
+/// `GET /api/v1/audit` (admin): this service's audit log.
+async fn audit_log(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<axum::Json<AuditList>, ApiError> {
+    match s.audit.clone() {
+        Some(log) => dutgate_core::audit::list(State((log, s.auth.clone())), headers, q).await,
+        None => {
+            s.auth.check(&headers, Role::Admin)?;
+            Err(ApiError::not_found(
+                "this pdu service keeps no audit log: it was started without a state dir",
+            ))
+        }
+    }
 }

@@ -19,6 +19,9 @@ pub mod store;
 
 use std::collections::BTreeMap;
 
+use dutgate_core::audit::AuditLog;
+use dutgate_core::config::GatewayConfig;
+use dutgate_core::lease::LeaseCheck;
 use dutgate_core::{ServiceContext, ServiceError};
 use serde::{Deserialize, Serialize};
 
@@ -112,26 +115,74 @@ impl Running {
     }
 }
 
-/// Starts the service on `listener` with its shared routes (`/healthz`, `/metrics`).
+/// Starts the service on `listener` with its shared routes (`/healthz`, `/metrics`), for
+/// tests of other parts: without a mars to check leases with (job processes' switches are
+/// refused, 503) and without an audit log (audited calls are only traced). A service as the
+/// gateway runs it: [`start_on_gateway`].
 pub async fn start_on(
     listener: tokio::net::TcpListener,
     store: store::Store,
     config: Config,
     auth: dutgate_core::auth::Auth,
 ) -> Result<Running, service::ManageError> {
+    serve_on(
+        listener,
+        store,
+        config,
+        auth,
+        LeaseCheck::without_mars(),
+        None,
+    )
+    .await
+}
+
+/// [`start_on`] as a gateway's pdu service: leases checked with the gateway's mars, the audit
+/// log under its state dir.
+pub async fn start_on_gateway(
+    listener: tokio::net::TcpListener,
+    store: store::Store,
+    config: Config,
+    gw: &GatewayConfig,
+    auth: dutgate_core::auth::Auth,
+) -> Result<Running, service::ManageError> {
+    let (leases, audit) = gateway_access(gw);
+    serve_on(listener, store, config, auth, leases, Some(audit)).await
+}
+
+/// How the gateway's pdu service checks leases and where it writes its audit log.
+fn gateway_access(gw: &GatewayConfig) -> (LeaseCheck, AuditLog) {
+    (
+        LeaseCheck::for_gateway(gw),
+        AuditLog::new(&gw.state_dir, "pdu"),
+    )
+}
+
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    store: store::Store,
+    config: Config,
+    auth: dutgate_core::auth::Auth,
+    leases: LeaseCheck,
+    audit: Option<AuditLog>,
+) -> Result<Running, service::ManageError> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let addr = listener
         .local_addr()
         .map_err(|e| service::ManageError::Unreachable(e.to_string()))?;
     let service = PduService::start(store, config, shutdown.clone()).await?;
-    let app =
-        dutgate_core::http::with_common_routes("pdu", api::router(service.clone(), auth), None);
+    let router = api::router(api::AppState {
+        svc: service.clone(),
+        auth,
+        leases,
+        audit,
+    });
+    let app = dutgate_core::http::with_common_routes("pdu", router, None);
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
         if let Err(e) =
             dutgate_core::http::serve(listener, app, stop, std::time::Duration::from_secs(1)).await
         {
-            tracing::error!(error = %e, "pdu test server failed");
+            tracing::error!(error = %e, "pdu server failed");
         }
     });
     Ok(Running {
@@ -147,7 +198,13 @@ pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError
     let service = PduService::start(store::Store::new(db.clone()), config, ctx.shutdown.clone())
         .await
         .map_err(|e| ServiceError::Startup(e.to_string()))?;
-    let router = api::router(service.clone(), ctx.auth());
+    let (leases, audit) = gateway_access(&ctx.gateway);
+    let router = api::router(api::AppState {
+        svc: service.clone(),
+        auth: ctx.auth(),
+        leases,
+        audit: Some(audit),
+    });
     let r = ctx
         .serve_http(router, Some(dutgate_core::service::db_health(db)))
         .await;

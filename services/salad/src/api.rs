@@ -14,8 +14,10 @@
 //!
 //! Who may do what (docs/salad.md): reads of console content (log, refusals) need a token or
 //! the machine's lease; changing what happens on a machine's console (expect, secrets, the
-//! console WebSocket) needs the admin token or the machine's current lease, presented in the
-//! [`LEASE_HEADER`] and checked with mars.
+//! console WebSocket) needs the service role (the gateway's own actors) or the machine's
+//! current lease, presented in the [`LEASE_HEADER`] and checked with mars
+//! ([`dutgate_core::lease`]); freeing ports and binding streams by hand need the admin token.
+//! Changes, console input sessions and refused attempts go to the audit log.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,21 +28,22 @@ use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use axum::{Json, Router, middleware};
+use axum::{Json, Router};
 use bytes::Bytes;
-use dutgate_core::auth::{Auth, Role, require_admin};
+use dutgate_core::audit::{Actor, AuditLog};
+use dutgate_core::auth::{Auth, Role};
+use dutgate_core::lease::{self, Caller, LeaseCheck, Target};
 use dutgate_core::{ApiError, ApiJson, MachineId};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 
 use crate::console_log::{self, Since};
-use crate::hub::{Hub, HubError, MarsView, StreamStatus};
+use crate::hub::{Hub, HubError, StreamStatus};
 use crate::relay::{Machine, Refusal, StreamId};
 use crate::secrets::Masker;
 
 /// The header a job process presents its lease id in (instead of a token).
-pub const LEASE_HEADER: &str = "x-lease-id";
+pub use dutgate_core::lease::LEASE_HEADER;
 
 /// Offset of the first byte of a log response.
 pub const LOG_START_HEADER: &str = "x-log-start";
@@ -99,6 +102,17 @@ pub struct BindBody {
 struct AppState {
     hub: Arc<Hub>,
     auth: Auth,
+    leases: LeaseCheck,
+    audit: AuditLog,
+}
+
+/// What the REST API needs besides the hub.
+#[derive(Clone)]
+pub struct Access {
+    pub auth: Auth,
+    /// Checks the leases job processes present (with mars).
+    pub leases: LeaseCheck,
+    pub audit: AuditLog,
 }
 
 fn console(m: &Machine) -> MachineConsole {
@@ -110,23 +124,20 @@ fn console(m: &Machine) -> MachineConsole {
     }
 }
 
-pub fn router(hub: Arc<Hub>, auth: Auth) -> Router {
+pub fn router(hub: Arc<Hub>, access: Access) -> Router {
     let state = AppState {
-        hub: hub.clone(),
-        auth: auth.clone(),
+        hub,
+        auth: access.auth.clone(),
+        leases: access.leases,
+        audit: access.audit.clone(),
     };
-    let admin = Router::new()
-        .route(
-            "/api/v1/machine/{id}",
-            axum::routing::delete(delete_machine),
-        )
-        .route("/api/v1/ports/{stream}/machine", put(bind_stream))
-        .route_layer(middleware::from_fn_with_state(auth, require_admin))
-        .with_state(hub.clone());
     Router::new()
         .route("/api/v1/machine", get(list_machines))
         .route("/api/v1/machine/", get(list_machines))
-        .route("/api/v1/machine/{id}", get(get_machine))
+        .route(
+            "/api/v1/machine/{id}",
+            get(get_machine).delete(delete_machine),
+        )
         .route("/api/v1/machine/{id}/log", get(get_log))
         .route("/api/v1/machine/{id}/expect", put(expect))
         .route(
@@ -136,80 +147,81 @@ pub fn router(hub: Arc<Hub>, auth: Auth) -> Router {
         .route("/api/v1/machine/{id}/refusals", get(get_refusals))
         .route("/api/v1/machine/{id}/console", get(console_ws))
         .route("/api/v1/ports", get(list_ports))
+        .route("/api/v1/ports/{stream}/machine", put(bind_stream))
         .with_state(state)
-        .merge(admin)
+        .merge(
+            Router::new()
+                .route("/api/v1/audit", get(dutgate_core::audit::list))
+                .with_state((access.audit, access.auth)),
+        )
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
 
-/// Who is calling, as far as a machine's console is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Caller {
-    Admin,
-    User,
-    LeaseHolder,
+impl AppState {
+    /// The admin; a refusal is audited.
+    async fn admin(
+        &self,
+        headers: &HeaderMap,
+        peer: SocketAddr,
+        action: &str,
+        target: &str,
+    ) -> Result<Actor, ApiError> {
+        match self.auth.check_identity(headers, Role::Admin) {
+            Ok(id) => Ok(Actor::known(&id, peer)),
+            Err(e) => {
+                let actor = Actor::from_headers(&self.auth, headers, peer);
+                self.audit
+                    .record(&actor, action, target, &refused(&e))
+                    .await;
+                Err(e)
+            }
+        }
+    }
 }
 
-/// Admin token, user token (when `users` is true) or the machine's current lease. Refusals
-/// are logged with the source.
+fn refused(e: &ApiError) -> String {
+    format!("refused: {}", e.body.error)
+}
+
+fn machine_target(id: MachineId) -> String {
+    format!("machine/{id}")
+}
+
+/// What a request does to a machine's console, for [`authorize`].
+#[derive(Debug, Clone, Copy)]
+enum Request<'a> {
+    /// Reads console content (log, refusals) or allocates a console server: any token or the
+    /// machine's lease. Refusals are logged.
+    Read(&'a str),
+    /// Changes what happens on the console (expect, secrets, input): the service role or the
+    /// machine's lease. Refusals are logged and audited under this action.
+    Change(&'a str),
+}
+
+/// A token of the role `request` needs, or the machine's current lease. Refusals are logged
+/// with the source (and audited for changes).
 async fn authorize(
     s: &AppState,
     headers: &HeaderMap,
     peer: SocketAddr,
     id: MachineId,
-    users: bool,
-    what: &str,
+    request: Request<'_>,
 ) -> Result<Caller, ApiError> {
-    let r = authorize_inner(s, headers, id, users).await;
+    let (needed, what) = match request {
+        Request::Read(what) => (Role::User, what),
+        Request::Change(what) => (Role::Service, what),
+    };
+    let r = lease::authorize(&s.auth, &s.leases, headers, needed, Target::Machine(id)).await;
     if let Err(e) = &r {
         tracing::warn!(machine = %id, source = %peer, status = e.status.as_u16(), reason = %e.body.error, request = what, "console request refused");
-    }
-    r
-}
-
-async fn authorize_inner(
-    s: &AppState,
-    headers: &HeaderMap,
-    id: MachineId,
-    users: bool,
-) -> Result<Caller, ApiError> {
-    let lease = headers.get(LEASE_HEADER);
-    if headers.contains_key(header::AUTHORIZATION) || lease.is_none() {
-        let needed = if users { Role::User } else { Role::Service };
-        match s.auth.check(headers, needed) {
-            // The gateway's own actors (trainer, teardown) act on machines as admins do.
-            Ok(Role::Admin | Role::Service) => return Ok(Caller::Admin),
-            Ok(Role::User | Role::Runner) => return Ok(Caller::User),
-            // A token that is not enough, with a lease beside it: the lease decides.
-            Err(_) if lease.is_some() => {}
-            Err(e) if e.status == StatusCode::FORBIDDEN => {
-                return Err(ApiError::forbidden(
-                    "this endpoint needs the admin token or the machine's lease (X-Lease-Id)",
-                ));
-            }
-            Err(e) => return Err(e),
+        if let Request::Change(action) = request {
+            let actor = lease::refused_actor(&s.auth, headers, peer);
+            s.audit
+                .record(&actor, action, &machine_target(id), &refused(e))
+                .await;
         }
     }
-    let presented = lease
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("X-Lease-Id is empty or not text"))?;
-    match s.hub.mars_machine(id).await {
-        Ok(MarsView::Known(m)) => match &m.lease {
-            Some(l) if bool::from(l.id.as_bytes().ct_eq(presented.as_bytes())) => {
-                Ok(Caller::LeaseHolder)
-            }
-            _ => Err(ApiError::forbidden(format!(
-                "X-Lease-Id is not the current lease of machine {id}"
-            ))),
-        },
-        Ok(MarsView::Unknown) => Err(ApiError::forbidden(format!(
-            "machine {id} is unknown to mars, so it has no lease"
-        ))),
-        Err(e) => Err(ApiError::unavailable(format!(
-            "cannot check the lease with mars: {e}"
-        ))),
-    }
+    r
 }
 
 fn parse_id(raw: &str) -> Result<MachineId, ApiError> {
@@ -245,10 +257,30 @@ async fn get_machine(
     if let Some(m) = s.hub.get(id) {
         return Ok(Json(console(&m)));
     }
-    authorize(&s, &headers, peer, id, true, "create console server").await?;
-    let m = s.hub.get_or_create(id).await.inspect_err(|e| {
+    let caller = authorize(
+        &s,
+        &headers,
+        peer,
+        id,
+        Request::Read("create console server"),
+    )
+    .await?;
+    let r = s.hub.get_or_create(id).await.inspect_err(|e| {
         tracing::warn!(machine = %id, source = %peer, error = %e, "console server not created");
-    })?;
+    });
+    let outcome = match &r {
+        Ok(m) => format!("ok: ports {} and {}", m.tcp_port, m.tcp_port_logs),
+        Err(e) => format!("failed: {e}"),
+    };
+    s.audit
+        .record(
+            &caller.actor(peer),
+            "console.create",
+            &machine_target(id),
+            &outcome,
+        )
+        .await;
+    let m = r?;
     Ok(Json(console(&m)))
 }
 
@@ -260,9 +292,17 @@ async fn expect(
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    let caller = authorize(&s, &headers, peer, id, false, "expect").await?;
+    let caller = authorize(&s, &headers, peer, id, Request::Change("console.expect")).await?;
     s.hub.expect(id);
     tracing::info!(machine = %id, ?caller, window_s = s.hub.config.expect_window_seconds, "boot announced: the machine's console may bind");
+    s.audit
+        .record(
+            &caller.actor(peer),
+            "console.expect",
+            &machine_target(id),
+            "ok",
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -274,15 +314,39 @@ async fn put_secrets(
     ApiJson(body): ApiJson<SecretsBody>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    let caller = authorize(&s, &headers, peer, id, false, "set secrets").await?;
+    let caller = authorize(
+        &s,
+        &headers,
+        peer,
+        id,
+        Request::Change("console.secrets.set"),
+    )
+    .await?;
+    let r = set_secrets(&s, id, &body).await;
+    // The count only: secrets are never logged, nor audited.
+    let outcome = match &r {
+        Ok(()) => format!("ok: {} secrets", body.secrets.len()),
+        Err(e) => format!("failed: {}", e.body.error),
+    };
+    s.audit
+        .record(
+            &caller.actor(peer),
+            "console.secrets.set",
+            &machine_target(id),
+            &outcome,
+        )
+        .await;
+    r?;
+    tracing::info!(machine = %id, ?caller, count = body.secrets.len(), "console secrets set");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_secrets(s: &AppState, id: MachineId, body: &SecretsBody) -> Result<(), ApiError> {
     Masker::check(&body.secrets)
         .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))?;
     let m = s.hub.get_or_create(id).await?;
     m.set_secrets(&body.secrets)
-        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))?;
-    // The count only: secrets are never logged.
-    tracing::info!(machine = %id, ?caller, count = body.secrets.len(), "console secrets set");
-    Ok(StatusCode::NO_CONTENT)
+        .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))
 }
 
 async fn delete_secrets(
@@ -292,12 +356,27 @@ async fn delete_secrets(
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&raw)?;
-    let caller = authorize(&s, &headers, peer, id, false, "clear secrets").await?;
+    let caller = authorize(
+        &s,
+        &headers,
+        peer,
+        id,
+        Request::Change("console.secrets.clear"),
+    )
+    .await?;
     if let Some(m) = s.hub.get(id) {
         m.set_secrets(&[])
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     tracing::info!(machine = %id, ?caller, "console secrets cleared");
+    s.audit
+        .record(
+            &caller.actor(peer),
+            "console.secrets.clear",
+            &machine_target(id),
+            "ok",
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -314,7 +393,7 @@ async fn get_refusals(
     Query(q): Query<RefusalQuery>,
 ) -> Result<Json<RefusalList>, ApiError> {
     let id = parse_id(&raw)?;
-    authorize(&s, &headers, peer, id, true, "read refusals").await?;
+    authorize(&s, &headers, peer, id, Request::Read("read refusals")).await?;
     let after = q.after.unwrap_or(0);
     let refusals = s.hub.get(id).map(|m| m.refusals(after)).unwrap_or_default();
     let next = refusals.last().map_or(after, |r| r.seq);
@@ -331,9 +410,17 @@ async fn console_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    let caller = authorize(&s, &headers, peer, id, false, "console").await?;
+    let caller = authorize(&s, &headers, peer, id, Request::Change("console.open")).await?;
     let m = s.hub.get_or_create(id).await?;
     tracing::info!(machine = %id, source = %peer, ?caller, "console WebSocket opened");
+    s.audit
+        .record(
+            &caller.actor(peer),
+            "console.open",
+            &machine_target(id),
+            "ok: input session",
+        )
+        .await;
     Ok(ws.on_upgrade(move |socket| relay_ws(m, peer, socket)))
 }
 
@@ -367,35 +454,67 @@ async fn relay_ws(m: Arc<Machine>, peer: SocketAddr, socket: WebSocket) {
 }
 
 async fn bind_stream(
-    State(hub): State<Arc<Hub>>,
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
-    ApiJson(body): ApiJson<BindBody>,
+    body: Result<ApiJson<BindBody>, ApiError>,
 ) -> Result<StatusCode, ApiError> {
+    let target = format!("stream/{raw}");
+    let actor = s.admin(&headers, peer, "console.bind", &target).await?;
+    let ApiJson(body) = body?;
     let stream: u64 = raw.parse().map_err(|_| {
         ApiError::bad_request("stream must be a stream id from GET /api/v1/ports")
             .with_field("stream")
     })?;
-    if hub.admin_bind(StreamId(stream), body.machine).await? {
-        tracing::info!(stream, machine = ?body.machine, "admin (re)binds a console stream");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found(format!("no open console stream {stream}")).with_field("stream"))
-    }
+    let r = match s.hub.admin_bind(StreamId(stream), body.machine).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(
+            ApiError::not_found(format!("no open console stream {stream}")).with_field("stream"),
+        ),
+        Err(e) => Err(ApiError::from(e)),
+    };
+    let outcome = match &r {
+        Ok(()) => match body.machine {
+            Some(m) => format!("ok: bound to machine/{m}"),
+            None => "ok: unbound".to_string(),
+        },
+        Err(e) => format!("failed: {}", e.body.error),
+    };
+    s.audit
+        .record(&actor, "console.bind", &target, &outcome)
+        .await;
+    r?;
+    tracing::info!(stream, machine = ?body.machine, "admin (re)binds a console stream");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn delete_machine(
-    State(hub): State<Arc<Hub>>,
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let target = format!("machine/{raw}");
+    let actor = s.admin(&headers, peer, "console.delete", &target).await?;
     let id = parse_id(&raw)?;
-    if hub.delete(id).await? {
-        tracing::info!(machine = %id, "console server deleted");
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found(format!(
+    let r = match s.hub.delete(id).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ApiError::not_found(format!(
             "no console server for machine {id}"
-        )))
-    }
+        ))),
+        Err(e) => Err(ApiError::from(e)),
+    };
+    let outcome = match &r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("failed: {}", e.body.error),
+    };
+    s.audit
+        .record(&actor, "console.delete", &target, &outcome)
+        .await;
+    r?;
+    tracing::info!(machine = %id, "console server deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Debug, Deserialize)]
@@ -412,7 +531,7 @@ async fn get_log(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&raw)?;
-    authorize(&s, &headers, peer, id, true, "read log").await?;
+    authorize(&s, &headers, peer, id, Request::Read("read log")).await?;
     let hub = &s.hub;
     if hub.get(id).is_none() {
         return Err(ApiError::not_found(format!(

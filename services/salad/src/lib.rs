@@ -33,6 +33,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dutgate_core::audit::AuditLog;
+use dutgate_core::lease::LeaseCheck;
 use dutgate_core::{ServiceContext, ServiceError};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -105,15 +107,18 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("state dir: {e}")))?;
     let tasks = TaskTracker::new();
     let shutdown = ctx.shutdown.child_token();
-    // The admin token: salad reads machines' states and leases, which mars shows to admins.
-    let mars = match &config.mars_url {
-        Some(url) => {
-            let token = ctx.gateway.auth.admin_token.clone().or_else(|| {
-                dutgate_core::auth::read_token(&ctx.gateway.tokens_dir().join("admin"))
-            });
-            dutgate_mars::client::MarsClient::new(url.clone(), token)
-        }
-        None => dutgate_mars::client::MarsClient::for_gateway(&ctx.gateway),
+    // The service credential: salad reads machines' states and leases, and mars shows lease
+    // ids to the gateway's services.
+    let service_token = dutgate_core::auth::service_token(&ctx.gateway);
+    let (mars, leases) = match &config.mars_url {
+        Some(url) => (
+            dutgate_mars::client::MarsClient::new(url.clone(), service_token.clone()),
+            LeaseCheck::new(url.clone(), service_token),
+        ),
+        None => (
+            dutgate_mars::client::MarsClient::for_gateway(&ctx.gateway),
+            LeaseCheck::for_gateway(&ctx.gateway),
+        ),
     };
     let filter = relay::ClientFilter {
         networks: config.console_client_networks.clone(),
@@ -134,7 +139,11 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("restoring console servers: {e}")))?;
     tracing::info!(machines = restored, "console servers restored");
 
-    let auth = ctx.auth();
+    let access = api::Access {
+        auth: ctx.auth(),
+        leases,
+        audit: AuditLog::new(&ctx.gateway.state_dir, "salad"),
+    };
     tasks.spawn(serial::run(hub.clone(), shutdown.clone()));
     let netconsole_addr = match listeners.netconsole {
         Some(l) => {
@@ -157,7 +166,7 @@ pub async fn start(
         .map_err(|e| ServiceError::Startup(format!("REST listener: {e}")))?;
     let app = dutgate_core::http::with_common_routes(
         ctx.name.as_str(),
-        api::router(hub.clone(), auth),
+        api::router(hub.clone(), access),
         Some(dutgate_core::service::db_health(db)),
     );
     let grace = Duration::from_secs_f64(ctx.gateway.shutdown_grace_seconds.max(0.0));

@@ -256,3 +256,14 @@ async fn serve(
     )
         .into_response()
 }
+
+/// A client that may set and clear boot configs: users may not, any more (the admin token
+/// here; job processes present their machine's lease, the gateway's actors the service role).
+pub fn writer(svc: &dutgate_boot::testing::TestBoot) -> dutgate_boot::client::BootClient {
+    dutgate_boot::client::BootClient::new(
+        svc.url(),
+        Some(dutgate_core::Secret::new(
+            dutgate_boot::testing::ADMIN_TOKEN,
+        )),
+    )
+}

@@ -91,7 +91,7 @@ struct FileBody {
 }
 
 /// A newly created token: the only time its value exists outside its owner's hands.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,

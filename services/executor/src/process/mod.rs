@@ -6,6 +6,12 @@
 //! `jobs/<id>/console.log`, so a restart of the executor loses nothing; it heartbeats the
 //! machine's lease, so if it dies the machine is not held forever.
 //!
+//! It holds no token: its one credential is its machine's lease, presented in `X-Lease-Id`
+//! to mars (heartbeat, release, reads), boot, pdu and salad, which accept it for that machine
+//! only ([`dutgate_core::lease`]). The lease id rather than a service token, so that a job
+//! process can act on its own machine and nothing else, and loses even that the moment its
+//! lease expires.
+//!
 //! Steps: setup (bucket, render) → per boot: boot config, console, power cycle, watch →
 //! teardown, always (also on errors, SIGTERM and a lost lease).
 
@@ -18,12 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dutgate_boot::client::BootClient;
+use dutgate_core::client::ApiClient;
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::secret::DatabaseUrl;
 use dutgate_core::{JobStatus, MachineId, Secret, ServiceName};
 use dutgate_mars::client::MarsClient;
 use dutgate_pdu::PduClient;
 use dutgate_salad::client::SaladClient;
+use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -34,14 +42,14 @@ use crate::control::{self, Progress};
 use crate::model::{JobState, kind};
 use crate::store::{JobRow, Store, StoreError};
 
-/// What the executor hands a job process on stdin.
+/// What the executor hands a job process on stdin. No token: the job process's credential is
+/// its lease, which it reads from the job's record.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ProcessSetup {
-    /// The `gateway` section (its secrets are masked by serde; they travel below).
+    /// The `gateway` section (its secrets are masked by serde; the database URL travels below,
+    /// the tokens do not).
     pub gateway: Value,
     pub database_url: Option<String>,
-    pub admin_token: Option<String>,
-    pub user_token: Option<String>,
     pub executor: Config,
     /// TTL of the job's lease; heartbeats go out every third of it.
     pub lease_ttl_seconds: u64,
@@ -54,15 +62,12 @@ pub struct ProcessSetup {
 
 impl ProcessSetup {
     pub fn new(gateway: &GatewayConfig, executor: &Config, lease_ttl_seconds: u64) -> Self {
-        let (admin, user) = gateway_tokens(gateway);
         Self {
             gateway: serde_json::to_value(gateway).unwrap_or(Value::Null),
             database_url: gateway
                 .database_url
                 .as_ref()
                 .map(|u| u.expose().to_string()),
-            admin_token: admin.map(|s| s.expose().to_string()),
-            user_token: user.map(|s| s.expose().to_string()),
             executor: executor.clone(),
             lease_ttl_seconds,
             s3: executor.object_store.as_ref().map(|o| o.0.clone()),
@@ -78,8 +83,9 @@ impl ProcessSetup {
         let mut gw: GatewayConfig = serde_json::from_value(self.gateway.clone())
             .map_err(|e| format!("gateway config: {e}"))?;
         gw.database_url = self.database_url.clone().map(DatabaseUrl::new);
-        gw.auth.admin_token = self.admin_token.clone().map(Secret::new);
-        gw.auth.user_token = self.user_token.clone().map(Secret::new);
+        // The tokens arrive masked; the job process has none.
+        gw.auth.admin_token = None;
+        gw.auth.user_token = None;
         Ok(gw)
     }
 
@@ -94,23 +100,16 @@ impl ProcessSetup {
     }
 }
 
-/// The gateway's admin and user tokens: from the config, else from the token files
-/// (`<state>/tokens/admin`, `<state>/tokens/user`) that `dutgate up` writes and every service
-/// reads ([`dutgate_core::auth::Auth::from_gateway`]). Both the executor (its own teardown of
-/// dead jobs) and the job processes call peers with them.
+/// The credential the executor's own calls to its peers carry, and the user token: the
+/// service credential ([`dutgate_core::auth::service_token`]: `<state>/tokens/service`, else
+/// the admin token), then `gateway.auth.user_token` or `<state>/tokens/user`.
 pub fn gateway_tokens(gw: &GatewayConfig) -> (Option<Secret>, Option<Secret>) {
-    let dir = gw.tokens_dir();
-    let admin = gw
-        .auth
-        .admin_token
-        .clone()
-        .or_else(|| dutgate_core::auth::read_token(&dir.join("admin")));
     let user = gw
         .auth
         .user_token
         .clone()
-        .or_else(|| dutgate_core::auth::read_token(&dir.join("user")));
-    (admin, user)
+        .or_else(|| dutgate_core::auth::read_token(&gw.tokens_dir().join("user")));
+    (dutgate_core::auth::service_token(gw), user)
 }
 
 /// Directory of job `id`'s files under the executor's state dir.
@@ -135,6 +134,8 @@ pub enum ProcessError {
     NotRunnable(i64, JobState),
     #[error("job {0} has no machine or lease")]
     NoLease(i64),
+    #[error("the lease of job {0} cannot be presented in an HTTP header")]
+    BadLease(i64),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -159,41 +160,63 @@ pub async fn main(id: i64) -> Result<JobStatus, ProcessError> {
     run(id, setup).await
 }
 
-/// Clients of the peers, as the job process uses them.
+/// Clients of the peers. Every client presents one credential on every request (default
+/// headers), set here and nowhere else: the job process its machine's lease
+/// ([`Peers::for_lease`]), the executor the service credential ([`Peers::new`]).
 #[derive(Clone)]
 pub(crate) struct Peers {
     pub mars: MarsClient,
     pub pdu: PduClient,
     pub boot: BootClient,
     pub salad: SaladClient,
-    /// Plain HTTP client for boot artifacts (long downloads).
+    /// Plain HTTP client for the machine's job script and its artifacts (long downloads),
+    /// read before power-on: boot serves a job script only to its machine, the holder of its
+    /// lease, services and admins.
     pub http: reqwest::Client,
     pub boot_url: String,
-    /// The admin token, for reading the machine's job script and its artifacts before
-    /// power-on: boot serves a job script only to its machine or an admin, and the job
-    /// process is not the machine.
-    pub admin_token: Option<Secret>,
     pub console_host: String,
 }
 
 impl Peers {
+    /// The executor's own calls (renewing the lease of a job it re-attaches to, the teardown
+    /// of a dead job's machine): the service credential. Under `dutgate up` it is in a file,
+    /// not in the config: without it those calls are refused (401) and the DUT stays powered.
     pub fn new(gw: &GatewayConfig, cfg: &Config) -> Self {
-        // Under `dutgate up` the tokens are in files, not in the config: without them the
-        // executor's teardown of a dead job is refused (401) and the DUT stays powered.
-        let (admin, _user) = gateway_tokens(gw);
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
+        let headers = dutgate_core::auth::service_token(gw)
+            .map(|t| dutgate_core::lease::bearer_headers(&t))
+            .unwrap_or_default();
+        Self::presenting(gw, cfg, headers)
+    }
+
+    /// A job process: its machine's lease, and nothing else.
+    pub fn for_lease(gw: &GatewayConfig, cfg: &Config, lease: &str) -> Option<Self> {
+        let headers = dutgate_core::lease::lease_headers(lease).ok()?;
+        Some(Self::presenting(gw, cfg, headers))
+    }
+
+    fn presenting(gw: &GatewayConfig, cfg: &Config, credential: HeaderMap) -> Self {
+        let client = |timeout: Duration| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(timeout)
+                .default_headers(credential.clone())
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new())
+        };
+        let api = |service: ServiceName| {
+            ApiClient::with_http(
+                cfg.url_of(gw, service),
+                None,
+                client(dutgate_core::client::DEFAULT_TIMEOUT),
+            )
+        };
         Self {
-            mars: MarsClient::new(cfg.url_of(gw, ServiceName::Mars), admin.clone()),
-            pdu: PduClient::new(cfg.url_of(gw, ServiceName::Pdu), admin.clone()),
-            boot: BootClient::new(cfg.url_of(gw, ServiceName::Boot), admin.clone()),
-            salad: SaladClient::new(cfg.url_of(gw, ServiceName::Salad), admin.clone()),
-            http,
+            mars: MarsClient::from_api(api(ServiceName::Mars)),
+            pdu: PduClient::from_api(api(ServiceName::Pdu)),
+            boot: BootClient::from_api(api(ServiceName::Boot)),
+            salad: SaladClient::from_api(api(ServiceName::Salad)),
+            http: client(Duration::from_secs(600)),
             boot_url: cfg.url_of(gw, ServiceName::Boot),
-            admin_token: admin,
             console_host: cfg.console_host(gw),
         }
     }
@@ -277,7 +300,7 @@ pub async fn run(id: i64, setup: ProcessSetup) -> Result<JobStatus, ProcessError
     let cancel = CancellationToken::new();
     let lease_lost = CancellationToken::new();
     spawn_signal_watch(cancel.clone());
-    let peers = Peers::new(&gw, &cfg);
+    let peers = Peers::for_lease(&gw, &cfg, &lease).ok_or(ProcessError::BadLease(id))?;
     let heartbeat = tokio::spawn(heartbeat(
         peers.mars.clone(),
         lease.clone(),

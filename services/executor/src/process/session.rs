@@ -455,13 +455,12 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
 }
 
 /// Fetches every artifact of the boot script once through the boot service's cache, so a
-/// missing kernel is a SETUP_FAIL before power-on, not a silent DUT after it.
+/// missing kernel is a SETUP_FAIL before power-on, not a silent DUT after it. The job process
+/// reads them as the holder of the machine's lease (its client presents it), naming the
+/// machine on artifact requests, which boot checks the lease against.
 async fn prefetch(job: &JobContext) -> Result<(), Outcome> {
     let url = format!("{}/boot/{}/boot.ipxe", job.peers.boot_url, job.machine);
-    let mut rb = job.peers.http.get(&url).timeout(Duration::from_secs(30));
-    if let Some(t) = &job.peers.admin_token {
-        rb = rb.bearer_auth(t.expose());
-    }
+    let rb = job.peers.http.get(&url).timeout(Duration::from_secs(30));
     let script = match rb.send().await {
         Ok(resp) if resp.status().is_success() => resp.text().await.unwrap_or_default(),
         Ok(resp) => {
@@ -476,11 +475,11 @@ async fn prefetch(job: &JobContext) -> Result<(), Outcome> {
         .split_whitespace()
         .filter(|w| w.starts_with("http") && w.contains("/artifacts/"))
     {
-        let mut rb = job.peers.http.get(art);
-        if let Some(t) = &job.peers.admin_token {
-            rb = rb.bearer_auth(t.expose());
-        }
-        match rb.send().await {
+        let mut url = reqwest::Url::parse(art)
+            .map_err(|e| setup_fail(format!("boot artifact {art}: {e}"), true))?;
+        url.query_pairs_mut()
+            .append_pair("machine", &job.machine.to_string());
+        match job.peers.http.get(url).send().await {
             Ok(mut resp) if resp.status().is_success() => {
                 // Read to the end: the cache then holds the whole file.
                 loop {

@@ -15,7 +15,11 @@
 //!
 //! No process outlives the farm: dropping it (or [`Farm::stop`]) kills its executor processes
 //! and every job process still writing into its state dir.
+//!
+//! [`dispatch`] drives the dispatch protocol one step at a time instead (no farm): for tests
+//! that choose the order of events themselves.
 
+pub mod dispatch;
 pub mod sim;
 
 use std::collections::BTreeMap;
@@ -367,10 +371,11 @@ impl Farm {
         let pdu_db = Db::open_sqlite(&tmp.path().join("pdu.db"), dutgate_pdu::store::MIGRATIONS)
             .await
             .expect("pdu database");
-        let pdu = dutgate_pdu::start_on(
+        let pdu = dutgate_pdu::start_on_gateway(
             l_pdu,
             dutgate_pdu::store::Store::new(pdu_db),
             pdu_cfg,
+            &gw,
             auth.clone(),
         )
         .await
