@@ -93,6 +93,10 @@ fn kill_group(pid: u32, sig: libc::c_int) -> bool {
     unsafe { libc::kill(-pid, sig) == 0 }
 }
 
+/// The shortest lease TTL (`executor.lease_ttl_seconds` allows no less): assumed for a lease
+/// whose TTL mars cannot tell, so that its process heartbeats early rather than late.
+const SHORTEST_LEASE_TTL: u64 = 3;
+
 /// How often the executor looks in the store for cancellations of its jobs requested through
 /// another executor sharing the database.
 const CANCEL_POLL: Duration = Duration::from_secs(1);
@@ -381,24 +385,34 @@ impl Supervisor {
                     }
                     // Dispatched (recorded after mars granted the lease), but the executor
                     // died before starting the process.
-                    let ttl = self.inner.cfg.lease_ttl_seconds.unwrap_or(30);
                     let (Some(machine), Some(lease)) = (row.machine_id, row.lease_id.as_deref())
                     else {
                         self.process_gone(row.id, "dispatched without a lease")
                             .await;
                         continue;
                     };
-                    // The lease expired while no executor ran: the machine may serve another
-                    // job already. Nothing of this job ever touched it, so it is not touched
-                    // now either; the job ends without running. Judged from mars' list of
-                    // active leases: when mars cannot be asked, the job is launched and its
-                    // first heartbeat finds out.
-                    if let Ok(leases) = self.inner.peers.mars.leases().await
-                        && !leases.iter().any(|l| l.id == lease)
-                    {
-                        self.finish_unstarted(row.id, lease).await;
-                        continue;
-                    }
+                    // The lease was taken a while ago and nobody heartbeats it, while the
+                    // process heartbeats a third of its TTL after it starts: renew it first,
+                    // and hand the process the TTL mars keeps for it.
+                    let ttl = match self.inner.peers.mars.heartbeat(lease).await {
+                        Ok(renewed) => renewed.ttl_seconds,
+                        // The lease expired while no executor ran: the machine may serve
+                        // another job already. Nothing of this job ever touched it, so it is
+                        // not touched now either; the job ends without running.
+                        Err(e) if dutgate_mars::client::is_gone(&e) => {
+                            self.finish_unstarted(row.id, lease).await;
+                            continue;
+                        }
+                        // mars cannot be asked: the job is launched, and its first heartbeat
+                        // (soon: the shortest TTL is assumed) finds out.
+                        Err(e) => {
+                            tracing::warn!(job_id = row.id, lease, error = %e, "cannot renew the lease of a dispatched job");
+                            self.inner
+                                .cfg
+                                .lease_ttl_seconds
+                                .unwrap_or(SHORTEST_LEASE_TTL)
+                        }
+                    };
                     if let Err(e) = self.launch(row.id, machine, lease, ttl).await {
                         tracing::error!(job_id = row.id, error = %e, "cannot start the job process");
                         self.process_gone(row.id, &format!("cannot start: {e}"))

@@ -1,6 +1,7 @@
 //! Acceptance: `kill -9` of the executor process mid-job (the job finishes and its result and
-//! events are visible through the restarted executor); `kill -9` of a job process (INCOMPLETE,
-//! powered off, QUICK_CHECK, nothing leased).
+//! events are visible through the restarted executor); `kill -9` of a job process, under no
+//! executor and under the running one (INCOMPLETE, powered off, QUICK_CHECK; after each, no
+//! lease, no boot config and no powered machine is left: `checks::assert_nothing_left`).
 //!
 //! The executor runs as a separate OS process: this test binary re-executed as
 //! `<binary> executor-process`, which runs the same service entry as `dutgate executor`
@@ -12,44 +13,14 @@ mod common;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use common::checks::assert_nothing_left;
+use common::procs::{alive, sigkill};
 use common::*;
 use dutgate_core::{JobStatus, PowerState};
 use dutgate_executor::model::Event;
 use dutgate_mars::model::MachineState;
 
 const T: Duration = Duration::from_secs(60);
-
-fn by_id(n: u16) -> String {
-    format!("  id: \"{}\"", mac(n))
-}
-
-fn kinds(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| format!("{}: {}", e.kind, e.message))
-        .collect()
-}
-
-/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-fn sigkill(pid: i32) {
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is one this test started
-    // (directly or through its executor).
-    assert_eq!(
-        unsafe { libc::kill(pid, libc::SIGKILL) },
-        0,
-        "kill -9 {pid}"
-    );
-}
 
 async fn executor_process_kill_and_job_process_kill() {
     let mut farm = Farm::start(Options {
@@ -59,12 +30,8 @@ async fn executor_process_kill_and_job_process_kill() {
     })
     .await;
     let first = farm.executors[0].pid().expect("the executor is a process") as i32;
-    let survivor = farm
-        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
-        .await;
-    let victim = farm
-        .submit(&job_yaml(&by_id(2), "slow", "slow", "", ""), "")
-        .await;
+    let survivor = farm.submit(&slow_job(1), "").await;
+    let victim = farm.submit(&slow_job(2), "").await;
     for id in [survivor, victim] {
         farm.wait_phase(id, "running", T).await;
     }
@@ -82,11 +49,7 @@ async fn executor_process_kill_and_job_process_kill() {
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
     // Its job processes keep running, and the job goes on: its console grows while no
     // executor is there.
-    let console = dutgate_executor::process::job_dir(
-        &dutgate_executor::process::executor_state_dir(&farm.gw),
-        survivor,
-    )
-    .join("console.log");
+    let console = console_log(&farm, survivor);
     let len = || std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0);
     let before = len();
     let end = Instant::now() + Duration::from_secs(10);
@@ -164,9 +127,7 @@ async fn executor_process_kill_and_job_process_kill() {
         .await;
 
     // A job process killed under a running executor (which started it).
-    let id = farm
-        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
-        .await;
+    let id = farm.submit(&slow_job(1), "").await;
     farm.wait_phase(id, "running", T).await;
     let pid = farm.job_pid(id).await;
     sigkill(pid);
@@ -180,6 +141,8 @@ async fn executor_process_kill_and_job_process_kill() {
     farm.wait_machine(mac(1), MachineState::QuickCheck, Duration::from_secs(15))
         .await;
     assert!(farm.mars.leases().await.unwrap().is_empty());
+    // Of the three jobs, nothing is left: no lease, no boot config, both machines off.
+    assert_nothing_left(&farm, &farm.mars, &[survivor, victim, id], T).await;
 
     // The trainer's verification boot goes through the queue with its privilege: a user may
     // not submit one, the admin (mars' runner) may, and it runs on the QUICK_CHECK machine.
@@ -283,7 +246,7 @@ async fn executor_killed_before_its_job_process_started() {
     );
     assert_eq!(farm.console(id).await.matches("RESULT: PASS").count(), 1);
     farm.wait_machine(mac(1), MachineState::Idle, T).await;
-    assert!(farm.mars.leases().await.unwrap().is_empty());
+    assert_nothing_left(&farm, &farm.mars, &[id], T).await;
     let second = farm.executors[0].pid().unwrap() as i32;
     farm.stop().await;
     for pid in [first, second, pid] {

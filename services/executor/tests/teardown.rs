@@ -15,17 +15,6 @@ use dutgate_mars::model::MachineState;
 
 const T: Duration = Duration::from_secs(60);
 
-fn by_id(n: u16) -> String {
-    format!("  id: \"{}\"", mac(n))
-}
-
-fn kinds(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .map(|e| format!("{}: {}", e.kind, e.message))
-        .collect()
-}
-
 fn step_ok(events: &[Event], step: &str) -> bool {
     events
         .iter()
@@ -44,9 +33,7 @@ async fn a_dead_job_is_torn_down_with_the_token_files() {
     })
     .await;
     assert!(farm.exec_gw.auth.admin_token.is_none());
-    let id = farm
-        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
-        .await;
+    let id = farm.submit(&slow_job(1), "").await;
     farm.wait_phase(id, "running", T).await;
     assert_eq!(farm.power(1), PowerState::On);
     let boot = BootClient::new(
@@ -54,10 +41,7 @@ async fn a_dead_job_is_torn_down_with_the_token_files() {
         Some(Secret::new(ADMIN)),
     );
     assert!(boot.get(mac(1)).await.unwrap().is_some());
-    let pid = farm.job_pid(id).await;
-    // SAFETY: kill(2) has no memory-safety preconditions; the pid is the job process this
-    // test's executor started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    common::procs::sigkill(farm.job_pid(id).await);
     let job = farm.wait_finished(id, T).await;
     let events = farm.events(id).await;
     assert_eq!(
@@ -75,6 +59,7 @@ async fn a_dead_job_is_torn_down_with_the_token_files() {
     assert_eq!(farm.power(1), PowerState::Off);
     assert!(boot.get(mac(1)).await.unwrap().is_none());
     farm.wait_machine(mac(1), MachineState::QuickCheck, T).await;
+    common::checks::assert_nothing_left(&farm, &farm.mars, &[id], T).await;
     farm.stop().await;
 }
 
@@ -127,9 +112,7 @@ async fn a_cancel_reaches_a_job_run_by_another_executor() {
         ..options()
     })
     .await;
-    let id = farm
-        .submit(&job_yaml(&by_id(1), "slow", "slow", "", ""), "")
-        .await;
+    let id = farm.submit(&slow_job(1), "").await;
     farm.wait_phase(id, "running", T).await;
     let events = farm.events(id).await;
     let runner = events

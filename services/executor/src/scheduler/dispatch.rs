@@ -32,6 +32,7 @@ impl Scheduler {
                 return Err(format!("leases: {e}"));
             }
         };
+        self.failpoint("after_lease");
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "lease")
             .record(started.elapsed().as_secs_f64());
 
@@ -82,6 +83,7 @@ impl Scheduler {
                 return Err(e.to_string());
             }
         };
+        self.failpoint("after_record");
         metrics::histogram!("executor_dispatch_step_seconds", "step" => "record")
             .record(t_record.elapsed().as_secs_f64());
 
@@ -115,6 +117,7 @@ impl Scheduler {
             launches.push(self.launch(d.id, d.machine, lease));
         }
         futures::future::join_all(launches).await;
+        self.failpoint("after_launch");
         match failure {
             Some(e) => Err(e),
             None => Ok(next),
@@ -140,7 +143,7 @@ impl Scheduler {
 
     /// Gives leases back (best effort, concurrently; one that is not found was never granted
     /// or is gone already). A lease left behind expires after its TTL.
-    async fn release_ids(&self, ids: &[&str], reason: &str) {
+    pub(super) async fn release_ids(&self, ids: &[&str], reason: &str) {
         let results = futures::future::join_all(ids.iter().map(|id| {
             self.inner
                 .mars

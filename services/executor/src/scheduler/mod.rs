@@ -16,6 +16,20 @@
 //! dispatcher (design.md §11): they may lease for the same job, and the loser gives its lease
 //! back.
 //!
+//! A previous run of this executor that stopped between steps 2 and 3 left leases that no
+//! record names: the first round of a run gives them back untouched ([`recovery`]), instead of
+//! leaving them to expire (an expiry counts an infrastructure failure against a machine that
+//! nothing touched, and sends it to `QUICK_CHECK`).
+//!
+//! Test-only failpoints: in builds with the `testing` feature, the environment variable
+//! `DUTGATE_EXECUTOR_FAILPOINT` (read once, when the scheduler is made) names a point of
+//! [`Scheduler::dispatch`] where the executor process aborts at once, with no destructor and
+//! no cleanup, as `kill -9` would: `after_lease` (mars granted the batch, nothing recorded),
+//! `after_record` (recorded, no process started), `after_launch` (the processes started). It
+//! is read from the executor's own environment only: no config key, request or job reaches
+//! it, and the `dutgate` binary (built without `testing`) does not read it at all. The fault
+//! tests (`tests/faults.rs`) use it.
+//!
 //! Event-driven: a round runs when woken — a submission, a machine freed (mars' event stream,
 //! followed with a long poll, see [`machines`]), a job finished — or at the next queued
 //! deadline. No polling loop with sleeps on the hot path.
@@ -23,12 +37,13 @@
 mod dispatch;
 mod machines;
 mod plan;
+mod recovery;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use dutgate_core::MachineId;
@@ -63,6 +78,8 @@ struct Inner {
     store: Store,
     mars: MarsClient,
     sup: Supervisor,
+    /// The holder of this run's leases, `<executor name>/<pid>`: [`recovery`] tells a
+    /// previous run's leases by it.
     holder: String,
     lease_ttl: Option<Duration>,
     /// mars' machines as last known (see [`machines`]).
@@ -74,7 +91,14 @@ struct Inner {
     /// ([`Scheduler::note_deadline`]); a look at the queue sets it to the earliest deadline
     /// found, or [`DEADLINE_RECHECK_MS`] ahead.
     deadline_check_at: AtomicI64,
+    /// The leases previous runs took but never recorded were given back ([`recovery`]).
+    recovered: AtomicBool,
+    /// The test-only failpoint of this process (see the module's doc).
+    failpoint: Option<String>,
 }
+
+/// The environment variable naming the test-only failpoint (see the module's doc).
+pub const FAILPOINT_ENV: &str = "DUTGATE_EXECUTOR_FAILPOINT";
 
 /// What a round asks of the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +131,23 @@ impl Scheduler {
                 rounds: Default::default(),
                 // The first round looks.
                 deadline_check_at: AtomicI64::new(i64::MIN),
+                recovered: AtomicBool::new(false),
+                failpoint: failpoint_from_env(),
             }),
+        }
+    }
+
+    /// Aborts the process, as `kill -9` would, when `point` is this process's test-only
+    /// failpoint (see the module's doc).
+    fn failpoint(&self, point: &str) {
+        if self.inner.failpoint.as_deref() == Some(point) {
+            eprintln!("executor: failpoint {point}: aborting");
+            // A deliberate abort leaves no core file behind.
+            // SAFETY: prctl(2) with PR_SET_DUMPABLE only changes this process's dumpable flag.
+            unsafe {
+                libc::prctl(libc::PR_SET_DUMPABLE, 0);
+            }
+            std::process::abort();
         }
     }
 
@@ -163,6 +203,10 @@ impl Scheduler {
     }
 
     async fn round_inner(&self, round: u64) -> Result<Next, String> {
+        if !self.inner.recovered.load(Ordering::SeqCst) {
+            self.give_back_unrecorded_leases().await?;
+            self.inner.recovered.store(true, Ordering::SeqCst);
+        }
         self.expire_deadlines().await?;
         let free = self.free_machines().await.map_err(|e| e.to_string())?;
         if free.is_empty() {
@@ -252,5 +296,14 @@ impl Scheduler {
                 Err(e.to_string())
             }
         }
+    }
+}
+
+/// The failpoint named by [`FAILPOINT_ENV`], in builds with the `testing` feature only.
+fn failpoint_from_env() -> Option<String> {
+    if cfg!(feature = "testing") {
+        std::env::var(FAILPOINT_ENV).ok().filter(|p| !p.is_empty())
+    } else {
+        None
     }
 }

@@ -337,7 +337,8 @@ async fn cancel_during_a_refused_lease_never_touches_the_other_jobs_machine() {
 /// The dispatch is recorded only after mars granted its lease. An executor that stopped
 /// between the record and the launch for longer than the lease's TTL finds the lease gone at
 /// start-up: the job ends (it never ran) without touching the machine; one whose lease mars
-/// still holds is launched.
+/// still holds is launched, its lease renewed first (nobody heartbeat it meanwhile, and the
+/// new process heartbeats only a third of a TTL after it starts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatch_whose_lease_is_gone_at_start_up_ends_without_touching_the_machine() {
     let rig = rig().await;
@@ -404,6 +405,12 @@ async fn a_dispatch_whose_lease_is_gone_at_start_up_ends_without_touching_the_ma
         .unwrap();
     assert_eq!(record(held, granted.id.clone()).await, vec![true]);
     rig.sup.reattach_all().await.unwrap();
+    let renewed = rig.client.machine(m).await.unwrap().lease.unwrap();
+    assert_eq!(renewed.id, granted.id);
+    assert!(
+        renewed.expires_at.millis() > granted.expires_at.millis(),
+        "the lease was not renewed: {granted:?} → {renewed:?}"
+    );
     assert_eq!(
         rig.store.require(held).await.unwrap().state,
         JobState::Dispatched,
@@ -584,6 +591,86 @@ async fn a_dead_jobs_teardown_leaves_a_machine_another_lease_holds_alone() {
     assert_eq!(
         rig.client.machine(m).await.unwrap().lease.map(|l| l.id),
         Some(theirs.id)
+    );
+    rig.shutdown.cancel();
+}
+
+/// A previous run of this executor that stopped between the lease and its record left a
+/// lease that no record names: the first round of the next run gives it back untouched (the
+/// machine is free at once, with no infrastructure failure counted) and dispatches the job
+/// again. The previous run's recorded lease, the lease of a run still stopping (its process
+/// lives) and another executor's are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_a_stopped_run_never_recorded_is_given_back_at_start_up() {
+    let rig = rig().await;
+    let mut ms = Vec::new();
+    for n in 1..=4 {
+        ms.push(register(&rig, n, &[], true).await);
+    }
+    // No process has a pid that large (pid_max is at most 2^22).
+    let previous = format!("{}/999999999", rig.sup.name());
+    let stopping = format!("{}/{}", rig.sup.name(), std::os::unix::process::parent_id());
+    let lease = |m: MachineId, job: String, holder: String| {
+        let client = rig.client.clone();
+        async move {
+            client
+                .acquire(m, &job, &holder, LeasePurpose::Job, None)
+                .await
+                .unwrap()
+        }
+    };
+    let queued = rig.store.insert(&new_job(0, &[])).await.unwrap();
+    let unrecorded = lease(ms[0], queued.to_string(), previous.clone()).await;
+    let dispatched = rig.store.insert(&new_job(0, &[])).await.unwrap();
+    let recorded = lease(ms[1], dispatched.to_string(), previous.clone()).await;
+    assert_eq!(
+        rig.store
+            .record_dispatches(
+                &[Dispatch {
+                    id: dispatched,
+                    machine: ms[1],
+                    lease_id: recorded.id.clone(),
+                }],
+                rig.sup.name(),
+                1,
+            )
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    let later = rig.store.insert(&new_job(0, &[])).await.unwrap();
+    let still_stopping = lease(ms[2], later.to_string(), stopping).await;
+    let theirs = lease(
+        ms[3],
+        queued.to_string(),
+        "another-executor/999999999".into(),
+    )
+    .await;
+
+    rig.sched.load_machines().await.unwrap();
+    settle(&rig.sched).await;
+    assert!(rig.launched.lock().unwrap().is_empty());
+    // The machine is free again (the event stream tells the cache so).
+    rig.sched.load_machines().await.unwrap();
+    settle(&rig.sched).await;
+    assert_eq!(rig.launched.lock().unwrap().clone(), vec![(queued, ms[0])]);
+    let m0 = rig.client.machine(ms[0]).await.unwrap();
+    let now = m0.lease.expect("the job's new lease");
+    assert_ne!(now.id, unrecorded.id);
+    assert_eq!(now.job_id, queued.to_string());
+    assert_eq!(m0.consecutive_infra_failures, 0);
+    let row = rig.store.require(queued).await.unwrap();
+    assert_eq!(
+        (row.state, row.lease_id),
+        (JobState::Dispatched, Some(now.id))
+    );
+    for (m, kept) in [(ms[1], recorded), (ms[2], still_stopping), (ms[3], theirs)] {
+        let held = rig.client.machine(m).await.unwrap().lease.map(|l| l.id);
+        assert_eq!(held, Some(kept.id), "machine {m}");
+    }
+    assert_eq!(
+        rig.store.require(later).await.unwrap().state,
+        JobState::Queued
     );
     rig.shutdown.cancel();
 }
