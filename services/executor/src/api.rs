@@ -20,7 +20,7 @@ use dutgate_core::audit::{Actor, AuditLog};
 use dutgate_core::auth::{Auth, Identity, Role, require_user};
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::{ApiError, JobStatus, MachineId, ServiceName};
-use dutgate_jobspec::{JobErrorKind, JobErrors, JobSpec, MAX_JOB_BYTES, TemplateVars};
+use dutgate_jobspec::{JobErrorKind, JobErrors, JobSpec, MAX_JOB_BYTES};
 use futures::SinkExt;
 use futures::channel::mpsc;
 use serde::Deserialize;
@@ -49,8 +49,19 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.cfg.max_upload_bytes;
-    Router::new()
-        .route("/api/v1/jobs", post(submit).get(list))
+    // Submissions and ci-tron's DUT list: a token, or none from a trusted client network.
+    let submitters = Router::new()
+        .route("/api/v1/jobs", post(submit))
+        .route("/api/v1/duts", get(crate::citron::duts::list))
+        .route("/api/v1/dut/{name}", get(crate::citron::duts::show))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(from_fn_with_state(
+            state.clone(),
+            crate::citron::token_or_trusted_network,
+        ))
+        .with_state(state.clone());
+    let app = Router::new()
+        .route("/api/v1/jobs", get(list))
         .route("/api/v1/jobs/{id}", get(show))
         .route("/api/v1/jobs/{id}/events", get(events))
         .route("/api/v1/jobs/{id}/console", get(console))
@@ -61,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(state.auth.clone(), require_user))
         .with_state(state.clone())
+        .merge(submitters)
         .merge(crate::tokens::router(
             state.auth.clone(),
             state.audit.clone(),
@@ -70,7 +82,8 @@ pub fn router(state: AppState) -> Router {
                 .route("/api/v1/audit", get(dutgate_core::audit::list))
                 .with_state((state.audit, state.auth)),
         )
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")));
+    crate::citron::with_double_slash(app)
 }
 
 /// What a caller wants to do with a job.
@@ -190,8 +203,9 @@ fn parse_bool(v: &str, field: &str) -> Result<bool, ApiError> {
 
 // ---- submission -------------------------------------------------------------------------
 
-/// valve-infra's multipart `metadata` part (unknown keys such as `minio` and `callback` are
-/// accepted and ignored: old clients send them).
+/// valve-infra's multipart `metadata` part. Other keys ci-tron's client sends (`environ`,
+/// `job_cookie`, `minio.credentials`) are accepted and ignored; `callback` is for
+/// [`crate::citron::connect_back_target`].
 #[derive(Debug, Default, Deserialize)]
 struct Metadata {
     #[serde(default)]
@@ -202,13 +216,19 @@ struct Metadata {
     priority: Option<i64>,
     #[serde(default)]
     wait: Option<bool>,
+    #[serde(default)]
+    callback: Option<crate::citron::Callback>,
+    #[serde(default)]
+    minio: Option<crate::citron::Minio>,
+    #[serde(default)]
+    job_desc_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct MetadataTarget {
     #[serde(default)]
     id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::citron::null_as_empty")]
     tags: Vec<String>,
 }
 
@@ -266,14 +286,25 @@ async fn read_submission(state: &AppState, req: Request) -> Result<Submission, A
             }
             "job" => yaml = Some(job_text(data)?),
             "job_bucket_initial_state_tarball_file" => tarball = Some(data),
+            // ci-tron's client sends attached artifacts (`executorctl -f NAME:PATH`) as parts
+            // named after them.
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown form part {other:?}: expected metadata, job, \
-                     job_bucket_initial_state_tarball_file"
+                     job_bucket_initial_state_tarball_file; attached artifacts \
+                     (executorctl -f) are not supported: put the file in the job's share \
+                     directory (executorctl -s) instead"
                 ))
                 .with_field(other));
             }
         }
+    }
+    if yaml.is_none() && metadata.job_desc_url.is_some() {
+        return Err(ApiError::bad_request(
+            "jobs given by URL (metadata.job_desc_url) are not supported: send the job \
+             description as the `job` part",
+        )
+        .with_field("metadata.job_desc_url"));
     }
     let yaml =
         yaml.ok_or_else(|| ApiError::bad_request("the form has no `job` part").with_field("job"))?;
@@ -315,10 +346,27 @@ async fn submit(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
+    mut req: Request,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(req.uri());
+    let console = crate::citron::take_upgrade(&mut req);
     let sub = read_submission(&s, req).await?;
+    if sub
+        .metadata
+        .minio
+        .as_ref()
+        .is_some_and(|m| !m.groups.is_empty())
+    {
+        return Err(ApiError::unprocessable(
+            "MinIO groups (executorctl -g) are not supported: a job's bucket opens with its own \
+             keys only",
+        )
+        .with_field("metadata.minio.groups"));
+    }
+    let connect_back = match (&console, &sub.metadata.callback) {
+        (None, Some(cb)) => crate::citron::connect_back_target(&s, peer, cb)?,
+        _ => None,
+    };
 
     let purpose: Purpose = match param(&pairs, "purpose") {
         Some(p) => p
@@ -361,10 +409,7 @@ async fn submit(
 
     // Validate as `dutctl job validate` does: placeholder machine variables plus the
     // configured extras. The real render happens per machine in the job process.
-    let mut vars = TemplateVars::placeholders();
-    for (k, v) in &s.cfg.template_vars {
-        vars.set(k.clone(), v.clone());
-    }
+    let vars = crate::citron::validation_vars(&s);
     let spec = JobSpec::parse_and_render(&sub.yaml, &vars).map_err(|e| job_errors(&e))?;
 
     let (target_id, target_tags) = match &sub.metadata.target {
@@ -377,14 +422,26 @@ async fn submit(
             };
             (id, t.tags.clone())
         }
-        None => (
-            spec.target.id,
-            spec.target
-                .tags
-                .iter()
-                .map(|t| t.as_str().to_string())
-                .collect(),
-        ),
+        None => {
+            if spec.target.id.is_some()
+                && param(&pairs, "target_id").is_none()
+                && crate::citron::target_id_is_templated(&s, &sub.yaml, &spec)
+            {
+                return Err(ApiError::unprocessable(
+                    "target.id comes from the machine variables ({{ machine_id }}): name the \
+                     machine with metadata.target.id (executorctl -i) or ?target_id=",
+                )
+                .with_field("target.id"));
+            }
+            (
+                spec.target.id,
+                spec.target
+                    .tags
+                    .iter()
+                    .map(|t| t.as_str().to_string())
+                    .collect(),
+            )
+        }
     };
     // `?target_id=` (what the typed client and the trainer use) names the machine.
     let target_id = match param(&pairs, "target_id") {
@@ -510,6 +567,17 @@ async fn submit(
         s.sched.note_deadline(d);
     }
     s.sched.wake();
+    let client = crate::citron::Client {
+        peer,
+        actor: Actor::known(&who, peer),
+    };
+    if let Some(upgrade) = console {
+        return Ok(crate::citron::switch_protocols(s, id, upgrade, client));
+    }
+    if let Some(addr) = connect_back {
+        crate::citron::connect_back(s.clone(), id, addr, client);
+        return Ok(crate::citron::connect_back_answer(&s, id));
+    }
     let url = job_url(&s.gw, id);
     let mut resp = (
         StatusCode::CREATED,
@@ -660,7 +728,7 @@ async fn show(
 
 /// Waits until the job may have changed: its process's progress moved, or a short while
 /// passed (jobs still queued, or followed by another executor, have no progress channel).
-async fn wait_change(
+pub(crate) async fn wait_change(
     s: &AppState,
     id: i64,
     seen: &mut Option<tokio::sync::watch::Receiver<crate::control::Progress>>,

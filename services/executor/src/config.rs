@@ -46,6 +46,11 @@ pub struct Config {
     /// jobs) or `owner` (only their owner and admins). Cancelling, typing into a job's console
     /// and downloading its artifacts are always for its owner and admins only.
     pub job_visibility: JobVisibility,
+    /// Networks (CIDRs) whose clients may submit jobs and list the DUTs without a token, as
+    /// ci-tron's `executorctl` does: typically the gateway's own CI runner containers. Such a
+    /// job's owner is `network:<cidr>`. Never list a DUT network here. Empty: every
+    /// submission needs a token.
+    pub trusted_client_networks: Vec<ipnet::IpNet>,
     /// Object storage for job buckets: the gateway's `s3` section, set by the `dutgate`
     /// binary (not a key of the `executor` section). Unset: jobs run without a bucket.
     #[serde(skip)]
@@ -79,6 +84,7 @@ impl Default for Config {
             template_vars: BTreeMap::new(),
             job_keys_from_machine_address: true,
             job_visibility: JobVisibility::All,
+            trusted_client_networks: Vec::new(),
             object_store: None,
         }
     }

@@ -1,7 +1,8 @@
 //! The executor (design.md §8): job queue, scheduler, one process per job, console logs,
 //! events and artifacts.
 //!
-//! - [`api`]: the REST routes (docs/jobs.md §4).
+//! - [`api`]: the REST routes (docs/jobs.md §4); [`citron`]: ci-tron's `executorctl` on them
+//!   (its console protocol, connect-back, trusted client networks, DUT list).
 //! - [`store`]: the `jobs` and `job_events` tables; [`model`]: wire types and the job state
 //!   machine.
 //! - [`scheduler`]: matches queued jobs to free machines and dispatches them (mars lease).
@@ -18,6 +19,7 @@
 //! powered off.
 
 pub mod api;
+pub mod citron;
 pub mod client;
 pub mod config;
 pub mod control;

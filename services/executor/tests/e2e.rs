@@ -525,7 +525,7 @@ async fn submission_errors_and_forms() {
             "metadata",
             reqwest::multipart::Part::text(
                 serde_json::json!({"version": 1, "job_id": "ci-123", "target": {"id": mac(1).to_string()},
-                                   "minio": {}, "callback": {"port": 1}})
+                                   "minio": {}})
                 .to_string(),
             )
             .mime_str("application/json")

@@ -12,6 +12,11 @@
 //! 5. when the caller's retention ends, [`JobStorage::delete_bucket`].
 //!
 //! Every step is idempotent, so a retried set-up or teardown does no harm.
+//!
+//! After the job, [`JobStorage::publish_for_reader`] puts the job's kept files into a bucket
+//! of their own with a read-only key for the submitter (ci-tron's `job_bucket`, which
+//! `executorctl -s` mirrors); that bucket is deleted with [`JobStorage::delete_bucket`] once
+//! its key expired.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -44,6 +49,17 @@ pub struct JobBucket {
     /// True when the backend cannot make per-job keys (external S3 in generic mode): the
     /// DUT then holds the gateway's admin keys, which open every bucket.
     pub shared_admin_keys: bool,
+}
+
+/// A bucket a job's submitter may read: [`JobStorage::publish_for_reader`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ReaderBucket {
+    pub bucket: String,
+    pub access_key: String,
+    /// Serialised masked.
+    pub secret_key: Secret,
+    /// Objects put in the bucket.
+    pub files: u64,
 }
 
 /// What an initial-state upload stored.
@@ -348,6 +364,73 @@ impl JobStorage {
         Ok(())
     }
 
+    /// Makes the files under `dir` (each regular file, keyed by its path below `dir`) the
+    /// objects of bucket `<prefix><name>` and issues a read-only key for it, accepted from
+    /// `networks` only and unknown after `valid_for`: what a job's submitter downloads the
+    /// job's files with. A missing `dir` gives an empty bucket. The external backend cannot
+    /// issue such keys ([`StorageError::Config`]).
+    #[tracing::instrument(skip(self, networks), fields(name = %name))]
+    pub async fn publish_for_reader(
+        &self,
+        name: &str,
+        dir: &Path,
+        networks: &[IpNet],
+        valid_for: std::time::Duration,
+    ) -> Result<ReaderBucket, StorageError> {
+        if self.backend != Backend::Embedded {
+            return Err(StorageError::Config(
+                "the external S3 backend cannot issue read-only keys: the job's files are \
+                 its artifacts only"
+                    .into(),
+            ));
+        }
+        let bucket = self.bucket_name(name)?;
+        self.admin.create_bucket(&bucket).await?;
+        let files = {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || regular_files(&dir))
+                .await
+                .map_err(|e| StorageError::Config(format!("listing the job's files: {e}")))??
+        };
+        let mut count = 0;
+        for (key, path) in files {
+            if let Err(problem) = crate::server::paths::check_key(&key) {
+                tracing::warn!(key = ?key, %problem, "file name is not a usable object key; not published");
+                continue;
+            }
+            self.admin.put_file(&bucket, &key, &path, &[]).await?;
+            count += 1;
+        }
+        let nets: Vec<String> = networks.iter().map(ToString::to_string).collect();
+        let query = vec![
+            ("bucket".to_string(), bucket.clone()),
+            ("access".to_string(), "read".to_string()),
+            ("networks".to_string(), nets.join(",")),
+            (
+                "expires_in_seconds".to_string(),
+                valid_for.as_secs().max(1).to_string(),
+            ),
+        ];
+        let body = self
+            .admin
+            .admin(
+                "CreateReaderKey",
+                Method::POST,
+                &format!("/{ADMIN_PREFIX}/v1/keys"),
+                &query,
+            )
+            .await?;
+        let issued: IssuedKeys = serde_json::from_slice(&body)
+            .map_err(|e| StorageError::Protocol(format!("key administration answer: {e}")))?;
+        tracing::info!(bucket = %bucket, files = count, "job files published for their submitter");
+        Ok(ReaderBucket {
+            bucket,
+            access_key: issued.access_key,
+            secret_key: Secret::new(issued.secret_key),
+            files: count,
+        })
+    }
+
     /// Deletes every object and the bucket (and revokes its keys). Gone already is fine.
     #[tracing::instrument(skip(self), fields(bucket = %bucket))]
     pub async fn delete_bucket(&self, bucket: &str) -> Result<(), StorageError> {
@@ -421,6 +504,38 @@ fn safe_relative(key: &str) -> Result<PathBuf, StorageError> {
             "object key {key:?} names no file"
         )));
     }
+    Ok(out)
+}
+
+/// The regular files under `dir` as (object key, path), in path order; links are not
+/// followed (a link could otherwise publish the gateway's own files). Blocking.
+fn regular_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, StorageError> {
+    let mut out = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d == dir => return Ok(out),
+            Err(e) => return Err(StorageError::io(&d, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StorageError::io(&d, e))?;
+            let kind = entry.file_type().map_err(|e| StorageError::io(&d, e))?;
+            let path = entry.path();
+            if kind.is_dir() {
+                pending.push(path);
+            } else if kind.is_file()
+                && let Ok(rel) = path.strip_prefix(dir)
+                && let Some(key) = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_str())
+                    .collect::<Option<Vec<_>>>()
+            {
+                out.push((key.join("/"), path.clone()));
+            }
+        }
+    }
+    out.sort();
     Ok(out)
 }
 
@@ -553,6 +668,176 @@ mod tests {
         assert!(safe_relative("a/../../x").is_err());
         assert!(safe_relative("/etc/passwd").is_err());
         assert!(safe_relative("").is_err());
+    }
+
+    #[test]
+    fn published_files_are_regular_files_keyed_by_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("bucket");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("top.txt"), b"1").unwrap();
+        std::fs::write(root.join("a/b/deep.txt"), b"2").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        let keys: Vec<String> = regular_files(&root)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["a/b/deep.txt", "top.txt"]);
+        assert!(
+            regular_files(&dir.path().join("missing"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// The embedded endpoint on 127.0.0.1 (a DUT network by default), and storage on it.
+    async fn embedded() -> (
+        tempfile::TempDir,
+        JobStorage,
+        String,
+        tokio_util::sync::CancellationToken,
+    ) {
+        let state = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut gateway = GatewayConfig {
+            state_dir: state.path().to_path_buf(),
+            ..Default::default()
+        };
+        gateway.ports.s3 = port;
+        let config = Config {
+            request_timeout_seconds: 10.0,
+            ..Default::default()
+        };
+        let server = crate::server::build(&gateway, &config).await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::server::serve(
+            listener,
+            server.router,
+            stop.clone(),
+            std::time::Duration::from_millis(100),
+        ));
+        let storage = JobStorage::new(&gateway, &config).await.unwrap();
+        (state, storage, format!("http://127.0.0.1:{port}"), stop)
+    }
+
+    fn client(url: &str, b: &ReaderBucket) -> S3Client {
+        S3Client::new(
+            url,
+            Signer::new(
+                b.access_key.clone(),
+                b.secret_key.expose(),
+                "us-east-1".to_string(),
+            ),
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
+    async fn read(c: &S3Client, bucket: &str, key: &str) -> Result<Vec<u8>, Option<u16>> {
+        use futures::StreamExt;
+        let body = c.get(bucket, key).await.map_err(|e| e.status())?;
+        let mut out = Vec::new();
+        let mut s = std::pin::pin!(body.into_stream());
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk.map_err(|e| e.status())?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reader_keys_read_their_bucket_only_from_their_networks_until_they_expire() {
+        let (_state, storage, url, stop) = embedded().await;
+        let files = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(files.path().join("results")).unwrap();
+        std::fs::write(files.path().join("results/out.txt"), b"from the DUT").unwrap();
+        let here: Vec<IpNet> = vec!["127.0.0.1/32".parse().unwrap()];
+        let minute = std::time::Duration::from_secs(60);
+        let b = storage
+            .publish_for_reader("7-client", files.path(), &here, minute)
+            .await
+            .unwrap();
+        assert_eq!((b.bucket.as_str(), b.files), ("job-7-client", 1));
+        let reader = client(&url, &b);
+        assert_eq!(
+            reader.list(&b.bucket).await.unwrap()[0].key,
+            "results/out.txt"
+        );
+        assert_eq!(
+            read(&reader, &b.bucket, "results/out.txt").await.unwrap(),
+            b"from the DUT"
+        );
+        // Read only: no write, no delete.
+        let put = reader
+            .put_bytes(&b.bucket, "x", bytes::Bytes::from_static(b"x"))
+            .await;
+        assert_eq!(put.unwrap_err().status(), Some(403));
+        let del = reader.delete_object(&b.bucket, "results/out.txt").await;
+        assert_eq!(del.unwrap_err().status(), Some(403));
+        // Its own bucket only.
+        let other = storage.create_job_bucket("8").await.unwrap();
+        storage
+            .client()
+            .put_bytes(&other.bucket, "secret", bytes::Bytes::from_static(b"s"))
+            .await
+            .unwrap();
+        assert_eq!(read(&reader, &other.bucket, "secret").await, Err(Some(403)));
+        // From its networks only.
+        let elsewhere = storage
+            .publish_for_reader(
+                "9-client",
+                files.path(),
+                &["10.9.9.9/32".parse().unwrap()],
+                minute,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            read(
+                &client(&url, &elsewhere),
+                &elsewhere.bucket,
+                "results/out.txt"
+            )
+            .await,
+            Err(Some(403))
+        );
+        // Until it expires.
+        let short = storage
+            .publish_for_reader(
+                "10-client",
+                files.path(),
+                &here,
+                std::time::Duration::from_secs(1),
+            )
+            .await
+            .unwrap();
+        let short_client = client(&url, &short);
+        assert!(
+            read(&short_client, &short.bucket, "results/out.txt")
+                .await
+                .is_ok()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while read(&short_client, &short.bucket, "results/out.txt")
+            .await
+            .is_ok()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key never expired"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            read(&short_client, &short.bucket, "results/out.txt").await,
+            Err(Some(403))
+        );
+        // Deleting the bucket withdraws its key.
+        storage.delete_bucket(&b.bucket).await.unwrap();
+        assert!(read(&reader, &b.bucket, "results/out.txt").await.is_err());
+        stop.cancel();
     }
 
     proptest::proptest! {

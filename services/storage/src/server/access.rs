@@ -28,6 +28,7 @@ use s3s::dto::{
 use s3s::path::S3Path;
 use s3s::{S3Request, S3Result, s3_error};
 
+use super::RefusalLogged;
 use super::keystore::{Identity, KeyStore};
 use super::paths::{self, KeyProblem};
 
@@ -113,13 +114,16 @@ pub(crate) fn peer_of(extensions: &http::Extensions) -> Option<IpAddr> {
 pub(crate) struct Caller<'a> {
     pub access_key: Option<&'a str>,
     pub peer: Option<IpAddr>,
+    /// The request's mark that its refusal is logged (see [`super::RefusalLogged`]).
+    pub logged: Option<&'a RefusalLogged>,
 }
 
 impl<'a> Caller<'a> {
-    fn of<T>(req: &'a S3Request<T>) -> Self {
+    pub(crate) fn of<T>(req: &'a S3Request<T>) -> Self {
         Self {
             access_key: req.credentials.as_ref().map(|c| c.access_key.as_str()),
             peer: peer_of(&req.extensions),
+            logged: req.extensions.get::<RefusalLogged>(),
         }
     }
 }
@@ -131,6 +135,9 @@ pub(crate) fn deny(
     message: String,
 ) -> s3s::S3Error {
     metrics::counter!("dutgate_s3_denied_total", "reason" => reason).increment(1);
+    if let Some(l) = who.logged {
+        l.set();
+    }
     tracing::warn!(
         op,
         reason,
@@ -162,11 +169,13 @@ fn bad_key(
 impl S3Access for Access {
     async fn check(&self, cx: &mut S3AccessContext<'_>) -> S3Result<()> {
         let peer = peer_of(cx.extensions_mut());
+        let logged = cx.extensions_mut().get::<RefusalLogged>().cloned();
         let op = cx.s3_op().name();
         let access_key = cx.credentials().map(|c| c.access_key.clone());
         let who = Caller {
             access_key: access_key.as_deref(),
             peer,
+            logged: logged.as_ref(),
         };
         let Some(access_key) = access_key.as_deref() else {
             return Err(deny("anonymous", op, who, "a signature is required".into()));
@@ -240,6 +249,9 @@ impl S3Access for Access {
                     ));
                 }
                 Ok(())
+            }
+            Identity::Reader { bucket, networks } => {
+                super::reader::check(op, who, cx.s3_path(), &bucket, &networks)
             }
         }
     }
@@ -384,6 +396,13 @@ fn check_copy_source(
             op,
             who,
             format!("job keys open bucket {own} only"),
+        )),
+        // A copy writes; `Access::check` refused it already. Kept for the second line.
+        Identity::Reader { .. } => Err(deny(
+            "operation",
+            op,
+            who,
+            "reader keys may only read".into(),
         )),
     }
 }

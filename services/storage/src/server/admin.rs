@@ -4,6 +4,9 @@
 //! - `POST   /dutgate-admin/v1/keys?bucket=B[&source=NET]` → `201 {"access_key", "secret_key",
 //!   "bucket"[, "source"]}`; with `source` (an address or a network, e.g. `10.0.2.15` or
 //!   `10.0.2.0/24`) the key is accepted from there only
+//! - `POST   /dutgate-admin/v1/keys?bucket=B&access=read&networks=NET[,NET…]&expires_in_seconds=N`
+//!   → `201 {"access_key", "secret_key", "bucket", "networks", "expires_in_seconds"}`: a
+//!   reader key (read-only, from those networks only, unknown after N seconds)
 //! - `DELETE /dutgate-admin/v1/keys?bucket=B` → `200 {"bucket", "revoked": N}`
 //! - `GET    /dutgate-admin/v1/keys`          → `200 [{"access_key", "bucket", "created_unix_ms"}]`
 //!
@@ -11,6 +14,7 @@
 //! 400 InvalidArgument).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, Uri};
@@ -105,6 +109,12 @@ impl S3Route for AdminRoute {
                 )
             })?),
         };
+        if param("access").as_deref() == Some("read")
+            && req.method == Method::POST
+            && let Some(bucket) = bucket
+        {
+            return self.issue_reader(&req, &bucket, source).await;
+        }
         match (req.method.clone(), bucket) {
             (Method::GET, _) => {
                 let list = serde_json::to_value(self.keys.list())
@@ -160,6 +170,101 @@ impl S3Route for AdminRoute {
         }
     }
 }
+
+impl AdminRoute {
+    /// `POST …/keys?bucket=B&access=read&networks=…&expires_in_seconds=N`.
+    async fn issue_reader(
+        &self,
+        req: &S3Request<Body>,
+        bucket: &str,
+        source: Option<IpNet>,
+    ) -> S3Result<S3Response<Body>> {
+        if source.is_some() {
+            return Err(s3_error!(
+                InvalidArgument,
+                "reader keys take `networks`, not `source`"
+            ));
+        }
+        if !is_bucket_name(bucket) {
+            return Err(s3_error!(InvalidBucketName));
+        }
+        let query = req.uri.query().unwrap_or("");
+        let mut networks = Vec::new();
+        let mut expires = None;
+        for pair in query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "networks" => {
+                    for n in v.split(',').filter(|n| !n.trim().is_empty()) {
+                        networks.push(parse_source(n).ok_or_else(|| {
+                            s3_error!(
+                                InvalidArgument,
+                                "networks: {n:?} is neither an IP address nor a network"
+                            )
+                        })?);
+                    }
+                }
+                "expires_in_seconds" => {
+                    expires = Some(
+                        v.parse::<u64>()
+                            .ok()
+                            .filter(|s| (1..=MAX_READER_SECONDS).contains(s))
+                            .ok_or_else(|| {
+                                s3_error!(
+                                    InvalidArgument,
+                                    "expires_in_seconds: a number of seconds from 1 to {MAX_READER_SECONDS}"
+                                )
+                            })?,
+                    )
+                }
+                _ => {}
+            }
+        }
+        let Some(expires) = expires else {
+            return Err(s3_error!(
+                InvalidArgument,
+                "reader keys need expires_in_seconds"
+            ));
+        };
+        if networks.is_empty() {
+            return Err(s3_error!(
+                InvalidArgument,
+                "reader keys need at least one network"
+            ));
+        }
+        let dir = self.data_dir.join(bucket);
+        if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+            return Err(s3_error!(NoSuchBucket, "create the bucket first"));
+        }
+        let pair = self
+            .keys
+            .issue_reader(bucket, networks.clone(), Duration::from_secs(expires))
+            .await
+            .map_err(|e| s3_error!(InternalError, "{e}"))?;
+        let shown: Vec<String> = networks.iter().map(ToString::to_string).collect();
+        tracing::info!(
+            bucket = %bucket,
+            access_key = %pair.access_key,
+            networks = %shown.join(","),
+            expires_in_seconds = expires,
+            "reader key issued"
+        );
+        Ok(json_response(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "access_key": pair.access_key,
+                "secret_key": pair.secret_key.expose(),
+                "bucket": bucket,
+                "networks": shown,
+                "expires_in_seconds": expires,
+            }),
+        ))
+    }
+}
+
+/// Longest life of a reader key: a day.
+const MAX_READER_SECONDS: u64 = 86_400;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 use s3s_fs::FileSystem;
 
-use super::access::{Caller, deny, is_uuid, peer_of};
+use super::access::{Caller, deny, is_uuid};
 use super::paths;
 
 /// Second line of defence behind [`super::access::Access`]: whatever the access rules
@@ -19,14 +19,10 @@ fn guard<T>(req: &S3Request<T>, op: &str, key: &str) -> S3Result<()> {
     if paths::inside_bucket(key) {
         return Ok(());
     }
-    let who = Caller {
-        access_key: req.credentials.as_ref().map(|c| c.access_key.as_str()),
-        peer: peer_of(&req.extensions),
-    };
     Err(deny(
         "path",
         op,
-        who,
+        Caller::of(req),
         "object keys must stay inside their bucket".into(),
     ))
 }
@@ -103,14 +99,10 @@ impl Backend {
         if started_by.as_deref() == caller {
             return Ok(());
         }
-        let who = Caller {
-            access_key: caller,
-            peer: peer_of(&req.extensions),
-        };
         Err(deny(
             "other_upload",
             "ListParts",
-            who,
+            Caller::of(req),
             "this upload was started with another key".into(),
         ))
     }

@@ -261,6 +261,9 @@ pub async fn gate(req: Request, next: Next) -> Response {
         Ok(()) => next.run(req).await,
         Err(refusal) => {
             let peer = peer_of(req.extensions());
+            if let Some(l) = req.extensions().get::<super::RefusalLogged>() {
+                l.set();
+            }
             metrics::counter!("dutgate_s3_denied_total", "reason" => refusal.reason).increment(1);
             tracing::warn!(
                 reason = refusal.reason,

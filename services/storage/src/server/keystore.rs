@@ -2,6 +2,11 @@
 //! each bound to one bucket. Job keys live in `<state_dir>/s3/job-keys.json` (mode 0600),
 //! rewritten atomically on every change, so a restarted `dutgate s3` keeps honouring the
 //! keys of running jobs.
+//!
+//! A job key is of one of two kinds ([`KeyKind`]): a DUT's (read and write, from the DUT
+//! networks) or a reader's (read only, from the networks it was issued for, until it
+//! expires): what a job's submitter gets to download the job's files (ci-tron's
+//! `job_bucket`). An expired key is unknown, as if revoked.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -27,6 +32,28 @@ pub enum Identity {
         bucket: String,
         source: Option<IpNet>,
     },
+    /// A job's submitter: read-only operations on this bucket, from `networks` only.
+    Reader {
+        bucket: String,
+        networks: Vec<IpNet>,
+    },
+}
+
+/// What a job key may do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyKind {
+    /// A DUT's: read and write its bucket, from the DUT networks.
+    #[default]
+    Dut,
+    /// A submitter's: read its bucket, from the key's networks.
+    Reader,
+}
+
+impl KeyKind {
+    fn is_dut(&self) -> bool {
+        *self == KeyKind::Dut
+    }
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -38,6 +65,21 @@ struct JobKey {
     /// before this field existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<IpNet>,
+    /// Keys written before this field existed are DUT keys.
+    #[serde(default, skip_serializing_if = "KeyKind::is_dut")]
+    kind: KeyKind,
+    /// Reader keys: the networks the key is accepted from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    networks: Vec<IpNet>,
+    /// After this instant the key is unknown (and dropped at the next change of the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expires_unix_ms: Option<i64>,
+}
+
+impl JobKey {
+    fn expired(&self, now_ms: i64) -> bool {
+        self.expires_unix_ms.is_some_and(|t| t <= now_ms)
+    }
 }
 
 /// A key as listed by the admin route (no secret).
@@ -48,6 +90,11 @@ pub struct KeyListing {
     pub created_unix_ms: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<IpNet>,
+    pub kind: KeyKind,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<i64>,
 }
 
 #[derive(Clone)]
@@ -95,15 +142,18 @@ impl KeyStore {
             return Some((self.inner.admin.secret_key.clone(), Identity::Admin));
         }
         let jobs = self.inner.jobs.read().unwrap_or_else(|p| p.into_inner());
-        jobs.get(access_key).map(|k| {
-            (
-                Secret::new(k.secret_key.clone()),
-                Identity::Job {
-                    bucket: k.bucket.clone(),
-                    source: k.source,
-                },
-            )
-        })
+        let key = jobs.get(access_key).filter(|k| !k.expired(now_ms()))?;
+        let identity = match key.kind {
+            KeyKind::Dut => Identity::Job {
+                bucket: key.bucket.clone(),
+                source: key.source,
+            },
+            KeyKind::Reader => Identity::Reader {
+                bucket: key.bucket.clone(),
+                networks: key.networks.clone(),
+            },
+        };
+        Some((Secret::new(key.secret_key.clone()), identity))
     }
 
     pub fn identity(&self, access_key: &str) -> Option<Identity> {
@@ -128,12 +178,47 @@ impl KeyStore {
             bucket: bucket.to_string(),
             created_unix_ms: now_ms(),
             source,
+            kind: KeyKind::Dut,
+            networks: Vec::new(),
+            expires_unix_ms: None,
         };
         self.update(|jobs| {
             jobs.insert(pair.access_key.clone(), key);
         })
         .await?;
         metrics::counter!("dutgate_s3_job_keys_issued_total").increment(1);
+        Ok(pair)
+    }
+
+    /// A new read-only key pair for `bucket`, accepted from `networks` only and unknown after
+    /// `valid_for`. Without networks nothing would accept it: that is refused here.
+    pub async fn issue_reader(
+        &self,
+        bucket: &str,
+        networks: Vec<IpNet>,
+        valid_for: std::time::Duration,
+    ) -> Result<KeyPair, StorageError> {
+        if networks.is_empty() {
+            return Err(StorageError::Config(
+                "a reader key needs at least one network to be accepted from".into(),
+            ));
+        }
+        let pair = keys::generate("DGRD");
+        let now = now_ms();
+        let key = JobKey {
+            secret_key: pair.secret_key.expose().to_string(),
+            bucket: bucket.to_string(),
+            created_unix_ms: now,
+            source: None,
+            kind: KeyKind::Reader,
+            networks,
+            expires_unix_ms: Some(now.saturating_add(valid_for.as_millis() as i64)),
+        };
+        self.update(|jobs| {
+            jobs.insert(pair.access_key.clone(), key);
+        })
+        .await?;
+        metrics::counter!("dutgate_s3_reader_keys_issued_total").increment(1);
         Ok(pair)
     }
 
@@ -152,13 +237,18 @@ impl KeyStore {
 
     pub fn list(&self) -> Vec<KeyListing> {
         let jobs = self.inner.jobs.read().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
         let mut out: Vec<KeyListing> = jobs
             .iter()
+            .filter(|(_, k)| !k.expired(now))
             .map(|(ak, k)| KeyListing {
                 access_key: ak.clone(),
                 bucket: k.bucket.clone(),
                 created_unix_ms: k.created_unix_ms,
                 source: k.source,
+                kind: k.kind,
+                networks: k.networks.clone(),
+                expires_unix_ms: k.expires_unix_ms,
             })
             .collect();
         out.sort_by(|a, b| {
@@ -180,6 +270,9 @@ impl KeyStore {
             let mut jobs = self.inner.jobs.write().unwrap_or_else(|p| p.into_inner());
             let before = jobs.clone();
             change(&mut jobs);
+            // Expired keys already answer as unknown; each change also drops them from the file.
+            let now = now_ms();
+            jobs.retain(|_, k| !k.expired(now));
             (before, jobs.clone())
         };
         let path = self.inner.path.clone();
@@ -256,5 +349,44 @@ mod tests {
         assert!(reopened.lookup(&a.access_key).is_none());
         assert!(reopened.lookup(&b.access_key).is_some());
         assert_eq!(KeyStore::open(dir.path(), admin).unwrap().list().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn reader_keys_survive_a_reopen_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let admin = keys::generate("DGADMIN");
+        let store = KeyStore::open(dir.path(), admin.clone()).unwrap();
+        let nets: Vec<IpNet> = vec!["10.9.0.0/16".parse().unwrap()];
+        assert!(
+            store
+                .issue_reader("job-r", Vec::new(), std::time::Duration::from_secs(60))
+                .await
+                .is_err()
+        );
+        let r = store
+            .issue_reader("job-r", nets.clone(), std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let short = store
+            .issue_reader("job-r", nets.clone(), std::time::Duration::from_millis(1))
+            .await
+            .unwrap();
+        let reopened = KeyStore::open(dir.path(), admin.clone()).unwrap();
+        assert_eq!(
+            reopened.identity(&r.access_key),
+            Some(Identity::Reader {
+                bucket: "job-r".into(),
+                networks: nets,
+            })
+        );
+        // Expired: unknown at once, and gone from the file at the next change.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert!(reopened.lookup(&short.access_key).is_none());
+        assert_eq!(reopened.list().len(), 1);
+        reopened.issue("job-other").await.unwrap();
+        let file = std::fs::read_to_string(dir.path().join(JOB_KEYS_FILE)).unwrap();
+        assert!(!file.contains(&short.access_key), "{file}");
+        assert_eq!(reopened.revoke_bucket("job-r").await.unwrap(), 1);
+        assert!(reopened.lookup(&r.access_key).is_none());
     }
 }

@@ -10,8 +10,11 @@ pub mod backend;
 pub mod gate;
 pub mod keystore;
 pub mod paths;
+pub mod reader;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -120,10 +123,41 @@ fn with_shared_routes(s3: Router, health: Option<dutgate_core::http::HealthCheck
         .layer(middleware::from_fn(record_request))
 }
 
-async fn record_request(req: Request, next: Next) -> Response {
+/// A request's mark, set by the refusals that log themselves with their reason (the gate,
+/// [`access::deny`]); [`record_request`] logs the other error answers.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct RefusalLogged(Arc<AtomicBool>);
+
+impl RefusalLogged {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+async fn record_request(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().to_string();
+    let peer = access::peer_of(req.extensions());
+    let logged = RefusalLogged::default();
+    req.extensions_mut().insert(logged.clone());
     let response = next.run(req).await;
+    let status = response.status();
+    // s3s' own refusals (an unknown access key, a signature that does not match, a
+    // malformed body) name neither the source nor the reason: every refusal is logged
+    // with its source (docs/security.md, rule 8). A missing object is an answer, not a
+    // refusal.
+    if status.is_client_error() && !logged.is_set() {
+        let peer = peer.map_or_else(|| "-".to_string(), |p| p.to_string());
+        if status == StatusCode::NOT_FOUND {
+            tracing::info!(%peer, %method, status = status.as_u16(), "S3 request answered not found");
+        } else {
+            tracing::warn!(%peer, %method, status = status.as_u16(), "S3 request refused by the S3 layer (signature, key or request body)");
+        }
+    }
     let labels = [
         ("method", method),
         ("status", response.status().as_u16().to_string()),
