@@ -42,7 +42,7 @@ pub async fn run(gw: &Gateway, format: Format) -> anyhow::Result<bool> {
     }
     let all = out.iter().all(|s| s.healthy);
     if format == Format::Text && gw.token().is_none() {
-        eprintln!("dutctl: no token found (--token, DUTGATE_TOKEN or DUTGATE_STATE_DIR)");
+        eprintln!("dutctl: {}", gw.token_source());
     }
     print(format, &out, |rows| {
         rows.iter()

@@ -3,6 +3,7 @@
 //! Errors are one line on stderr and a non-zero exit code; `dutctl run` exits with the job's
 //! pinned status code (design.md §8).
 
+mod cmd_audit;
 mod cmd_gitlab;
 mod cmd_job;
 mod cmd_jobs;
@@ -10,16 +11,24 @@ mod cmd_machines;
 mod cmd_pdus;
 mod cmd_run;
 mod cmd_status;
+mod cmd_tokens;
 mod gateway;
+mod identity;
 mod interactive;
+mod mcli;
 mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use dutgate_core::Secret;
+use dutgate_core::client::ClientError;
+use reqwest::StatusCode;
 
-use gateway::Gateway;
+use gateway::{Gateway, Wanted};
+use identity::SourcedToken;
 use output::Format;
 
 #[derive(Parser)]
@@ -30,13 +39,18 @@ use output::Format;
 )]
 struct Cli {
     /// The gateway's executor URL, e.g. http://gateway:8000 (other services: same host, their
-    /// default ports, unless DUTGATE_<SERVICE>_URL or the state dir says otherwise).
+    /// default ports, unless DUTGATE_<SERVICE>_URL says otherwise). Wins over --gateway.
     #[arg(long, env = "DUTGATE_URL", global = true)]
     url: Option<String>,
-    /// API token (admin or user).
+    /// API token. Else: the gateway's token in the config file, or the state dir's.
     #[arg(long, env = "DUTGATE_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
-    /// A local gateway's state dir: its endpoints and tokens are read from there.
+    /// A gateway of the config file ($XDG_CONFIG_HOME/dutgate/config.yml, else
+    /// ~/.config/dutgate/config.yml); unset: its `default`.
+    #[arg(long, env = "DUTGATE_GATEWAY", global = true)]
+    gateway: Option<String>,
+    /// A local gateway's state dir: its endpoints and tokens are read from there. Given, it
+    /// comes before the config file's default gateway.
     #[arg(long, env = "DUTGATE_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
     /// Output format.
@@ -67,62 +81,131 @@ enum Command {
     /// GitLab Runner custom executor driver and runner configuration.
     #[command(subcommand)]
     Gitlab(cmd_gitlab::GitlabCommand),
+    /// Named tokens (admins): create, list, revoke.
+    #[command(subcommand)]
+    Tokens(cmd_tokens::TokensCommand),
+    /// Every service's audit log (admins), merged by time.
+    Audit(cmd_audit::AuditArgs),
 }
 
 /// Exit code for usage errors and failed commands (job statuses use 0–6, see `run`).
 const EXIT_ERROR: u8 = 10;
 
+/// What the command line and the environment say about the gateway: `matches` tells a
+/// `--token` from a `DUTGATE_TOKEN` (for messages) and a given state dir from a found one.
+fn wanted(cli: &Cli, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>) -> Wanted {
+    let from_env = |id: &str| matches.value_source(id) == Some(ValueSource::EnvVariable);
+    let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+    let token = given(&cli.token).map(|t| SourcedToken {
+        token: Secret::new(t.trim()),
+        source: if from_env("token") {
+            "DUTGATE_TOKEN".to_string()
+        } else {
+            "--token".to_string()
+        },
+    });
+    Wanted {
+        url: given(&cli.url),
+        token,
+        gateway: given(&cli.gateway),
+        state_dir: cli
+            .state_dir
+            .clone()
+            .or_else(|| gateway::default_state_dir(env)),
+        state_dir_given: cli.state_dir.is_some(),
+        config_path: identity::config_path(env),
+        home: env("HOME").map(PathBuf::from),
+    }
+}
+
+/// The error's one line; a refused token (401) is named by where it came from.
+fn error_line(e: &anyhow::Error, gw: Option<&Gateway>) -> String {
+    let unauthorized = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<ClientError>())
+        .any(|c| c.status() == Some(StatusCode::UNAUTHORIZED));
+    match gw {
+        Some(gw) if unauthorized => format!("{e:#} ({})", gw.token_source()),
+        _ => format!("{e:#}"),
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let env = |k: &str| std::env::var(k).ok();
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .or_else(|| gateway::default_state_dir(&env));
-    let gw = Gateway::resolve(
-        cli.url.as_deref(),
-        cli.token.as_deref(),
-        state_dir.as_deref(),
-        &env,
-    );
+    if let Some(code) = mcli::run_if_invoked() {
+        return code;
+    }
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let wanted = wanted(&cli, &matches, &env);
+    let output = cli.output;
+    let command = match cli.command {
+        // Offline: no gateway, so no config file to get wrong.
+        Command::Job(cmd) => return finish(cmd_job::run(cmd, output), None),
+        other => other,
+    };
+    let gw = match Gateway::resolve(wanted, &env) {
+        Ok(gw) => gw,
+        Err(e) => return finish(Err(e), None),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("dutctl: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_ERROR);
+            return finish(
+                Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+                None,
+            );
         }
     };
+    let gw = &gw;
     let result: anyhow::Result<ExitCode> = runtime.block_on(async {
-        match cli.command {
-            Command::Status => Ok(if cmd_status::run(&gw, cli.output).await? {
+        match command {
+            Command::Status => Ok(if cmd_status::run(gw, output).await? {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
             }),
-            Command::Job(cmd) => cmd_job::run(cmd, cli.output),
+            Command::Job(cmd) => cmd_job::run(cmd, output),
             Command::Machines(cmd) => {
-                cmd_machines::run(cmd, &gw, cli.output).await?;
+                cmd_machines::run(cmd, gw, output).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Pdus(cmd) => {
-                cmd_pdus::run(cmd, &gw, cli.output).await?;
+                cmd_pdus::run(cmd, gw, output).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run(args) => cmd_run::run(args, &gw).await,
+            Command::Run(args) => cmd_run::run(args, gw).await,
             Command::Jobs(cmd) => {
-                cmd_jobs::run(cmd, &gw, cli.output).await?;
+                cmd_jobs::run(cmd, gw, output).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Gitlab(cmd) => cmd_gitlab::run(cmd, &gw).await,
+            Command::Gitlab(cmd) => cmd_gitlab::run(cmd, gw).await,
+            Command::Tokens(cmd) => {
+                cmd_tokens::run(cmd, gw, output).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Audit(args) => Ok(if cmd_audit::run(args, gw, output).await? {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }),
         }
     });
+    finish(result, Some(gw))
+}
+
+/// The exit code; an error is one line on stderr.
+fn finish(result: anyhow::Result<ExitCode>, gw: Option<&Gateway>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dutctl: {e:#}");
+            eprintln!("dutctl: {}", error_line(&e, gw));
             ExitCode::from(EXIT_ERROR)
         }
     }
