@@ -1,6 +1,7 @@
 //! `cargo xtask …`: developer tasks, so that no shell scripts are scattered around.
 
 mod bench;
+mod deb;
 mod demo;
 mod dut_image;
 mod fuzz;
@@ -40,6 +41,8 @@ enum Command {
     InstallDeps,
     /// Start a virtual farm (one QEMU DUT), run examples/hello.yml on it, stop it.
     Demo(demo::DemoArgs),
+    /// Build the Debian package of the gateway (docs/install.md); prints its path.
+    Deb(deb::DebArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::DutImage(args) => dut_image::run(&args),
         Command::InstallDeps => packages::install(&workspace_root()),
         Command::Demo(args) => demo::run(&args),
+        Command::Deb(args) => deb::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
