@@ -1,5 +1,5 @@
 //! Isolation between jobs, played against a real gateway whose DUTs have addresses of their
-//! own (docs/security.md).
+//! own (docs/security.md, "Attacks refused, and the tests that play them").
 //!
 //! With QEMU user networking every DUT reaches the gateway from 127.0.0.1, so no address rule
 //! can be tried there. This test builds what a real farm has, inside a network namespace it
@@ -8,220 +8,110 @@
 //!   addresses and, to iPXE, the boot service's URL (as `ipxe/dnsmasq.conf.example`);
 //! - `dutgate up --virtual-duts 2 --dut-bridge dutbr0` with a config file whose
 //!   `gateway.auth.dut_networks` is only that bridge's network: loopback is *not* a DUT
-//!   network here, so the test's own requests from the namespace's 127.0.0.1 are an outsider's;
+//!   network here, so the test's own requests to 127.0.0.1 are an outsider's, and its
+//!   requests to 10.77.0.1 come from the DUT network;
 //! - two QEMU DUTs whose NICs are tap devices on the bridge and whose serial consoles are ptys
-//!   salad opens as serial adapters.
+//!   salad opens as serial adapters;
+//! - the test's fixture server on 10.77.0.1 (DUTs fetch their scripts from it and post what
+//!   they got back); `gateway.outbound.allow` lets the artifact cache reach it, as an admin
+//!   would allow a lab mirror.
 //!
-//! The scenario: both machines are discovered, register with their own DHCP addresses, train
-//! and become IDLE; an outsider is refused the DUT-facing endpoints; then a victim job runs on
-//! one DUT while an attacker job on the other tries to read the victim's boot script (which
-//! carries the victim's bucket keys), rewrite the victim's machine record, and take over the
-//! victim's console by printing its id. The victim job PASSes with its file and a console
-//! that holds none of the attacker's lines; the victim's machine record is unchanged. Last, a
-//! job whose kernel URL is an internal service of the gateway ends SETUP_FAIL naming the
-//! outbound rule, and nothing is fetched.
+//! The scenario, on one gateway start:
+//! 1. Both machines are discovered, register with their own DHCP addresses, train and become
+//!    IDLE.
+//! 2. A victim job puts a text file and a file of every byte value in its bucket, then waits.
+//!    An attacker job on the other DUT learns its own bucket keys (and, as if they had
+//!    leaked, the victim's) and sends the gateway requests the test forges byte for byte:
+//!    the victim's boot script and console log, its lease-bound console routes, its machine
+//!    record, its power, and its bucket through `..` paths (plain, percent-encoded, double
+//!    encoded), `DeleteObjects` keys, copy sources, another bucket's name, the leaked keys,
+//!    SigV2, a stale signature, no signature, malformed XML. It types into every console
+//!    port and prints the victim's `SALAD.machine_id` and end lines. Meanwhile the test
+//!    plays every DUT- and user-facing route unauthenticated, from loopback and with bad
+//!    input, and sets boot configs whose kernels are internal addresses.
+//! 3. Every request gets its refusal (status and reason); the victim job PASSes with a
+//!    console free of the attacker's lines and its keys masked; its bucket, checked by the
+//!    victim itself after the attack and by the test after the job, holds its two files
+//!    byte for byte and nothing else; its machine record is unchanged.
+//! 4. Two jobs whose kernel URLs reach an internal service of the gateway (the PDU service
+//!    on loopback: directly, and through a redirect from an allowed server) end SETUP_FAIL
+//!    naming the outbound rule.
+//! 5. The gateway's log has a line naming the source address for every refusal.
 //!
 //! Peers: iproute2 (`ip`), dnsmasq (Debian `dnsmasq-base`), qemu-system-x86 + ipxe-qemu,
-//! linux-image-amd64 + busybox-static (the DUT image), curl. Needs root (network namespaces).
+//! linux-image-amd64 + busybox-static (the DUT image). Needs root (network namespaces).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+// The scenario's parts, in `isolation/` (the test keeps the name docs/security.md cites).
+#[path = "isolation/attacks.rs"]
+mod attacks;
+#[path = "isolation/cases.rs"]
+mod cases;
+#[path = "isolation/routes.rs"]
+mod routes;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dutgate_core::testing::require_program;
+use dutgate_e2e::farm::{self, Daemon, Farm, hello_variant, job_running};
+use dutgate_e2e::fixture::{Fixture, Reply, Request};
+use dutgate_e2e::netns::Netns;
+use dutgate_e2e::raw_http::{RawResponse, exchange};
 use serde_json::Value;
+
+use attacks::{BucketSpec, VICTIM_BINARY, VICTIM_TEXT};
+use cases::{Case, names_address};
 
 const BRIDGE: &str = "dutbr0";
 const GATEWAY_IP: &str = "10.77.0.1";
 const DUT_NETWORK: &str = "10.77.0.0/24";
+// A fresh namespace has no listener at all: the services take their default ports.
+const MARS: u16 = 8001;
+const BOOT: u16 = 8003;
+const PDU: u16 = 8004;
+const SALAD: u16 = 8005;
+const S3: u16 = 9000;
+/// The virtual PDU's MACs are 52:54:00:00:<pdu>:<port>.
+const ATTACKER_MAC: &str = "52:54:00:00:01:01";
+const VICTIM_MAC: &str = "52:54:00:00:01:02";
 
-fn root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-}
-
-fn run_ok(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace of this test, with the DUT bridge in it; deleted (with every process
-/// still in it) when dropped.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create() -> Self {
-        let name = format!("dgiso{}", std::process::id());
-        // One left by a killed run of the same pid would make `add` fail.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run_ok(
-            Command::new("ip").args(["netns", "add", &name]),
-            "ip netns add (this test needs root)",
-        );
-        let ns = Netns { name };
-        for args in [
-            vec!["link", "set", "lo", "up"],
-            vec!["link", "add", BRIDGE, "type", "bridge"],
-            vec!["addr", "add", "10.77.0.1/24", "dev", BRIDGE],
-            vec!["link", "set", BRIDGE, "up"],
-        ] {
-            run_ok(ns.cmd("ip").args(&args), &format!("ip {}", args.join(" ")));
-        }
-        ns
-    }
-
-    /// `program` run inside the namespace.
-    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-
-    fn pids(&self) -> Vec<String> {
-        Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .split_whitespace()
-                    .map(String::from)
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let pids = self.pids();
-            if pids.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            let _ = Command::new("kill").arg("-KILL").args(&pids).status();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// A process of the test (dnsmasq, `dutgate up`): SIGTERM, then SIGKILL, when dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(mut cmd: Command, log: PathBuf) -> Self {
-        let out = std::fs::File::create(&log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Daemon { child, log }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(60)..].join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Farm {
-    // Dropped first: the gateway stops its VMs before the namespace goes.
-    gateway: Daemon,
+/// The bridged farm; dropped in field order, so the gateway stops its VMs before the
+/// namespace goes.
+struct BridgedFarm {
+    farm: Farm,
     _dnsmasq: Daemon,
+    fixture: Fixture,
     ns: Netns,
-    tmp: PathBuf,
-    state: PathBuf,
-    bin: PathBuf,
 }
 
-impl Farm {
-    fn start(tmp: &Path) -> Farm {
+impl BridgedFarm {
+    fn start(tmp: &Path, plot: Arc<Plot>) -> Self {
         for (program, package) in [
             ("ip", "iproute2"),
             ("dnsmasq", "dnsmasq-base"),
             ("qemu-system-x86_64", "qemu-system-x86"),
-            ("curl", "curl"),
         ] {
             require_program(program, package);
         }
-        let cargo = || {
-            let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-            c.current_dir(root());
-            c
-        };
-        run_ok(
-            cargo().args(["build", "-p", "dutgate", "-p", "dutctl"]),
-            "building dutgate and dutctl",
-        );
-        let state = tmp.join("state");
-        run_ok(
-            cargo()
-                .args([
-                    "run",
-                    "--quiet",
-                    "-p",
-                    "xtask",
-                    "--",
-                    "dut-image",
-                    "--state-dir",
-                ])
-                .arg(&state),
-            "cargo xtask dut-image",
-        );
-        // Run copies: job processes start from the executor's own executable.
-        let bin = tmp.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for name in ["dutgate", "dutctl"] {
-            std::fs::copy(target_dir().join("debug").join(name), bin.join(name)).unwrap();
+        let built = farm::build(tmp);
+        let ns = Netns::create("dgiso");
+        for args in [
+            vec!["link", "add", BRIDGE, "type", "bridge"],
+            vec!["addr", "add", "10.77.0.1/24", "dev", BRIDGE],
+            vec!["link", "set", BRIDGE, "up"],
+        ] {
+            ns.ip(&args);
         }
+        let listener = ns
+            .bind(SocketAddr::new(routes::dut_network(), 0))
+            .expect("the fixture server cannot listen on the bridge");
+        let fixture = Fixture::serve(listener, Arc::new(move |req: &Request| plot.answer(req)))
+            .expect("the fixture server does not start");
 
-        let ns = Netns::create();
         // The DUT network's DHCP server, as on a real farm: iPXE (user class "iPXE") gets
         // the boot service's per-MAC script.
         let mut dnsmasq = ns.cmd("dnsmasq");
@@ -234,7 +124,7 @@ impl Farm {
             "--dhcp-range=10.77.0.100,10.77.0.150,255.255.255.0,1h",
             "--dhcp-userclass=set:ipxe,iPXE",
             &format!(
-                "--dhcp-boot=tag:ipxe,http://{GATEWAY_IP}:8003/boot/${{mac}}/boot.ipxe?platform=${{platform}}&buildarch=${{buildarch}}"
+                "--dhcp-boot=tag:ipxe,http://{GATEWAY_IP}:{BOOT}/boot/${{mac}}/boot.ipxe?platform=${{platform}}&buildarch=${{buildarch}}"
             ),
             "--log-dhcp",
         ]);
@@ -246,335 +136,476 @@ impl Farm {
             .arg(format!("--pid-file={}", tmp.join("dnsmasq.pid").display()));
         let dnsmasq = Daemon::spawn(dnsmasq, tmp.join("dnsmasq.log"));
 
-        // A fresh namespace has no listener at all: the services take their default ports.
         let config = tmp.join("gateway.yml");
         std::fs::write(
             &config,
             format!(
-                "gateway:\n  public_host: {GATEWAY_IP}\n  auth:\n    dut_networks: [\"{DUT_NETWORK}\"]\n"
+                "gateway:\n  public_host: {GATEWAY_IP}\n  auth:\n    dut_networks: [\"{DUT_NETWORK}\"]\n  outbound:\n    allow: [\"{}\"]\n",
+                fixture.addr
             ),
         )
         .unwrap();
-        let mut up = ns.cmd(bin.join("dutgate"));
+        let mut up = ns.cmd(built.bin.join("dutgate"));
         up.arg("--config")
             .arg(&config)
             .arg("--state-dir")
-            .arg(&state)
-            .args(["up", "--virtual-duts", "2", "--dut-bridge", BRIDGE]);
+            .arg(&built.state)
+            .args(["up", "--virtual-duts", "2", "--dut-bridge", BRIDGE])
+            // One check boot per machine: training is the virtual farm test's subject, and
+            // each boot costs time this test spends on attacks.
+            .args(["--training-loops", "1", "--training-qualifying", "1"]);
         let gateway = Daemon::spawn(up, tmp.join("gateway.log"));
-        Farm {
-            gateway,
+        BridgedFarm {
+            farm: Farm {
+                gateway,
+                tmp: tmp.to_path_buf(),
+                state: built.state,
+                bin: built.bin,
+                netns: Some(ns.name.clone()),
+            },
             _dnsmasq: dnsmasq,
+            fixture,
             ns,
-            tmp: tmp.to_path_buf(),
-            state,
-            bin,
         }
     }
 
-    fn dutctl(&self, args: &[&str]) -> Command {
-        let mut c = self.ns.cmd(self.bin.join("dutctl"));
-        c.arg("--state-dir").arg(&self.state).args(args);
-        c
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        let out = self.dutctl(&all).stderr(Stdio::null()).output().ok()?;
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    fn machines(&self) -> Vec<Value> {
-        match self.json(&["machines", "list"]) {
-            Some(Value::Array(v)) => v,
-            _ => Vec::new(),
-        }
-    }
-
-    fn machine(&self, id: &str) -> Value {
-        self.machines()
-            .into_iter()
-            .find(|m| m["id"] == id)
-            .unwrap_or(Value::Null)
-    }
-
-    /// `curl` from inside the namespace: (HTTP status, body).
-    fn curl(&self, args: &[&str]) -> (u16, String) {
-        let out = self
-            .ns
-            .cmd("curl")
-            .args(["-s", "-m", "20", "-w", "\n%{http_code}"])
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-        (code.trim().parse().unwrap_or(0), body.to_string())
-    }
-
-    /// Polls `f` every second until it gives a value; panics after `timeout` or when `dutgate
-    /// up` exits.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut(&Farm) -> Option<T>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.gateway.child.try_wait() {
-                panic!(
-                    "dutgate up exited ({status}) while waiting for {what}:\n{}",
-                    self.gateway.log_tail()
-                );
-            }
-            if let Some(v) = f(&*self) {
-                return v;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no {what} after {timeout:?}; machines: {:#?}\n{}\n(files kept in {})",
-                self.machines(),
-                self.gateway.log_tail(),
-                self.tmp.display()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-
-    /// Starts `dutctl run JOB -i MACHINE --share-dir <tmp>/<name>` in the background.
-    fn spawn_run(&self, name: &str, job: &Path, machine: &str) -> Run {
-        let share = self.tmp.join(name);
-        let out = self.tmp.join(format!("{name}.stdout"));
-        let err = self.tmp.join(format!("{name}.stderr"));
-        let mut cmd = self.dutctl(&["run"]);
-        cmd.arg(job)
-            .arg("-i")
-            .arg(machine)
-            .arg("--share-dir")
-            .arg(&share);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Run {
-            name: name.to_string(),
-            child,
-            share,
-            out,
-            err,
-        }
+    /// Plays `case` from the test: connects from the case's source address.
+    fn ask(&self, case: &Case) -> Option<RawResponse> {
+        let addr = SocketAddr::new(case.from, case.port);
+        let stream = self.ns.connect(addr, Duration::from_secs(5)).ok()?;
+        let host = format!("{GATEWAY_IP}:{}", case.port);
+        exchange(
+            stream,
+            &case.request.to_bytes(&host),
+            Duration::from_secs(20),
+        )
+        .ok()
     }
 }
 
-struct Run {
-    name: String,
-    child: Child,
-    share: PathBuf,
-    out: PathBuf,
-    err: PathBuf,
+/// What the fixture server knows of the scenario, filled in as it unfolds.
+#[derive(Default)]
+struct Plot {
+    fixture: OnceLock<String>,
+    attacker_ip: OnceLock<IpAddr>,
+    /// Posted by the victim's DUT once its files are in its bucket.
+    victim: OnceLock<BucketSpec>,
+    /// Posted by the attacker's DUT when it asks for its script.
+    attacker: OnceLock<BucketSpec>,
+    /// The attacker's requests, forged once both key pairs are known.
+    attacks: Mutex<Vec<(String, Case)>>,
+    /// What the attacker's DUT got back, by attack.
+    answers: Mutex<BTreeMap<String, Vec<u8>>>,
+    attacker_done: AtomicBool,
+    /// The test's own requests are done (the victim's bucket must still be there for them).
+    test_done: AtomicBool,
 }
 
-impl Run {
-    /// Waits for `dutctl run` to end; (exit code, stdout = the console, stderr).
-    fn wait(mut self, timeout: Duration) -> (i32, String, String, PathBuf) {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
+impl Plot {
+    fn answer(&self, req: &Request) -> Reply {
+        let fixture = self.fixture.get().cloned().unwrap_or_default();
+        let path = req.path();
+        match req.method.as_str() {
+            "GET" if path == "/victim.sh" => Reply::ok(attacks::victim_script(&fixture)),
+            "POST" if path == "/victim-ready" => {
+                if let Some(spec) = BucketSpec::from_cmdline(&String::from_utf8_lossy(&req.body)) {
+                    let _ = self.victim.set(spec);
+                }
+                Reply::ok("")
             }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!(
-                    "dutctl run ({}) still running after {timeout:?}:\n{}",
-                    self.name,
-                    std::fs::read_to_string(&self.err).unwrap_or_default()
-                );
+            "POST" if path == "/attack" => self.forge(&fixture, &req.body),
+            "GET" if path.starts_with("/q/") => {
+                let name = &path[3..];
+                let attacks = self.attacks.lock().unwrap_or_else(|p| p.into_inner());
+                match attacks.iter().find(|(n, _)| n == name) {
+                    Some((_, case)) => Reply::ok(
+                        case.request
+                            .to_bytes(&format!("{GATEWAY_IP}:{}", case.port)),
+                    ),
+                    None => Reply::status(404, "no such attack"),
+                }
+            }
+            "POST" if path.starts_with("/r/") => {
+                self.answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(path[3..].to_string(), req.body.clone());
+                Reply::ok("")
+            }
+            "POST" if path == "/attack-over" => {
+                self.attacker_done.store(true, Ordering::SeqCst);
+                Reply::ok("")
+            }
+            "GET" if path == "/test-done" => {
+                if self.test_done.load(Ordering::SeqCst) {
+                    Reply::ok("done")
+                } else {
+                    Reply::status(404, "not yet")
+                }
+            }
+            "GET" if path == "/attack-over" => {
+                if self.attacker_done.load(Ordering::SeqCst)
+                    && self.test_done.load(Ordering::SeqCst)
+                {
+                    Reply::ok("over")
+                } else {
+                    Reply::status(404, "not yet")
+                }
+            }
+            // An upstream that looks allowed and sends the cache to the PDU service.
+            "GET" if path.starts_with("/redirect/") => {
+                Reply::redirect(&format!("http://127.0.0.1:{PDU}/api/v1/pdus"))
+            }
+            _ => Reply::status(404, "not here"),
+        }
+    }
+
+    /// The attacker's script, once the victim's keys are known (the victim posts them when
+    /// its files are in its bucket).
+    fn forge(&self, fixture: &str, cmdline: &[u8]) -> Reply {
+        let Some(own) = BucketSpec::from_cmdline(&String::from_utf8_lossy(cmdline)) else {
+            return Reply::status(400, "no dutgate.s3 on this cmdline");
+        };
+        let Some(attacker_ip) = self.attacker_ip.get().copied() else {
+            return Reply::status(409, "the attacker's address is not known yet");
+        };
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let victim = loop {
+            if let Some(v) = self.victim.get() {
+                break v.clone();
+            }
+            if Instant::now() > deadline {
+                return Reply::status(504, "the victim never said its files are in its bucket");
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        (
-            status.code().unwrap_or(-1),
-            std::fs::read_to_string(&self.out).unwrap_or_default(),
-            std::fs::read_to_string(&self.err).unwrap_or_default(),
-            self.share,
-        )
+        let cases = attacks::attacker_cases(attacker_ip, VICTIM_MAC, &own, &victim);
+        let script = attacks::attacker_script(fixture, &cases, VICTIM_MAC);
+        *self.attacks.lock().unwrap_or_else(|p| p.into_inner()) = cases;
+        let _ = self.attacker.set(own);
+        Reply::ok(script)
     }
 }
 
-/// `examples/hello.yml` with its command replaced by `command` (a shell line run on the DUT
-/// in /results; double quotes must be escaped for the YAML string and the cmdline).
-fn job_running(tmp: &Path, name: &str, command: &str) -> PathBuf {
-    const HELLO_RUN: &str =
-        "dutgate.run=\\\"echo Hello from $(uname -n) running $(uname -r) | tee hello.txt\\\"";
-    let text = std::fs::read_to_string(root().join("examples/hello.yml")).unwrap();
-    assert!(
-        text.contains(HELLO_RUN),
-        "examples/hello.yml no longer contains {HELLO_RUN:?}; update this test"
-    );
-    let text = text.replace(HELLO_RUN, &format!("dutgate.run=\\\"{command}\\\""));
-    let path = tmp.join(format!("{name}.yml"));
-    std::fs::write(&path, text).unwrap();
-    path
+/// Whether `console` has `marker` on a line of its own (a marker inside an echoed command
+/// line does not count).
+fn has_line(console: &str, marker: &str) -> bool {
+    console.lines().any(|l| l.trim() == marker)
+}
+
+/// `(name, bytes)` of every file under `dir`.
+fn files_in(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        std::fs::read(e.path()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A log line the gateway must have written for a refusal that is not an HTTP answer.
+fn missing_line(
+    log: &str,
+    what: &str,
+    fragments: &[&str],
+    source: Option<IpAddr>,
+) -> Option<String> {
+    let found = log.lines().any(|l| {
+        source.is_none_or(|ip| names_address(l, ip)) && fragments.iter().all(|f| l.contains(f))
+    });
+    (!found).then(|| format!("{what}: no log line with {fragments:?} naming {source:?}"))
 }
 
 #[test]
 fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
+    let t0 = Instant::now();
+    let say = |what: &str| eprintln!("[{:>5.1}s] {what}", t0.elapsed().as_secs_f64());
+    // Kept when the test fails (state dir, service logs, dutctl outputs); removed at the end.
     let tmp = tempfile::Builder::new()
         .prefix("dutgate-isolation-")
         .tempdir()
-        .unwrap();
-    let mut farm = Farm::start(tmp.path());
+        .unwrap()
+        .keep();
+    let plot = Arc::new(Plot::default());
+    let mut bridged = BridgedFarm::start(&tmp, plot.clone());
+    let fixture_url = bridged.fixture.url();
+    let _ = plot.fixture.set(fixture_url.clone());
+    say("binaries and DUT image built, gateway started");
+    let farm = &mut bridged.farm;
 
     // 1. Both DUTs are discovered, register from their own DHCP addresses and train.
-    let macs = ["52:54:00:00:01:01", "52:54:00:00:01:02"];
     let machines = farm.wait_for("both machines IDLE", Duration::from_secs(600), |f| {
-        let ms: Vec<Value> = macs.iter().map(|m| f.machine(m)).collect();
+        let ms: Vec<Value> = [ATTACKER_MAC, VICTIM_MAC]
+            .iter()
+            .map(|m| f.machine(m))
+            .collect();
         ms.iter().all(|m| m["state"] == "IDLE").then_some(ms)
     });
-    let addresses: Vec<&str> = machines
+    let addresses: Vec<IpAddr> = machines
         .iter()
-        .map(|m| m["ip_address"].as_str().unwrap_or_default())
+        .map(|m| {
+            m["ip_address"]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("a machine without an address: {m:#}"))
+        })
         .collect();
     for ip in &addresses {
         assert!(
-            ip.starts_with("10.77.0."),
+            ip.to_string().starts_with("10.77.0."),
             "a bridged DUT registered from {ip}, not from the DUT network: {machines:#?}"
         );
     }
     assert_ne!(addresses[0], addresses[1], "two DUTs, one address");
-    let (victim, attacker) = (macs[1], macs[0]);
-    let victim_before = farm.machine(victim);
+    let attacker_ip = addresses[0];
+    let _ = plot.attacker_ip.set(attacker_ip);
+    let victim_before = farm.machine(VICTIM_MAC);
+    say("both machines IDLE");
 
-    // 2. Outsiders (the namespace's loopback is not a DUT network here) are refused the
-    //    DUT-facing endpoints without a token.
-    let (code, body) = farm.curl(&[&format!("http://127.0.0.1:8003/boot/{victim}/boot.ipxe")]);
-    assert_eq!(code, 403, "boot script to an outsider: {body}");
-    let spoof = format!(
-        r#"{{"base_name":"evil","tags":["evil:tag:1"],"mac_address":"{victim}","ip_address":"10.77.0.99","local_tty_device":"ttyS9"}}"#
-    );
-    let (code, body) = farm.curl(&[
-        "-X",
-        "POST",
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        &spoof,
-        "http://127.0.0.1:8001/api/v1/machine/",
-    ]);
-    assert_eq!(code, 403, "registration from an outsider: {body}");
-
-    // 3. A victim job and an attacker job at once, each pinned to its machine.
-    let victim_job = job_running(
-        tmp.path(),
-        "victim",
-        // Waits for a line typed on its console (none may come) while the attacker runs.
-        "echo victim-data-0123456789 > victim.txt; read -t 40 l < /dev/ttyS0; echo typed:$l; cat victim.txt",
-    );
-    let victim_run = farm.spawn_run("victim", &victim_job, victim);
+    // 2. The victim job, then the attacker job, each pinned to its machine.
+    let victim_job = job_running(&farm.tmp, "victim", &attacks::victim_command(&fixture_url));
+    let victim_run = farm.spawn_run("victim", &victim_job, &[], &["-i", VICTIM_MAC]);
     farm.wait_for("the victim job RUNNING", Duration::from_secs(120), |f| {
-        (f.machine(victim)["state"] == "RUNNING").then_some(())
+        (f.machine(VICTIM_MAC)["state"] == "RUNNING").then_some(())
     });
-    let attack = [
-        // The victim's job boot script carries its bucket keys on the kernel cmdline.
-        format!(
-            "wget -qO- http://{GATEWAY_IP}:8003/boot/{victim}/boot.ipxe > stolen-script.txt 2>&1"
-        ),
-        "if grep -q dutgate.s3 stolen-script.txt; then echo ATTACK-GOT-VICTIM-SCRIPT; fi".into(),
-        // The victim's console log holds its kernel cmdline, keys included.
-        format!(
-            "if wget -qO- http://{GATEWAY_IP}:8005/api/v1/machine/{victim}/log > log.txt 2>&1 && grep -q dutgate log.txt; then echo ATTACK-READ-VICTIM-LOG; fi"
-        ),
-        // Type into every console port salad may have given out.
-        format!(
-            "for p in 8200 8201 8202 8203; do echo ATTACK-TYPED | nc -w 2 {GATEWAY_IP} $p > nc-$p.txt 2>&1; done"
-        ),
-        // Rewrite the victim's record from the attacker's DUT. A kernel cmdline value cannot
-        // hold double quotes: printf makes them from octal escapes (the JSON has no spaces).
-        format!(
-            "wget -qO- --header 'Content-Type: application/json' --post-data $(printf '{}') http://{GATEWAY_IP}:8001/api/v1/machine/ > spoof.txt 2>&1",
-            spoof.replace('"', "\\\\042")
-        ),
-        // Take over the victim's console and end its job with a made-up verdict.
-        format!("echo SALAD.machine_id={victim}"),
-        "echo ATTACKER-LINE Execution is over, pipeline status: 1".into(),
-        "echo It\\\\'s now safe to turn off your computer".into(),
-    ]
-    .join("; ");
-    let attacker_job = job_running(tmp.path(), "attacker", &attack);
-    let attacker_run = farm.spawn_run("attacker", &attacker_job, attacker);
+    let attacker_job = job_running(
+        &farm.tmp,
+        "attacker",
+        &attacks::attacker_command(&fixture_url),
+    );
+    let attacker_run = farm.spawn_run("attacker", &attacker_job, &[], &["-i", ATTACKER_MAC]);
+    let own = farm.wait_for(
+        "the attacker's DUT asking for its attack",
+        Duration::from_secs(300),
+        |_| plot.attacker.get().cloned(),
+    );
+    let victim_bucket = plot
+        .victim
+        .get()
+        .map(|v| v.bucket.clone())
+        .expect("the attack was forged before the victim's bucket was known");
+    say("the attacker's DUT is attacking");
 
-    let (code, console, err, _) = attacker_run.wait(Duration::from_secs(300));
-    // The markers are in the echoed command line too: only a line of its own is a success.
-    for (marker, what) in [
-        ("ATTACK-GOT-VICTIM-SCRIPT", "read the victim's boot script"),
-        ("ATTACK-READ-VICTIM-LOG", "read the victim's console log"),
-    ] {
-        assert!(
-            !console.lines().any(|l| l.trim() == marker),
-            "the attacker {what}:\n{console}\n{err}"
-        );
+    // While it does, the test plays every route itself: unauthenticated, from loopback and
+    // with bad input; and boot configs whose kernels are internal.
+    let (user, admin) = (farm.user_token(), farm.admin_token());
+    let mut own_cases = routes::route_cases(VICTIM_MAC, &user, &admin, &own, &victim_bucket);
+    own_cases.extend(routes::outbound_cases(&admin));
+    let mut failures: Vec<String> = own_cases
+        .iter()
+        .filter_map(|c| c.check(bridged.ask(c).as_ref()).err())
+        .collect();
+    plot.test_done.store(true, Ordering::SeqCst);
+    say(&format!("{} requests of the test played", own_cases.len()));
+    let farm = &mut bridged.farm;
+
+    // 3. Every attack was refused; the victim is intact.
+    let attacker = attacker_run.wait(Duration::from_secs(300));
+    assert!(
+        attacker.code <= 3,
+        "attacker job: exit {}\n{}",
+        attacker.code,
+        attacker.stderr
+    );
+    let attacks = plot
+        .attacks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let answers = plot
+        .answers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    for (name, case) in &attacks {
+        let answer = answers.get(name).and_then(|b| RawResponse::parse(b));
+        if let Err(e) = case.check(answer.as_ref()) {
+            failures.push(e);
+        }
     }
-    assert!(code <= 3, "attacker job: exit {code}\n{err}");
+    assert!(
+        !attacks.is_empty() && answers.len() == attacks.len(),
+        "the attacker's DUT answered {} of {} attacks:\n{}",
+        answers.len(),
+        attacks.len(),
+        attacker.stdout
+    );
+    assert!(
+        !files_in(&attacker.share.join("bucket")).contains_key("stolen"),
+        "a copy from the victim's bucket reached the attacker's"
+    );
+    say("attacker job over");
 
-    let (code, console, err, share) = victim_run.wait(Duration::from_secs(300));
-    assert_eq!(code, 0, "the victim job did not PASS:\n{console}\n{err}");
+    let victim = victim_run.wait(Duration::from_secs(300));
+    assert_eq!(
+        victim.code, 0,
+        "the victim job did not PASS:\n{}\n{}",
+        victim.stdout, victim.stderr
+    );
     for marker in ["ATTACKER-LINE", "ATTACK-TYPED"] {
         assert!(
-            !console.contains(marker),
-            "{marker} reached the victim's console:\n{console}"
+            !victim.stdout.contains(marker),
+            "{marker} reached the victim's console:\n{}",
+            victim.stdout
         );
     }
+    assert!(
+        has_line(&victim.stdout, "typed:"),
+        "something was typed on the victim's console:\n{}",
+        victim.stdout
+    );
+    assert!(
+        has_line(&victim.stdout, "VICTIM-BUCKET-INTACT"),
+        "the victim found its bucket changed after the attack:\n{}",
+        victim.stdout
+    );
     // The bucket keys the kernel echoes with its cmdline are masked on the console.
     assert!(
-        console.contains(",[MASKED],[MASKED]\""),
-        "the victim's keys are not masked on its console:\n{console}"
+        victim.stdout.contains(",[MASKED],[MASKED]\""),
+        "the victim's keys are not masked on its console:\n{}",
+        victim.stdout
     );
-    let file = std::fs::read_to_string(share.join("bucket").join("victim.txt"))
-        .unwrap_or_else(|e| panic!("victim.txt not among the artifacts: {e}\n{err}"));
-    assert_eq!(file, "victim-data-0123456789\n");
-
-    let victim_after = farm.machine(victim);
+    let (text_name, text) = VICTIM_TEXT;
+    let expected: BTreeMap<String, Vec<u8>> = [
+        (text_name.to_string(), text.to_vec()),
+        (VICTIM_BINARY.to_string(), attacks::victim_binary()),
+    ]
+    .into();
+    assert_eq!(
+        files_in(&victim.share.join("bucket")),
+        expected,
+        "the victim's bucket is not byte for byte what it wrote"
+    );
+    let victim_after = farm.machine(VICTIM_MAC);
     for field in ["ip_address", "tags", "local_tty_device", "base_name"] {
         assert_eq!(
             victim_after[field], victim_before[field],
             "the attacker changed the victim's {field}"
         );
     }
-    farm.wait_for("the victim back to IDLE", Duration::from_secs(120), |f| {
-        (f.machine(victim)["state"] == "IDLE").then_some(())
-    });
+    say("victim job PASSed, its bucket and record intact");
 
-    // 4. A job whose kernel URL points at an internal service (the PDU service on the
-    //    gateway's loopback) makes the artifact cache fetch nothing: the job ends SETUP_FAIL
-    //    naming the rule, before any power-on.
-    let text = std::fs::read_to_string(root().join("examples/hello.yml")).unwrap();
-    let kernel = "url: \"{{ dut_kernel_url }}\"";
-    assert!(
-        text.contains(kernel),
-        "examples/hello.yml no longer contains {kernel:?}"
+    // 4. Jobs whose kernel is an internal service of the gateway end SETUP_FAIL before any
+    //    power-on, naming the rule: directly, and through a redirect from an allowed server.
+    farm.wait_for(
+        "both machines back to IDLE",
+        Duration::from_secs(120),
+        |f| {
+            [ATTACKER_MAC, VICTIM_MAC]
+                .iter()
+                .all(|m| f.machine(m)["state"] == "IDLE")
+                .then_some(())
+        },
     );
-    let ssrf = tmp.path().join("ssrf.yml");
-    std::fs::write(
-        &ssrf,
-        text.replace(kernel, "url: \"http://127.0.0.1:8004/api/v1/pdus\""),
+    let kernel = "url: \"{{ dut_kernel_url }}\"";
+    let direct = hello_variant(
+        &farm.tmp,
+        "ssrf-loopback",
+        &[(
+            kernel,
+            &format!("url: \"http://127.0.0.1:{PDU}/api/v1/pdus\""),
+        )],
+    );
+    let redirected = hello_variant(
+        &farm.tmp,
+        "ssrf-redirect",
+        &[(kernel, &format!("url: \"{fixture_url}/redirect/vmlinuz\""))],
+    );
+    let direct = farm.spawn_run("ssrf-loopback", &direct, &[], &["-i", ATTACKER_MAC]);
+    let redirected = farm.spawn_run("ssrf-redirect", &redirected, &[], &["-i", VICTIM_MAC]);
+    for (run, what) in [(direct, "directly"), (redirected, "through a redirect")] {
+        let done = run.wait(Duration::from_secs(120));
+        assert_eq!(
+            done.code, 6,
+            "a job fetching an internal URL {what} did not end SETUP_FAIL:\n{}\n{}",
+            done.stdout, done.stderr
+        );
+        assert!(
+            done.stderr.contains("loopback") && done.stderr.contains("gateway.outbound.allow"),
+            "the refusal ({what}) does not name the rule:\n{}",
+            done.stderr
+        );
+    }
+    assert!(
+        bridged
+            .fixture
+            .seen()
+            .iter()
+            .any(|(_, line)| line.starts_with("GET /redirect/")),
+        "the artifact cache never asked the allowed upstream: {:?}",
+        bridged.fixture.seen()
+    );
+    say("internal kernel URLs refused");
+
+    // 5. Every refusal is in the gateway's log with its source.
+    let log = bridged.farm.gateway.output();
+    let all: Vec<&Case> = own_cases
+        .iter()
+        .chain(attacks.iter().map(|(_, c)| c))
+        .collect();
+    failures.extend(cases::missing_log_lines(&all, &log).into_iter().map(|c| {
+        format!(
+            "{} ({} from {}): no log line with {:?} naming the source",
+            c.what,
+            c.request.line(),
+            c.from,
+            c.expect.log
+        )
+    }));
+    failures.extend(
+        [
+            missing_line(
+                &log,
+                "attacker typing into console ports",
+                &[
+                    "console client refused",
+                    "reason=\"peer is on a DUT network\"",
+                ],
+                Some(attacker_ip),
+            ),
+            missing_line(
+                &log,
+                "attacker announcing the victim's id",
+                &["console binding refused", &format!("claimed={VICTIM_MAC}")],
+                None,
+            ),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} checks failed:\n{}\n(files kept in {})",
+        failures.len(),
+        own_cases.len() + attacks.len() + 2,
+        failures.join("\n"),
+        tmp.display()
+    );
+    say("done");
+    drop(bridged);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn bucket_specs_are_read_from_a_cmdline() {
+    let spec = BucketSpec::from_cmdline(
+        "quiet dutgate.s3=\"http://10.77.0.1:9000/,job-7,AKID,secret\" dutgate.run=\"x\"\n",
     )
     .unwrap();
-    let (code, console, err, _) = farm
-        .spawn_run("ssrf", &ssrf, attacker)
-        .wait(Duration::from_secs(120));
     assert_eq!(
-        code, 6,
-        "a job fetching an internal URL did not end SETUP_FAIL:\n{console}\n{err}"
+        (spec.host.as_str(), spec.bucket.as_str()),
+        ("10.77.0.1:9000", "job-7")
     );
-    assert!(
-        err.contains("loopback") && err.contains("gateway.outbound.allow"),
-        "the refusal does not name the rule:\n{err}"
+    assert_eq!(
+        (spec.access_key.as_str(), spec.secret_key.as_str()),
+        ("AKID", "secret")
     );
+    assert!(BucketSpec::from_cmdline("quiet").is_none());
+    assert!(BucketSpec::from_cmdline("dutgate.s3=http://h:1,b,k").is_none());
 }

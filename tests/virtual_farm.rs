@@ -25,32 +25,16 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dutgate_core::testing::require_program;
+use dutgate_core::testing::{children_of, listens_on_every_port, require_program};
+use dutgate_e2e::farm::{self, Daemon, Farm, HELLO_RUN, hello_variant, root};
 use serde_json::Value;
 
 /// A tag the DUT image's registration agent reports for every QEMU DUT (virtio NIC).
 const COMMON_TAG: &str = "virtio:family:VIRTIO";
-
-fn root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
-}
-
-fn cargo() -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(root());
-    c
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
-}
 
 /// Port numbers nobody listened on a moment ago, below the kernel's ephemeral range: while a
 /// service restarts, a client's outgoing connection could otherwise take its port as a source
@@ -86,59 +70,6 @@ fn candidate_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
-/// Pids of the processes whose parent is `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid …`: comm may hold spaces, so split after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// TCP ports process `pid` listens on, read from /proc: proof that a port belongs to this
-/// gateway and not to another process that answers on the same number.
-fn listening_ports(pid: u32) -> Vec<u16> {
-    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_str()?;
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-        })
-        .collect();
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            // `sl local_address rem_address st … inode`: local "0100007F:1F90", st 0A = LISTEN.
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
-                let port = f[1]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|h| u16::from_str_radix(h, 16).ok());
-                ports.extend(port);
-            }
-        }
-    }
-    ports
-}
-
 /// Seconds since the epoch of an RFC 3339 UTC timestamp as the gateway writes them
 /// (`2026-11-22T14:40:17.123Z`).
 fn rfc3339_secs(s: &str) -> f64 {
@@ -162,287 +93,26 @@ fn rfc3339_secs(s: &str) -> f64 {
     days as f64 * 86_400.0 + c[0] * 3600.0 + c[1] * 60.0 + c[2]
 }
 
-/// `dutgate up`, stopped with SIGTERM (so that it stops the VMs) when the test ends.
-struct Gateway {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Gateway {
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(80)..].join("\n")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A child the test started (`nc`), killed when the test ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Farm {
-    gateway: Gateway,
-    tmp: PathBuf,
-    state: PathBuf,
-    dutctl: PathBuf,
+/// The farm and the two ports the test speaks to directly.
+struct Started {
+    farm: Farm,
     executor_port: u16,
     salad_port: u16,
 }
 
-/// A `dutctl run` in the background.
-struct Run {
-    name: String,
-    child: Child,
-    record: PathBuf,
-    share: PathBuf,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-struct Finished {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    share: PathBuf,
-}
-
-impl Run {
-    /// The executor's id of the job, once `dutctl` has submitted it.
-    fn job_id(&self) -> Option<i64> {
-        let text = std::fs::read_to_string(&self.record).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("submitted "))
-            .and_then(|id| id.trim().parse().ok())
-    }
-
-    fn wait(mut self, timeout: Duration) -> Finished {
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                panic!(
-                    "dutctl run ({}) still running after {timeout:?}:\n{}",
-                    self.name,
-                    std::fs::read_to_string(&self.err).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        Finished {
-            code: status.code().unwrap_or(-1),
-            stdout: std::fs::read_to_string(&self.out).unwrap_or_default(),
-            stderr: std::fs::read_to_string(&self.err).unwrap_or_default(),
-            share: self.share,
-        }
-    }
-
-    /// [`Run::wait`], then panics with dutctl's output unless it exited with `code`.
-    fn wait_for_code(self, timeout: Duration, code: i32, what: &str) -> Finished {
-        let done = self.wait(timeout);
-        assert_eq!(
-            done.code, code,
-            "{what}: dutctl exited {} instead of {code}:\n{}\n{}",
-            done.code, done.stderr, done.stdout
-        );
-        done
-    }
-}
-
-impl Farm {
-    fn dutctl(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.dutctl);
-        c.arg("--state-dir").arg(&self.state).args(args);
-        c
-    }
-
-    /// Runs dutctl; panics with its output unless it succeeds; returns its stdout.
-    fn dutctl_ok(&self, args: &[&str]) -> String {
-        let out = self.dutctl(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "dutctl {args:?} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn json(&self, args: &[&str]) -> Option<Value> {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        let out = self.dutctl(&all).stderr(Stdio::null()).output().unwrap();
-        if !out.status.success() {
-            return None;
-        }
-        serde_json::from_slice(&out.stdout).ok()
-    }
-
-    fn machines(&self) -> Vec<Value> {
-        match self.json(&["machines", "list"]) {
-            Some(Value::Array(v)) => v,
-            _ => Vec::new(),
-        }
-    }
-
-    fn machine(&self, id: &str) -> Value {
-        self.machines()
-            .into_iter()
-            .find(|m| m["id"] == id)
-            .unwrap_or(Value::Null)
-    }
-
-    /// The job's record and its events (`dutctl jobs show`).
-    fn job(&self, id: i64) -> Option<(Value, Vec<Value>)> {
-        let v = self.json(&["jobs", "show", &id.to_string()])?;
-        let events = v["events"].as_array().cloned().unwrap_or_default();
-        Some((v["job"].clone(), events))
-    }
-
-    /// Starts `dutctl <global…> run job --share-dir <tmp>/<name> <extra…>` in the background;
-    /// `global` defaults to `--state-dir <state>`.
-    fn spawn_run(&self, name: &str, job: &Path, global: &[&str], extra: &[&str]) -> Run {
-        let share = self.tmp.join(name);
-        let record = self.tmp.join(format!("{name}.record"));
-        let out = self.tmp.join(format!("{name}.stdout"));
-        let err = self.tmp.join(format!("{name}.stderr"));
-        let mut cmd = Command::new(&self.dutctl);
-        if global.is_empty() {
-            cmd.arg("--state-dir").arg(&self.state);
-        } else {
-            cmd.args(global);
-        }
-        cmd.arg("run")
-            .arg(job)
-            .arg("--share-dir")
-            .arg(&share)
-            .args(extra);
-        let child = cmd
-            .env("DUTGATE_RUN_RECORD", &record)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Run {
-            name: name.to_string(),
-            child,
-            record,
-            share,
-            out,
-            err,
-        }
-    }
-
-    /// Polls `f` every second until it gives a value; panics after `timeout` or when `dutgate
-    /// up` exits.
-    fn wait_for<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut(&Farm) -> Option<T>,
-    ) -> T {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = self.gateway.child.try_wait() {
-                panic!(
-                    "dutgate up exited ({status}) while waiting for {what}:\n{}",
-                    self.gateway.log_tail()
-                );
-            }
-            if let Some(v) = f(&*self) {
-                return v;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no {what} after {timeout:?}; machines: {:#?}\n{}\n{}",
-                self.machines(),
-                self.gateway.log_tail(),
-                self.runs_stderr()
-            );
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-
-    /// What every `dutctl run` of the test printed on stderr so far, and where the files are.
-    fn runs_stderr(&self) -> String {
-        let mut out = format!("(files of this test kept in {})\n", self.tmp.display());
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.tmp)
-            .map(|rd| rd.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        names.sort();
-        for p in names
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "stderr"))
-        {
-            let text = std::fs::read_to_string(p).unwrap_or_default();
-            out.push_str(&format!("--- {}:\n{text}\n", p.display()));
-        }
-        out
-    }
-
-    /// The pid of the `dutgate … executor` child of `dutgate up`.
-    fn executor_pid(&self) -> Option<u32> {
-        let parent = self.gateway.child.id();
-        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid …`: comm may hold spaces, so split after the last ')'.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<u32>().ok());
-            if ppid != Some(parent) {
-                continue;
-            }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline
+/// The pid of the `dutgate … executor` child of `dutgate up`.
+fn executor_pid(farm: &Farm) -> Option<u32> {
+    children_of(farm.gateway.child.id())
+        .into_iter()
+        .find(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            cmdline
                 .split(|b| *b == 0)
-                .filter(|a| !a.is_empty())
-                .collect();
-            if args.last() == Some(&&b"executor"[..]) {
-                return Some(pid);
-            }
-        }
-        None
-    }
+                .rfind(|a| !a.is_empty())
+                .is_some_and(|last| last == b"executor")
+        })
 }
-
-fn start_farm(tmp: &Path) -> Farm {
+fn start_farm(tmp: &Path) -> Started {
     require_program("qemu-system-x86_64", "qemu-system-x86");
     require_program("nc", "netcat-openbsd");
     require_program("curl", "curl");
@@ -451,37 +121,8 @@ fn start_farm(tmp: &Path) -> Farm {
             || Path::new("/usr/lib/ipxe/qemu/pxe-virtio.rom").exists(),
         "the virtio iPXE ROM is missing: apt-get install ipxe-qemu"
     );
-    let status = cargo()
-        .args(["build", "-p", "dutgate", "-p", "dutctl"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "building dutgate and dutctl failed");
-    let state = tmp.join("state");
-    // The DUT image: static agents + Debian kernel + busybox (installs the two packages when
-    // missing, like the demo).
-    let status = cargo()
-        .args([
-            "run",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "dut-image",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cargo xtask dut-image failed");
-
-    // Run copies: the executor starts `dutgate job` from its own executable, which a rebuild
-    // of target/ during the test would otherwise pull from under it.
-    let bin = tmp.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for name in ["dutgate", "dutctl"] {
-        std::fs::copy(target_dir().join("debug").join(name), bin.join(name)).unwrap();
-    }
-    let dutgate = bin.join("dutgate");
+    let built = farm::build(tmp);
+    let dutgate = built.bin.join("dutgate");
     let config = tmp.join("gateway.yml");
     let log = tmp.join("gateway.log");
     // The services find each other through their configured ports, so they cannot bind port
@@ -502,44 +143,29 @@ fn start_farm(tmp: &Path) -> Farm {
         )
         .unwrap();
         // The config the services will load is valid (what an operator checks first).
-        let out = Command::new(&dutgate)
-            .arg("--config")
-            .arg(&config)
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "dutgate config check failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        farm::run_ok(
+            Command::new(&dutgate)
+                .arg("--config")
+                .arg(&config)
+                .arg("--state-dir")
+                .arg(&built.state)
+                .args(["config", "check"]),
+            "dutgate config check",
         );
-
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&dutgate)
-            .arg("--config")
+        let mut up = Command::new(&dutgate);
+        up.arg("--config")
             .arg(&config)
             .arg("--state-dir")
-            .arg(&state)
-            .args(["up", "--virtual-duts", "2", "--no-discover"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut gateway = Gateway {
-            child,
-            log: log.clone(),
-        };
+            .arg(&built.state)
+            .args(["up", "--virtual-duts", "2", "--no-discover"]);
+        let mut gateway = Daemon::spawn(up, log.clone());
         loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let text = gateway.output();
             if let Ok(Some(status)) = gateway.child.try_wait() {
                 assert!(
                     text.contains("is not available"),
                     "dutgate up exited ({status}):\n{}",
-                    gateway.log_tail()
+                    gateway.log_tail(80)
                 );
                 break;
             }
@@ -547,16 +173,15 @@ fn start_farm(tmp: &Path) -> Farm {
                 // Dropping the gateway stops it; the next attempt starts afresh.
                 break;
             }
-            let held: Vec<u16> = children_of(gateway.child.id())
-                .into_iter()
-                .flat_map(listening_ports)
-                .collect();
-            if p.iter().all(|port| held.contains(port)) {
-                return Farm {
-                    gateway,
-                    tmp: tmp.to_path_buf(),
-                    state,
-                    dutctl: bin.join("dutctl"),
+            if listens_on_every_port(gateway.child.id(), &p) {
+                return Started {
+                    farm: Farm {
+                        gateway,
+                        tmp: tmp.to_path_buf(),
+                        state: built.state,
+                        bin: built.bin,
+                        netns: None,
+                    },
                     executor_port: p[0],
                     salad_port: p[5],
                 };
@@ -564,32 +189,13 @@ fn start_farm(tmp: &Path) -> Farm {
             assert!(
                 Instant::now() < deadline,
                 "dutgate up did not listen on {p:?} within 120 s:\n{}",
-                gateway.log_tail()
+                gateway.log_tail(80)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
     panic!("dutgate up found a taken port on every attempt");
 }
-
-/// `examples/hello.yml` with `from` replaced by `to` (each must occur).
-fn hello_variant(tmp: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
-    let hello = root().join("examples").join("hello.yml");
-    let mut text = std::fs::read_to_string(&hello).unwrap();
-    for (from, to) in edits {
-        assert!(
-            text.contains(from),
-            "examples/hello.yml no longer contains {from:?}; update this test"
-        );
-        text = text.replace(from, to);
-    }
-    let path = tmp.join(format!("{name}.yml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const HELLO_RUN: &str =
-    "dutgate.run=\\\"echo Hello from $(uname -n) running $(uname -r) | tee hello.txt\\\"";
 
 fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["kind"] == kind).collect()
@@ -633,7 +239,11 @@ fn virtual_farm_end_to_end() {
         .tempdir()
         .unwrap()
         .keep();
-    let mut farm = start_farm(&tmp);
+    let Started {
+        mut farm,
+        executor_port,
+        salad_port,
+    } = start_farm(&tmp);
     let job_timeout = Duration::from_secs(300);
 
     // The virtual PDU answers with its two ports, both off (nothing is discovered by itself).
@@ -753,7 +363,7 @@ fn virtual_farm_end_to_end() {
         fail.stdout
     );
     let ran_on = job["machine_id"].as_str().unwrap().to_string();
-    let replay = salad_replay(farm.salad_port, &ran_on);
+    let replay = salad_replay(salad_port, &ran_on);
     assert!(
         replay.contains("It's now safe to turn off your computer"),
         "{replay}"
@@ -766,20 +376,12 @@ fn virtual_farm_end_to_end() {
     // 3. Both machines busy; a tagged job queues; machine A is retired; the executor is killed
     // mid-job. `nc` on A's console port (the quickstart's command line) watches A's boot.
     let nc_out = tmp.join("nc.out");
-    let nc = Killed(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "exec nc 127.0.0.1 $(curl -s http://127.0.0.1:{}/api/v1/machine/{a} \
-                 | grep -o '\"tcp_port\":[0-9]*' | cut -d: -f2)",
-                farm.salad_port
-            ))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&nc_out).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut nc = Command::new("sh");
+    nc.arg("-c").arg(format!(
+        "exec nc 127.0.0.1 $(curl -s http://127.0.0.1:{salad_port}/api/v1/machine/{a} \
+         | grep -o '\"tcp_port\":[0-9]*' | cut -d: -f2)"
+    ));
+    let nc = Daemon::spawn(nc, nc_out.clone());
     let slow = hello_variant(
         &tmp,
         "slow",
@@ -788,13 +390,13 @@ fn virtual_farm_end_to_end() {
             "dutgate.run=\\\"echo Hello from $(uname -n) | tee hello.txt; sleep 20; echo slept\\\"",
         )],
     );
-    let admin = std::fs::read_to_string(farm.state.join("tokens").join("admin")).unwrap();
-    let url = format!("http://127.0.0.1:{}", farm.executor_port);
+    let admin = farm.admin_token();
+    let url = format!("http://127.0.0.1:{}", executor_port);
     let on_a = farm.spawn_run("on-a", &hello, &[], &["-i", &a]);
     let on_b = farm.spawn_run(
         "on-b",
         &slow,
-        &["--url", &url, "--token", admin.trim()],
+        &["--url", &url, "--token", &admin],
         &["-i", &b],
     );
     farm.wait_for("both machines RUNNING", Duration::from_secs(60), |f| {
@@ -824,16 +426,14 @@ fn virtual_farm_end_to_end() {
             (job["console_bytes"].as_u64().unwrap_or(0) > 0).then_some(())
         },
     );
-    let old = farm
-        .executor_pid()
-        .expect("no executor child of dutgate up");
+    let old = executor_pid(&farm).expect("no executor child of dutgate up");
     let status = Command::new("kill")
         .args(["-KILL", &old.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let new = farm.wait_for("a restarted executor", Duration::from_secs(60), |f| {
-        f.executor_pid().filter(|p| *p != old)
+        executor_pid(f).filter(|p| *p != old)
     });
     eprintln!(
         "[{:>5.1}s] executor {old} killed, {new} started by dutgate up",

@@ -1,9 +1,16 @@
 //! Support for tests that use real peers (socat, snmpd, mosquitto, QEMU, …).
 //!
+//! A peer that must be told its port in advance (`dutgate up`, whose services find each
+//! other by their configured ports) counts as started once [`listens_on_every_port`] says so:
+//! the ports are read from /proc for that process and its children, never merely probed.
+//!
 //! A test whose peer is missing fails with a message naming the Debian package; it never
 //! skips. `cargo xtask test` installs every package listed in `xtask/test-packages.txt`.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// Returns the path of `program`, or panics naming the Debian `package` that provides it.
 pub fn require_program(program: &str, package: &str) -> PathBuf {
@@ -22,4 +29,136 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
+}
+
+/// Pids of the processes whose parent is `parent` (read from /proc).
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`: comm may hold spaces, so split after the last ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// TCP ports process `pid` listens on, sorted, read from /proc: proof that a port belongs
+/// to that very process, not to another one answering on the same number (another test's
+/// gateway, a leftover peer).
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            // `sl local_address rem_address st … inode`: local "0100007F:1F90", st 0A = LISTEN.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1]
+                    .rsplit(':')
+                    .next()
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                ports.extend(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Whether process `pid` or one of its children listens on every one of `ports`: the test
+/// that a peer started on told ports is up (a `dutgate up` listens through its children,
+/// one per service).
+pub fn listens_on_every_port(pid: u32, ports: &[u16]) -> bool {
+    let held: HashSet<u16> = std::iter::once(pid)
+        .chain(children_of(pid))
+        .flat_map(listening_ports)
+        .collect();
+    ports.iter().all(|p| held.contains(p))
+}
+
+/// Stops a peer the way its service manager would: SIGTERM (so that it stops what it
+/// started, e.g. `dutgate up` its VMs), then SIGKILL if it is still running after `grace`.
+/// Waits for it either way, so no zombie is left.
+pub fn stop_child(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    #[test]
+    fn a_listener_of_this_process_is_found_and_a_closed_one_is_not() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let me = std::process::id();
+        assert!(listening_ports(me).contains(&port));
+        assert!(listens_on_every_port(me, &[port]));
+        drop(l);
+        assert!(!listening_ports(me).contains(&port));
+        assert!(!listens_on_every_port(me, &[port]));
+    }
+
+    #[test]
+    fn a_stopped_child_is_reaped() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let started = Instant::now();
+        stop_child(&mut child, Duration::from_secs(10));
+        assert!(child.try_wait().unwrap().is_some());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "SIGTERM was not enough"
+        );
+        // A second stop of a reaped child does nothing.
+        stop_child(&mut child, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_child_is_found_under_its_parent() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let found = children_of(std::process::id()).contains(&child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found);
+    }
 }

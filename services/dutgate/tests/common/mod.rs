@@ -2,12 +2,16 @@
 //! a port race.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use dutgate_core::testing::{listens_on_every_port, stop_child};
+// Every test binary includes this module; only some use these (`up.rs`).
+#[allow(unused_imports)]
+pub use dutgate_core::testing::{children_of, listening_ports};
 
 /// Every service `dutgate up` starts, by its name in the `gateway.ports` section.
 pub const SERVICES: [&str; 7] = ["executor", "mars", "registry", "boot", "pdu", "salad", "s3"];
@@ -67,59 +71,6 @@ pub fn healthz(port: u16) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.starts_with("HTTP/1.1 200").then_some(out)
-}
-
-/// Pids of the processes whose parent is `parent`.
-pub fn children_of(parent: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // `pid (comm) state ppid …`: comm may hold spaces, so split after the last ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-/// TCP ports process `pid` listens on, read from /proc: proof that a port answering
-/// /healthz belongs to this gateway, not to another test's gateway on the same number.
-pub fn listening_ports(pid: u32) -> Vec<u16> {
-    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_str()?;
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
-        })
-        .collect();
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            // `sl local_address rem_address st … inode`: local "0100007F:1F90", st 0A = LISTEN.
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
-                let port = f[1]
-                    .rsplit(':')
-                    .next()
-                    .and_then(|h| u16::from_str_radix(h, 16).ok());
-                ports.extend(port);
-            }
-        }
-    }
-    ports
 }
 
 /// A running `dutgate up`, stopped with SIGTERM (and waited for) on drop.
@@ -190,11 +141,7 @@ impl Gateway {
     }
 
     fn owns_every_port(&self) -> bool {
-        let held: Vec<u16> = children_of(self.child.id())
-            .into_iter()
-            .flat_map(listening_ports)
-            .collect();
-        self.ports.iter().all(|p| held.contains(p))
+        listens_on_every_port(self.child.id(), &self.ports)
     }
 
     fn every_service_answers(&self, services: &[&str]) -> bool {
@@ -217,17 +164,6 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.terminate();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        stop_child(&mut self.child, Duration::from_secs(10));
     }
 }
