@@ -270,6 +270,21 @@ async fn two_users_and_a_runner_on_a_real_gateway() {
         "alice may look for her own files"
     );
 
+    // No user writes a boot config, not even for a machine their job targets: only the
+    // service role, admins and the machine's current lease holder do.
+    let boot = json!({"kernel": {"url": "http://upstream.example/k"}});
+    let (st, b) = gw
+        .call(
+            Some(&alice),
+            Method::PUT,
+            "boot",
+            &format!("/api/v1/boot/{MAC}"),
+            Some(boot),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{b}");
+    assert!(error_of(&b).contains("lease"), "{b}");
+
     // The runner submits (above) but administers nothing.
     let (st, b) = gw
         .call(
@@ -375,6 +390,20 @@ async fn two_users_and_a_runner_on_a_real_gateway() {
     assert!(has("ci", "token.create", "refused"), "{audit:#}");
     assert!(has("alice", "job.cancel", "ok"), "{audit:#}");
     assert!(has("admin", "token.revoke", "ok"), "{audit:#}");
+    // Each service keeps its own: boot recorded alice's refused write.
+    let (st, boot_audit) = gw
+        .call(Some(&gw.admin), Method::GET, "boot", "/api/v1/audit", None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{boot_audit}");
+    assert!(
+        boot_audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "alice"
+                && e["outcome"].as_str().unwrap_or("").starts_with("refused")),
+        "{boot_audit:#}"
+    );
     // Non-admins do not read it.
     let (st, _) = gw
         .call(Some(&alice), Method::GET, "executor", "/api/v1/audit", None)
