@@ -10,6 +10,7 @@
 //!
 //! One HTTP client (connection pool) per PDU; every request has the configured timeout.
 
+use dutgate_core::http::encode_component;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -175,7 +176,7 @@ impl HttpPdu {
         // Spaces as %20 (`/cm?cmnd=Power1%20On`), the form Tasmota documents.
         let pairs: Vec<String> = q
             .iter()
-            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .map(|(k, v)| format!("{k}={}", encode_component(v)))
             .collect();
         let url = if pairs.is_empty() {
             url
@@ -271,19 +272,6 @@ impl HttpPdu {
         }
         Ok(n)
     }
-}
-
-/// Percent-encodes a query value (everything but RFC 3986 unreserved characters).
-fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 /// The innermost error (reqwest's outer message is just "error sending request").

@@ -186,7 +186,8 @@ fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
     let Some(q) = uri.query() else {
         return Vec::new();
     };
-    let decode = |s: &str| percent_decode(&s.replace('+', " "));
+    let decode =
+        |s: &str| dutgate_core::http::decode_component(&s.replace('+', " ")).unwrap_or_default();
     q.split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
@@ -202,26 +203,6 @@ fn query_param(uri: &Uri, key: &str) -> Option<String> {
         .into_iter()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(hex) = std::str::from_utf8(&b[i + 1..i + 3])
-            && let Ok(v) = u8::from_str_radix(hex, 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `platform`/`buildarch` as iPXE reports them (`pcbios`, `efi`, `i386`, `x86_64`, …);
@@ -254,7 +235,7 @@ pub fn parse_script_request(uri: &Uri) -> ScriptRequest {
         .strip_prefix("/boot/")
         .and_then(|p| p.strip_suffix("/boot.ipxe"))
     {
-        Some(raw) => percent_decode(raw),
+        Some(raw) => dutgate_core::http::decode_component(raw).unwrap_or_default(),
         None => param("mac").unwrap_or_default(),
     };
     ScriptRequest {
@@ -768,9 +749,6 @@ mod tests {
 
     #[test]
     fn lenient_decoding() {
-        assert_eq!(percent_decode("52%3A54%3a00"), "52:54:00");
-        assert_eq!(percent_decode("%zz%"), "%zz%");
-        assert_eq!(percent_decode("%ff"), "\u{fffd}");
         let uri: Uri = "/boot.ipxe?mac=52%3A54%3A00%3A12%3A34%3A56&platform=efi"
             .parse()
             .unwrap();

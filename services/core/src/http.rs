@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -151,8 +151,21 @@ async fn record_request(State(service): State<&'static str>, req: Request, next:
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "-".to_string(), |c| c.0.to_string());
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
+    // Every refusal is logged with its source (docs/security.md, rule 8), also those no
+    // handler sees (a missing token, a malformed or oversized body, a made-up id). The
+    // route template is logged, not the path, which is the caller's text.
+    let code = response.status();
+    if code == StatusCode::NOT_FOUND {
+        tracing::info!(service, %method, %route, status = code.as_u16(), %peer, "request answered not found");
+    } else if code.is_client_error() {
+        tracing::warn!(service, %method, %route, status = code.as_u16(), %peer, "request refused");
+    }
+    let status = code.as_u16().to_string();
     let labels = [
         ("service", service.to_string()),
         ("method", method),
@@ -277,5 +290,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
+
+/// RFC 3986's unreserved characters; everything else in a component is percent-encoded.
+const COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes one URL path segment or query value: the workspace's one encoder.
+pub fn encode_component(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// Decodes `%XX` escapes; `None` when the result is not UTF-8. Malformed escapes are kept as
+/// they are (as browsers and curl do).
+pub fn decode_component(s: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+#[cfg(test)]
+mod component_tests {
+    use super::*;
+
+    #[test]
+    fn encode_and_decode_round_trip() {
+        assert_eq!(encode_component("a b/c~d_e.f-g%"), "a%20b%2Fc~d_e.f-g%25");
+        assert_eq!(encode_component("52:54:00"), "52%3A54%3A00");
+        assert_eq!(decode_component("a%20b%2Fc%41").as_deref(), Some("a b/cA"));
+        assert_eq!(decode_component("%ff"), None);
+        assert_eq!(decode_component("100%").as_deref(), Some("100%"));
     }
 }

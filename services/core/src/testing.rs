@@ -9,7 +9,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Returns the path of `program`, or panics naming the Debian `package` that provides it.
@@ -98,6 +98,22 @@ pub fn listens_on_every_port(pid: u32, ports: &[u16]) -> bool {
     ports.iter().all(|p| held.contains(p))
 }
 
+/// Runs `cmd` to its end; panics with its output unless it succeeds (a build step, a setup
+/// command of a test), naming it `what`.
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Stops a peer the way its service manager would: SIGTERM (so that it stops what it
 /// started, e.g. `dutgate up` its VMs), then SIGKILL if it is still running after `grace`.
 /// Waits for it either way, so no zombie is left.
@@ -137,6 +153,27 @@ mod tests {
         drop(l);
         assert!(!listening_ports(me).contains(&port));
         assert!(!listens_on_every_port(me, &[port]));
+    }
+
+    #[test]
+    fn a_failed_command_panics_with_its_output() {
+        let out = run_ok(Command::new("sh").args(["-c", "echo fine"]), "echo");
+        assert_eq!(out.stdout, b"fine\n");
+        let failed = std::panic::catch_unwind(|| {
+            run_ok(
+                Command::new("sh").args(["-c", "echo broken >&2; exit 3"]),
+                "a failing step",
+            )
+        });
+        let message = failed
+            .err()
+            .and_then(|p| p.downcast::<String>().ok())
+            .map(|m| *m)
+            .unwrap_or_default();
+        assert!(
+            message.contains("a failing step failed") && message.contains("broken"),
+            "{message}"
+        );
     }
 
     #[test]

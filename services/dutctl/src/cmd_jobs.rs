@@ -1,5 +1,6 @@
 //! `dutctl jobs list|show|cancel|log`: the executor's jobs (docs/jobs.md §4).
 
+use dutgate_core::http::encode_component;
 use std::fmt::Write as _;
 
 use anyhow::{Context, bail};
@@ -45,18 +46,6 @@ pub enum JobsCommand {
     },
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
     v.as_ref()
         .map_or_else(|| "-".to_string(), |x| x.to_string())
@@ -86,16 +75,16 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
         } => {
             let mut q = vec![format!("limit={limit}")];
             if let Some(s) = state {
-                q.push(format!("state={}", encode(&s.to_uppercase())));
+                q.push(format!("state={}", encode_component(&s.to_uppercase())));
             }
             if let Some(s) = status {
-                q.push(format!("status={}", encode(&s.to_uppercase())));
+                q.push(format!("status={}", encode_component(&s.to_uppercase())));
             }
             if let Some(m) = machine {
-                q.push(format!("machine_id={}", encode(&m)));
+                q.push(format!("machine_id={}", encode_component(&m)));
             }
             for t in tags {
-                q.push(format!("tag={}", encode(&t)));
+                q.push(format!("tag={}", encode_component(&t)));
             }
             let list: JobList = exec
                 .api()

@@ -6,6 +6,7 @@
 //! SIGTERM cancel the job before `dutctl` exits: a CI that gives up on a job must not leave a
 //! machine running it.
 
+use dutgate_core::http::encode_component;
 use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
@@ -583,7 +584,7 @@ pub async fn download_artifacts(
         if let Some(parent) = dest.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
-        let encoded: Vec<String> = a.path.split('/').map(encode_segment).collect();
+        let encoded: Vec<String> = a.path.split('/').map(encode_component).collect();
         let rb = http.request(
             Method::GET,
             &format!("/api/v1/jobs/{id}/artifacts/{}", encoded.join("/")),
@@ -615,18 +616,6 @@ pub async fn download_artifacts(
         dir.display()
     ));
     Ok(())
-}
-
-fn encode_segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

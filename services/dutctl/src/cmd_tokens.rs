@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use dutgate_core::ServiceName;
 use dutgate_core::auth::{Role, TokenInfo};
+use dutgate_core::http::encode_component;
 use dutgate_executor::tokens::TokenList;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -60,18 +61,6 @@ fn rfc3339(t: OffsetDateTime) -> String {
 
 fn expiry(t: Option<OffsetDateTime>) -> String {
     t.map_or_else(|| "never".to_string(), rfc3339)
-}
-
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 pub async fn run(cmd: TokensCommand, gw: &Gateway, format: Format) -> anyhow::Result<()> {
@@ -130,7 +119,7 @@ pub async fn run(cmd: TokensCommand, gw: &Gateway, format: Format) -> anyhow::Re
         }
         TokensCommand::Revoke { name } => {
             let info: TokenInfo = exec
-                .delete(&format!("/api/v1/tokens/{}", encode(&name)))
+                .delete(&format!("/api/v1/tokens/{}", encode_component(&name)))
                 .await
                 .with_context(|| format!("cannot revoke token {name:?}"))?;
             print(format, &info, |i| {

@@ -199,7 +199,8 @@ impl Host {
             bail!("the scheme must be http or https, not {}", url.scheme());
         }
         let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| anyhow::anyhow!("bad percent-encoding in the keys"))
+            dutgate_core::http::decode_component(s)
+                .ok_or_else(|| anyhow::anyhow!("bad percent-encoding in the keys"))
         };
         let access_key = decode(url.username())?;
         let secret_key = decode(url.password().unwrap_or(""))?;
@@ -217,23 +218,6 @@ impl Host {
             secret_key,
         })
     }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// An object key as a relative path that stays inside the target directory.

@@ -2,6 +2,7 @@
 //! trainer: [`ExecutorClient`] implements mars' [`JobRunner`], so Sergeant Hartman's boots go
 //! through the queue like any job (as training jobs, which the service role submits).
 
+use dutgate_core::http::encode_component;
 use std::time::Duration;
 
 use dutgate_core::client::{ApiClient, ClientError};
@@ -43,18 +44,6 @@ pub struct ExecutorClient {
     pub poll: Duration,
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 impl ExecutorClient {
     pub fn new(base: impl Into<String>, token: Option<Secret>) -> Self {
         Self {
@@ -84,10 +73,10 @@ impl ExecutorClient {
             format!("purpose={}", opts.purpose.as_str()),
         ];
         if let Some(id) = opts.target_id {
-            q.push(format!("target_id={}", encode(&id.to_string())));
+            q.push(format!("target_id={}", encode_component(&id.to_string())));
         }
         if let Some(j) = &opts.job_id {
-            q.push(format!("job_id={}", encode(j)));
+            q.push(format!("job_id={}", encode_component(j)));
         }
         let path = format!("/api/v1/jobs?{}", q.join("&"));
         let rb = self

@@ -2,6 +2,7 @@
 //! it off). Only the pdu service talks to PDUs: [`HttpPower`] speaks its REST API
 //! (design.md §5); tests use an in-memory [`Power`] when the PDU is not what they test.
 
+use dutgate_core::http::encode_component;
 use std::time::Duration;
 
 use dutgate_core::PowerState;
@@ -72,24 +73,11 @@ fn state_of(v: &serde_json::Value) -> Option<PowerState> {
     v.get("state")?.as_str()?.parse().ok()
 }
 
-fn enc(s: &str) -> String {
-    // Port ids and PDU names are path segments: escape what is not unreserved.
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 impl Power for HttpPower {
     fn get(&self, pdu: &str, port: &str) -> BoxFuture<'_, Result<PowerState, PowerError>> {
         let (pdu, port) = (pdu.to_string(), port.to_string());
         Box::pin(async move {
-            let path = format!("/api/v1/pdus/{}/ports", enc(&pdu));
+            let path = format!("/api/v1/pdus/{}/ports", encode_component(&pdu));
             let fail = |message: String| PowerError::Failed {
                 pdu: pdu.clone(),
                 port: port.clone(),
@@ -128,7 +116,11 @@ impl Power for HttpPower {
     ) -> BoxFuture<'_, Result<PowerState, PowerError>> {
         let (pdu, port) = (pdu.to_string(), port.to_string());
         Box::pin(async move {
-            let path = format!("/api/v1/pdus/{}/ports/{}", enc(&pdu), enc(&port));
+            let path = format!(
+                "/api/v1/pdus/{}/ports/{}",
+                encode_component(&pdu),
+                encode_component(&port)
+            );
             let body = serde_json::json!({ "state": state.as_str() });
             let rb = self.api.request(Method::PATCH, &path).json(&body);
             let v: serde_json::Value = self.api.send(rb, &path).await.map_err(|e| {

@@ -1,5 +1,6 @@
 //! Typed client of the pdu service (the executor and mars call `cycle`, `set`, `port`).
 
+use dutgate_core::http::encode_component;
 use std::time::Duration;
 
 use dutgate_core::Secret;
@@ -15,19 +16,6 @@ use crate::store::HistoryEntry;
 #[derive(Debug, Clone)]
 pub struct PduClient {
     api: ApiClient,
-}
-
-/// Percent-encodes a path segment (PDU names and port ids are plain, but be safe).
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 impl PduClient {
@@ -54,7 +42,9 @@ impl PduClient {
     }
 
     pub async fn pdu(&self, name: &str) -> Result<PduDetail, ClientError> {
-        self.api.get(&format!("/api/v1/pdus/{}", seg(name))).await
+        self.api
+            .get(&format!("/api/v1/pdus/{}", encode_component(name)))
+            .await
     }
 
     pub async fn add(&self, new: &NewPdu) -> Result<PduDetail, ClientError> {
@@ -63,20 +53,24 @@ impl PduClient {
 
     pub async fn remove(&self, name: &str) -> Result<(), ClientError> {
         self.api
-            .delete(&format!("/api/v1/pdus/{}", seg(name)))
+            .delete(&format!("/api/v1/pdus/{}", encode_component(name)))
             .await
     }
 
     pub async fn ports(&self, pdu: &str) -> Result<Vec<PortView>, ClientError> {
         self.api
-            .get(&format!("/api/v1/pdus/{}/ports", seg(pdu)))
+            .get(&format!("/api/v1/pdus/{}/ports", encode_component(pdu)))
             .await
     }
 
     /// The cached state of one port (never touches the device).
     pub async fn port(&self, pdu: &str, port: &str) -> Result<PortView, ClientError> {
         self.api
-            .get(&format!("/api/v1/pdus/{}/ports/{}", seg(pdu), seg(port)))
+            .get(&format!(
+                "/api/v1/pdus/{}/ports/{}",
+                encode_component(pdu),
+                encode_component(port)
+            ))
             .await
     }
 
@@ -88,7 +82,11 @@ impl PduClient {
     ) -> Result<OpResult, ClientError> {
         self.api
             .patch(
-                &format!("/api/v1/pdus/{}/ports/{}", seg(pdu), seg(port)),
+                &format!(
+                    "/api/v1/pdus/{}/ports/{}",
+                    encode_component(pdu),
+                    encode_component(port)
+                ),
                 patch,
             )
             .await
@@ -114,7 +112,11 @@ impl PduClient {
         port: &str,
         off: Option<Duration>,
     ) -> Result<CycleReport, ClientError> {
-        let path = format!("/api/v1/pdus/{}/ports/{}/cycle", seg(pdu), seg(port));
+        let path = format!(
+            "/api/v1/pdus/{}/ports/{}/cycle",
+            encode_component(pdu),
+            encode_component(port)
+        );
         let body = CycleRequest {
             off_seconds: off.map(|d| d.as_secs_f64()),
         };
@@ -137,8 +139,8 @@ impl PduClient {
         self.api
             .get(&format!(
                 "/api/v1/pdus/{}/ports/{}/history?limit={limit}",
-                seg(pdu),
-                seg(port)
+                encode_component(pdu),
+                encode_component(port)
             ))
             .await
     }
