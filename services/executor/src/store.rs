@@ -415,10 +415,14 @@ impl Store {
         set: &'static str,
         binds: Vec<Bind>,
         event: Option<(&str, &str, &Value)>,
+        only_from: Option<JobState>,
     ) -> Result<Option<JobRow>, StoreError> {
         let Some(cur) = self.get(id).await? else {
             return Err(StoreError::NotFound(id));
         };
+        if only_from.is_some_and(|from| from != cur.state) {
+            return Ok(None);
+        }
         let Ok(next) = transition(cur.state, trigger) else {
             return Ok(None);
         };
@@ -472,6 +476,7 @@ impl Store {
             "pid = $4, started_at = COALESCE(started_at, $5)",
             vec![Bind::Int(i64::from(pid)), Bind::Int(now_ms())],
             None,
+            None,
         )
         .await
     }
@@ -483,6 +488,29 @@ impl Store {
         id: i64,
         status: JobStatus,
         reason: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
+        self.finish_from(id, status, reason, None).await
+    }
+
+    /// Ends the job only if it is still `QUEUED` (cancelled, or its deadline passed, before
+    /// any executor dispatched it). `None` when it left the queue meanwhile: a job just
+    /// recorded as dispatched holds a lease, and ending it needs its teardown.
+    pub async fn finish_queued(
+        &self,
+        id: i64,
+        status: JobStatus,
+        reason: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
+        self.finish_from(id, status, reason, Some(JobState::Queued))
+            .await
+    }
+
+    async fn finish_from(
+        &self,
+        id: i64,
+        status: JobStatus,
+        reason: &str,
+        only_from: Option<JobState>,
     ) -> Result<Option<JobRow>, StoreError> {
         let data = serde_json::json!({
             "status": status,
@@ -501,6 +529,7 @@ impl Store {
                     Bind::Int(now_ms()),
                 ],
                 Some((crate::model::kind::FINISHED, &message, &data)),
+                only_from,
             )
             .await?;
         if row.is_some() {

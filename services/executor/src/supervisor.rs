@@ -617,7 +617,7 @@ impl Supervisor {
                 match self
                     .inner
                     .store
-                    .finish(id, JobStatus::Incomplete, "cancelled")
+                    .finish_queued(id, JobStatus::Incomplete, "cancelled")
                     .await?
                 {
                     Some(r) => Ok(r),

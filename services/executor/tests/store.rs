@@ -206,6 +206,36 @@ async fn dispatch_records_only_jobs_still_queued() {
     }
 }
 
+/// A cancel or an expired deadline that read the job as queued must not finish it once an
+/// executor has recorded its dispatch: it holds a lease, and ending it needs its teardown.
+#[tokio::test]
+async fn finish_queued_leaves_a_dispatched_job_alone() {
+    for db in databases("executor", MIGRATIONS).await {
+        let store = Store::new(db.db.clone());
+        let queued = store.insert(&job(0, &[])).await.unwrap();
+        let dispatched = store.insert(&job(0, &[])).await.unwrap();
+        let d = Dispatch {
+            id: dispatched,
+            machine: MachineId::from_bytes([0x52, 0x54, 0, 0, 0, 9]),
+            lease_id: "lease-9".into(),
+        };
+        store.record_dispatches(&[d], "exec-a", 1).await.unwrap();
+        let row = store
+            .finish_queued(dispatched, JobStatus::Incomplete, "cancelled")
+            .await
+            .unwrap();
+        assert!(row.is_none(), "a dispatched job was finished: {row:?}");
+        let row = store.require(dispatched).await.unwrap();
+        assert_eq!(row.state, JobState::Dispatched);
+        let row = store
+            .finish_queued(queued, JobStatus::Incomplete, "cancelled")
+            .await
+            .unwrap()
+            .expect("a queued job is finished");
+        assert_eq!(row.state, JobState::Finished);
+    }
+}
+
 /// A job's end and its `finished` event are one transaction: when the event cannot be
 /// written, the job is not finished either (a reader never sees a finished job without its
 /// `finished` event, nor the reverse).

@@ -271,7 +271,7 @@ impl Scheduler {
         let r = async {
             for id in store.expired_queued(now).await? {
                 let _ = store
-                    .finish(
+                    .finish_queued(
                         id,
                         dutgate_core::JobStatus::Incomplete,
                         "deadline expired while queued",
