@@ -28,6 +28,8 @@ use super::report::{append_table, stats};
 
 const MAC: &str = "52:54:00:b0:07:01";
 const USER_TOKEN: &str = "bench-user-token";
+/// Boot configs are written by the gateway's services and admins only.
+const ADMIN_TOKEN: &str = "bench-admin-token";
 
 struct Proc {
     child: Child,
@@ -158,7 +160,7 @@ fn dutgate_boot(exe: &Path, lab: &Path, nginx_port: u16) -> anyhow::Result<(Proc
         // from loopback, as the virtual farm's DUTs do.
         let cfg = format!(
             "gateway:\n  state_dir: {state}\n  bind_address: 127.0.0.1\n  ports:\n    boot: {port}\n  log:\n    level: warn\n  \
-               auth:\n    user_token: {USER_TOKEN}\n    admin_token: bench-admin-token\n  \
+               auth:\n    user_token: {USER_TOKEN}\n    admin_token: {ADMIN_TOKEN}\n  \
                outbound:\n    allow: [\"127.0.0.1:{nginx_port}\"]\n\
              boot:\n  unverified_peer_networks: [127.0.0.0/8]\n  cache:\n    ttl_seconds: 86400\n",
             state = dir.join("state").display(),
@@ -189,7 +191,7 @@ fn dutgate_boot(exe: &Path, lab: &Path, nginx_port: u16) -> anyhow::Result<(Proc
         port,
         "PUT",
         &format!("/api/v1/boot/{MAC}"),
-        &format!("Authorization: Bearer {USER_TOKEN}\r\nContent-Type: application/json\r\n"),
+        &format!("Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Type: application/json\r\n"),
         &body,
     )?;
     if status != 200 {
