@@ -171,6 +171,24 @@ impl AuditLog {
     }
 }
 
+/// Records in `log`, or only traces when a service runs without one (started without a state
+/// dir, as in tests of other parts).
+pub async fn record_or_trace(
+    log: Option<&AuditLog>,
+    actor: &Actor,
+    action: &str,
+    target: &str,
+    outcome: &str,
+) {
+    match log {
+        Some(log) => log.record(actor, action, target, outcome).await,
+        None => tracing::info!(
+            actor = %actor.name, source = %actor.source, action, target, outcome,
+            "audit (no audit log)"
+        ),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {

@@ -41,18 +41,7 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target"))
 }
 
-fn run_ok(cmd: &mut std::process::Command, what: &str) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot start: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use dutgate_core::testing::run_ok;
 
 /// `executorctl` in `target/executorctl-venv`, installed from PyPI on first use (a venv is
 /// not relocatable: it is built in place, and counts as done once its marker is written).

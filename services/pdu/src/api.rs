@@ -40,13 +40,8 @@ pub struct AppState {
 
 impl AppState {
     async fn audit(&self, actor: &Actor, action: &str, target: &str, outcome: &str) {
-        match &self.audit {
-            Some(log) => log.record(actor, action, target, outcome).await,
-            None => tracing::info!(
-                actor = %actor.name, source = %actor.source, action, target, outcome,
-                "audit (no audit log)"
-            ),
-        }
+        dutgate_core::audit::record_or_trace(self.audit.as_ref(), actor, action, target, outcome)
+            .await;
     }
 
     async fn refused(
