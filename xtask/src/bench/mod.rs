@@ -1,5 +1,6 @@
 //! `cargo xtask bench <name>|all`: each benchmark runs dutgate and its peer on the same inputs,
-//! alternating runs, and appends a dated table to `docs/benchmarks.md`.
+//! alternating runs, and writes a dated table to `docs/benchmarks.md` in place of that
+//! benchmark's previous one (which moves to `docs/benchmarks-history.md`).
 //!
 //! To add one: a module `bench/<name>.rs` with `pub fn run(args: &BenchArgs) -> anyhow::Result<()>`
 //! and one line in `BENCHES`.
@@ -32,7 +33,7 @@ pub struct BenchCli {
     /// A short run that only checks the harness works (used by the test suite).
     #[arg(long)]
     pub quick: bool,
-    /// Do not append results to docs/benchmarks.md.
+    /// Do not write results to docs/benchmarks.md.
     #[arg(long)]
     pub no_write: bool,
     /// Extra arguments passed to the benchmark.
@@ -164,6 +165,7 @@ pub fn run(cli: &BenchCli) -> anyhow::Result<()> {
                 .collect();
             report::append_line(
                 &args.root,
+                "`cargo xtask bench all`: time per benchmark",
                 &format!(
                     "`cargo xtask bench all` took {:.1} min on {} (load average {load} at the start; \
                      {:.1} min of it building); per benchmark, in min: {}.",
