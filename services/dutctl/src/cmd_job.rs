@@ -1,7 +1,8 @@
 //! `dutctl job validate FILE [--var k=v]…`: checks a job description offline, the way the
 //! executor will: render the template, parse, validate. Prints the normalised job (defaults
 //! filled in, `continue` completed) and exits 0, or prints every error on stderr, one per line
-//! as `FILE:LINE:COLUMN: field.path: message`, and exits 2.
+//! as `FILE:LINE:COLUMN: field.path: message`, and exits 65 (EX_DATAERR: distinct from
+//! the job statuses 0–6 `dutctl run` exits with).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use dutgate_jobspec::{JobSpec, TemplateVars};
 use crate::output::{self, Format};
 
 /// Exit code of `validate` for an invalid job (usage and I/O errors use dutctl's usual code).
-pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_INVALID: u8 = 65;
 
 #[derive(Subcommand)]
 pub enum JobCommand {

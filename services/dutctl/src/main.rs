@@ -88,8 +88,22 @@ enum Command {
     Audit(cmd_audit::AuditArgs),
 }
 
-/// Exit code for usage errors and failed commands (job statuses use 0–6, see `run`).
+/// Exit code for failed commands: the gateway unreachable or refusing, a file unreadable (job
+/// statuses use 0–6, see `run`).
 const EXIT_ERROR: u8 = 10;
+/// Exit code for a bad command line (EX_USAGE of sysexits.h). clap's own is 2, which is also
+/// `run`'s COMPLETE: a mistyped flag in a CI script must never pass for a job status.
+const EXIT_USAGE: u8 = 64;
+
+/// clap's message (help and version on stdout, exit 0; a usage error on stderr, exit 64).
+fn usage(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.use_stderr() {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
 
 /// What the command line and the environment say about the gateway: `matches` tells a
 /// `--token` from a `DUTGATE_TOKEN` (for messages) and a given state dir from a found one.
@@ -134,10 +148,13 @@ fn main() -> ExitCode {
     if let Some(code) = mcli::run_if_invoked() {
         return code;
     }
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return usage(e),
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
-        Err(e) => e.exit(),
+        Err(e) => return usage(e),
     };
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let wanted = wanted(&cli, &matches, &env);

@@ -1,5 +1,5 @@
 //! `dutctl job validate`: the real binary on real files; exit 0 and the normalised job, or
-//! exit 2 and one positioned error per line on stderr.
+//! exit 65 (EX_DATAERR) and one positioned error per line on stderr.
 
 use std::process::Command;
 
@@ -57,7 +57,7 @@ fn invalid_job_lists_every_error_and_exits_2() {
         "target: {}\ntimeouts:\n  overall: {hours: 2, retries: 1}\ndeployment:\n  continue: {}\n",
     );
     let out = dutctl(&["job", "validate", &file]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(65));
     assert!(out.stdout.is_empty());
     let stderr = String::from_utf8(out.stderr).unwrap();
     let lines: Vec<&str> = stderr.lines().collect();
@@ -82,8 +82,29 @@ fn invalid_job_lists_every_error_and_exits_2() {
     );
     assert_eq!(dutctl(&["job", "validate", &file]).status.code(), Some(0));
     let out = dutctl(&["job", "validate", &file, "--no-placeholders"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(65));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("undefined template variable `minio_url`")
     );
+}
+
+/// A bad command line exits 64 (EX_USAGE) with clap's message, never a job status code (2 is
+/// `run`'s COMPLETE); help and version exit 0.
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    for args in [
+        &["run", "--no-such-flag", "job.yml"][..],
+        &["no-such-command"][..],
+        &["job", "validate"][..],
+    ] {
+        let out = dutctl(args);
+        assert_eq!(out.status.code(), Some(64), "dutctl {args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("error:"), "dutctl {args:?}: {stderr}");
+    }
+    for args in [&["--help"][..], &["--version"][..], &["run", "--help"][..]] {
+        let out = dutctl(args);
+        assert_eq!(out.status.code(), Some(0), "dutctl {args:?}");
+        assert!(!out.stdout.is_empty(), "dutctl {args:?} printed nothing");
+    }
 }
