@@ -4,6 +4,7 @@
 //! pinned status code (design.md §8).
 
 mod cmd_audit;
+mod cmd_completion;
 mod cmd_gitlab;
 mod cmd_job;
 mod cmd_jobs;
@@ -86,6 +87,10 @@ enum Command {
     Tokens(cmd_tokens::TokensCommand),
     /// Every service's audit log (admins), merged by time.
     Audit(cmd_audit::AuditArgs),
+    /// Shell completions: `dutctl completion bash > /etc/bash_completion.d/dutctl`.
+    Completion(cmd_completion::CompletionArgs),
+    /// The manual page (roff) on stdout: `dutctl man | man -l -`.
+    Man,
 }
 
 /// Exit code for failed commands: the gateway unreachable or refusing, a file unreadable (job
@@ -162,6 +167,10 @@ fn main() -> ExitCode {
     let command = match cli.command {
         // Offline: no gateway, so no config file to get wrong.
         Command::Job(cmd) => return finish(cmd_job::run(cmd, output), None),
+        Command::Completion(args) => {
+            return finish(cmd_completion::completion(args, Cli::command()), None);
+        }
+        Command::Man => return finish(cmd_completion::man(Cli::command()), None),
         other => other,
     };
     let gw = match Gateway::resolve(wanted, &env) {
@@ -188,7 +197,9 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(1)
             }),
+            // Offline commands returned above.
             Command::Job(cmd) => cmd_job::run(cmd, output),
+            Command::Completion(_) | Command::Man => Ok(ExitCode::SUCCESS),
             Command::Machines(cmd) => {
                 cmd_machines::run(cmd, gw, output).await?;
                 Ok(ExitCode::SUCCESS)

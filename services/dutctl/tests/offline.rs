@@ -1,5 +1,6 @@
-//! `dutctl job validate`: the real binary on real files; exit 0 and the normalised job, or
-//! exit 65 (EX_DATAERR) and one positioned error per line on stderr.
+//! dutctl commands that need no gateway, through the real binary: `job validate` (exit 0 and
+//! the normalised job, or exit 65 (EX_DATAERR) and one positioned error per line on stderr),
+//! usage errors (64), `completion` and `man`.
 
 use std::process::Command;
 
@@ -107,4 +108,52 @@ fn usage_errors_exit_64_and_help_exits_0() {
         assert_eq!(out.status.code(), Some(0), "dutctl {args:?}");
         assert!(!out.stdout.is_empty(), "dutctl {args:?} printed nothing");
     }
+}
+
+/// Completions for three shells and the man page, generated from the command line itself;
+/// bash and the roff formatter accept what is generated.
+#[test]
+fn completions_and_man_page_generate() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = dutctl(&["completion", shell]);
+        assert_eq!(out.status.code(), Some(0), "completion {shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        for word in ["run", "machines", "tokens", "audit", "share-dir"] {
+            assert!(script.contains(word), "{shell} completion lacks {word}");
+        }
+    }
+    dutgate_core::testing::require_program("bash", "bash");
+    let dir = tempfile::tempdir().unwrap();
+    let bash = dir.path().join("dutctl.bash");
+    std::fs::write(&bash, dutctl(&["completion", "bash"]).stdout).unwrap();
+    let check = Command::new("bash").arg("-n").arg(&bash).output().unwrap();
+    assert!(
+        check.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    let man = dutctl(&["man"]);
+    assert_eq!(man.status.code(), Some(0));
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.contains(".TH dutctl 1"), "{page}");
+    assert!(
+        page.contains("tokens") && page.contains("completion"),
+        "{page}"
+    );
+    // groff (Debian `groff-base`, which `man` needs) renders it without a warning, its input
+    // decoded as man does (`-k`: preconv, the page has UTF-8 dashes).
+    dutgate_core::testing::require_program("groff", "groff-base");
+    let page_file = dir.path().join("dutctl.1");
+    std::fs::write(&page_file, &man.stdout).unwrap();
+    let rendered = Command::new("groff")
+        .args(["-k", "-man", "-Tutf8", "-ww", "-z"])
+        .arg(&page_file)
+        .output()
+        .unwrap();
+    assert!(
+        rendered.status.success() && rendered.stderr.is_empty(),
+        "groff: {}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
 }
