@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::gfxinfo;
+
 /// What the probe found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
@@ -136,6 +138,20 @@ pub fn probe(root: &Path) -> Probe {
         };
         let vendor = vendor.trim_start_matches("0000").to_string();
         tags.insert(format!("pci:{vendor}:{device}"));
+        // ci-tron's vocabulary: gfxinfo looks every PCI device up (whatever its class) and
+        // skips those without a readable revision.
+        if let (Ok(v), Ok(d), Some(r)) = (
+            u16::from_str_radix(&vendor, 16),
+            u16::from_str_radix(&device, 16),
+            hex_id(&dev.join("revision")).and_then(|r| u8::from_str_radix(&r, 16).ok()),
+        ) && let Some(gpu) = gfxinfo::lookup(gfxinfo::PciId {
+            vendor: v,
+            device: d,
+            revision: r,
+        }) {
+            tags.extend(gpu.tags());
+            tags.extend(gpu.older_tags());
+        }
         let class = hex_id(&dev.join("class")).unwrap_or_default();
         if vendor == "1af4" {
             has_virtio = true;
@@ -265,6 +281,7 @@ mod tests {
         write(r, "sys/bus/pci/devices/0000:00:01.0/vendor", "0x1002\n");
         write(r, "sys/bus/pci/devices/0000:00:01.0/device", "0x73bf\n");
         write(r, "sys/bus/pci/devices/0000:00:01.0/class", "0x030000\n");
+        write(r, "sys/bus/pci/devices/0000:00:01.0/revision", "0xc1\n");
         write(r, "sys/bus/pci/devices/0000:00:02.0/vendor", "0x1af4\n");
         write(r, "sys/bus/pci/devices/0000:00:02.0/device", "0x1041\n");
         write(r, "sys/bus/pci/devices/0000:00:02.0/class", "0x020000\n");
@@ -292,6 +309,10 @@ mod tests {
             "pci:1002:73bf",
             "pci:1af4:1041",
             "gpu:amd:navi21",
+            "amdgpu:codename:NAVI21",
+            "amdgpu:generation:10",
+            "amdgpu:discrete",
+            "amdgpu:gfxversion:gfx10",
             "virtio:family:VIRTIO",
             "virtio:device:net",
             "cpu:model:AMD_Ryzen_9_5950X_16-Core_Processor",
