@@ -70,8 +70,9 @@ pub struct DriverArgs {
     /// driver cancels them itself and exits (GitLab's graceful kill time is longer).
     #[arg(long, default_value_t = 5.0)]
     cancel_grace_seconds: f64,
-    /// Token given to the build stage's script (`DUTGATE_TOKEN`): a user token, since the
-    /// script is the project's code. Default: the token this driver uses.
+    /// File with the token given to the build stage's script (`DUTGATE_TOKEN`): a runner
+    /// token, since the script is the project's code. Unset: the driver gives the script no
+    /// token of its own (it never hands on the token it uses itself, often an admin's).
     #[arg(long)]
     job_token_file: Option<PathBuf>,
 }
@@ -328,15 +329,10 @@ async fn run_stage_inner(
             let m = find_machine(&mars_client(gw), &name).await?;
             cmd.env("DUTGATE_MACHINE_ID", m.id.to_string());
         }
-        let token = match &d.job_token_file {
-            Some(f) => Some(
-                dutgate_core::auth::read_token(f)
-                    .with_context(|| format!("no token in {}", f.display()))?,
-            ),
-            None => gw.token().cloned(),
-        };
-        if let Some(t) = token {
-            cmd.env("DUTGATE_TOKEN", t.expose());
+        if let Some(f) = &d.job_token_file {
+            let token = dutgate_core::auth::read_token(f)
+                .with_context(|| format!("no token in {}", f.display()))?;
+            cmd.env("DUTGATE_TOKEN", token.expose());
         }
         cmd.env(RUN_RECORD_ENV, d.record_path());
     }

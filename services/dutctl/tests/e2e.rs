@@ -12,6 +12,7 @@
 //! running stage on cancel.
 
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitCode, Stdio};
@@ -649,6 +650,11 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
             format!("gateway = \"glrt-gw\"\n[machines]\n\"farm-sim-1\" = \"glrt-1\"\n\"farm-sim-2\" = \"glrt-2\"\n\"{}\" = \"glrt-3\"\n", farm.machines[2]),
         )
         .unwrap();
+        // The token the jobs' build scripts get (the farm has no token store: its user token).
+        let job_token = dir.join("job-token");
+        std::fs::write(&job_token, USER).unwrap();
+        std::fs::set_permissions(&job_token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let job_token = job_token.canonicalize().unwrap();
         let config = dir.join("config.toml");
         // A runner the admin wrote by hand stays.
         std::fs::write(
@@ -666,6 +672,8 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
             ])
             .arg("--token-file")
             .arg(&tokens)
+            .arg("--job-token-file")
+            .arg(&job_token)
             .arg("--config")
             .arg(&config);
             c
@@ -712,7 +720,14 @@ fn runner_config(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
                 .iter()
                 .filter_map(|v| v.as_str())
                 .collect();
-            assert!(args.ends_with(&["gitlab", "run", "--machine", &id.to_string()]));
+            assert!(args.ends_with(&[
+                "gitlab",
+                "run",
+                "--machine",
+                &id.to_string(),
+                "--job-token-file",
+                &job_token.display().to_string()
+            ]));
         }
         // Unchanged machines: byte-identical, and GitLab's own additions are kept.
         let out = write().output().await.unwrap();
