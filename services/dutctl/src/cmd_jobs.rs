@@ -1,4 +1,4 @@
-//! `dutctl jobs list|show|cancel|log`: the executor's jobs (docs/jobs.md §4).
+//! `dutctl jobs list|show|cancel|log|artifacts`: the executor's jobs (docs/jobs.md §4).
 
 use dutgate_core::http::encode_component;
 use std::fmt::Write as _;
@@ -43,6 +43,13 @@ pub enum JobsCommand {
         id: i64,
         #[arg(short = 'f', long)]
         follow: bool,
+    },
+    /// Download a job's artifacts (console log, events, bucket files) as `run --share-dir` does.
+    Artifacts {
+        id: i64,
+        /// Where to put them; created if missing. Default: `./job-<ID>`.
+        #[arg(long)]
+        to: Option<std::path::PathBuf>,
     },
 }
 
@@ -168,6 +175,21 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
                 out.write_all(&bytes).await?;
                 out.flush().await?;
             }
+        }
+        JobsCommand::Artifacts { id, to } => {
+            let dir = to.unwrap_or_else(|| std::path::PathBuf::from(format!("job-{id}")));
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let http = cmd_run::stream_client(gw);
+            let progress = cmd_run::Progress {
+                start: std::time::Instant::now(),
+            };
+            let files = cmd_run::download_artifacts(&exec, &http, id, &dir, &progress)
+                .await
+                .with_context(|| format!("artifacts of job {id}"))?;
+            let value = serde_json::json!({"job": id, "dir": dir, "files": files});
+            print(format, &value, |_| format!("{}\n", dir.display()));
         }
     }
     Ok(())

@@ -568,13 +568,14 @@ pub async fn download_artifacts(
     id: i64,
     dir: &Path,
     progress: &Progress,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<String>> {
     let list: ArtifactList = exec
         .api()
         .get(&format!("/api/v1/jobs/{id}/artifacts"))
         .await
         .context("listing artifacts")?;
     let mut total = 0u64;
+    let mut written = Vec::new();
     for a in &list.artifacts {
         let Some(rel) = safe_relative(&a.path) else {
             progress.line(&format!("skipping artifact with unsafe path {:?}", a.path));
@@ -609,13 +610,14 @@ pub async fn download_artifacts(
         f.flush().await?;
         drop(f);
         tokio::fs::rename(&tmp, &dest).await?;
+        written.push(rel.to_string_lossy().into_owned());
     }
     progress.line(&format!(
         "{} artifacts ({total} bytes) in {}",
         list.artifacts.len(),
         dir.display()
     ));
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -328,6 +328,28 @@ fn dutctl_run_pass_and_fail(farm: &Farm) -> Pin<Box<dyn Future<Output = ()> + Se
                 .await
                 .unwrap();
             assert_eq!(String::from_utf8_lossy(&out.stdout), log);
+            // `jobs artifacts` downloads the same files as `run --share-dir`.
+            let again = dir.join(format!("again-{sim}"));
+            let out = farm
+                .dutctl()
+                .args(["-o", "json", "jobs", "artifacts", &id.to_string(), "--to"])
+                .arg(&again)
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(out.status.code(), Some(0), "{out:?}");
+            let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(listed["job"], id, "{listed}");
+            assert!(
+                listed["files"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|f| f == "console.log")),
+                "{listed}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(again.join("console.log")).unwrap(),
+                log
+            );
         }
         // `jobs show` lists the events; cancelling a finished job is refused (exit 10).
         let out = farm
