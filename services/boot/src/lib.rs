@@ -17,6 +17,7 @@ pub mod ipxe;
 pub mod model;
 pub mod peer;
 pub mod store;
+mod telemetry;
 pub mod testing;
 
 use std::sync::Arc;
@@ -152,6 +153,7 @@ impl BootService {
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    telemetry::describe();
     let service = BootService::open(&ctx, config).await?;
     let health = db_health(service.db());
     let cache = service.cache().clone();

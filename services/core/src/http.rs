@@ -145,7 +145,7 @@ async fn not_found(req: Request) -> ApiError {
 
 async fn record_request(State(service): State<&'static str>, req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = method_label(req.method()).to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -176,6 +176,22 @@ async fn record_request(State(service): State<&'static str>, req: Request, next:
     metrics::histogram!("http_request_duration_seconds", &labels[..3])
         .record(start.elapsed().as_secs_f64());
     response
+}
+
+/// A request method as a metric label: the standard ones by name, anything else `other`, so
+/// that a client making up methods cannot create series without end.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
 }
 
 /// Takes the socket systemd handed over (LISTEN_FDS) or binds `addr`.

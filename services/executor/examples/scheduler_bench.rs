@@ -896,7 +896,7 @@ async fn bench(rts: Runtimes) {
         .await
         .expect("metrics");
     let (dispatch_txn_p50, dispatch_txn_p99, dispatch_txn_n) =
-        histogram_quantiles(&metrics, "executor_dispatch_seconds");
+        histogram_quantiles(&metrics, "dutgate_executor_dispatch_seconds");
     let counter = |name: &str| -> f64 {
         metrics
             .lines()
@@ -922,12 +922,12 @@ async fn bench(rts: Runtimes) {
     // Per step of a dispatch round, over the whole run: mean and the upper bound of the
     // bucket holding the 99th percentile.
     let steps: serde_json::Map<String, serde_json::Value> = [
-        "db_checkpoint_seconds",
-        "executor_mars_event_delay_seconds",
-        "executor_dispatch_step_seconds{step=\"round\"}",
-        "executor_dispatch_step_seconds{step=\"plan\"}",
-        "executor_dispatch_step_seconds{step=\"lease\"}",
-        "executor_dispatch_step_seconds{step=\"record\"}",
+        "dutgate_db_checkpoint_seconds",
+        "dutgate_executor_mars_event_delay_seconds",
+        "dutgate_executor_dispatch_step_seconds{step=\"round\"}",
+        "dutgate_executor_dispatch_step_seconds{step=\"plan\"}",
+        "dutgate_executor_dispatch_step_seconds{step=\"lease\"}",
+        "dutgate_executor_dispatch_step_seconds{step=\"record\"}",
     ]
     .iter()
     .map(|s| {
@@ -938,8 +938,8 @@ async fn bench(rts: Runtimes) {
         )
     })
     .collect();
-    let mean_batch =
-        counter("executor_jobs_dispatched_total") / counter("executor_dispatch_batches_total");
+    let mean_batch = counter("dutgate_executor_jobs_dispatched_total")
+        / counter("dutgate_executor_dispatch_batches_total");
     let f2 = |v: &serde_json::Value| format!("{:.2}", v.as_f64().unwrap_or(f64::NAN));
     let floor_p50 = pct(&mut floor_ms.clone(), 0.5);
     let result = json!({

@@ -29,6 +29,7 @@ pub mod scheduler;
 pub mod storage;
 pub mod store;
 pub mod supervisor;
+mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tokens;
@@ -162,6 +163,7 @@ async fn retention(store: Store, sup: Supervisor, keep: Duration, shutdown: Canc
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    telemetry::describe();
     let db = ctx.open_db(store::MIGRATIONS).await?;
     let exec = Executor::start(
         ctx.gateway.clone(),

@@ -25,6 +25,7 @@ pub mod model;
 pub mod power;
 pub mod state;
 pub mod store;
+mod telemetry;
 pub mod training;
 
 use std::sync::Arc;
@@ -207,6 +208,7 @@ pub async fn run_with_runner(
     config: Config,
     runner: Option<Arc<dyn JobRunner>>,
 ) -> Result<(), ServiceError> {
+    telemetry::describe();
     let db = ctx.open_db(store::MIGRATIONS).await?;
     let store = Store::new(db.clone(), &ctx.gateway.farm_name);
     let power = Arc::new(HttpPower::for_gateway(

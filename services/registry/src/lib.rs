@@ -20,6 +20,7 @@ pub mod error;
 pub mod manifests;
 pub mod reference;
 pub mod stats;
+mod telemetry;
 pub mod testkit;
 pub mod upstream;
 
@@ -83,6 +84,7 @@ impl Registry {
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    telemetry::describe();
     let cache_dir = match &config.cache_dir {
         Some(d) => d.clone(),
         None => ctx

@@ -28,6 +28,7 @@ pub mod secrets;
 pub mod serial;
 pub mod store;
 pub mod stream;
+mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,6 +192,7 @@ pub async fn start(
 /// `dutgate salad`: binds the configured ports (or takes the systemd socket for the REST
 /// API) and serves until SIGTERM.
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    telemetry::describe();
     config.validate().map_err(ServiceError::Startup)?;
     let http = dutgate_core::http::listener(ctx.listen_addr()).await?;
     let netconsole = if config.netconsole_port == 0 {

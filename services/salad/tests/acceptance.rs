@@ -210,7 +210,9 @@ async fn slow_client_is_dropped_others_lose_nothing() {
         .unwrap();
     let drops = metrics
         .lines()
-        .find(|l| l.starts_with("salad_machine_client_drops_total") && l.contains(&id.to_string()))
+        .find(|l| {
+            l.starts_with("dutgate_salad_machine_client_drops_total") && l.contains(&id.to_string())
+        })
         .unwrap_or_else(|| panic!("no drop counter for {id} in:\n{metrics}"));
     assert!(drops.ends_with(" 1"), "{drops}");
 }
@@ -282,7 +284,7 @@ async fn unplug_and_replug_keeps_the_console() {
     let key = pair.adapter.display().to_string();
     let reopens = metrics
         .lines()
-        .find(|l| l.starts_with("salad_port_reopens_total") && l.contains(&key))
+        .find(|l| l.starts_with("dutgate_salad_port_reopens_total") && l.contains(&key))
         .unwrap_or_else(|| panic!("no reopen counter for {key} in:\n{metrics}"));
     assert!(reopens.ends_with(" 1"), "{reopens}");
 

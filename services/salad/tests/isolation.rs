@@ -400,7 +400,7 @@ async fn console_ports_refuse_dut_and_foreign_networks() {
         .unwrap();
     let refused = metrics
         .lines()
-        .find(|l| l.starts_with("salad_console_clients_refused_total"))
+        .find(|l| l.starts_with("dutgate_salad_console_clients_refused_total"))
         .unwrap_or_else(|| panic!("no refusal counter in:\n{metrics}"));
     assert!(refused.ends_with(" 4"), "{refused}");
 }

@@ -193,7 +193,7 @@ impl S3Client {
             .body(body)
             .send()
             .await;
-        metrics::histogram!("dutgate_s3_client_request_seconds", "op" => op)
+        metrics::histogram!("s3_client_request_seconds", "op" => op)
             .record(started.elapsed().as_secs_f64());
         let resp = result.map_err(|e| StorageError::request(op, e))?;
         check(op, resp).await
@@ -368,9 +368,9 @@ impl S3Client {
             .await
             .map_err(|e| StorageError::request("PutObject", e))?;
         check("PutObject", resp).await?;
-        metrics::histogram!("dutgate_s3_client_request_seconds", "op" => "PutObject")
+        metrics::histogram!("s3_client_request_seconds", "op" => "PutObject")
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!("dutgate_s3_client_bytes_total", "direction" => "up").increment(len);
+        metrics::counter!("s3_client_bytes_total", "direction" => "up").increment(len);
         Ok(len)
     }
 

@@ -204,7 +204,7 @@ impl JobStorage {
                 )
             }
         };
-        metrics::counter!("dutgate_s3_job_buckets_created_total").increment(1);
+        metrics::counter!("s3_job_buckets_created_total").increment(1);
         tracing::info!(bucket = %bucket, shared_admin_keys = shared, "job bucket ready");
         Ok(JobBucket {
             bucket,
@@ -329,8 +329,7 @@ impl JobStorage {
             summary.bytes += n;
             summary.paths.push(path);
         }
-        metrics::counter!("dutgate_s3_client_bytes_total", "direction" => "down")
-            .increment(summary.bytes);
+        metrics::counter!("s3_client_bytes_total", "direction" => "down").increment(summary.bytes);
         tracing::info!(
             files = summary.files,
             bytes = summary.bytes,
@@ -436,7 +435,7 @@ impl JobStorage {
     pub async fn delete_bucket(&self, bucket: &str) -> Result<(), StorageError> {
         self.revoke(bucket).await?;
         self.admin.remove_bucket(bucket).await?;
-        metrics::counter!("dutgate_s3_job_buckets_deleted_total").increment(1);
+        metrics::counter!("s3_job_buckets_deleted_total").increment(1);
         Ok(())
     }
 }

@@ -20,6 +20,7 @@ pub mod jobs;
 pub mod keys;
 pub mod server;
 pub mod sigv4;
+pub mod telemetry;
 
 pub use client::{ListPage, ObjectBody, ObjectInfo, S3Client};
 pub use config::{Backend, Config};

@@ -638,7 +638,7 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
     let t0 = now_ms();
     let cpu0 = procfs::cpu_now(&executor_pids);
-    let salad0 = counter_sum(&(metrics)(), "salad_machine_bytes_from_dut_total");
+    let salad0 = counter_sum(&(metrics)(), "dutgate_salad_machine_bytes_from_dut_total");
     let sampling = Arc::new(AtomicBool::new(true));
     let sampler = {
         let sampling = sampling.clone();
@@ -686,7 +686,7 @@ async fn measure(
     tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
     let t1 = now_ms();
     let cpu1 = procfs::cpu_now(&executor_pids);
-    let salad1 = counter_sum(&(metrics)(), "salad_machine_bytes_from_dut_total");
+    let salad1 = counter_sum(&(metrics)(), "dutgate_salad_machine_bytes_from_dut_total");
     let dut_bytes1 = dut_stats.bytes.load(Ordering::Relaxed);
     submitting.cancel();
     let _ = submitter.await;

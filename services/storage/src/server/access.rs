@@ -42,8 +42,7 @@ impl S3Auth for Auth {
         match self.0.lookup(access_key) {
             Some((secret, _)) => Ok(SecretKey::from(secret.expose())),
             None => {
-                metrics::counter!("dutgate_s3_denied_total", "reason" => "unknown_key")
-                    .increment(1);
+                metrics::counter!("s3_denied_total", "reason" => "unknown_key").increment(1);
                 tracing::info!(access_key, "S3 request refused: unknown access key");
                 Err(s3_error!(InvalidAccessKeyId, "unknown access key"))
             }
@@ -134,7 +133,7 @@ pub(crate) fn deny(
     who: Caller<'_>,
     message: String,
 ) -> s3s::S3Error {
-    metrics::counter!("dutgate_s3_denied_total", "reason" => reason).increment(1);
+    metrics::counter!("s3_denied_total", "reason" => reason).increment(1);
     if let Some(l) = who.logged {
         l.set();
     }

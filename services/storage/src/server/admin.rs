@@ -80,7 +80,7 @@ impl S3Route for AdminRoute {
         if admin {
             Ok(())
         } else {
-            metrics::counter!("dutgate_s3_denied_total", "reason" => "admin_route").increment(1);
+            metrics::counter!("s3_denied_total", "reason" => "admin_route").increment(1);
             Err(s3_error!(
                 AccessDenied,
                 "key administration needs the admin key pair"

@@ -264,7 +264,7 @@ pub async fn gate(req: Request, next: Next) -> Response {
             if let Some(l) = req.extensions().get::<super::RefusalLogged>() {
                 l.set();
             }
-            metrics::counter!("dutgate_s3_denied_total", "reason" => refusal.reason).increment(1);
+            metrics::counter!("s3_denied_total", "reason" => refusal.reason).increment(1);
             tracing::warn!(
                 reason = refusal.reason,
                 access_key = refusal.access_key.as_deref().unwrap_or("-"),

@@ -186,7 +186,7 @@ impl KeyStore {
             jobs.insert(pair.access_key.clone(), key);
         })
         .await?;
-        metrics::counter!("dutgate_s3_job_keys_issued_total").increment(1);
+        metrics::counter!("s3_job_keys_issued_total").increment(1);
         Ok(pair)
     }
 
@@ -218,7 +218,7 @@ impl KeyStore {
             jobs.insert(pair.access_key.clone(), key);
         })
         .await?;
-        metrics::counter!("dutgate_s3_reader_keys_issued_total").increment(1);
+        metrics::counter!("s3_reader_keys_issued_total").increment(1);
         Ok(pair)
     }
 
@@ -231,7 +231,7 @@ impl KeyStore {
             removed = before - jobs.len();
         })
         .await?;
-        metrics::counter!("dutgate_s3_job_keys_revoked_total").increment(removed as u64);
+        metrics::counter!("s3_job_keys_revoked_total").increment(removed as u64);
         Ok(removed)
     }
 

@@ -140,7 +140,7 @@ impl RefusalLogged {
 
 async fn record_request(mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let method = req.method().to_string();
+    let method = dutgate_core::http::method_label(req.method()).to_string();
     let peer = access::peer_of(req.extensions());
     let logged = RefusalLogged::default();
     req.extensions_mut().insert(logged.clone());
@@ -162,8 +162,8 @@ async fn record_request(mut req: Request, next: Next) -> Response {
         ("method", method),
         ("status", response.status().as_u16().to_string()),
     ];
-    metrics::counter!("dutgate_s3_requests_total", &labels).increment(1);
-    metrics::histogram!("dutgate_s3_request_duration_seconds", &labels[..1])
+    metrics::counter!("s3_requests_total", &labels).increment(1);
+    metrics::histogram!("s3_request_duration_seconds", &labels[..1])
         .record(start.elapsed().as_secs_f64());
     response
 }
@@ -195,6 +195,7 @@ pub async fn serve(
 
 /// `dutgate s3`.
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    crate::telemetry::describe();
     let gw = &ctx.gateway;
     let router = match config.backend {
         Backend::Embedded => {
