@@ -184,6 +184,7 @@ pub(crate) fn manage_error(e: ManageError) -> ApiError {
         ManageError::Exists(_) | ManageError::Declared(_) => ApiError::conflict(e.to_string()),
         ManageError::NoSuchPdu(_) => ApiError::not_found(e.to_string()),
         ManageError::Store(e) => ApiError::internal(e),
+        ManageError::Pdudaemon(e) => ApiError::internal(e),
     }
 }
 

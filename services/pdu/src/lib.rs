@@ -5,6 +5,7 @@
 //! - [`actor`]: the task that owns a PDU's driver (serialised device access, polling).
 //! - [`api`]: the REST routes; [`client`]: the typed client other services use.
 //! - [`store`]: this service's tables.
+//! - [`pdudaemon`]: pdudaemon's HTTP and TCP listeners, for LAVA and labgrid clients.
 //!
 //! Invariants: only this service talks to PDUs; `UNKNOWN` is never treated as `OFF`; a
 //! power cycle succeeds only if the port read back OFF for the whole off delay.
@@ -14,8 +15,10 @@ pub mod api;
 pub mod client;
 pub mod drivers;
 pub mod pdu;
+pub mod pdudaemon;
 pub mod service;
 pub mod store;
+mod telemetry;
 
 use std::collections::BTreeMap;
 
@@ -56,6 +59,8 @@ pub struct Config {
     pub max_off_seconds: f64,
     /// History rows kept per port.
     pub history_per_port: u32,
+    /// pdudaemon's API (off while neither listener is set).
+    pub pdudaemon: pdudaemon::Config,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             default_off_seconds: 30.0,
             max_off_seconds: 3600.0,
             history_per_port: 500,
+            pdudaemon: pdudaemon::Config::default(),
         }
     }
 }
@@ -100,6 +106,8 @@ pub struct Running {
     pub service: PduService,
     pub shutdown: tokio_util::sync::CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
+    /// Where pdudaemon's listeners listen (none unless configured).
+    pub pdudaemon: pdudaemon::Bound,
 }
 
 impl Running {
@@ -130,8 +138,12 @@ pub async fn start_on(
         store,
         config,
         auth,
-        LeaseCheck::without_mars(),
-        None,
+        Access {
+            dut_networks: Vec::new(),
+            leases: LeaseCheck::without_mars(),
+            outlets: pdudaemon::MachineOutlets::without_mars(),
+            audit: None,
+        },
     )
     .await
 }
@@ -145,16 +157,29 @@ pub async fn start_on_gateway(
     gw: &GatewayConfig,
     auth: dutgate_core::auth::Auth,
 ) -> Result<Running, service::ManageError> {
-    let (leases, audit) = gateway_access(gw);
-    serve_on(listener, store, config, auth, leases, Some(audit)).await
+    serve_on(listener, store, config, auth, Access::for_gateway(gw)).await
 }
 
-/// How the gateway's pdu service checks leases and where it writes its audit log.
-fn gateway_access(gw: &GatewayConfig) -> (LeaseCheck, AuditLog) {
-    (
-        LeaseCheck::for_gateway(gw),
-        AuditLog::new(&gw.state_dir, "pdu"),
-    )
+/// How the service checks leases and machines' outlets (with mars), and its audit log.
+struct Access {
+    /// DUT networks the pdudaemon listeners' networks may not overlap.
+    dut_networks: Vec<ipnet::IpNet>,
+    leases: LeaseCheck,
+    outlets: pdudaemon::MachineOutlets,
+    /// `None`: started without a state dir; audited calls are only traced.
+    audit: Option<AuditLog>,
+}
+
+impl Access {
+    /// The gateway's mars, the audit log under its state dir.
+    fn for_gateway(gw: &GatewayConfig) -> Self {
+        Self {
+            dut_networks: gw.auth.dut_networks.clone(),
+            leases: LeaseCheck::for_gateway(gw),
+            outlets: pdudaemon::MachineOutlets::for_gateway(gw),
+            audit: Some(AuditLog::new(&gw.state_dir, "pdu")),
+        }
+    }
 }
 
 async fn serve_on(
@@ -162,19 +187,35 @@ async fn serve_on(
     store: store::Store,
     config: Config,
     auth: dutgate_core::auth::Auth,
-    leases: LeaseCheck,
-    audit: Option<AuditLog>,
+    access: Access,
 ) -> Result<Running, service::ManageError> {
     let shutdown = tokio_util::sync::CancellationToken::new();
     let addr = listener
         .local_addr()
         .map_err(|e| service::ManageError::Unreachable(e.to_string()))?;
-    let service = PduService::start(store, config, shutdown.clone()).await?;
+    let service = PduService::start(store, config.clone(), shutdown.clone()).await?;
+    let pdudaemon = match pdudaemon::start(
+        &config.pdudaemon,
+        &access.dut_networks,
+        service.clone(),
+        access.outlets,
+        access.audit.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
+        Ok(bound) => bound,
+        Err(e) => {
+            shutdown.cancel();
+            service.stop_all().await;
+            return Err(e.into());
+        }
+    };
     let router = api::router(api::AppState {
         svc: service.clone(),
         auth,
-        leases,
-        audit,
+        leases: access.leases,
+        audit: access.audit,
     });
     let app = dutgate_core::http::with_common_routes("pdu", router, None);
     let stop = shutdown.clone();
@@ -190,20 +231,39 @@ async fn serve_on(
         service,
         shutdown,
         task,
+        pdudaemon,
     })
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {
+    telemetry::describe();
     let db = ctx.open_db(store::MIGRATIONS).await?;
-    let service = PduService::start(store::Store::new(db.clone()), config, ctx.shutdown.clone())
-        .await
-        .map_err(|e| ServiceError::Startup(e.to_string()))?;
-    let (leases, audit) = gateway_access(&ctx.gateway);
+    let service = PduService::start(
+        store::Store::new(db.clone()),
+        config.clone(),
+        ctx.shutdown.clone(),
+    )
+    .await
+    .map_err(|e| ServiceError::Startup(e.to_string()))?;
+    let access = Access::for_gateway(&ctx.gateway);
+    if let Err(e) = pdudaemon::start(
+        &config.pdudaemon,
+        &access.dut_networks,
+        service.clone(),
+        access.outlets,
+        access.audit.clone(),
+        ctx.shutdown.clone(),
+    )
+    .await
+    {
+        service.stop_all().await;
+        return Err(ServiceError::Startup(e.to_string()));
+    }
     let router = api::router(api::AppState {
         svc: service.clone(),
         auth: ctx.auth(),
-        leases,
-        audit: Some(audit),
+        leases: access.leases,
+        audit: access.audit,
     });
     let r = ctx
         .serve_http(router, Some(dutgate_core::service::db_health(db)))

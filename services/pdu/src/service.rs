@@ -27,6 +27,8 @@ pub enum ManageError {
     NoSuchPdu(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Pdudaemon(#[from] crate::pdudaemon::StartError),
 }
 
 /// A PDU in `GET /api/v1/pdus`.

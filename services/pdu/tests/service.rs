@@ -213,7 +213,7 @@ async fn cycle_verifies_off_for_the_whole_delay_and_reports_a_port_that_comes_ba
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("pdu_cycles_total") && l.contains("came_back_on")),
+            .any(|l| l.starts_with("dutgate_pdu_cycles_total") && l.contains("came_back_on")),
         "{metrics}"
     );
     r.stop().await;
