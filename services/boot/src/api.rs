@@ -112,6 +112,13 @@ pub fn router(state: AppState) -> Router {
             dut_network_service_or_lease,
         ))
         .with_state(state.clone());
+    let image = Router::new()
+        .route("/dut-image/{file}", get(crate::dut_image::serve))
+        .layer(from_fn_with_state(
+            auth.clone(),
+            crate::dut_image::dut_network_or_service,
+        ))
+        .with_state(crate::dut_image::dir(&state.config, &state.gateway));
     let reads = Router::new()
         .route("/api/v1/boot", get(list_configs))
         .route("/api/v1/boot/{mac}", get(get_config))
@@ -125,7 +132,8 @@ pub fn router(state: AppState) -> Router {
     let audit = Router::new()
         .route("/api/v1/audit", get(dutgate_core::audit::list))
         .with_state((state.audit, auth));
-    dut.merge(reads)
+    dut.merge(image)
+        .merge(reads)
         .merge(writes)
         .merge(audit)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))

@@ -21,6 +21,11 @@ pub struct Config {
     /// Directories `file://` URLs may point into (served in place, never copied). A boot
     /// config naming a file elsewhere is refused: jobs must not read the gateway's files.
     pub file_roots: Vec<PathBuf>,
+    /// Directory of the DUT image that `dutgate dut-image` builds, served to the DUT networks
+    /// at `<public URL>/dut-image/vmlinuz` and `/dut-image/initramfs.cpio`. Boot configs
+    /// naming those URLs are served from the directory in place. Unset:
+    /// `<state_dir>/dut-image`.
+    pub dut_image_dir: Option<PathBuf>,
     /// URL prefixes DUTs can fetch directly (the gateway's own S3 storage); such URLs are put
     /// in scripts unchanged. Unset: `http://<public_host>:<ports.s3>/`.
     pub direct_url_prefixes: Option<Vec<String>>,
@@ -41,6 +46,7 @@ impl Default for Config {
             public_url: None,
             retry_delay_seconds: 10,
             file_roots: Vec::new(),
+            dut_image_dir: None,
             direct_url_prefixes: None,
             unverified_peer_networks: Vec::new(),
             arp_table: PathBuf::from(crate::peer::ARP_TABLE),

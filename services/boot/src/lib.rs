@@ -1,11 +1,13 @@
 //! The boot service (`dutgate boot`, port 8003): answers a DUT's iPXE with the boot script of
 //! the job holding it (or the default registration config), and serves the kernels and
-//! initramfs those scripts name from a local artifact cache.
+//! initramfs those scripts name from a local artifact cache, and the DUT image that
+//! `dutgate dut-image` builds at stable URLs (`/dut-image/…`).
 //!
 //! - [`ipxe`]: script rendering and command-line escaping for iPXE's parser.
 //! - [`model`]: boot configs (REST bodies); [`store`]: their table.
 //! - [`cache`]: the artifact cache (single flight, verification, Range/ETag, LRU).
 //! - [`peer`]: who may read a machine's job boot script.
+//! - [`dut_image`]: the DUT image at stable URLs (`/dut-image/vmlinuz`, `…/initramfs.cpio`).
 //! - [`api`]: the routes; [`client`]: the typed client the executor uses.
 //! - [`testing`]: in-process service and a tiny initramfs builder for tests.
 
@@ -13,6 +15,7 @@ pub mod api;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod dut_image;
 pub mod ipxe;
 pub mod model;
 pub mod peer;
@@ -64,15 +67,32 @@ impl BootService {
             .clone()
             .unwrap_or_else(|| vec![format!("http://{}:{}/", gw.public_host, gw.ports.s3)]);
         let policy = dutgate_core::outbound::OutboundPolicy::from_gateway(gw);
-        let cache = ArtifactCache::open(
-            dir,
-            config.cache.clone(),
-            &config.file_roots,
-            direct,
-            policy,
-        )
-        .await
-        .map_err(|e| startup(format!("artifact cache: {e}")))?;
+        // The DUT image directory is a file root of its own, created if missing so that the
+        // root holds before the first `dutgate dut-image` (the routes then answer 404).
+        let image_dir = dut_image::dir(&config, gw);
+        if let Err(e) = tokio::fs::create_dir_all(&image_dir).await {
+            tracing::warn!(dir = %image_dir.display(), error = %e, "cannot create the DUT image directory");
+        }
+        let own_image = match tokio::fs::canonicalize(&image_dir).await {
+            Ok(dir) => Some(cache::OwnImage {
+                url_prefix: format!(
+                    "{}{}/",
+                    dut_image::public_base(&config, gw),
+                    dut_image::PATH
+                ),
+                dir,
+            }),
+            Err(e) => {
+                tracing::warn!(dir = %image_dir.display(), error = %e, "DUT image directory unusable; boot configs cannot name its URLs");
+                None
+            }
+        };
+        let mut roots = config.file_roots.clone();
+        roots.extend(own_image.as_ref().map(|o| o.dir.clone()));
+        let cache =
+            ArtifactCache::open(dir, config.cache.clone(), &roots, direct, own_image, policy)
+                .await
+                .map_err(|e| startup(format!("artifact cache: {e}")))?;
         let store = Store::new(db);
         // Artifacts of the default config must be servable; a bad one is a config error.
         if let Some(default) = &config.default {

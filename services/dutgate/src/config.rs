@@ -46,7 +46,27 @@ pub fn load(
         config.gateway.state_dir = dir.to_path_buf();
     }
     config.gateway.state_dir = absolute(&config.gateway.state_dir);
+    dut_image_defaults(&mut config);
     Ok(Loaded { config, source })
+}
+
+/// The job template variables that name the DUT image, and the image files they point at.
+pub const DUT_IMAGE_VARS: [(&str, &str); 2] = [
+    ("dut_kernel_url", "vmlinuz"),
+    ("dut_initramfs_url", "initramfs.cpio"),
+];
+
+/// `executor.template_vars.dut_kernel_url`/`dut_initramfs_url` default to the DUT image on
+/// the boot service (`http://<public_host>:<boot port>/dut-image/…`, or under
+/// `boot.public_url`), which `dutgate dut-image` builds: the trainer's jobs and users' jobs
+/// boot it with nothing else serving it. A value set in the file or the environment wins.
+pub fn dut_image_defaults(config: &mut FileConfig) {
+    for (var, file) in DUT_IMAGE_VARS {
+        if !config.executor.template_vars.contains_key(var) {
+            let url = dutgate_boot::dut_image::url(&config.boot, &config.gateway, file);
+            config.executor.template_vars.insert(var.to_string(), url);
+        }
+    }
 }
 
 /// The environment variable that sets `gateway.auth.dut_networks`.
@@ -104,6 +124,36 @@ mod tests {
             path: Some(PathBuf::from("/etc/dutgate/gateway.yml")),
             text: text.into(),
         }
+    }
+
+    #[test]
+    fn dut_image_urls_default_to_the_boot_service() {
+        let mut c: FileConfig = yaml_serde::from_str(
+            "gateway: {public_host: 10.42.0.1, ports: {boot: 8103}}\nexecutor: {template_vars: {other: x}}\n",
+        )
+        .unwrap();
+        dut_image_defaults(&mut c);
+        let vars = &c.executor.template_vars;
+        assert_eq!(
+            vars["dut_kernel_url"],
+            "http://10.42.0.1:8103/dut-image/vmlinuz"
+        );
+        assert_eq!(
+            vars["dut_initramfs_url"],
+            "http://10.42.0.1:8103/dut-image/initramfs.cpio"
+        );
+        assert_eq!(vars["other"], "x");
+        let mut c: FileConfig = yaml_serde::from_str(
+            "boot: {public_url: 'http://gw.lan:80/'}\nexecutor: {template_vars: {dut_kernel_url: 'https://elsewhere/k'}}\n",
+        )
+        .unwrap();
+        dut_image_defaults(&mut c);
+        let vars = &c.executor.template_vars;
+        assert_eq!(vars["dut_kernel_url"], "https://elsewhere/k");
+        assert_eq!(
+            vars["dut_initramfs_url"],
+            "http://gw.lan:80/dut-image/initramfs.cpio"
+        );
     }
 
     #[test]

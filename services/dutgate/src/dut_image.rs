@@ -1,8 +1,11 @@
 //! `dutgate dut-image`: assembles the DUT environment from Debian packages: the kernel of
-//! `linux-image-amd64`, its virtio network modules, `busybox-static`, the static
-//! `machine-registration` and `dutgate-dut` agents, and the init in `gateway-image/dut/`.
-//! The result (`vmlinuz`, `initramfs.cpio`, `image.json`) is what the virtual farm boots by
-//! default. `cargo xtask dut-image` builds the agents and calls this.
+//! `linux-image-amd64`, its network modules (virtio for the virtual farm, the common wired
+//! PCI and USB NICs of real DUTs, with the firmware they name when it is installed),
+//! `busybox-static`, the static `machine-registration` and `dutgate-dut` agents, and the init
+//! in `gateway-image/dut/`. The result (`vmlinuz`, `initramfs.cpio`, `image.json`) is what the
+//! boot service serves at `/dut-image/…` for registration, training and jobs.
+//! `cargo xtask dut-image` builds the agents and calls this; the Debian package installs them
+//! in `/usr/lib/dutgate`, where this command finds them by default.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,8 +17,36 @@ use dutgate_boot::testing::initramfs::Initramfs;
 const INIT: &str = include_str!("../../../gateway-image/dut/init");
 const CMDLINE_AWK: &str = include_str!("../../../gateway-image/dut/cmdline.awk");
 const UDHCPC_SCRIPT: &str = include_str!("../../../gateway-image/dut/udhcpc.script");
-/// Kernel modules the DUT needs for its network (the Debian kernel builds them as modules).
-const WANTED_MODULES: [&str; 2] = ["virtio_pci", "virtio_net"];
+/// Kernel modules the DUT needs for its network, which Debian's `linux-image-amd64` builds
+/// as modules (its serial drivers, 8250 and 8250_pci, and `af_packet` for DHCP are built
+/// in). Their dependencies (`libphy`, `usbcore`, `usbnet`, …) come from `modules.dep`.
+const WANTED_MODULES: [&str; 17] = [
+    // QEMU (the virtual farm).
+    "virtio_pci",
+    "virtio_net",
+    // Intel: 82540 (QEMU's default too), PCIe desktops and laptops, servers, 2.5G.
+    "e1000",
+    "e1000e",
+    "igb",
+    "igc",
+    "ixgbe",
+    // Realtek, Broadcom and Aquantia onboard NICs.
+    "r8169",
+    "tg3",
+    "bnx2",
+    "atlantic",
+    // USB host controllers, then USB NICs (Realtek, ASIX, CDC Ethernet docks and dongles).
+    "xhci_pci",
+    "ehci_pci",
+    "r8152",
+    "ax88179_178a",
+    "cdc_ether",
+    "usbnet",
+];
+/// Where the Debian package installs the static agents (xtask/src/deb.rs).
+const PACKAGED_AGENTS: &str = "/usr/lib/dutgate";
+/// Where the kernel looks for firmware (it loads it from the initramfs itself).
+const FIRMWARE_DIR: &str = "/lib/firmware";
 
 #[derive(Args, Debug)]
 pub struct DutImageArgs {
@@ -28,12 +59,30 @@ pub struct DutImageArgs {
     /// Static busybox (Debian package busybox-static).
     #[arg(long, default_value = "/bin/busybox")]
     busybox: PathBuf,
-    /// The static machine-registration agent.
+    /// The static machine-registration agent (default: the packaged
+    /// /usr/lib/dutgate/machine-registration, when installed).
     #[arg(long)]
-    registration_agent: PathBuf,
-    /// The static dutgate-dut agent (job bucket sync).
+    registration_agent: Option<PathBuf>,
+    /// The static dutgate-dut agent, job bucket sync (default: the packaged
+    /// /usr/lib/dutgate/dutgate-dut, when installed).
     #[arg(long)]
-    dut_agent: PathBuf,
+    dut_agent: Option<PathBuf>,
+}
+
+/// `--<flag>` if given, else the packaged agent when it exists.
+fn agent_path(given: Option<&Path>, name: &str, flag: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let packaged = Path::new(PACKAGED_AGENTS).join(name);
+    if packaged.is_file() {
+        return Ok(packaged);
+    }
+    bail!(
+        "--{flag} not given and {} is not installed: install the dutgate Debian package, or \
+         build the static agent with `cargo xtask dut-image`",
+        packaged.display()
+    )
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -42,6 +91,8 @@ struct ImageInfo {
     initramfs: PathBuf,
     kernel_release: String,
     modules: Vec<String>,
+    /// Firmware files the modules name that were installed and put in the image.
+    firmware: Vec<String>,
 }
 
 pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
@@ -64,6 +115,12 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
                 kernel.display()
             )
         })?;
+    let registration_agent = agent_path(
+        args.registration_agent.as_deref(),
+        "machine-registration",
+        "registration-agent",
+    )?;
+    let dut_agent = agent_path(args.dut_agent.as_deref(), "dutgate-dut", "dut-agent")?;
     let modules_dir = PathBuf::from("/lib/modules").join(&release);
     let busybox = std::fs::read(&args.busybox).with_context(|| {
         format!(
@@ -89,9 +146,9 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
     fs.file(
         "bin/machine-registration",
         0o755,
-        read_agent(&args.registration_agent)?,
+        read_agent(&registration_agent)?,
     );
-    fs.file("bin/dutgate-dut", 0o755, read_agent(&args.dut_agent)?);
+    fs.file("bin/dutgate-dut", 0o755, read_agent(&dut_agent)?);
     fs.file(
         "etc/dutgate/cmdline.awk",
         0o644,
@@ -107,17 +164,27 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
 
     let order = module_load_order(&modules_dir, &WANTED_MODULES)?;
     let mut names = Vec::new();
+    let mut firmware = BTreeSet::new();
     for rel in &order {
         let name = Path::new(rel)
             .file_name()
             .and_then(|n| n.to_str())
             .context("module path without a file name")?
             .to_string();
+        if !name.ends_with(".ko") {
+            // busybox insmod hands the file to the kernel as it is.
+            bail!(
+                "{rel}: compressed kernel modules are not supported (busybox insmod loads them \
+                 as they are); use a kernel whose modules are plain .ko files"
+            );
+        }
         let data = std::fs::read(modules_dir.join(rel))
             .with_context(|| format!("reading module {rel} (package linux-image-amd64)"))?;
+        firmware.extend(module_firmware(&data));
         fs.file(&format!("lib/modules/{name}"), 0o644, data);
         names.push(name);
     }
+    let firmware = add_firmware(&mut fs, Path::new(FIRMWARE_DIR), &firmware)?;
     let mut order_file = names.join("\n");
     order_file.push('\n');
     fs.file("etc/dutgate/modules.order", 0o644, order_file.into_bytes());
@@ -138,6 +205,7 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
         initramfs: initramfs_out,
         kernel_release: release,
         modules: names,
+        firmware,
     };
     std::fs::write(out.join("image.json"), serde_json::to_vec_pretty(&info)?)?;
     println!(
@@ -147,6 +215,57 @@ pub fn run(args: &DutImageArgs, state_dir: &Path) -> anyhow::Result<()> {
         std::fs::metadata(&info.initramfs)?.len() / 1024
     );
     Ok(())
+}
+
+/// The firmware files a module names (`firmware=` entries of its `.modinfo` section: NUL
+/// separated strings, found by scanning the file).
+fn module_firmware(module: &[u8]) -> Vec<String> {
+    const KEY: &[u8] = b"firmware=";
+    module
+        .split(|b| *b == 0)
+        .filter_map(|s| s.strip_prefix(KEY))
+        .filter_map(|s| std::str::from_utf8(s).ok())
+        // A relative path below /lib/firmware; anything else is not a firmware name.
+        .filter(|s| {
+            !s.is_empty() && !s.starts_with('/') && !s.split('/').any(|c| c == ".." || c.is_empty())
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Puts the installed ones of `wanted` (relative to `dir`) into `lib/firmware/`; firmware
+/// packages (firmware-realtek, firmware-bnx2, …) are optional, and a NIC whose firmware is
+/// missing says so on the DUT's console. Returns what was added.
+fn add_firmware(
+    fs: &mut Initramfs,
+    dir: &Path,
+    wanted: &BTreeSet<String>,
+) -> anyhow::Result<Vec<String>> {
+    let mut added = Vec::new();
+    // Each directory once, before its first file: the archive is unpacked in order, and
+    // adding an entry again would move it behind files already inside it.
+    let mut dirs: BTreeSet<String> = BTreeSet::new();
+    for name in wanted {
+        let path = dir.join(name);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        if dirs.insert(String::new()) {
+            fs.dir("lib/firmware");
+        }
+        let components: Vec<&str> = name.split('/').collect();
+        for depth in 1..components.len() {
+            let d = components[..depth].join("/");
+            if dirs.insert(d.clone()) {
+                fs.dir(&format!("lib/firmware/{d}"));
+            }
+        }
+        fs.file(&format!("lib/firmware/{name}"), 0o644, data);
+        added.push(name.clone());
+    }
+    Ok(added)
 }
 
 fn read_agent(path: &Path) -> anyhow::Result<Vec<u8>> {
@@ -258,5 +377,106 @@ mod tests {
             ]
         );
         assert!(module_load_order(dir.path(), &["nope"]).is_err());
+    }
+
+    /// Every wanted module, and each of its dependencies, resolves against the kernel
+    /// installed here (package linux-image-amd64), dependencies before their users.
+    #[test]
+    fn wanted_modules_resolve_against_the_installed_kernel() {
+        let kernel = newest_kernel().expect("install the Debian package linux-image-amd64");
+        let release = kernel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .unwrap()
+            .to_string();
+        let dir = PathBuf::from("/lib/modules").join(&release);
+        let order = module_load_order(&dir, &WANTED_MODULES).unwrap();
+        let dep_text = std::fs::read_to_string(dir.join("modules.dep")).unwrap();
+        let deps: HashMap<&str, Vec<&str>> = dep_text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(p, rest)| (p, rest.split_whitespace().collect()))
+            .collect();
+        let position = |p: &str| order.iter().position(|o| o == p);
+        for w in WANTED_MODULES {
+            let path = order
+                .iter()
+                .find(|p| module_name(p) == w)
+                .unwrap_or_else(|| panic!("{w} missing from {order:?}"));
+            assert!(dir.join(path).is_file(), "{path}");
+        }
+        for p in &order {
+            for d in &deps[p.as_str()] {
+                assert!(
+                    position(d) < position(p) && position(d).is_some(),
+                    "{d} must load before {p}"
+                );
+            }
+        }
+        // No module twice, and the ones the DUT network needs besides the NIC drivers.
+        let names: BTreeSet<String> = order.iter().map(|p| module_name(p)).collect();
+        assert_eq!(names.len(), order.len());
+        for needed in ["libphy", "usbcore", "mii"] {
+            assert!(names.contains(needed), "{needed} not pulled in: {names:?}");
+        }
+        // What Debian builds in is not asked for as a module.
+        let builtin = std::fs::read_to_string(dir.join("modules.builtin")).unwrap();
+        for w in WANTED_MODULES {
+            assert!(
+                !builtin.lines().any(|l| module_name(l) == w),
+                "{w} is built in"
+            );
+        }
+    }
+
+    #[test]
+    fn firmware_names_come_from_modinfo_and_stay_below_the_firmware_dir() {
+        let module = b"\x7fELF junk\0license=GPL\0firmware=rtl_nic/rtl8168h-2.fw\0firmware=../etc/shadow\0firmware=/abs\0firmware=a//b\0firmware=bnx2/bnx2-mips-09-6.2.1b.fw\0";
+        assert_eq!(
+            module_firmware(module),
+            vec!["rtl_nic/rtl8168h-2.fw", "bnx2/bnx2-mips-09-6.2.1b.fw"]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("rtl_nic")).unwrap();
+        std::fs::write(dir.path().join("rtl_nic/a.fw"), b"A").unwrap();
+        std::fs::write(dir.path().join("rtl_nic/b.fw"), b"B").unwrap();
+        let wanted: BTreeSet<String> = ["rtl_nic/a.fw", "rtl_nic/b.fw", "absent/c.fw"]
+            .map(String::from)
+            .into();
+        let mut fs = Initramfs::new();
+        let added = add_firmware(&mut fs, dir.path(), &wanted).unwrap();
+        assert_eq!(added, ["rtl_nic/a.fw", "rtl_nic/b.fw"]);
+        let out = dir.path().join("out.cpio");
+        fs.write(&out).unwrap();
+        let names = cpio_names(&std::fs::read(&out).unwrap());
+        let at = |n: &str| names.iter().position(|x| x == n).unwrap();
+        assert!(at("lib/firmware") < at("lib/firmware/rtl_nic"));
+        assert!(at("lib/firmware/rtl_nic") < at("lib/firmware/rtl_nic/a.fw"));
+        assert!(at("lib/firmware/rtl_nic/a.fw") < at("lib/firmware/rtl_nic/b.fw"));
+    }
+
+    /// Entry names of a newc archive, in order.
+    fn cpio_names(data: &[u8]) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut at = 0;
+        let field = |at: usize, i: usize| {
+            let s = std::str::from_utf8(&data[at + 6 + i * 8..at + 14 + i * 8]).unwrap();
+            usize::from_str_radix(s, 16).unwrap()
+        };
+        let align = |n: usize| n.div_ceil(4) * 4;
+        while at + 110 <= data.len() {
+            let size = field(at, 6);
+            let namesize = field(at, 11);
+            let name =
+                String::from_utf8_lossy(&data[at + 110..at + 110 + namesize - 1]).to_string();
+            if name == "TRAILER!!!" {
+                break;
+            }
+            names.push(name);
+            at = align(at + 110 + namesize);
+            at = align(at + size);
+        }
+        names
     }
 }

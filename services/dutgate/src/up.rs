@@ -65,13 +65,8 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
             .with_context(|| format!("port {} for {name} is not available", addr.port()))?;
     }
     let exe = std::env::current_exe().context("locating the dutgate binary")?;
-    // Kept alive for as long as the services run: jobs' kernels come from it.
-    let mut image_server = None;
     let overlay = if args.virtual_farm.enabled() {
-        let dir = virtual_farm::image_dir(&args.virtual_farm, &loaded.config)?;
-        let server = virtual_farm::ImageServer::start(&dir).await?;
-        let env = virtual_farm::overrides(&args.virtual_farm, &loaded.config, &server.base_url)?;
-        image_server = Some(server);
+        let env = virtual_farm::overrides(&args.virtual_farm, &loaded.config)?;
         println!(
             "dutgate: virtual farm of {} QEMU DUT(s); config overlay:",
             args.virtual_farm.virtual_duts
@@ -181,7 +176,6 @@ pub async fn run(args: UpArgs, loaded: Loaded, config_path: Option<PathBuf>) -> 
         d.abort();
     }
     stop_all(&mut children).await;
-    drop(image_server);
     let _ = std::fs::remove_file(&endpoints_file);
     println!("dutgate: all services stopped");
     Ok(())

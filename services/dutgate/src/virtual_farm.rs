@@ -6,12 +6,11 @@
 //! - `gateway.public_host` = 10.0.2.2: QEMU user networking shows the host there;
 //! - `pdu.pdus.virtual`: the `virtual` driver with N ports, netbooting from this boot service
 //!   and sending the console to salad's netconsole port;
-//! - `boot.file_roots` + `boot.default`: the DUT image (`dutgate dut-image`) with
-//!   `dutgate.action=register`, served in place by the boot service;
-//! - `executor.template_vars.dut_kernel_url`/`dut_initramfs_url`: the same image for jobs and
-//!   the trainer's templates (`gateway-image/jobs/*.j2`). Jobs only accept http(s) URLs, so
-//!   `dutgate up` serves the two files on a loopback port of its own ([`ImageServer`]); the
-//!   boot service fetches them from there into its cache like any other artifact;
+//! - `boot.dut_image_dir` + `boot.default`: the DUT image (`dutgate dut-image`) with
+//!   `dutgate.action=register`, at the boot service's stable URLs
+//!   (`http://<guest host>:<boot port>/dut-image/…`, served from the directory in place);
+//! - `executor.template_vars.dut_kernel_url`/`dut_initramfs_url`: the same URLs for jobs and
+//!   the trainer's templates (`gateway-image/jobs/*.j2`), exactly as on a real farm;
 //! - short off delay and short training.
 //!
 //! After the services are up, every port without a machine is discovered in turn (mars
@@ -77,65 +76,8 @@ impl VirtualFarmArgs {
     }
 }
 
-/// The DUT image's files this farm serves over HTTP.
-const IMAGE_FILES: [&str; 2] = ["vmlinuz", "initramfs.cpio"];
-
-/// Serves `vmlinuz` and `initramfs.cpio` of the DUT image read-only on 127.0.0.1 (an
-/// ephemeral port) for the boot service's artifact cache. Stops when dropped.
-pub struct ImageServer {
-    pub base_url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ImageServer {
-    pub async fn start(dir: &Path) -> anyhow::Result<Self> {
-        use axum::extract::{Path as UrlPath, State};
-        use axum::http::{StatusCode, header};
-        use axum::response::IntoResponse;
-
-        async fn file(
-            State(dir): State<PathBuf>,
-            UrlPath(name): UrlPath<String>,
-        ) -> axum::response::Response {
-            // Only the two image files: no other name ever reaches the file system.
-            if !IMAGE_FILES.contains(&name.as_str()) {
-                return (StatusCode::NOT_FOUND, "not a DUT image file").into_response();
-            }
-            match tokio::fs::read(dir.join(&name)).await {
-                Ok(bytes) => {
-                    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
-                }
-                Err(e) => {
-                    tracing::warn!(file = %name, error = %e, "cannot read the DUT image");
-                    (StatusCode::NOT_FOUND, e.to_string()).into_response()
-                }
-            }
-        }
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the DUT image server")?;
-        let addr = listener.local_addr()?;
-        let app = axum::Router::new()
-            .route("/dut-image/{name}", axum::routing::get(file))
-            .with_state(dir.to_path_buf());
-        let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("dutgate: DUT image server stopped: {e}");
-            }
-        });
-        Ok(Self {
-            base_url: format!("http://{addr}/dut-image"),
-            task,
-        })
-    }
-}
-
-impl Drop for ImageServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+/// The DUT image's files the DUTs boot.
+const IMAGE_FILES: [&str; 2] = dutgate_boot::dut_image::FILES;
 
 /// Checks that the DUT image exists and returns its (absolute) directory.
 pub fn image_dir(args: &VirtualFarmArgs, config: &FileConfig) -> anyhow::Result<PathBuf> {
@@ -154,12 +96,10 @@ pub fn image_dir(args: &VirtualFarmArgs, config: &FileConfig) -> anyhow::Result<
     Ok(image)
 }
 
-/// The environment overrides that turn `config` into a virtual farm. `image_url` is the
-/// [`ImageServer`]'s base URL.
+/// The environment overrides that turn `config` into a virtual farm.
 pub fn overrides(
     args: &VirtualFarmArgs,
     config: &FileConfig,
-    image_url: &str,
 ) -> anyhow::Result<Vec<(String, String)>> {
     let gw = &config.gateway;
     if args.training_qualifying > args.training_loops {
@@ -193,10 +133,14 @@ pub fn overrides(
     };
     let run_dir = gw.state_dir.join("virtual-pdu");
     let image = image_dir(args, config)?;
-    let kernel = image.join("vmlinuz");
-    let initramfs = image.join("initramfs.cpio");
-    let kernel_url = file_url(&kernel)?;
-    let initramfs_url = file_url(&initramfs)?;
+    // The URLs the DUTs use, as the boot service derives them with the overlay applied.
+    let guest_gateway = dutgate_core::config::GatewayConfig {
+        public_host: guest_host.clone(),
+        ..gw.clone()
+    };
+    let image_url = |file: &str| dutgate_boot::dut_image::url(&config.boot, &guest_gateway, file);
+    let kernel_url = image_url("vmlinuz");
+    let initramfs_url = image_url("initramfs.cpio");
     let mars_url = format!("http://{guest_host}:{}", gw.ports.mars);
     let mut pdu_config = json!({
         "pdu_id": 1,
@@ -220,8 +164,8 @@ pub fn overrides(
         "initramfs": [{ "url": initramfs_url }],
     });
     let template_vars = json!({
-        "dut_kernel_url": format!("{image_url}/vmlinuz"),
-        "dut_initramfs_url": format!("{image_url}/initramfs.cpio"),
+        "dut_kernel_url": kernel_url,
+        "dut_initramfs_url": initramfs_url,
         // The trainer's templates default to mars on 8001.
         "mars_port": gw.ports.mars.to_string(),
     });
@@ -235,13 +179,6 @@ pub fn overrides(
             v(json!([{ "path": ttys.to_string_lossy() }])),
         ));
     }
-    // The boot cache fetches the jobs' kernels from the image server on loopback: exactly
-    // that address and port joins the outbound allow list, nothing else on loopback.
-    let mut allow = gw.outbound.allow.clone();
-    allow.push(dutgate_core::outbound::AllowRule::exact(image_server_addr(
-        image_url,
-    )?));
-    overrides.push(env("GATEWAY__OUTBOUND__ALLOW", v(json!(allow))));
     // Passed on explicitly so that the children, which load the same config file without
     // `--virtual-duts`, see the DUT networks as set (the file may omit them).
     overrides.push(env(
@@ -267,7 +204,7 @@ pub fn overrides(
     overrides.extend([
         env("GATEWAY__PUBLIC_HOST", guest_host),
         env("PDU__PDUS__VIRTUAL", v(pdu)),
-        env("BOOT__FILE_ROOTS", v(json!([image]))),
+        env("BOOT__DUT_IMAGE_DIR", v(json!(image))),
         env("BOOT__DEFAULT", v(boot_default)),
         env("EXECUTOR__TEMPLATE_VARS", v(template_vars)),
         env("MARS__PDU_OFF_DELAY", args.off_delay.to_string()),
@@ -291,21 +228,6 @@ pub fn overrides(
     Ok(overrides)
 }
 
-/// The socket address of the [`ImageServer`] from its base URL (`http://127.0.0.1:P/…`).
-fn image_server_addr(image_url: &str) -> anyhow::Result<std::net::SocketAddr> {
-    let url = reqwest::Url::parse(image_url)
-        .with_context(|| format!("image server URL {image_url:?}"))?;
-    let host: std::net::IpAddr = url
-        .host_str()
-        .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-        .and_then(|h| h.parse().ok())
-        .with_context(|| format!("image server URL {image_url}: the host must be an IP address"))?;
-    let port = url
-        .port_or_known_default()
-        .with_context(|| format!("image server URL {image_url}: no port"))?;
-    Ok(std::net::SocketAddr::new(host, port))
-}
-
 fn env(key: &str, value: String) -> (String, String) {
     (format!("{}{key}", dutgate_core::config::ENV_PREFIX), value)
 }
@@ -317,16 +239,6 @@ fn absolute(p: &Path) -> PathBuf {
     std::env::current_dir()
         .map(|cwd| cwd.join(p))
         .unwrap_or_else(|_| p.to_path_buf())
-}
-
-fn file_url(p: &Path) -> anyhow::Result<String> {
-    let s = p
-        .to_str()
-        .with_context(|| format!("{} is not valid UTF-8", p.display()))?;
-    if s.contains(|c: char| c.is_whitespace() || c == '%' || c == '#' || c == '?') {
-        bail!("{s}: the DUT image path must not contain spaces, '%', '#' or '?'");
-    }
-    Ok(format!("file://{s}"))
 }
 
 /// Discovers every port of the virtual PDU that has no machine yet, one after the other
@@ -451,31 +363,6 @@ async fn port_has_machine(
 
 #[cfg(test)]
 mod tests {
-    /// The image server serves the two files and nothing else.
-    #[tokio::test]
-    async fn image_server_serves_only_the_image() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vmlinuz"), b"kernel bytes").unwrap();
-        std::fs::write(dir.path().join("secret"), b"no").unwrap();
-        let srv = ImageServer::start(dir.path()).await.unwrap();
-        let http = reqwest::Client::new();
-        let r = http
-            .get(format!("{}/vmlinuz", srv.base_url))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert_eq!(r.bytes().await.unwrap().as_ref(), b"kernel bytes");
-        for bad in ["secret", "initramfs.cpio", "..%2Fsecret"] {
-            let r = http
-                .get(format!("{}/{bad}", srv.base_url))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 404, "{bad}");
-        }
-    }
-
     use super::*;
 
     fn args(n: u8, image: &Path) -> VirtualFarmArgs {
@@ -498,7 +385,7 @@ mod tests {
         std::fs::write(dir.path().join("vmlinuz"), b"k").unwrap();
         std::fs::write(dir.path().join("initramfs.cpio"), b"i").unwrap();
         let base = FileConfig::default();
-        let env = overrides(&args(3, dir.path()), &base, "http://127.0.0.1:1/dut-image").unwrap();
+        let env = overrides(&args(3, dir.path()), &base).unwrap();
         let source = dutgate_core::config::ConfigSource::locate(None).unwrap();
         let c: FileConfig = source.load(env).unwrap();
         assert_eq!(c.gateway.public_host, GUEST_HOST);
@@ -509,23 +396,23 @@ mod tests {
         assert_eq!(pdu.driver, "virtual");
         assert_eq!(pdu.config["ports"], 3);
         let default = c.boot.default.unwrap();
-        assert!(default.kernel.url.starts_with("file:///"));
+        let boot_port = base.gateway.ports.boot;
+        assert_eq!(
+            default.kernel.url,
+            format!("http://{GUEST_HOST}:{boot_port}/dut-image/vmlinuz")
+        );
         assert!(default.kernel.cmdline.contains("dutgate.action=register"));
-        assert_eq!(c.boot.file_roots, vec![dir.path().to_path_buf()]);
+        assert_eq!(c.boot.dut_image_dir.as_deref(), Some(dir.path()));
+        // Jobs boot the same URLs; no server of its own, so nothing joins the allow list.
         assert_eq!(
             c.executor.template_vars["dut_kernel_url"],
-            "http://127.0.0.1:1/dut-image/vmlinuz"
+            default.kernel.url
         );
-        // Exactly the image server is allowed; everything else on loopback stays refused.
         assert_eq!(
-            c.gateway.outbound.allow,
-            vec!["127.0.0.1:1".parse().unwrap()]
+            c.executor.template_vars["dut_initramfs_url"],
+            default.initramfs[0].url
         );
-        let policy = dutgate_core::outbound::OutboundPolicy::from_gateway(&c.gateway);
-        let ok = |u: &str| policy.check_url(&reqwest::Url::parse(u).unwrap()).is_ok();
-        assert!(ok("http://127.0.0.1:1/dut-image/vmlinuz"));
-        assert!(!ok("http://127.0.0.1:8004/api/v1/pdus"));
-        assert!(!ok("http://127.0.0.2:1/dut-image/vmlinuz"));
+        assert_eq!(c.gateway.outbound.allow, base.gateway.outbound.allow);
         assert_eq!(c.gateway.auth.dut_networks, base.gateway.auth.dut_networks);
         let unverified: Vec<String> = c
             .boot
@@ -545,11 +432,11 @@ mod tests {
         std::fs::write(dir.path().join("initramfs.cpio"), b"i").unwrap();
         let mut a = args(2, dir.path());
         a.dut_bridge = Some("dutbr0".into());
-        let e = overrides(&a, &FileConfig::default(), "x").unwrap_err();
+        let e = overrides(&a, &FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("gateway.public_host"), "{e}");
         let mut base = FileConfig::default();
         base.gateway.public_host = "10.77.0.1".into();
-        let env = overrides(&a, &base, "http://127.0.0.1:1/dut-image").unwrap();
+        let env = overrides(&a, &base).unwrap();
         let source = dutgate_core::config::ConfigSource::locate(None).unwrap();
         let c: FileConfig = source.load(env).unwrap();
         assert_eq!(c.gateway.public_host, "10.77.0.1");
@@ -568,15 +455,27 @@ mod tests {
             "{}",
             default.kernel.cmdline
         );
+        // The DUTs fetch the image from the boot service at the bridge address.
+        let image = format!("http://10.77.0.1:{}/dut-image/", base.gateway.ports.boot);
+        assert!(
+            default.kernel.url.starts_with(&image),
+            "{}",
+            default.kernel.url
+        );
+        assert!(
+            c.executor.template_vars["dut_initramfs_url"].starts_with(&image),
+            "{:?}",
+            c.executor.template_vars
+        );
     }
 
     #[test]
     fn missing_image_and_bad_training_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let e = overrides(&args(1, dir.path()), &FileConfig::default(), "x").unwrap_err();
+        let e = overrides(&args(1, dir.path()), &FileConfig::default()).unwrap_err();
         assert!(e.to_string().contains("cargo xtask dut-image"), "{e}");
         let mut a = args(1, dir.path());
         a.training_qualifying = 3;
-        assert!(overrides(&a, &FileConfig::default(), "x").is_err());
+        assert!(overrides(&a, &FileConfig::default()).is_err());
     }
 }

@@ -11,7 +11,8 @@
 //!      in `dialout`, the 0700 state dir, the bootstrap tokens (0600, never in dpkg's output),
 //!      the DUT image, the enabled units;
 //!   2. every unit's `ExecStart` run as its `User=`/`Group=`/`SupplementaryGroups=` with its
-//!      `UMask=`, as on machines without systemd: `dutctl status` reports every service healthy;
+//!      `UMask=`, as on machines without systemd: `dutctl status` reports every service healthy
+//!      and the boot service serves the DUT image at `/dut-image/vmlinuz`;
 //!   3. the view booted with systemd as PID 1 (`systemd-nspawn --boot`): the enabled units
 //!      start with every hardening key in force (checked: user, capabilities, no new
 //!      privileges, seccomp, read-only system with a writable state dir, hidden /root), and
@@ -24,8 +25,8 @@
 //! suite builds them anyway), or `DUTGATE_TEST_DEB=<file.deb>` names one to check (e.g. the
 //! release package). Needs root (overlayfs, namespaces, chroot) and the Debian packages
 //! systemd (systemd-analyze), systemd-container (systemd-nspawn), dpkg, adduser,
-//! init-system-helpers, util-linux, iproute2, busybox-static and linux-image-amd64 (the DUT
-//! image). Time on 2 cores once the debug binaries are built: 50 s, of which 36 s for
+//! init-system-helpers, util-linux, iproute2, curl, busybox-static and linux-image-amd64 (the
+//! DUT image). Time on 2 cores once the debug binaries are built: 50 s, of which 36 s for
 //! `cargo xtask deb --profile dev` (cargo's up-to-date checks, relinking, zstd) and 12 s for the
 //! dpkg round trip with the services run twice (as ExecStart lines, then under systemd).
 //! With `DUTGATE_TEST_DEB` (no packaging): 20 s.
@@ -308,9 +309,17 @@ fn packaged_config_passes_config_check_and_names_the_dut_network() {
         "gateway.auth.dut_networks of the packaged config:\n{effective}"
     );
     assert!(effective.contains(&format!("state_dir: {STATE}")));
-    // The boot service's default config may only name files under its file roots.
-    assert!(effective.contains("file:///var/lib/dutgate/dut-image/vmlinuz"));
-    assert!(effective.contains("- /var/lib/dutgate/dut-image"));
+    // Registration, training and users' jobs boot the DUT image from the boot service's
+    // stable URLs; no other server is named.
+    for var in [
+        "url: http://10.42.0.1:8003/dut-image/vmlinuz",
+        "- url: http://10.42.0.1:8003/dut-image/initramfs.cpio",
+        "dut_kernel_url: http://10.42.0.1:8003/dut-image/vmlinuz",
+        "dut_initramfs_url: http://10.42.0.1:8003/dut-image/initramfs.cpio",
+    ] {
+        assert!(effective.contains(var), "{var} in:\n{effective}");
+    }
+    assert!(!effective.contains(":8080"), "{effective}");
 }
 
 #[test]
@@ -952,6 +961,20 @@ fn dpkg_install_runs_the_units_and_an_upgrade_keeps_the_state() {
         std::thread::sleep(Duration::from_millis(250));
     };
     println!("dutctl status after {:.1?}:\n{status}", t.elapsed());
+    // The DUT image postinst built, served by the boot service itself. The view's network
+    // has no DUT network: the service token stands in for a DUT, and without it loopback is
+    // refused like any peer off the DUT network.
+    let image_url = "http://127.0.0.1:8003/dut-image/vmlinuz";
+    let served = overlay.sh_ok(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}} %{{size_download}}' \
+         -H \"Authorization: Bearer $(cat {STATE}/tokens/service)\" {image_url}"
+    ));
+    let size = overlay.sh_ok(&format!("stat -c %s {STATE}/dut-image/vmlinuz"));
+    assert_eq!(served, format!("200 {}", size.trim()), "GET {image_url}");
+    let refused = overlay.sh_ok(&format!(
+        "curl -s -o /dev/null -w '%{{http_code}}' {image_url}"
+    ));
+    assert_eq!(refused, "403", "GET {image_url} without a token");
     // State the upgrade must keep: a named token in the store the services share.
     overlay.sh_ok(&format!(
         "runuser -u dutgate -- dutgate --config {CONFIG} tokens create alice --role user >/dev/null 2>&1"

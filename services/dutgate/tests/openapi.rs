@@ -33,11 +33,13 @@ fn services_dir() -> PathBuf {
 }
 
 /// The service's source files, without its test harness (`src/testing/`, feature `testing`:
-/// fake artifact servers and the like, which are not the service's routes).
+/// fake artifact servers and the like, which are not the service's routes) and without
+/// pdudaemon's API (the pdu service serves it on a listener of its own, in pdudaemon's shape,
+/// documented in docs/pdu.md rather than in the service's OpenAPI document).
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
-        if p.file_stem().is_some_and(|n| n == "testing") {
+        if p.file_stem().is_some_and(|n| n == "testing" || n == "pdudaemon") {
             continue;
         }
         if p.is_dir() {

@@ -14,7 +14,8 @@
 //!   served stale when the upstream is unreachable. Least recently used blobs are evicted
 //!   beyond the size limit.
 //! - `file://` URLs under the configured roots are served in place; URLs of the gateway's own
-//!   storage are left for DUTs to fetch directly.
+//!   storage are left for DUTs to fetch directly. URLs of this service's own DUT image
+//!   (`<public URL>/dut-image/<file>`) are `file://` sources in the image directory.
 
 mod download;
 pub mod index;
@@ -109,6 +110,14 @@ pub enum Served {
         etag: String,
         status: CacheStatus,
     },
+    /// A `file://` source, opened already (see [`serve::FileBody::Open`]).
+    OpenFile {
+        file: tokio::fs::File,
+        path: PathBuf,
+        size: u64,
+        etag: String,
+        modified: Option<std::time::SystemTime>,
+    },
     /// A download (or revalidation) in progress.
     Streaming {
         download: Arc<Download>,
@@ -164,9 +173,20 @@ struct Inner {
     policy: OutboundPolicy,
     file_roots: Vec<PathBuf>,
     direct_prefixes: Vec<String>,
+    own_image: Option<OwnImage>,
     state: Mutex<State>,
     stats: Stats,
     save_lock: tokio::sync::Mutex<()>,
+}
+
+/// The boot service's own DUT image: URLs `<url_prefix><file>` (one of
+/// [`crate::dut_image::FILES`]) name `<dir>/<file>`, served in place like a `file://` URL.
+#[derive(Debug, Clone)]
+pub struct OwnImage {
+    /// `http://10.42.0.1:8003/dut-image/`.
+    pub url_prefix: String,
+    /// The image directory; it must be one of the file roots.
+    pub dir: PathBuf,
 }
 
 #[derive(Clone)]
@@ -225,6 +245,7 @@ impl ArtifactCache {
         cfg: CacheConfig,
         file_roots: &[PathBuf],
         direct_prefixes: Vec<String>,
+        own_image: Option<OwnImage>,
         policy: OutboundPolicy,
     ) -> Result<Self, CacheError> {
         let load_dir = dir.clone();
@@ -260,6 +281,7 @@ impl ArtifactCache {
             policy,
             file_roots: roots,
             direct_prefixes,
+            own_image,
             state: Mutex::new(state),
             stats: Stats::default(),
             save_lock: tokio::sync::Mutex::new(()),
@@ -272,8 +294,15 @@ impl ArtifactCache {
 
     /// Registers an artifact URL from a boot config and says how scripts refer to it.
     pub fn register(&self, url: &str, sha256: Option<&str>) -> Result<ArtifactRef, CacheError> {
-        let parsed =
+        let mut parsed =
             reqwest::Url::parse(url).map_err(|e| CacheError::BadUrl(url.into(), e.to_string()))?;
+        if let Some(file) = self.own_image_file(&parsed) {
+            // Served from the disk in place: asking this service over HTTP for its own file
+            // would only copy it into the cache (and the outbound policy refuses it anyway).
+            parsed = reqwest::Url::from_file_path(&file).map_err(|_| {
+                CacheError::BadUrl(url.into(), format!("{} is not absolute", file.display()))
+            })?;
+        }
         match parsed.scheme() {
             "http" | "https" => {
                 if self
@@ -308,6 +337,16 @@ impl ArtifactCache {
         Ok(ArtifactRef::Cached { id, name })
     }
 
+    /// The image file an own-image URL names (exactly `<prefix><file>`: no query, no
+    /// other name).
+    fn own_image_file(&self, url: &reqwest::Url) -> Option<PathBuf> {
+        let own = self.inner.own_image.as_ref()?;
+        let rest = url.as_str().strip_prefix(own.url_prefix.as_str())?;
+        crate::dut_image::FILES
+            .contains(&rest)
+            .then(|| own.dir.join(rest))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-updated in a way that
         // matters more than refusing all further service, so keep going with the data.
@@ -331,6 +370,7 @@ impl ArtifactCache {
             return Ok(());
         };
         if !matches!(parsed.scheme(), "http" | "https")
+            || self.own_image_file(&parsed).is_some()
             || self
                 .inner
                 .direct_prefixes
@@ -678,7 +718,10 @@ impl ArtifactCache {
         if !self.inner.file_roots.iter().any(|r| real.starts_with(r)) {
             return Err(CacheError::FileOutsideRoots(real));
         }
-        let meta = tokio::fs::metadata(&real).await.map_err(file_err)?;
+        // Size and time come from the open file: a file renamed over `real` meanwhile (a
+        // rebuilt DUT image) cannot pair one version's length with the other's bytes.
+        let file = tokio::fs::File::open(&real).await.map_err(file_err)?;
+        let meta = file.metadata().await.map_err(file_err)?;
         if !meta.is_file() {
             return Err(file_err(std::io::Error::other("not a regular file")));
         }
@@ -711,11 +754,12 @@ impl ArtifactCache {
                 });
             }
         }
-        Ok(Served::Complete {
+        Ok(Served::OpenFile {
+            file,
             size: meta.len(),
             etag: format!("\"f-{:x}-{:x}\"", meta.len(), mtime),
             path: real,
-            status: CacheStatus::File,
+            modified: meta.modified().ok(),
         })
     }
 }

@@ -76,6 +76,25 @@ fn etag_matches(header_value: &str, etag: &str) -> bool {
         .any(|t| t == "*" || t == etag)
 }
 
+/// Where the bytes of a complete answer come from.
+pub enum FileBody {
+    /// Opened when the body is needed (a cache blob, which is never rewritten in place).
+    Path(PathBuf),
+    /// Opened already, its size and validators read from the open file: a file replaced by
+    /// a rename meanwhile cannot make the headers disagree with the body.
+    Open(tokio::fs::File, PathBuf),
+}
+
+/// A complete file to answer with.
+pub struct FileAnswer<'a> {
+    pub body: FileBody,
+    pub size: u64,
+    pub etag: &'a str,
+    pub last_modified: Option<std::time::SystemTime>,
+    /// For the `x-dutgate-cache` header; `None` for files that are not cache artifacts.
+    pub cache_status: Option<CacheStatus>,
+}
+
 /// Answers with a complete file: 304 for a matching `If-None-Match`, 206 for a satisfiable
 /// single range (unless `If-Range` names another version), 416 for an unsatisfiable one.
 pub async fn complete_file(
@@ -85,20 +104,74 @@ pub async fn complete_file(
     status: CacheStatus,
     req: &HeaderMap,
 ) -> Response {
+    file_response(
+        FileAnswer {
+            body: FileBody::Path(path),
+            size,
+            etag,
+            last_modified: None,
+            cache_status: Some(status),
+        },
+        req,
+    )
+    .await
+}
+
+/// Whether `If-Modified-Since` says the client's copy is current (only consulted without
+/// `If-None-Match`, as RFC 9110 says; HTTP dates have whole seconds).
+fn not_modified_since(req: &HeaderMap, last_modified: Option<std::time::SystemTime>) -> bool {
+    let (Some(since), Some(modified)) = (
+        req.get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok()),
+        last_modified,
+    ) else {
+        return false;
+    };
+    let secs = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    };
+    secs(modified) <= secs(since)
+}
+
+/// [`complete_file`] for any [`FileAnswer`]; adds `Last-Modified` and honours
+/// `If-Modified-Since` when the answer has a modification time.
+pub async fn file_response(answer: FileAnswer<'_>, req: &HeaderMap) -> Response {
+    let FileAnswer {
+        body,
+        size,
+        etag,
+        last_modified,
+        cache_status,
+    } = answer;
     let mut headers = HeaderMap::new();
     if let Ok(v) = HeaderValue::from_str(etag) {
         headers.insert(header::ETAG, v);
     }
+    if let Some(m) = last_modified
+        && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(m))
+    {
+        headers.insert(header::LAST_MODIFIED, v);
+    }
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
+    if let Some(status) = cache_status {
+        headers.insert(CACHE_HEADER, HeaderValue::from_static(status.as_str()));
+    }
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let Some(inm) = req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
-        && etag_matches(inm, etag)
-    {
-        return (StatusCode::NOT_MODIFIED, headers).into_response();
+    match req.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()) {
+        Some(inm) if etag_matches(inm, etag) => {
+            return (StatusCode::NOT_MODIFIED, headers).into_response();
+        }
+        Some(_) => {}
+        None if not_modified_since(req, last_modified) => {
+            return (StatusCode::NOT_MODIFIED, headers).into_response();
+        }
+        None => {}
     }
     let mut range = req
         .get(header::RANGE)
@@ -125,9 +198,14 @@ pub async fn complete_file(
             return (StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response();
         }
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => return ApiError::internal(format!("{}: {e}", path.display())).into_response(),
+    let (mut file, path) = match body {
+        FileBody::Open(f, path) => (f, path),
+        FileBody::Path(path) => match tokio::fs::File::open(&path).await {
+            Ok(f) => (f, path),
+            Err(e) => {
+                return ApiError::internal(format!("{}: {e}", path.display())).into_response();
+            }
+        },
     };
     if start > 0
         && let Err(e) = file.seek(SeekFrom::Start(start)).await
@@ -282,6 +360,25 @@ pub async fn respond(served: Served, req: &HeaderMap) -> Response {
             etag,
             status,
         } => complete_file(path, size, &etag, status, req).await,
+        Served::OpenFile {
+            file,
+            path,
+            size,
+            etag,
+            modified,
+        } => {
+            file_response(
+                FileAnswer {
+                    body: FileBody::Open(file, path),
+                    size,
+                    etag: &etag,
+                    last_modified: modified,
+                    cache_status: Some(CacheStatus::File),
+                },
+                req,
+            )
+            .await
+        }
         Served::Streaming { download, status } => streaming(download, status, req).await,
     }
 }
