@@ -17,10 +17,10 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::get;
 use bytes::Bytes;
 use dutgate_core::audit::{Actor, AuditLog};
-use dutgate_core::auth::{Auth, Role, require_user};
+use dutgate_core::auth::{Auth, Identity, Role, require_user};
 use dutgate_core::config::GatewayConfig;
 use dutgate_core::lease::{self, LeaseCheck, Target};
 use dutgate_core::{ApiError, ApiJson, MachineId, Secret, ServiceName};
@@ -121,20 +121,24 @@ pub fn router(state: AppState) -> Router {
         .with_state(crate::dut_image::dir(&state.config, &state.gateway));
     let reads = Router::new()
         .route("/api/v1/boot", get(list_configs))
-        .route("/api/v1/boot/{mac}", get(get_config))
         .route("/api/v1/boot-cache", get(cache_stats))
         .layer(from_fn_with_state(auth.clone(), require_user))
         .with_state(state.clone());
-    // Writes check their caller themselves: a token or the machine's lease.
-    let writes = Router::new()
-        .route("/api/v1/boot/{mac}", put(put_config).delete(delete_config))
+    // A machine's boot config carries its job's bucket keys on the kernel command line: it is
+    // read and changed only by the service role, admins and the machine's lease holder, who
+    // check their caller themselves (a token or the machine's lease).
+    let per_machine = Router::new()
+        .route(
+            "/api/v1/boot/{mac}",
+            get(get_config).put(put_config).delete(delete_config),
+        )
         .with_state(state.clone());
     let audit = Router::new()
         .route("/api/v1/audit", get(dutgate_core::audit::list))
         .with_state((state.audit, auth));
     dut.merge(image)
         .merge(reads)
-        .merge(writes)
+        .merge(per_machine)
         .merge(audit)
         .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
 }
@@ -565,8 +569,8 @@ fn now_ms() -> i64 {
     crate::cache::now_ms() as i64
 }
 
-/// Who may change machine `mac`'s boot config: the service role or the machine's current
-/// lease. A refusal is audited.
+/// Who may read or change machine `mac`'s boot config: the service role (or admin) or the
+/// machine's current lease. A refusal is logged and audited.
 async fn writer(
     app: &AppState,
     headers: &HeaderMap,
@@ -585,7 +589,7 @@ async fn writer(
     {
         Ok(caller) => Ok(caller.actor(peer)),
         Err(e) => {
-            tracing::warn!(machine_id = %mac, source = %peer, reason = %e.body.error, action, "boot config change refused");
+            tracing::warn!(machine_id = %mac, source = %peer, reason = %e.body.error, action, "boot config access refused");
             let actor = lease::refused_actor(&app.auth, headers, peer);
             app.audit
                 .record(
@@ -667,9 +671,12 @@ async fn set_config(
 
 async fn get_config(
     State(app): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(mac): Path<String>,
 ) -> Result<ApiJson<StoredBootConfig>, ApiError> {
     let mac = parse_mac(&mac)?;
+    writer(&app, &headers, peer, mac, "boot.config.read").await?;
     match app.store.get(mac).await.map_err(ApiError::internal)? {
         Some(s) => Ok(ApiJson(s)),
         None => Err(ApiError::not_found(format!(
@@ -741,9 +748,30 @@ async fn clear_config(
     }
 }
 
+/// Every machine's boot config, with every job's keys: the service role and admins only.
 async fn list_configs(
     State(app): State<AppState>,
+    Extension(who): Extension<Identity>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<ApiJson<Vec<StoredBootConfig>>, ApiError> {
+    if !who.role.allows(Role::Service) {
+        let why = format!(
+            "the boot configs carry the jobs' keys: listing them needs the service or admin \
+             role; token \"{}\" is a {} token (a job's lease reads its own machine's config \
+             at /api/v1/boot/{{mac}})",
+            who.name, who.role
+        );
+        tracing::warn!(source = %peer, token = %who.name, "boot config list refused");
+        app.audit
+            .record(
+                &Actor::known(&who, peer),
+                "boot.config.list",
+                "boot",
+                &format!("refused: {why}"),
+            )
+            .await;
+        return Err(ApiError::forbidden(why));
+    }
     Ok(ApiJson(app.store.list().await.map_err(ApiError::internal)?))
 }
 

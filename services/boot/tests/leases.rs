@@ -157,7 +157,17 @@ async fn only_the_lease_holder_service_and_admins_change_a_machines_boot() {
     assert!(e.to_string().contains("X-Lease-Id"), "{e}");
     let service = BootClient::new(svc.url(), Some(Secret::new(SERVICE)));
     service.put(m2, &job_config(&kernel, "2")).await.unwrap();
-    assert_eq!(user.list().await.unwrap().len(), 2);
+    assert_eq!(service.list().await.unwrap().len(), 2);
+    // Nor read one (they carry the jobs' keys): neither a machine's nor the list. The holder
+    // reads its own machine's, not the other's.
+    for e in [
+        user.get(m1).await.unwrap_err(),
+        user.list().await.unwrap_err(),
+        holder.get(m2).await.unwrap_err(),
+    ] {
+        assert_eq!(e.status(), Some(StatusCode::FORBIDDEN), "{e}");
+    }
+    assert!(holder.get(m1).await.unwrap().is_some());
 
     // The holder reads m1's job script (with the job's keys) and its artifact, naming m1;
     // not m2's script, not m1's artifact as if it were m2's.
@@ -206,7 +216,7 @@ async fn only_the_lease_holder_service_and_admins_change_a_machines_boot() {
 
     // The holder clears its own config.
     holder.delete(m1, Some("1")).await.unwrap();
-    assert_eq!(user.get(m1).await.unwrap(), None);
+    assert_eq!(service.get(m1).await.unwrap(), None);
 
     // The audit log: changes with their actor, refusals with theirs, never a lease id.
     let log: serde_json::Value = ApiClient::new(svc.url(), Some(Secret::new(ADMIN_TOKEN)))
@@ -269,9 +279,9 @@ async fn a_revoked_named_token_gets_401() {
     let store = auth.store().unwrap();
     let created = store.create("carol", Role::User, None, "admin").unwrap();
     let carol = BootClient::new(svc.url(), Some(Secret::new(&created.token)));
-    assert!(carol.list().await.unwrap().is_empty());
+    carol.cache_stats().await.unwrap();
     store.revoke("carol").unwrap();
-    let e = carol.list().await.unwrap_err();
+    let e = carol.cache_stats().await.unwrap_err();
     assert_eq!(e.status(), Some(StatusCode::UNAUTHORIZED), "{e}");
     let e = carol
         .put(mac(1), &job_config("http://upstream.example/k", "1"))

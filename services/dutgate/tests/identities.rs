@@ -133,7 +133,7 @@ fn token_checks() -> Vec<(&'static str, Method, String, Option<Value>)> {
             "/api/v1/pdus".into(),
             Some(json!({"bad": 1})),
         ),
-        ("boot", Method::GET, "/api/v1/boot".into(), None),
+        ("boot", Method::GET, "/api/v1/boot-cache".into(), None),
         (
             "salad",
             Method::GET,

@@ -39,7 +39,9 @@ fn services_dir() -> PathBuf {
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
-        if p.file_stem().is_some_and(|n| n == "testing" || n == "pdudaemon") {
+        if p.file_stem()
+            .is_some_and(|n| n == "testing" || n == "pdudaemon")
+        {
             continue;
         }
         if p.is_dir() {
@@ -695,7 +697,7 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}"),
             "/api/v1/boot/{mac}",
             None,
-            false,
+            true,
             200,
         ),
         step(
@@ -1102,8 +1104,18 @@ fn populate() -> Vec<Step> {
             format!("/api/v1/boot/{MAC}"),
             "/api/v1/boot/{mac}",
             None,
-            false,
+            true,
             404,
+        ),
+        // A user reads no boot config: they carry the jobs' keys.
+        step(
+            "boot",
+            "get",
+            format!("/api/v1/boot/{MAC}"),
+            "/api/v1/boot/{mac}",
+            None,
+            false,
+            403,
         ),
         step(
             "boot",
