@@ -182,11 +182,6 @@ impl Farm {
         self.token("admin")
     }
 
-    /// The user token `dutgate up` wrote.
-    pub fn user_token(&self) -> String {
-        self.token("user")
-    }
-
     fn token(&self, name: &str) -> String {
         let path = self.state.join("tokens").join(name);
         std::fs::read_to_string(&path)

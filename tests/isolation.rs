@@ -5,7 +5,7 @@
 //! can be tried there. This test builds what a real farm has, inside a network namespace it
 //! creates (and deletes):
 //! - a bridge `dutbr0` (10.77.0.1/24) as the DUT network, and dnsmasq on it handing out
-//!   addresses and, to iPXE, the boot service's URL (as `ipxe/dnsmasq.conf.example`);
+//!   addresses and, to iPXE, the boot service's URL (as `gateway-image/examples/dnsmasq-dut-network.conf`);
 //! - `dutgate up --virtual-duts 2 --dut-bridge dutbr0` with a config file whose
 //!   `gateway.auth.dut_networks` is only that bridge's network: loopback is *not* a DUT
 //!   network here, so the test's own requests to 127.0.0.1 are an outsider's, and its
@@ -18,20 +18,28 @@
 //!
 //! The scenario, on one gateway start:
 //! 1. Both machines are discovered, register with their own DHCP addresses, train and become
-//!    IDLE.
-//! 2. A victim job puts a text file and a file of every byte value in its bucket, then waits.
-//!    An attacker job on the other DUT learns its own bucket keys (and, as if they had
-//!    leaked, the victim's) and sends the gateway requests the test forges byte for byte:
+//!    IDLE. The admin creates two user tokens, alice and bob (`dutctl tokens create`).
+//! 2. A victim job (alice's) puts a text file and a file of every byte value in its bucket,
+//!    then waits. An attacker job (bob's) on the other DUT learns its own bucket keys (and,
+//!    as if they had leaked, the victim's) and sends the gateway requests the test forges
+//!    byte for byte:
 //!    the victim's boot script and console log, its lease-bound console routes, its machine
 //!    record, its power, and its bucket through `..` paths (plain, percent-encoded, double
 //!    encoded), `DeleteObjects` keys, copy sources, another bucket's name, the leaked keys,
 //!    SigV2, a stale signature, no signature, malformed XML. It types into every console
 //!    port and prints the victim's `SALAD.machine_id` and end lines. Meanwhile the test
 //!    plays every DUT- and user-facing route unauthenticated, from loopback and with bad
-//!    input, and sets boot configs whose kernels are internal addresses.
+//!    input, and sets boot configs whose kernels are internal addresses. As bob (his token,
+//!    from loopback and from the DUT network) it asks to cancel alice's job, download its
+//!    files and write the boot configs of both machines, each refused (403, a JSON reason);
+//!    it opens the console WebSocket of alice's job as bob and types, and gets the refusal
+//!    frame (`{"error", "status": 403}`); then as alice, whose line comes back as the DUT's
+//!    tty echoes it. The executor's audit log names bob for the refused cancel and console
+//!    input.
 //! 3. Every request gets its refusal (status and reason); the victim job PASSes with a
-//!    console free of the attacker's lines and its keys masked; its bucket, checked by the
-//!    victim itself after the attack and by the test after the job, holds its two files
+//!    console free of the attacker's lines, of bob's keystrokes and with its keys masked; the
+//!    one line it reads from its console after the attack is alice's; its bucket, checked by
+//!    the victim itself after the attack and by the test after the job, holds its two files
 //!    byte for byte and nothing else; its machine record is unchanged.
 //! 4. Two jobs whose kernel URLs reach an internal service of the gateway (the PDU service
 //!    on loopback: directly, and through a redirect from an allowed server) end SETUP_FAIL
@@ -46,6 +54,8 @@
 mod attacks;
 #[path = "isolation/cases.rs"]
 mod cases;
+#[path = "isolation/people.rs"]
+mod people;
 #[path = "isolation/routes.rs"]
 mod routes;
 
@@ -70,6 +80,7 @@ const BRIDGE: &str = "dutbr0";
 const GATEWAY_IP: &str = "10.77.0.1";
 const DUT_NETWORK: &str = "10.77.0.0/24";
 // A fresh namespace has no listener at all: the services take their default ports.
+const EXECUTOR: u16 = 8000;
 const MARS: u16 = 8001;
 const BOOT: u16 = 8003;
 const PDU: u16 = 8004;
@@ -366,11 +377,30 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
     let attacker_ip = addresses[0];
     let _ = plot.attacker_ip.set(attacker_ip);
     let victim_before = farm.machine(VICTIM_MAC);
-    say("both machines IDLE");
+    // Two people: the admin names them; alice's job is the victim, bob's the attacker.
+    let (alice, bob) = (
+        people::create_user(farm, "alice"),
+        people::create_user(farm, "bob"),
+    );
+    let state = farm.state.to_string_lossy().into_owned();
+    let as_user = |token: &str| {
+        [
+            "--state-dir".to_string(),
+            state.clone(),
+            "--token".into(),
+            token.to_string(),
+        ]
+    };
+    let (as_alice, as_bob) = (as_user(&alice), as_user(&bob));
+    let (as_alice, as_bob): (Vec<&str>, Vec<&str>) = (
+        as_alice.iter().map(String::as_str).collect(),
+        as_bob.iter().map(String::as_str).collect(),
+    );
+    say("both machines IDLE, alice and bob have tokens");
 
-    // 2. The victim job, then the attacker job, each pinned to its machine.
+    // 2. The victim job (alice's), then the attacker job (bob's), each pinned to its machine.
     let victim_job = job_running(&farm.tmp, "victim", &attacks::victim_command(&fixture_url));
-    let victim_run = farm.spawn_run("victim", &victim_job, &[], &["-i", VICTIM_MAC]);
+    let victim_run = farm.spawn_run("victim", &victim_job, &as_alice, &["-i", VICTIM_MAC]);
     farm.wait_for("the victim job RUNNING", Duration::from_secs(120), |f| {
         (f.machine(VICTIM_MAC)["state"] == "RUNNING").then_some(())
     });
@@ -379,7 +409,7 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
         "attacker",
         &attacks::attacker_command(&fixture_url),
     );
-    let attacker_run = farm.spawn_run("attacker", &attacker_job, &[], &["-i", ATTACKER_MAC]);
+    let attacker_run = farm.spawn_run("attacker", &attacker_job, &as_bob, &["-i", ATTACKER_MAC]);
     let own = farm.wait_for(
         "the attacker's DUT asking for its attack",
         Duration::from_secs(300),
@@ -392,17 +422,43 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
         .expect("the attack was forged before the victim's bucket was known");
     say("the attacker's DUT is attacking");
 
+    let victim_id = victim_run
+        .job_id()
+        .expect("the victim job runs but dutctl recorded no job id");
+    for (run, owner) in [(&victim_run, "alice"), (&attacker_run, "bob")] {
+        let record = run.job_id().and_then(|id| farm.job(id)).map(|(job, _)| job);
+        assert!(
+            record.as_ref().is_some_and(|j| j["owner"] == owner),
+            "{}'s job is not recorded as {owner}'s: {record:#?}",
+            run.name
+        );
+    }
+
     // While it does, the test plays every route itself: unauthenticated, from loopback and
-    // with bad input; and boot configs whose kernels are internal.
-    let (user, admin) = (farm.user_token(), farm.admin_token());
-    let mut own_cases = routes::route_cases(VICTIM_MAC, &user, &admin, &own, &victim_bucket);
+    // with bad input; and boot configs whose kernels are internal. Bob, with his own token,
+    // asks for alice's job: cancel it, hand over its files, write boot configs.
+    let admin = farm.admin_token();
+    let mut own_cases = routes::route_cases(VICTIM_MAC, &bob, &admin, &own, &victim_bucket);
     own_cases.extend(routes::outbound_cases(&admin));
+    own_cases.extend(people::bob_cases(&bob, victim_id, VICTIM_MAC, ATTACKER_MAC));
     let mut failures: Vec<String> = own_cases
         .iter()
         .filter_map(|c| c.check(bridged.ask(c).as_ref()).err())
         .collect();
+    // Bob takes alice's console and types: refused. Alice types: her line reaches the DUT
+    // (the victim reads it once the attack is over).
+    failures.extend(people::console_sessions(
+        &bridged.ns,
+        victim_id,
+        &alice,
+        &bob,
+    ));
+    failures.extend(people::audit_failures(&bridged.ns, &admin, victim_id));
     plot.test_done.store(true, Ordering::SeqCst);
-    say(&format!("{} requests of the test played", own_cases.len()));
+    say(&format!(
+        "{} requests and two console sessions of the test played",
+        own_cases.len()
+    ));
     let farm = &mut bridged.farm;
 
     // 3. Every attack was refused; the victim is intact.
@@ -448,16 +504,17 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
         "the victim job did not PASS:\n{}\n{}",
         victim.stdout, victim.stderr
     );
-    for marker in ["ATTACKER-LINE", "ATTACK-TYPED"] {
+    for marker in ["ATTACKER-LINE", "ATTACK-TYPED", "BOB-TYPED"] {
         assert!(
             !victim.stdout.contains(marker),
             "{marker} reached the victim's console:\n{}",
             victim.stdout
         );
     }
+    // Alice's line, and nothing else, reached the victim's console input.
     assert!(
-        has_line(&victim.stdout, "typed:"),
-        "something was typed on the victim's console:\n{}",
+        has_line(&victim.stdout, "typed:ALICE-TYPED"),
+        "the victim did not read alice's line (and only it) from its console:\n{}",
         victim.stdout
     );
     assert!(
@@ -575,6 +632,17 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
                 &["console binding refused", &format!("claimed={VICTIM_MAC}")],
                 None,
             ),
+            missing_line(
+                &log,
+                "bob typing into alice's console",
+                &[
+                    "executor | ",
+                    "console input refused",
+                    &format!("job_id={victim_id}"),
+                    "actor=bob",
+                ],
+                Some(routes::outsider()),
+            ),
         ]
         .into_iter()
         .flatten(),
@@ -583,7 +651,8 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
         failures.is_empty(),
         "{} of {} checks failed:\n{}\n(files kept in {})",
         failures.len(),
-        own_cases.len() + attacks.len() + 2,
+        // The three log lines above, the console sessions and the audit log.
+        own_cases.len() + attacks.len() + 3 + 2,
         failures.join("\n"),
         tmp.display()
     );

@@ -167,6 +167,7 @@ impl Case {
 /// The service behind a gateway port, as `dutgate up` prefixes its lines (`  boot | …`).
 pub fn service(port: u16) -> &'static str {
     match port {
+        super::EXECUTOR => "executor",
         super::MARS => "mars",
         super::BOOT => "boot",
         super::PDU => "pdu",

@@ -1,7 +1,9 @@
 //! The interactive console of `dutctl run`: when stdin is a terminal, keystrokes go to the DUT
 //! through the executor's console WebSocket (`/api/v1/jobs/{id}/console/ws`), the terminal is
 //! put in raw mode (restored on every exit path), and Ctrl-A Ctrl-C quits (the job is
-//! cancelled by the caller).
+//! cancelled by the caller). The keystrokes of a caller who is neither the job's owner nor an
+//! admin are refused by the executor: its reason is printed once and the console goes on
+//! read-only.
 
 use std::time::Duration;
 
@@ -129,6 +131,26 @@ pub enum End {
     Quit,
 }
 
+/// What a text frame of the console WebSocket says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// `{"error": …, "status": 403}`: keystrokes are refused, the output goes on.
+    Refused(String),
+    /// The job's end, `{"status": …, "exit_code": …}` (or anything else: the executor sends no
+    /// other text frame).
+    End,
+}
+
+pub fn text_frame(text: &str) -> Frame {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) => match v.get("error").and_then(|e| e.as_str()) {
+            Some(error) => Frame::Refused(error.to_string()),
+            None => Frame::End,
+        },
+        Err(_) => Frame::End,
+    }
+}
+
 /// Streams the console over the WebSocket and forwards the keyboard, reconnecting from the
 /// last offset when the connection drops.
 pub async fn console(
@@ -148,6 +170,9 @@ pub async fn console(
     let mut failures = 0u32;
     let mut out = tokio::io::stdout();
     let mut keyboard_open = true;
+    // Until the executor refuses a keystroke: then the session is read-only, reconnections
+    // included.
+    let mut typing = true;
     loop {
         let url = format!("{ws_base}/api/v1/jobs/{id}/console/ws?offset={offset}");
         let mut req = url.as_str().into_client_request()?;
@@ -186,12 +211,23 @@ pub async fn console(
                         out.flush().await?;
                         offset += b.len() as u64;
                     }
-                    // The final status: every byte was sent before it.
-                    Some(Ok(Message::Text(_))) => return Ok(End::Finished),
+                    Some(Ok(Message::Text(t))) => match text_frame(t.as_str()) {
+                        // Keystrokes refused (someone else's job): said once, then watch.
+                        Frame::Refused(error) => {
+                            if typing {
+                                typing = false;
+                                eprintln!("dutctl: {error}");
+                            }
+                        }
+                        // The final status: every byte was sent before it.
+                        Frame::End => return Ok(End::Finished),
+                    },
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => {}
                 },
                 key = keys.recv(), if keyboard_open => match key {
+                    // A read-only session keeps the keyboard for Ctrl-A Ctrl-C only.
+                    Some(Input::Bytes(_)) if !typing => {}
                     Some(Input::Bytes(b)) => {
                         // Input to a job not running is dropped by the executor; a failed send
                         // shows up as a closed stream above.
@@ -211,6 +247,16 @@ pub async fn console(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_frames() {
+        assert_eq!(
+            text_frame(r#"{"error":"job 4 belongs to another user","status":403}"#),
+            Frame::Refused("job 4 belongs to another user".into())
+        );
+        assert_eq!(text_frame(r#"{"status":"PASS","exit_code":0}"#), Frame::End);
+        assert_eq!(text_frame("not json"), Frame::End);
+    }
 
     #[test]
     fn escape_sequences() {

@@ -919,15 +919,42 @@ async fn console_ws(
     let id = parse_id(&id)?;
     let row = job_for(&s, &who, peer, id, Access::Read, "job.console").await?;
     // Everyone who may read the job watches; only its owner and admins type.
-    let may_type = authorize_job(&s, &who, &row, Access::Control).is_ok();
+    let read_only = authorize_job(&s, &who, &row, Access::Control)
+        .err()
+        .map(|_| console_input_refusal(&row));
     let q = console_query(&uri)?;
     let actor = Actor::known(&who, peer);
-    Ok(ws.on_upgrade(move |socket| ws_session(s, id, q.offset, socket, may_type.then_some(actor))))
+    Ok(ws.on_upgrade(move |socket| ws_session(s, id, q.offset, socket, actor, read_only)))
 }
 
-/// `typist`: who may type (the owner or an admin); `None` makes the session read-only, and
-/// the first keystroke of a read-only session is refused (logged and audited once).
-async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket, typist: Option<Actor>) {
+/// Why the keystrokes of a read-only console session are refused: the rule, never the owner
+/// (with `job_visibility: all` a watcher may not know whose job it is).
+fn console_input_refusal(row: &JobRow) -> String {
+    if row.purpose == Purpose::Training {
+        format!(
+            "job {} is a training job: only an admin types into its console; this session is read-only",
+            row.id
+        )
+    } else {
+        format!(
+            "job {} belongs to another user: only its owner or an admin types into its console; this session is read-only",
+            row.id
+        )
+    }
+}
+
+/// `read_only`: `None` when `actor` may type (the owner or an admin); else why not. The first
+/// keystroke of a read-only session is refused once: logged, audited (`job.console.input`)
+/// and answered with a text frame `{"error": …, "status": 403}`; every keystroke of it is
+/// dropped. The last text frame is the job's end, `{"status": …, "exit_code": …}`.
+async fn ws_session(
+    s: AppState,
+    id: i64,
+    offset: u64,
+    socket: WebSocket,
+    actor: Actor,
+    read_only: Option<String>,
+) {
     use futures::StreamExt;
     let (mut sink, mut stream) = socket.split();
     let (otx, mut orx) = mpsc::channel::<Bytes>(16);
@@ -939,12 +966,14 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket, typist
         })
         .await;
     });
+    // The refusal's reason, from the input task to the socket (the output loop owns it).
+    let (refused_tx, mut refused_rx) = tokio::sync::oneshot::channel::<String>();
     // Keystrokes go to the DUT through salad's console port, like any console client.
     let input = {
         let s = s.clone();
         tokio::spawn(async move {
             let mut conn: Option<tokio::net::TcpStream> = None;
-            let mut refused = false;
+            let mut refused_tx = Some(refused_tx);
             while let Some(Ok(msg)) = stream.next().await {
                 let data: Vec<u8> = match msg {
                     Message::Binary(b) => b.to_vec(),
@@ -952,10 +981,21 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket, typist
                     Message::Close(_) => return,
                     _ => continue,
                 };
-                if typist.is_none() {
-                    if !refused {
-                        refused = true;
-                        tracing::warn!(job_id = id, "console input refused: read-only session");
+                if let Some(reason) = &read_only {
+                    if let Some(tx) = refused_tx.take() {
+                        tracing::warn!(
+                            job_id = id, actor = %actor.name, peer = %actor.source, reason = %reason,
+                            "console input refused: read-only session"
+                        );
+                        s.audit
+                            .record(
+                                &actor,
+                                "job.console.input",
+                                &format!("job/{id}"),
+                                &format!("refused: {reason}"),
+                            )
+                            .await;
+                        let _ = tx.send(reason.clone());
                     }
                     continue;
                 }
@@ -983,11 +1023,29 @@ async fn ws_session(s: AppState, id: i64, offset: u64, socket: WebSocket, typist
             }
         })
     };
-    while let Some(b) = futures::StreamExt::next(&mut orx).await {
-        if sink.send(Message::Binary(b)).await.is_err() {
-            input.abort();
-            output.abort();
-            return;
+    let mut refusal_pending = true;
+    loop {
+        tokio::select! {
+            b = orx.next() => {
+                let Some(b) = b else { break };
+                if sink.send(Message::Binary(b)).await.is_err() {
+                    input.abort();
+                    output.abort();
+                    return;
+                }
+            }
+            // Err: the input task ended without a refusal (a closed socket, a typist).
+            reason = &mut refused_rx, if refusal_pending => {
+                refusal_pending = false;
+                if let Ok(reason) = reason {
+                    let frame = json!({"error": reason, "status": StatusCode::FORBIDDEN.as_u16()});
+                    if sink.send(Message::Text(frame.to_string().into())).await.is_err() {
+                        input.abort();
+                        output.abort();
+                        return;
+                    }
+                }
+            }
         }
     }
     if let Ok(Some(row)) = s.store.get(id).await
