@@ -391,9 +391,9 @@ impl Supervisor {
                             .await;
                         continue;
                     };
-                    // The lease was taken a while ago and nobody heartbeats it, while the
-                    // process heartbeats a third of its TTL after it starts: renew it first,
-                    // and hand the process the TTL mars keeps for it.
+                    // The lease was taken a while ago and nobody heartbeats it: renew it
+                    // first (a lease gone meanwhile means the job must not start at all), and
+                    // hand the process the TTL mars keeps for it.
                     let ttl = match self.inner.peers.mars.heartbeat(lease).await {
                         Ok(renewed) => renewed.ttl_seconds,
                         // The lease expired while no executor ran: the machine may serve
@@ -545,12 +545,7 @@ impl Supervisor {
     /// Teardown on behalf of a dead job process. The lease is not released: it expires and
     /// mars verifies the machine (`QUICK_CHECK`) before anyone else uses it.
     async fn teardown_dead(&self, row: &JobRow, reason: &str) {
-        let (ptx, _) = watch::channel(Progress::default());
-        let r = Reporter {
-            store: self.inner.store.clone(),
-            id: row.id,
-            progress: Arc::new(ptx),
-        };
+        let r = self.reporter(row.id);
         r.event(
             kind::EXECUTOR,
             format!("executor tears down: {reason}"),
@@ -729,21 +724,51 @@ impl Supervisor {
         }
     }
 
-    /// mars says the job's lease expired: its process is dead or stuck. Make sure it is gone
-    /// and finish the job.
+    /// mars says the job's lease expired: its process is dead or stuck. Make sure it is gone,
+    /// finish the job, and clear the job's boot config.
+    ///
+    /// Only the executor that ran the job acts (every executor following mars hears of it).
     pub async fn lease_expired(&self, id: i64) {
         let tracked = self.jobs().get(&id).cloned();
-        if let Some(t) = tracked {
-            if self.inner.command.is_running(t.pid, id) {
-                kill_group(t.pid, libc::SIGKILL);
-            }
-            return; // The exit (or the socket closing) finishes the job.
-        }
-        if let Ok(Some(row)) = self.inner.store.get(id).await
-            && row.state != JobState::Finished
-            && row.executor.as_deref() == Some(self.inner.name.as_str())
+        if let Some(t) = &tracked
+            && self.inner.command.is_running(t.pid, id)
         {
+            // Its exit (or its control socket closing) finishes the job.
+            kill_group(t.pid, libc::SIGKILL);
+        }
+        let row = match self.inner.store.get(id).await {
+            Ok(Some(row)) => row,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(job_id = id, error = %e, "cannot read the job whose lease expired");
+                return;
+            }
+        };
+        if row.executor.as_deref() != Some(self.inner.name.as_str()) {
+            return;
+        }
+        if tracked.is_none() && row.state != JobState::Finished {
+            // No process: the executor tears down (boot config included) and ends the job.
             self.process_gone(id, "its lease expired").await;
+            return;
+        }
+        // The process ended the job itself, or is being killed. Its own teardown cannot clear
+        // the boot config once the lease is gone (boot takes a job's credential only while
+        // its lease lives), and a killed one never gets there: the executor clears it with
+        // the service credential — only if this job set it, never the next job's.
+        if let Some(machine) = row.machine_id {
+            let r = self.reporter(id);
+            process::teardown_clear_boot(&self.inner.peers, machine, id, &r).await;
+        }
+    }
+
+    /// Writes job `id`'s events on the executor's behalf (no process publishes its progress).
+    fn reporter(&self, id: i64) -> Reporter {
+        let (ptx, _) = watch::channel(Progress::default());
+        Reporter {
+            store: self.inner.store.clone(),
+            id,
+            progress: Arc::new(ptx),
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Fault tests with real processes (docs/architecture.md, "Dispatch and teardown protocol"):
 //! the executor process aborted at each failpoint of a dispatch — after the lease, after the
 //! record, after the launch — and started again; mars killed for longer than the lease TTL
-//! while a job runs, then started again; salad gone while a job runs (every connection of
-//! the job processes to it closed and refused, as a killed salad's are), then back. After
-//! each, within a bounded time ([`checks::assert_nothing_left`]): every job ended exactly
+//! while a job runs, then started again (the job goes on; or, its process killed too, its
+//! lease expires after the restart grace with the machine powered off); salad gone while a
+//! job runs (every connection of the job processes to it closed and refused, as a killed
+//! salad's are), then back. After each, within a bounded time ([`checks::assert_nothing_left`]): every job ended exactly
 //! once and ran at most once, no lease outlives its job, and no machine is powered (as its
 //! PDU reads) or keeps a boot config while no job holds it. (`kill -9` of a job process is
 //! in `process_deaths.rs`.)
@@ -20,7 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use common::checks::assert_nothing_left;
-use common::procs::{alive, wait_gone};
+use common::procs::{alive, sigkill, wait_gone};
 use common::relay::SaladRelays;
 use common::*;
 use dutgate_core::JobStatus;
@@ -28,7 +29,7 @@ use dutgate_core::db::Db;
 use dutgate_executor::model::{Event, JobState, kind};
 use dutgate_executor::scheduler::FAILPOINT_ENV;
 use dutgate_executor::store::Store;
-use dutgate_mars::model::MachineState;
+use dutgate_mars::model::{Lease, MachineState, Timestamp};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -85,6 +86,61 @@ async fn restart_executor(farm: &mut Farm, change: impl FnOnce(&mut dutgate_exec
 
 fn count(events: &[Event], kind: &str) -> usize {
     events.iter().filter(|e| e.kind == kind).count()
+}
+
+/// A job on machine `n` that runs about 8 s after its DUT boots (`tick 1` … `tick 20`).
+fn long_job(n: u16) -> String {
+    job_yaml(&by_id(n), "long", "long", "", "")
+}
+
+/// Waits (bounded) until job `id`'s console shows the line `line`.
+async fn wait_console_line(farm: &Farm, id: i64, line: &str) {
+    let log = console_log(farm, id);
+    let end = Instant::now() + T;
+    let line = format!("{line}\r\n");
+    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&line)) {
+        assert!(
+            Instant::now() < end,
+            "the job's console never showed {line:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The lease mars holds for job `id`.
+async fn lease_of(farm: &Farm, id: i64) -> Lease {
+    let leases = farm.mars.leases().await.expect("mars' leases");
+    leases
+        .into_iter()
+        .find(|l| l.job_id == id.to_string())
+        .unwrap_or_else(|| panic!("mars holds no lease for job {id}"))
+}
+
+/// While mars is away, reads its database (the farm's own handle on it) until the lease of
+/// machine 1 has lapsed, i.e. the outage is longer than the lease TTL. Returns that lease.
+async fn wait_lapsed(farm: &Farm, lease: &Lease) -> Lease {
+    let end = Instant::now() + T;
+    loop {
+        let row = farm
+            .mars_handle
+            .store
+            .get(mac(1))
+            .await
+            .expect("machine 1 in mars' database");
+        let held = row
+            .lease
+            .filter(|l| l.id == lease.id)
+            .unwrap_or_else(|| panic!("lease {} is gone while mars is away", lease.id));
+        if held.expires_at < Timestamp::now() {
+            return held;
+        }
+        assert!(
+            Instant::now() < end,
+            "lease {} never lapsed: {held:?}",
+            lease.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The executor process aborts at `failpoint` while it dispatches a job to the farm's one
@@ -217,15 +273,7 @@ async fn salad_killed_while_a_job_runs() {
     restart_executor(&mut farm, |cfg| salad.route(cfg)).await;
 
     let id = farm.submit(&slow_job(1), "").await;
-    let log = console_log(&farm, id);
-    let end = Instant::now() + T;
-    while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("tick 1\r\n")) {
-        assert!(
-            Instant::now() < end,
-            "the job's console never showed tick 1"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_console_line(&farm, id, "tick 1").await;
     salad.cut();
     // The outage itself: longer than a console line's interval (400 ms), shorter than what
     // is left of the script (about 3 s).
@@ -242,6 +290,149 @@ async fn salad_killed_while_a_job_runs() {
         .count();
     assert!(ticks < 8, "the outage did not reach the job: {console}");
     farm.wait_machine(mac(1), MachineState::Idle, T).await;
+    assert_nothing_left(&farm, &farm.mars, &[id], T).await;
+    farm.stop().await;
+}
+
+/// mars is killed (`kill -9`: every task of it gone at once) while a job runs, stays away
+/// until the job's lease has lapsed in its database (longer than the TTL), and starts again
+/// over the same database and port. The job's process is alive and heartbeats as soon as mars
+/// answers: a lapsed lease whose expiry no sweeper claimed is still its holder's, and the
+/// restart grace keeps any sweeper from claiming it first. The job passes with all of its
+/// console, nothing is counted against the machine, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mars_killed_for_longer_than_the_lease_ttl_while_a_job_runs() {
+    let _one = ONE_FARM.lock().await;
+    let mut farm = Farm::start(Options {
+        machines: 1,
+        lease_ttl: 3,
+        lease_grace: 10,
+        ..options()
+    })
+    .await;
+    let id = farm.submit(&long_job(1), "").await;
+    wait_console_line(&farm, id, "tick 1").await;
+    let lease = lease_of(&farm, id).await;
+
+    farm.kill_mars();
+    wait_lapsed(&farm, &lease).await;
+    // The job still runs: its DUT prints on.
+    assert_eq!(farm.power(1), dutgate_core::PowerState::On);
+    farm.start_mars().await;
+
+    let job = farm.wait_finished(id, T).await;
+    let events = farm.events(id).await;
+    assert_eq!(
+        job.status,
+        Some(JobStatus::Pass),
+        "{:#?}\n{}",
+        kinds(&events),
+        process_log(&farm, id)
+    );
+    assert_eq!(count(&events, kind::DISPATCHED), 1, "{:#?}", kinds(&events));
+    assert_eq!(
+        count(&events, kind::PROCESS_STARTED),
+        1,
+        "{:#?}",
+        kinds(&events)
+    );
+    let console = farm.console(id).await;
+    assert!(console.contains("tick 20\r\n"), "{console}");
+    assert_eq!(console.matches("RESULT: PASS").count(), 1, "{console}");
+    farm.wait_machine(mac(1), MachineState::Idle, T).await;
+    let machine = farm.mars.machine(mac(1)).await.expect("the machine");
+    assert_eq!(machine.consecutive_infra_failures, 0, "{machine:#?}");
+    assert_nothing_left(&farm, &farm.mars, &[id], T).await;
+    farm.stop().await;
+}
+
+/// The restart grace in these tests (seconds).
+const GRACE: u64 = 4;
+
+/// mars, the executor and the job's process are all killed (`kill -9`) while the job runs;
+/// the DUT stays powered, running the dead job's code. mars starts again after the job's
+/// lease lapsed: the lease first gets the restart grace (its holder might come back), then
+/// expires — and mars powers the machine off (read from the PDU) before it frees it to
+/// `QUICK_CHECK`, counting an infrastructure failure. The executor, started again, ends the
+/// job `INCOMPLETE` and clears its boot config: nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_lapsed_while_mars_was_away_expires_after_the_grace_with_a_power_off() {
+    let _one = ONE_FARM.lock().await;
+    let mut farm = Farm::start(Options {
+        machines: 1,
+        lease_ttl: 3,
+        lease_grace: GRACE,
+        ..options()
+    })
+    .await;
+    let id = farm.submit(&long_job(1), "").await;
+    wait_console_line(&farm, id, "tick 1").await;
+    let lease = lease_of(&farm, id).await;
+    let pid = farm.job_pid(id).await;
+
+    farm.kill_mars();
+    farm.kill_executor(0);
+    sigkill(pid);
+    wait_gone(pid, T, "the job process").await;
+    wait_lapsed(&farm, &lease).await;
+    assert_eq!(farm.power(1), dutgate_core::PowerState::On);
+
+    let restarted = Timestamp::now();
+    farm.start_mars().await;
+    // The grace: the lapsed lease is kept, its expiry moved to GRACE after the restart.
+    let end = Instant::now() + T;
+    loop {
+        let machine = farm.mars.machine(mac(1)).await.expect("the machine");
+        let held = machine
+            .lease
+            .as_ref()
+            .filter(|l| l.id == lease.id)
+            .unwrap_or_else(|| {
+                panic!("the lapsed lease was not given the restart grace: {machine:#?}")
+            });
+        if held.expires_at.millis() >= restarted.millis() + GRACE as i64 * 1000 {
+            break;
+        }
+        assert!(Instant::now() < end, "no grace given: {held:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then it expires, the machine off first.
+    let machine = loop {
+        let machine = farm.mars.machine(mac(1)).await.expect("the machine");
+        if machine.lease.is_none() {
+            break machine;
+        }
+        assert!(
+            Instant::now() < end,
+            "the lease never expired: {machine:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let waited = Timestamp::now().millis() - restarted.millis();
+    assert!(
+        waited >= GRACE as i64 * 1000,
+        "the lease expired {waited} ms after the restart, within the grace"
+    );
+    // Nobody but mars was left to power it off.
+    assert_eq!(farm.power(1), dutgate_core::PowerState::Off);
+    assert_eq!(machine.state, MachineState::QuickCheck, "{machine:#?}");
+    assert_eq!(machine.consecutive_infra_failures, 1, "{machine:#?}");
+
+    farm.start_executor(0).await;
+    let job = farm.wait_finished(id, T).await;
+    let events = farm.events(id).await;
+    assert_eq!(
+        job.status,
+        Some(JobStatus::Incomplete),
+        "{:#?}",
+        kinds(&events)
+    );
+    assert_eq!(
+        count(&events, kind::PROCESS_STARTED),
+        1,
+        "{:#?}",
+        kinds(&events)
+    );
     assert_nothing_left(&farm, &farm.mars, &[id], T).await;
     farm.stop().await;
 }

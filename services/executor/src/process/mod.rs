@@ -169,9 +169,10 @@ pub(crate) struct Peers {
     pub pdu: PduClient,
     pub boot: BootClient,
     pub salad: SaladClient,
-    /// Plain HTTP client for the machine's job script and its artifacts (long downloads),
-    /// read before power-on: boot serves a job script only to its machine, the holder of its
-    /// lease, services and admins.
+    /// The HTTP client all of the above share (one connection pool), for the machine's job
+    /// script and its artifacts, read before power-on: boot serves a job script only to its
+    /// machine, the holder of its lease, services and admins. Its calls time out after
+    /// [`dutgate_core::client::DEFAULT_TIMEOUT`]; long downloads set their own timeout.
     pub http: reqwest::Client,
     pub boot_url: String,
     pub console_host: String,
@@ -195,29 +196,23 @@ impl Peers {
     }
 
     fn presenting(gw: &GatewayConfig, cfg: &Config, credential: HeaderMap) -> Self {
-        let client = |timeout: Duration| {
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(timeout)
-                .default_headers(credential.clone())
-                .build()
-                .unwrap_or_else(|_| reqwest::Client::new())
-        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(dutgate_core::client::DEFAULT_TIMEOUT)
+            .default_headers(credential)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
         let api = |service: ServiceName| {
-            ApiClient::with_http(
-                cfg.url_of(gw, service),
-                None,
-                client(dutgate_core::client::DEFAULT_TIMEOUT),
-            )
+            ApiClient::with_http(cfg.url_of(gw, service), None, http.clone())
         };
         Self {
             mars: MarsClient::from_api(api(ServiceName::Mars)),
             pdu: PduClient::from_api(api(ServiceName::Pdu)),
             boot: BootClient::from_api(api(ServiceName::Boot)),
             salad: SaladClient::from_api(api(ServiceName::Salad)),
-            http: client(Duration::from_secs(600)),
             boot_url: cfg.url_of(gw, ServiceName::Boot),
             console_host: cfg.console_host(gw),
+            http,
         }
     }
 }
@@ -405,7 +400,12 @@ fn spawn_signal_watch(cancel: CancellationToken) {
     });
 }
 
-/// Extends the lease every third of its TTL. A lease mars says is gone stops the job.
+/// Extends the lease at once, then every third of its TTL. A lease mars says is gone stops
+/// the job.
+///
+/// The first beat is at the start: the lease was taken before the process was launched (by a
+/// round, or by an executor that stopped between the record and the launch), and what was
+/// left of its TTL has been spent meanwhile.
 async fn heartbeat(
     mars: MarsClient,
     lease: String,
@@ -413,9 +413,12 @@ async fn heartbeat(
     lost: CancellationToken,
     reporter: Reporter,
 ) {
-    let period = ttl / 3;
+    let mut beat = tokio::time::interval(ttl / 3);
+    // A beat that took long (mars slow or away) is followed by the next a full period later,
+    // not by a burst.
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::time::sleep(period).await;
+        beat.tick().await;
         match mars.heartbeat(&lease).await {
             Ok(_) => {}
             Err(e) if dutgate_mars::client::is_gone(&e) => {

@@ -454,6 +454,10 @@ async fn setup_steps(job: &JobContext, state: &mut SessionState) -> Result<JobSp
     })
 }
 
+/// How long one boot artifact may take to come through the boot service's cache (a kernel
+/// or an initrd fetched from afar on a slow link).
+const ARTIFACT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Fetches every artifact of the boot script once through the boot service's cache, so a
 /// missing kernel is a SETUP_FAIL before power-on, not a silent DUT after it. The job process
 /// reads them as the holder of the machine's lease (its client presents it), naming the
@@ -479,7 +483,14 @@ async fn prefetch(job: &JobContext) -> Result<(), Outcome> {
             .map_err(|e| setup_fail(format!("boot artifact {art}: {e}"), true))?;
         url.query_pairs_mut()
             .append_pair("machine", &job.machine.to_string());
-        match job.peers.http.get(url).send().await {
+        match job
+            .peers
+            .http
+            .get(url)
+            .timeout(ARTIFACT_TIMEOUT)
+            .send()
+            .await
+        {
             Ok(mut resp) if resp.status().is_success() => {
                 // Read to the end: the cache then holds the whole file.
                 loop {

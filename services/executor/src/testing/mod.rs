@@ -13,6 +13,9 @@
 //! sections. A test binary with its own `main` can be that process itself: it calls
 //! [`executor_process_main`] first, and uses [`ExecutorMode::this_binary`].
 //!
+//! mars runs on its own runtime in this process: [`Farm::kill_mars`] ends all of it at once,
+//! [`Farm::start_mars`] starts it again over the same database and on the same socket.
+//!
 //! No process outlives the farm: dropping it (or [`Farm::stop`]) kills its executor processes
 //! and every job process still writing into its state dir.
 //!
@@ -88,6 +91,8 @@ pub struct Options {
     pub tags: fn(u16) -> Vec<String>,
     /// mars' lease TTL (seconds).
     pub lease_ttl: u64,
+    /// How long leases that lapsed while mars was away get when it starts (seconds).
+    pub lease_grace: u64,
     pub cancel_grace: f64,
     /// Runs the embedded S3 endpoint in-process and gives the executors job buckets.
     pub s3: bool,
@@ -120,6 +125,7 @@ impl Default for Options {
             machines: 4,
             tags: |_| Vec::new(),
             lease_ttl: 3,
+            lease_grace: 60,
             cancel_grace: 3.0,
             s3: false,
             template_vars: Vec::new(),
@@ -192,6 +198,29 @@ impl ExecutorSlot {
     }
 }
 
+/// The farm's mars, on its own runtime in this process: killing it drops every task of it at
+/// once — its sweeper, its event streams, its connections — as `kill -9` would; its database
+/// and its socket stay for the next start.
+struct MarsSlot {
+    /// Bound once by the farm (port 0) and kept for the farm's life, as systemd keeps a
+    /// socket-activated service's: while mars is down, connections wait in the backlog until
+    /// the next mars accepts them (or their client gives up); the port is never free for
+    /// another process to take.
+    listener: std::net::TcpListener,
+    db: PathBuf,
+    config: dutgate_mars::Config,
+    running: Option<(CancellationToken, tokio::runtime::Runtime)>,
+}
+
+impl MarsSlot {
+    fn kill(&mut self) {
+        if let Some((shutdown, runtime)) = self.running.take() {
+            shutdown.cancel();
+            runtime.shutdown_background();
+        }
+    }
+}
+
 pub struct Farm {
     pub tmp: tempfile::TempDir,
     pub gw: Arc<GatewayConfig>,
@@ -206,7 +235,11 @@ pub struct Farm {
     pub mars_url: String,
     pub http: reqwest::Client,
     pub mars: MarsClient,
+    /// mars' store as the test's own handle (its own connections to mars' database), for
+    /// writes no API offers, such as admitting a machine without training. Not the running
+    /// mars: its sweeper and event streams are in [`Farm::start_mars`]'s.
     pub mars_handle: dutgate_mars::machines::Mars,
+    mars_slot: MarsSlot,
     /// The dummy PDU device the simulated DUTs watch.
     pub device: String,
     pub machines: Vec<MachineId>,
@@ -382,27 +415,28 @@ impl Farm {
         .expect("pdu service");
 
         // mars, with the real pdu behind it and no trainer (machines are admitted below).
-        let mars_db = Db::open_sqlite(&tmp.path().join("mars.db"), dutgate_mars::store::MIGRATIONS)
-            .await
-            .expect("mars database");
+        let mars_db_path = tmp.path().join("mars.db");
         let mut mars_cfg = dutgate_mars::Config {
             lease_ttl_seconds: opts.lease_ttl,
+            lease_grace_seconds: opts.lease_grace,
             ..Default::default()
         };
         mars_cfg.training.enabled = false;
-        let power = Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None));
+        let mars_db = Db::open_sqlite(&mars_db_path, dutgate_mars::store::MIGRATIONS)
+            .await
+            .expect("mars database");
         let mars_handle = dutgate_mars::machines::Mars::new(
             dutgate_mars::store::Store::new(mars_db, "farm"),
-            mars_cfg,
-            power,
+            mars_cfg.clone(),
+            Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None)),
         );
-        let router = dutgate_mars::start(mars_handle.clone(), auth.clone(), shutdown.clone())
-            .expect("mars service");
-        let app = dutgate_core::http::with_common_routes("mars", router, None);
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = dutgate_core::http::serve(l_mars, app, stop, Duration::from_millis(200)).await;
-        });
+        let mut mars_slot = MarsSlot {
+            listener: l_mars.into_std().expect("a std listener"),
+            db: mars_db_path,
+            config: mars_cfg,
+            running: None,
+        };
+        mars_slot.running = Some(start_mars_in_process(&mars_slot, gw.clone()).await);
 
         // boot
         let boot_ctx = ServiceContext::new(ServiceName::Boot, (*gw).clone(), shutdown.clone());
@@ -551,6 +585,7 @@ impl Farm {
             http,
             mars,
             mars_handle,
+            mars_slot,
             device,
             machines,
             shutdown,
@@ -694,6 +729,20 @@ impl Farm {
         Running::Process(child)
     }
 
+    /// Kills mars like `kill -9` (see [`MarsSlot`]): every task of it ends at once; its
+    /// database stays, and its port stays bound.
+    pub fn kill_mars(&mut self) {
+        self.mars_slot.kill();
+    }
+
+    /// Starts mars again, over the same database and on the same port; returns once it
+    /// serves.
+    pub async fn start_mars(&mut self) {
+        assert!(self.mars_slot.running.is_none(), "mars is already running");
+        let running = start_mars_in_process(&self.mars_slot, self.gw.clone()).await;
+        self.mars_slot.running = Some(running);
+    }
+
     /// Kills executor `i` like `kill -9` (see [`ExecutorSlot`]); its job processes keep
     /// running.
     pub fn kill_executor(&mut self, i: usize) {
@@ -717,6 +766,7 @@ impl Farm {
         for e in &mut self.executors {
             e.kill();
         }
+        self.mars_slot.kill();
         self.shutdown.cancel();
         for s in &self.sims {
             s.abort();
@@ -878,6 +928,7 @@ impl Drop for Farm {
         for e in &mut self.executors {
             e.kill();
         }
+        self.mars_slot.kill();
         self.shutdown.cancel();
         for s in &self.sims {
             s.abort();
@@ -915,6 +966,43 @@ pub fn kill_processes_writing_under(dir: &Path) {
             }
         }
     }
+}
+
+/// Starts mars on its own runtime in this process, on `slot`'s socket and database; returns
+/// once it serves.
+async fn start_mars_in_process(
+    slot: &MarsSlot,
+    gw: Arc<GatewayConfig>,
+) -> (CancellationToken, tokio::runtime::Runtime) {
+    let shutdown = CancellationToken::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("mars' runtime");
+    let listener = slot.listener.try_clone().expect("a copy of mars' socket");
+    let (db, config, stop) = (slot.db.clone(), slot.config.clone(), shutdown.clone());
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    runtime.spawn(async move {
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let listener = TcpListener::from_std(listener).expect("a tokio listener");
+        let db = Db::open_sqlite(&db, dutgate_mars::store::MIGRATIONS)
+            .await
+            .expect("mars database");
+        let mars = dutgate_mars::machines::Mars::new(
+            dutgate_mars::store::Store::new(db, "farm"),
+            config,
+            Arc::new(dutgate_mars::power::HttpPower::for_gateway(&gw, None)),
+        );
+        let router = dutgate_mars::start(mars, test_auth(), stop.clone()).expect("mars service");
+        let app = dutgate_core::http::with_common_routes("mars", router, None);
+        let _ = ready_tx.send(());
+        let _ = dutgate_core::http::serve(listener, app, stop, Duration::from_millis(200)).await;
+    });
+    ready_rx.await.expect("mars started");
+    (shutdown, runtime)
 }
 
 /// Starts an executor on its own runtime in this process; returns once it serves.

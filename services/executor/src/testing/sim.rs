@@ -14,6 +14,12 @@ use tokio::net::TcpStream;
 
 use super::ADMIN;
 
+const LONG_TICKS: [&str; 20] = [
+    "tick 1", "tick 2", "tick 3", "tick 4", "tick 5", "tick 6", "tick 7", "tick 8", "tick 9",
+    "tick 10", "tick 11", "tick 12", "tick 13", "tick 14", "tick 15", "tick 16", "tick 17",
+    "tick 18", "tick 19", "tick 20",
+];
+
 /// The console each `sim=` script prints: (line, delay before it in ms).
 ///
 /// - `pass`, `warn`, `fail`: a verdict, then `SESSION END`.
@@ -23,7 +29,7 @@ use super::ADMIN;
 /// - `bucket`: reads and writes its job bucket (keys from its command line).
 /// - `watchdog`: a watchdog that is started, reset, stopped and started again.
 /// - `block`: the verdict 1 s after boot; `slow`: `tick 1` … `tick 8`, 400 ms apart, then
-///   PASS (about 4 s).
+///   PASS (about 4 s); `long`: the same with `tick 1` … `tick 20` (about 8 s).
 pub fn script_lines(script: &str) -> Vec<(&'static str, u64)> {
     match script {
         "pass" => vec![
@@ -72,6 +78,12 @@ pub fn script_lines(script: &str) -> Vec<(&'static str, u64)> {
             ("RESULT: PASS", 400),
             ("SESSION END", 20),
         ],
+        "long" => {
+            let mut lines = vec![("booting", 20)];
+            lines.extend(LONG_TICKS.iter().map(|t| (*t, 400)));
+            lines.extend([("RESULT: PASS", 400), ("SESSION END", 20)]);
+            lines
+        }
         _ => vec![("unknown sim script", 0)],
     }
 }

@@ -67,6 +67,11 @@ impl Mars {
         out
     }
 
+    /// Extends a lease by its TTL from now. A lease past its expiry time whose expiry no
+    /// sweeper has claimed yet is still the holder's, as for [`Mars::release`]: nothing has
+    /// touched its machine, and the claim (a compare-and-set on the expiry time) fails once
+    /// the heartbeat moved it. That is what lets holders back in after mars was away: their
+    /// first heartbeat may come before the sweeper's restart grace.
     pub async fn heartbeat(&self, lease_id: &str) -> Result<Lease, MarsError> {
         let row = self.store.machine_by_lease(lease_id).await?;
         let now = Timestamp::now();
@@ -74,11 +79,12 @@ impl Mars {
             .lease
             .clone()
             .ok_or_else(|| StoreError::LeaseGone(lease_id.into()))?;
-        if lease.expires_at < now {
+        if lease.expires_at.millis() < 0 {
+            // Claimed: the machine is being powered off.
             return Err(StoreError::LeaseGone(lease_id.into()).into());
         }
         let expires = now.plus_ms(lease.ttl_seconds as i64 * 1000);
-        if !self.store.extend_lease(lease_id, now, expires).await? {
+        if !self.store.extend_lease(lease_id, expires).await? {
             return Err(StoreError::LeaseGone(lease_id.into()).into());
         }
         Ok(Lease {
@@ -329,4 +335,106 @@ fn lease_cause(req: &LeaseRequest) -> Cause {
         format!("{} lease for job {}", req.purpose.as_str(), req.job_id),
     )
     .with_job(req.job_id.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use dutgate_core::db::Db;
+
+    use super::*;
+    use crate::power::MemoryPower;
+    use crate::store::{Store, new_row};
+
+    /// A mars without its sweeper (this test sweeps) and one machine leased by a job.
+    async fn leased(dir: &std::path::Path) -> (Mars, Lease) {
+        let db = Db::open_sqlite(&dir.join("mars.db"), crate::store::MIGRATIONS)
+            .await
+            .unwrap();
+        let mars = Mars::new(
+            Store::new(db, "farm"),
+            crate::Config::default(),
+            Arc::new(MemoryPower::default()),
+        );
+        let id = MachineId::from_bytes([0x52, 0x54, 0, 0, 0, 1]);
+        let row = new_row(id, "dut", vec![], "10.0.0.1".parse().unwrap(), None, 0.0);
+        let cause = Cause::new("test", "admitted");
+        mars.store.insert_new(row, &cause).await.unwrap();
+        mars.patch(
+            id,
+            crate::model::MachinePatch {
+                pdu: Some(Some("pdu1".into())),
+                pdu_port_id: Some(Some("1".into())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        mars.store
+            .trigger(id, Trigger::TrainingPassed, &cause, &|_| {})
+            .await
+            .unwrap();
+        let lease = mars
+            .acquire(LeaseRequest {
+                machine_id: id,
+                job_id: "7".into(),
+                holder: "test".into(),
+                purpose: LeasePurpose::Job,
+                ttl_seconds: None,
+                lease_id: None,
+            })
+            .await
+            .unwrap();
+        (mars, lease)
+    }
+
+    /// A lease past its expiry time that no sweeper claimed yet (mars was away, say) is still
+    /// its holder's: a heartbeat extends it, and a sweeper that read the old expiry time then
+    /// fails to claim it. Once claimed, it is gone for heartbeats.
+    #[tokio::test]
+    async fn a_heartbeat_keeps_a_lapsed_lease_until_its_expiry_is_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mars, lease) = leased(dir.path()).await;
+        let lapsed = Timestamp::now().plus_ms(-1);
+        assert!(mars.store.extend_lease(&lease.id, lapsed).await.unwrap());
+        let seen = mars.store.expired_leases(Timestamp::now()).await.unwrap();
+        assert_eq!(seen.len(), 1);
+
+        let renewed = mars.heartbeat(&lease.id).await.unwrap();
+        assert!(renewed.expires_at > Timestamp::now(), "{renewed:?}");
+        // The sweeper's claim on what it read before the heartbeat loses.
+        assert!(
+            !mars
+                .store
+                .claim_expiry(&lease.id, lapsed.millis(), -Timestamp::now().millis())
+                .await
+                .unwrap()
+        );
+        assert_eq!(mars.expire_leases().await.unwrap(), 0);
+        assert!(mars.store.machine_by_lease(&lease.id).await.is_ok());
+
+        // Lapsed again and claimed: the machine is being powered off; no heartbeat revives it.
+        let lapsed = Timestamp::now().plus_ms(-1);
+        assert!(mars.store.extend_lease(&lease.id, lapsed).await.unwrap());
+        let claim = -Timestamp::now().millis();
+        assert!(
+            mars.store
+                .claim_expiry(&lease.id, lapsed.millis(), claim)
+                .await
+                .unwrap()
+        );
+        let e = mars.heartbeat(&lease.id).await.unwrap_err();
+        assert!(
+            matches!(e, MarsError::Store(StoreError::LeaseGone(_))),
+            "{e:?}"
+        );
+        assert!(
+            !mars
+                .store
+                .extend_lease(&lease.id, Timestamp::now())
+                .await
+                .unwrap()
+        );
+    }
 }

@@ -22,22 +22,22 @@ impl Store {
         rows.iter().map(row_to_machine).collect()
     }
 
-    /// Moves a lease's expiry to `expires` if it is still live at `now`. No event: heartbeats
-    /// are not state changes. The version moves so that a concurrent writer re-reads the row.
+    /// Moves a lease's expiry to `expires` unless its expiry was claimed (negative): a lease
+    /// past its expiry time that no sweeper claimed yet is still its holder's. No event:
+    /// heartbeats are not state changes. The version moves so that a concurrent writer
+    /// re-reads the row.
     pub async fn extend_lease(
         &self,
         lease_id: &str,
-        now: Timestamp,
         expires: Timestamp,
     ) -> Result<bool, StoreError> {
         let _turn = self.db.write_turn().await;
         let r = sqlx::query(
             "UPDATE machines SET lease_expires_at = $1, version = version + 1 \
-             WHERE lease_id = $2 AND lease_expires_at >= $3 RETURNING id",
+             WHERE lease_id = $2 AND lease_expires_at >= 0 RETURNING id",
         )
         .bind(expires.millis())
         .bind(lease_id)
-        .bind(now.millis())
         .fetch_optional(self.db.pool())
         .await?;
         Ok(r.is_some())
