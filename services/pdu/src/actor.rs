@@ -292,26 +292,16 @@ impl Actor {
         }
     }
 
-    /// Records a read state: cache, metric, and history when it changed.
+    /// Records a read state: history when it changed, then cache and metric. The history row
+    /// is written first so that whoever sees the new state through the API also finds the
+    /// change in the port's history.
     async fn observe(&mut self, port: &str, state: PowerState, cause: &'static str) {
         let now = now_ms();
         let changed = {
-            let mut c = lock(&self.cache);
-            let Some(p) = c.port_mut(port) else { return };
-            p.last_polled = Some(now);
-            let changed = p.state != state;
-            if changed {
-                p.state = state;
-                p.last_change = Some(now);
-            }
-            changed
+            let c = lock(&self.cache);
+            let Some(p) = c.port(port) else { return };
+            p.state != state
         };
-        metrics::gauge!("pdu_port_state", "pdu" => self.pdu.clone(), "port" => port.to_string())
-            .set(match state {
-                PowerState::On => 1.0,
-                PowerState::Off => 0.0,
-                PowerState::Unknown => -1.0,
-            });
         if changed {
             tracing::info!(pdu = %self.pdu, port, state = %state, cause, "port state changed");
             let entry = HistoryEntry {
@@ -328,6 +318,19 @@ impl Actor {
                 tracing::error!(pdu = %self.pdu, port, error = %e, "cannot record port history");
             }
         }
+        if let Some(p) = lock(&self.cache).port_mut(port) {
+            p.last_polled = Some(now);
+            if changed {
+                p.state = state;
+                p.last_change = Some(now);
+            }
+        }
+        metrics::gauge!("pdu_port_state", "pdu" => self.pdu.clone(), "port" => port.to_string())
+            .set(match state {
+                PowerState::On => 1.0,
+                PowerState::Off => 0.0,
+                PowerState::Unknown => -1.0,
+            });
     }
 
     /// One device exchange with its time budget, retried on transient errors.
