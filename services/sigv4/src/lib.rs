@@ -74,6 +74,11 @@ impl Signer {
         &self.access_key
     }
 
+    /// The region the signatures are for.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
     /// The secret key, for the few callers that must hand it on (a job's DUT credentials).
     pub fn secret_key(&self) -> &str {
         &self.secret_key

@@ -3,9 +3,10 @@
 //! - [`JobStorage`] (one per gateway, used by the executor and the per-job process):
 //!   create a job bucket with DUT-scoped keys, fill it from the submitter's tarball, list,
 //!   stream or download its objects, revoke the keys, delete the bucket.
-//! - [`S3Client`]: the one module that makes S3 calls (SigV4 in [`sigv4`]).
-//! - The embedded endpoint `dutgate s3` (port `gateway.ports.s3`, default 9000): s3s over a
-//!   directory of the state dir, with its own credential store: the admin key pair opens
+//! - [`S3Client`]: the one module that makes S3 calls (object transfers on `object_store`,
+//!   with retries and multipart upload; bucket and admin calls signed with [`sigv4`]).
+//! - The embedded endpoint `dutgate s3` (port `gateway.ports.s3`, default 9000): s3s over our
+//!   filesystem backend in a directory of the state dir, with its own credential store: the admin key pair opens
 //!   everything, a job's key pair opens that job's bucket and nothing else.
 //!
 //! Configuration is the `s3` section ([`Config`]); see `docs/storage.md`.

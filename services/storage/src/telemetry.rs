@@ -60,6 +60,11 @@ pub fn describe_client() {
         Unit::Bytes,
         "Object bytes moved by the S3 client: direction=up uploaded, down downloaded."
     );
+    describe_counter!(
+        "s3_client_failed_attempts_total",
+        Unit::Count,
+        "S3 client request attempts that failed in a retryable way (connection error or reset, 5xx, 429); each is retried while the retry budget lasts."
+    );
     describe_histogram!(
         "s3_client_request_seconds",
         Unit::Seconds,

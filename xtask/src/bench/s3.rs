@@ -256,7 +256,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let (dutgate, ak, sk) = start_dutgate(&exe, &lab)?;
     let moto = start_moto(&venv)?;
     let servers: [(&str, &Server, (&str, &str)); 2] = [
-        ("dutgate s3 (s3s-fs)", &dutgate, (ak.as_str(), sk.as_str())),
+        ("dutgate s3", &dutgate, (ak.as_str(), sk.as_str())),
         ("moto 5", &moto, ("AKIDMOTO", "motosecret")),
     ];
     let mut samples: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); STEPS.len()]; servers.len()];

@@ -317,9 +317,8 @@ impl S3Access for Access {
         )
     }
 
-    /// s3s-fs lists the parts of every file whose name starts with `.upload_id-<id>`, so an
-    /// empty or partial id would list other uploads' parts: only a full upload id is taken
-    /// (the backend then checks that the caller started that upload).
+    /// Only a full upload id is taken (an empty or partial one must never select other
+    /// uploads); the backend then checks that the caller started that upload.
     async fn list_parts(&self, req: &mut S3Request<ListPartsInput>) -> S3Result<()> {
         if !is_uuid(&req.input.upload_id) {
             return Err(deny(
@@ -356,7 +355,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// `8-4-4-4-12` hex digits, as s3s-fs writes upload ids.
+/// `8-4-4-4-12` hex digits, as the backend writes upload ids.
 pub(crate) fn is_uuid(s: &str) -> bool {
     let groups: Vec<&str> = s.split('-').collect();
     groups.len() == 5

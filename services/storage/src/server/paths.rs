@@ -1,9 +1,8 @@
 //! Which object keys, list prefixes and copy sources the embedded endpoint accepts.
 //!
-//! The filesystem backend (s3s-fs) stores `<data_dir>/<bucket>/<key>` by joining the key to
-//! the bucket's directory as a path, and only makes sure that the result stays under the
-//! data directory, not under the bucket's: `../job-b/x` from bucket `job-a` is
-//! `<data_dir>/job-b/x`, and an absolute key replaces the bucket directory altogether. So
+//! The filesystem backend stores `<data_dir>/<bucket>/<key>` by joining the key to the
+//! bucket's directory as a path: `../job-b/x` from bucket `job-a` would be
+//! `<data_dir>/job-b/x`, and an absolute key would replace the bucket directory. So
 //! every key that reaches the backend, wherever it comes from (request path, query, the
 //! `x-amz-copy-source` header, a `DeleteObjects` body), passes [`check_key`] first.
 //!
