@@ -1,13 +1,15 @@
-//! `dutctl jobs list|show|cancel|log|artifacts`: the executor's jobs (docs/jobs.md §4).
+//! `dutctl jobs list|show|cancel|log|artifacts|resubmit`: the executor's jobs (docs/jobs.md §4).
 
 use dutgate_core::http::encode_component;
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use dutgate_core::ServiceName;
-use dutgate_executor::client::ExecutorClient;
-use dutgate_executor::model::{EventList, Job, JobList};
+use dutgate_executor::client::{ExecutorClient, SubmitOptions};
+use dutgate_executor::model::{EventList, Job, JobList, Submitted};
 use reqwest::Method;
 use tokio::io::AsyncWriteExt;
 
@@ -51,6 +53,45 @@ pub enum JobsCommand {
         #[arg(long)]
         to: Option<std::path::PathBuf>,
     },
+    /// Submit a job's description again, as the caller, on the same target and priority.
+    Resubmit(ResubmitArgs),
+}
+
+#[derive(clap::Args)]
+pub struct ResubmitArgs {
+    id: i64,
+    /// Follow the new job as `run` does (events, console, artifacts) and exit with its
+    /// status code.
+    #[arg(long)]
+    follow: bool,
+    /// Like `--follow` without the console.
+    #[arg(long, conflicts_with = "follow")]
+    wait: bool,
+    /// Share this directory with the new job, as `run --share-dir` (the original job's
+    /// initial files are not kept by the gateway); implies `--wait` unless `--follow`.
+    #[arg(short = 's', long)]
+    share_dir: Option<PathBuf>,
+    /// Run on this machine instead of the original job's target.
+    #[arg(short = 'i', long = "machine")]
+    machine: Option<String>,
+    /// Run on a machine with these tags instead of the original job's target (repeatable).
+    #[arg(short = 't', long = "tag")]
+    tags: Vec<String>,
+    /// Queue priority; default: the original job's.
+    #[arg(long)]
+    priority: Option<i64>,
+    /// Fail at once (exit 10) when no matching machine is free instead of queueing.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `jobs resubmit` without `--follow`/`--wait`: what was submitted.
+#[derive(serde::Serialize)]
+struct Resubmitted {
+    id: i64,
+    url: String,
+    state: dutgate_executor::model::JobState,
+    resubmitted_from: i64,
 }
 
 fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
@@ -70,9 +111,10 @@ fn job_line(j: &Job) -> String {
     )
 }
 
-pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Result<()> {
+pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Result<ExitCode> {
     let exec = ExecutorClient::new(gw.url(ServiceName::Executor), gw.token().cloned());
     match cmd {
+        JobsCommand::Resubmit(args) => return resubmit(&exec, args, gw, format).await,
         JobsCommand::List {
             state,
             status,
@@ -152,10 +194,18 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
             });
         }
         JobsCommand::Log { id, follow } => {
-            let mut out = tokio::io::stdout();
+            // Text: the bytes as they are. JSON/YAML: one document once the log is read
+            // (with `-f`: once the job is finished).
+            let mut buf: Vec<u8> = Vec::new();
+            let mut stdout = tokio::io::stdout();
+            let out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send) = if format == Format::Text {
+                &mut stdout
+            } else {
+                &mut buf
+            };
             if follow {
                 let http = cmd_run::stream_client(gw);
-                cmd_run::follow_console(&exec, &http, id, &mut out).await?;
+                cmd_run::follow_console(&exec, &http, id, out).await?;
             } else {
                 let path = format!("/api/v1/jobs/{id}/console?follow=false");
                 let resp = exec
@@ -166,14 +216,22 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
                     .with_context(|| format!("console of job {id}"))?;
                 let status = resp.status();
                 if status == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
-                    return Ok(());
-                }
-                if !status.is_success() {
+                    // An empty log.
+                } else if !status.is_success() {
                     bail!("console of job {id}: {status}");
+                } else {
+                    let bytes = resp.bytes().await?;
+                    out.write_all(&bytes).await?;
+                    out.flush().await?;
                 }
-                let bytes = resp.bytes().await?;
-                out.write_all(&bytes).await?;
-                out.flush().await?;
+            }
+            if format != Format::Text {
+                let value = serde_json::json!({
+                    "job": id,
+                    "bytes": buf.len(),
+                    "console": String::from_utf8_lossy(&buf),
+                });
+                print(format, &value, |_| String::new());
             }
         }
         JobsCommand::Artifacts { id, to } => {
@@ -182,9 +240,7 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
                 .await
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let http = cmd_run::stream_client(gw);
-            let progress = cmd_run::Progress {
-                start: std::time::Instant::now(),
-            };
+            let progress = cmd_run::Progress::new();
             let files = cmd_run::download_artifacts(&exec, &http, id, &dir, &progress)
                 .await
                 .with_context(|| format!("artifacts of job {id}"))?;
@@ -192,5 +248,65 @@ pub async fn run(cmd: JobsCommand, gw: &Gateway, format: Format) -> anyhow::Resu
             print(format, &value, |_| format!("{}\n", dir.display()));
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `jobs resubmit`: the job's description as the executor kept it (`GET /api/v1/jobs/{id}`
+/// returns it to whoever may read the job), submitted again with the caller's token, so the
+/// caller owns the new job.
+async fn resubmit(
+    exec: &ExecutorClient,
+    args: ResubmitArgs,
+    gw: &Gateway,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let id = args.id;
+    let old = exec
+        .job(id)
+        .await
+        .with_context(|| format!("cannot read job {id}"))?;
+    let Some(yaml) = old.job.clone() else {
+        bail!("job {id}: the gateway did not return its description");
+    };
+    // The original target (from the file or from `-i`/`-t`) unless replaced here.
+    let (machine, tags) = if args.machine.is_some() || !args.tags.is_empty() {
+        (args.machine.filter(|m| !m.is_empty()), args.tags)
+    } else {
+        (
+            old.target.id.map(|m| m.to_string()),
+            old.target.tags.clone(),
+        )
+    };
+    let opts = SubmitOptions {
+        priority: args.priority.unwrap_or(old.priority),
+        wait: !args.no_wait,
+        job_id: old.external_id.clone(),
+        ..SubmitOptions::new()
+    };
+    if args.follow || args.wait || args.share_dir.is_some() {
+        let launch = cmd_run::Launch {
+            source: PathBuf::from(format!("job {id}")),
+            yaml,
+            machine,
+            tags,
+            opts,
+            share_dir: args.share_dir,
+            quiet: !args.follow,
+            interactive: false,
+        };
+        return cmd_run::launch_and_follow(launch, gw, format).await;
+    }
+    let submitted: Submitted = cmd_run::submit(exec, &yaml, machine.as_deref(), &tags, &opts, None)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot resubmit job {id}: {e}"))?;
+    let value = Resubmitted {
+        id: submitted.id,
+        url: submitted.url,
+        state: submitted.state,
+        resubmitted_from: id,
+    };
+    print(format, &value, |v| {
+        format!("job {} resubmitted as job {}: {}\n", id, v.id, v.url)
+    });
+    Ok(ExitCode::SUCCESS)
 }

@@ -104,7 +104,7 @@ fn client(gw: &Gateway) -> MarsClient {
 }
 
 /// A MAC address, or a full name looked up in the list.
-async fn resolve(mars: &MarsClient, name: &str) -> anyhow::Result<MachineId> {
+pub(crate) async fn resolve(mars: &MarsClient, name: &str) -> anyhow::Result<MachineId> {
     if let Ok(id) = MachineId::parse(name) {
         return Ok(id);
     }
@@ -413,6 +413,9 @@ async fn discover(mars: &MarsClient, a: DiscoverArgs, format: Format) -> anyhow:
         match (a.pdu, a.port) {
             (Some(pdu), Some(port_id)) => {
                 let cursor = mars.events_cursor().await?;
+                let waiting = format!(
+                    "waiting for a machine to boot and register on PDU {pdu} port {port_id}"
+                );
                 let st = mars
                     .discover(&DiscoverRequest {
                         pdu,
@@ -421,7 +424,11 @@ async fn discover(mars: &MarsClient, a: DiscoverArgs, format: Format) -> anyhow:
                     })
                     .await?;
                 if a.wait {
-                    return wait_for_binding(mars, cursor, format).await;
+                    let progress = crate::progress::Progress::new();
+                    progress.spin(&waiting);
+                    let bound = wait_for_binding(mars, cursor, format).await;
+                    progress.done();
+                    return bound;
                 }
                 st
             }

@@ -1,5 +1,9 @@
 //! `dutctl run job.yml`: submit a job, show its phases as they happen, stream its console live,
 //! download its artifacts, exit with its pinned status code (docs/jobs.md §2).
+//! `--share-dir DIR` is valve-infra's `-s`: DIR's files go to the job bucket before the job
+//! starts (the submission's initial-state tarball) and the artifacts come back into it.
+//! With `-o json|yaml` stdout holds one document describing the finished job; the console
+//! then goes to stderr.
 //!
 //! The console and the event stream are both resumable (`?offset=` and `?after=`): a dropped
 //! connection is re-opened where it stopped, so nothing is lost or printed twice. SIGINT and
@@ -15,14 +19,17 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use dutgate_core::client::{ApiClient, ClientError};
-use dutgate_core::{JobStatus, ServiceName};
+use dutgate_core::{JobStatus, MachineId, ServiceName};
 use dutgate_executor::client::{ExecutorClient, SubmitOptions};
 use dutgate_executor::model::{ArtifactList, Event, Job, JobState, Submitted};
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
+use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::gateway::Gateway;
+use crate::output::{Format, print};
+pub use crate::progress::Progress;
 
 /// Environment variable naming a file where `dutctl run` records the jobs it submitted and how
 /// they ended (`submitted <id>`, `finished <id> <STATUS>`): the GitLab driver reads it to map
@@ -47,8 +54,9 @@ pub struct RunArgs {
     /// Run on a machine with these tags (repeatable); replaces the job's `target`.
     #[arg(short = 't', long = "tag")]
     pub tags: Vec<String>,
-    /// Download the job's artifacts into this directory.
-    #[arg(long)]
+    /// Share this directory with the job (valve-infra's `-s`): its files are the job bucket's
+    /// initial state, and the job's artifacts are downloaded into it at the end.
+    #[arg(short = 's', long)]
     pub share_dir: Option<PathBuf>,
     /// Template variable for this job, `name=value` (repeatable).
     #[arg(long = "var", value_name = "NAME=VALUE")]
@@ -74,7 +82,10 @@ pub struct RunArgs {
 /// How the console is shown.
 pub enum ConsoleMode {
     Quiet,
-    Stream,
+    /// Streamed to stdout, or to stderr when stdout holds a `-o json|yaml` document.
+    Stream {
+        to_stderr: bool,
+    },
     /// Two-way, through the WebSocket, with the keyboard's input.
     Interactive(tokio::sync::mpsc::Receiver<crate::interactive::Input>),
 }
@@ -129,17 +140,6 @@ pub fn stream_client(gw: &Gateway) -> ApiClient {
     ApiClient::with_http(gw.url(ServiceName::Executor), gw.token().cloned(), http)
 }
 
-pub struct Progress {
-    pub start: Instant,
-}
-
-impl Progress {
-    pub fn line(&self, msg: &str) {
-        let s = self.start.elapsed().as_secs_f64();
-        eprintln!("[{s:7.1}s] {msg}");
-    }
-}
-
 fn describe(e: &Event) -> String {
     match e.kind.as_str() {
         "phase" => {
@@ -155,15 +155,17 @@ fn describe(e: &Event) -> String {
     }
 }
 
-/// Submits `yaml`; `-i`/`-t` go through valve-infra's multipart `metadata.target`.
+/// Submits `yaml`; `-i`/`-t` go through valve-infra's multipart `metadata.target`, the share
+/// dir's tarball as its `job_bucket_initial_state_tarball_file` part.
 pub async fn submit(
     exec: &ExecutorClient,
     yaml: &str,
     machine: Option<&str>,
     tags: &[String],
     opts: &SubmitOptions,
+    tarball: Option<Vec<u8>>,
 ) -> Result<Submitted, ClientError> {
-    if machine.is_none() && tags.is_empty() {
+    if machine.is_none() && tags.is_empty() && tarball.is_none() {
         return exec.submit(yaml, opts).await;
     }
     let mut target = serde_json::Map::new();
@@ -173,16 +175,25 @@ pub async fn submit(
     if !tags.is_empty() {
         target.insert("tags".into(), tags.to_vec().into());
     }
-    let metadata = serde_json::json!({
+    let mut metadata = serde_json::json!({
         "version": 1,
         "job_id": opts.job_id,
-        "target": target,
         "priority": opts.priority,
         "wait": opts.wait,
     });
-    let form = reqwest::multipart::Form::new()
+    // A `target` part, even empty, replaces the job's own: only sent when one is given.
+    if !target.is_empty() {
+        metadata["target"] = target.into();
+    }
+    let mut form = reqwest::multipart::Form::new()
         .text("metadata", metadata.to_string())
         .text("job", yaml.to_string());
+    if let Some(t) = tarball {
+        form = form.part(
+            "job_bucket_initial_state_tarball_file",
+            reqwest::multipart::Part::bytes(t).file_name("share.tar.gz"),
+        );
+    }
     let path = "/api/v1/jobs";
     let rb = exec.api().request(Method::POST, path).multipart(form);
     exec.api().send(rb, path).await
@@ -211,49 +222,183 @@ fn submission_error(file: &Path, e: &ClientError) -> String {
     }
 }
 
+/// What `run` and `jobs resubmit` submit, and how they follow the job.
+pub struct Launch {
+    /// Where the job came from, for messages pointing into it (`job.yml`, `job 42`).
+    pub source: PathBuf,
+    pub yaml: String,
+    pub machine: Option<String>,
+    pub tags: Vec<String>,
+    pub opts: SubmitOptions,
+    pub share_dir: Option<PathBuf>,
+    pub quiet: bool,
+    pub interactive: bool,
+}
+
+/// The document `run -o json|yaml` prints once the job is finished (docs/dutctl.md).
+#[derive(Debug, Serialize)]
+pub struct RunResult {
+    pub id: i64,
+    pub url: String,
+    /// `FINISHED`, or the state it was in when `dutctl` stopped waiting after a cancellation.
+    pub state: JobState,
+    pub status: JobStatus,
+    /// The job's pinned status code, which is also `dutctl`'s exit code.
+    pub exit_code: u8,
+    pub reason: Option<String>,
+    pub machine_id: Option<MachineId>,
+    pub console_url: String,
+    pub artifacts_url: String,
+    /// The share dir (`--share-dir`), else `null`.
+    pub share_dir: Option<PathBuf>,
+    /// Files of the share dir sent as the bucket's initial state (paths relative to it).
+    pub uploaded: Vec<String>,
+    /// Artifacts downloaded into the share dir (paths relative to it).
+    pub artifacts: Vec<String>,
+}
+
 /// `dutctl run`.
-pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
-    let progress = Progress {
-        start: Instant::now(),
-    };
+pub async fn run(args: RunArgs, gw: &Gateway, format: Format) -> anyhow::Result<ExitCode> {
     let text = tokio::fs::read_to_string(&args.file)
         .await
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let yaml = with_vars(&text, &args.vars)?;
-    if let Some(dir) = &args.share_dir {
+    let launch = Launch {
+        source: args.file.clone(),
+        yaml,
+        machine: args.machine.clone().filter(|m| !m.is_empty()),
+        tags: args.tags.clone(),
+        opts: SubmitOptions {
+            priority: args.priority,
+            wait: !args.no_wait,
+            job_id: args.label.clone(),
+            ..SubmitOptions::new()
+        },
+        share_dir: args.share_dir.clone(),
+        quiet: args.quiet,
+        interactive: args.interactive,
+    };
+    launch_and_follow(launch, gw, format).await
+}
+
+/// The share dir's regular files as a gzipped tarball (paths relative to it), with their
+/// relative paths and total size. Links and special files are left out: the gateway would
+/// refuse them anyway, and a link could point anywhere on this machine.
+fn pack_share_dir(dir: &Path) -> anyhow::Result<(Vec<u8>, Vec<String>, u64)> {
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        out: &mut Vec<(PathBuf, PathBuf, u64)>,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(root.join(rel))?.collect::<Result<_, _>>()?;
+        // Sorted: the same directory gives the same tarball.
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let ty = e.file_type()?;
+            let r = rel.join(e.file_name());
+            if ty.is_dir() {
+                walk(root, &r, out)?;
+            } else if ty.is_file() {
+                out.push((e.path(), r, e.metadata()?.len()));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, Path::new(""), &mut files)
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    tar.follow_symlinks(false);
+    let mut names = Vec::new();
+    let mut total = 0;
+    for (path, rel, len) in files {
+        tar.append_path_with_name(&path, &rel)
+            .with_context(|| format!("cannot pack {}", path.display()))?;
+        names.push(rel.to_string_lossy().into_owned());
+        total += len;
+    }
+    let gz = tar.into_inner().context("cannot pack the share dir")?;
+    let bytes = gz.finish().context("cannot pack the share dir")?;
+    Ok((bytes, names, total))
+}
+
+/// Submits the job and follows it to its end: events on stderr, the console on stdout (on
+/// stderr with `-o json|yaml`, whose document is then the only thing on stdout), artifacts
+/// into the share dir; exits with the job's status code.
+pub async fn launch_and_follow(
+    launch: Launch,
+    gw: &Gateway,
+    format: Format,
+) -> anyhow::Result<ExitCode> {
+    let progress = Progress::new();
+    let document = format != Format::Text;
+    if document && launch.interactive {
+        bail!("-I/--interactive needs the terminal's stdout: it cannot be used with -o json|yaml");
+    }
+    let mut tarball = None;
+    let mut uploaded = Vec::new();
+    if let Some(dir) = &launch.share_dir {
         tokio::fs::create_dir_all(dir)
             .await
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        let d = dir.clone();
+        let (bytes, names, total) = tokio::task::spawn_blocking(move || pack_share_dir(&d))
+            .await
+            .context("packing the share dir")??;
+        if !names.is_empty() {
+            progress.spin(&format!(
+                "uploading {} files ({total} bytes) from {}",
+                names.len(),
+                dir.display()
+            ));
+            tarball = Some(bytes);
+            uploaded = names;
+        }
     }
     let exec = ExecutorClient::new(gw.url(ServiceName::Executor), gw.token().cloned());
-    let opts = SubmitOptions {
-        priority: args.priority,
-        wait: !args.no_wait,
-        job_id: args.label.clone(),
-        ..SubmitOptions::new()
-    };
-    let machine = args.machine.as_deref().filter(|m| !m.is_empty());
     // Before the submission: a signal arriving while it is in flight still cancels the job.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let submitted = match submit(&exec, &yaml, machine, &args.tags, &opts).await {
+    let submitted = submit(
+        &exec,
+        &launch.yaml,
+        launch.machine.as_deref(),
+        &launch.tags,
+        &launch.opts,
+        tarball,
+    )
+    .await;
+    progress.done();
+    let submitted = match submitted {
         Ok(s) => s,
-        Err(e) => bail!("{}", submission_error(&args.file, &e)),
+        Err(e) => bail!("{}", submission_error(&launch.source, &e)),
     };
     let id = submitted.id;
     record(&format!("submitted {id}"));
     progress.line(&format!("job {id} submitted: {}", submitted.url));
+    if !uploaded.is_empty() {
+        progress.line(&format!(
+            "{} files of the share dir sent as the job bucket's initial state",
+            uploaded.len()
+        ));
+    }
+    if submitted.state == JobState::Queued {
+        progress.spin(&format!("job {id} queued: waiting for a machine"));
+    }
 
     let http = stream_client(gw);
     let mut raw = None;
-    let mode = if args.quiet {
+    let mode = if launch.quiet {
         ConsoleMode::Quiet
-    } else if args.interactive && crate::interactive::stdin_is_tty() {
+    } else if launch.interactive && crate::interactive::stdin_is_tty() {
         raw = crate::interactive::RawMode::enable();
         progress.line("interactive console: Ctrl-A Ctrl-C quits and cancels the job");
         ConsoleMode::Interactive(crate::interactive::keyboard())
     } else {
-        ConsoleMode::Stream
+        ConsoleMode::Stream {
+            to_stderr: document,
+        }
     };
     let follow = follow(&exec, &http, gw, id, &progress, mode);
     tokio::pin!(follow);
@@ -268,6 +413,7 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
         _ = sigterm.recv() => None,
     };
     drop(raw);
+    progress.done();
     let job = match outcome {
         Some(r) => r?,
         None => {
@@ -292,10 +438,11 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    if let Some(dir) = &args.share_dir
+    let mut artifacts = Vec::new();
+    if let Some(dir) = &launch.share_dir
         && job.state == JobState::Finished
     {
-        download_artifacts(&exec, &http, id, dir, &progress).await?;
+        artifacts = download_artifacts(&exec, &http, id, dir, &progress).await?;
     }
     let status = job.status.unwrap_or(JobStatus::Unknown);
     // A job still being torn down after a cancellation ends INCOMPLETE (reason `cancelled`).
@@ -310,9 +457,25 @@ pub async fn run(args: RunArgs, gw: &Gateway) -> anyhow::Result<ExitCode> {
         status.as_str(),
         job.reason.as_deref().unwrap_or("")
     ));
-    Ok(ExitCode::from(
-        u8::try_from(status.exit_code()).unwrap_or(5),
-    ))
+    let exit_code = u8::try_from(status.exit_code()).unwrap_or(5);
+    if document {
+        let result = RunResult {
+            id,
+            console_url: format!("{}/console", job.url),
+            artifacts_url: format!("{}/artifacts", job.url),
+            url: job.url,
+            state: job.state,
+            status,
+            exit_code,
+            reason: job.reason,
+            machine_id: job.machine_id,
+            share_dir: launch.share_dir,
+            uploaded,
+            artifacts,
+        };
+        print(format, &result, |_| String::new());
+    }
+    Ok(ExitCode::from(exit_code))
 }
 
 /// Follows the job's events (shown on stderr) and console (stdout) until it is finished and
@@ -329,9 +492,16 @@ pub async fn follow(
     let console = async {
         match mode {
             ConsoleMode::Quiet => Ok(true),
-            ConsoleMode::Stream => follow_console(exec, http, id, &mut tokio::io::stdout())
-                .await
-                .map(|()| true),
+            ConsoleMode::Stream { to_stderr: false } => {
+                follow_console(exec, http, id, &mut tokio::io::stdout())
+                    .await
+                    .map(|()| true)
+            }
+            ConsoleMode::Stream { to_stderr: true } => {
+                follow_console(exec, http, id, &mut tokio::io::stderr())
+                    .await
+                    .map(|()| true)
+            }
             ConsoleMode::Interactive(mut keys) => {
                 let token = gw.token().map(|t| t.expose().to_string());
                 crate::interactive::console(
@@ -430,6 +600,10 @@ async fn follow_events(
                 let block: Vec<u8> = buf.drain(..end.1).collect();
                 if let Some(ev) = parse_sse(&block[..end.0]) {
                     after = after.max(ev.seq);
+                    // The wait for a machine is over once the job got one (or ended).
+                    if matches!(ev.kind.as_str(), "dispatched" | "phase" | "finished") {
+                        progress.done();
+                    }
                     progress.line(&describe(&ev));
                     if ev.kind == "finished" {
                         finished = true;
@@ -494,7 +668,7 @@ fn error_text(body: &str) -> String {
 }
 
 /// Streams the console from byte 0 into `out`, resuming by offset after a dropped connection.
-pub async fn follow_console<W: tokio::io::AsyncWrite + Unpin>(
+pub async fn follow_console<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
     exec: &ExecutorClient,
     http: &ApiClient,
     id: i64,
@@ -576,7 +750,9 @@ pub async fn download_artifacts(
         .context("listing artifacts")?;
     let mut total = 0u64;
     let mut written = Vec::new();
+    progress.bar(list.artifacts.len() as u64, false, "downloading artifacts");
     for a in &list.artifacts {
+        progress.advance(1, &a.path);
         let Some(rel) = safe_relative(&a.path) else {
             progress.line(&format!("skipping artifact with unsafe path {:?}", a.path));
             continue;
@@ -612,6 +788,7 @@ pub async fn download_artifacts(
         tokio::fs::rename(&tmp, &dest).await?;
         written.push(rel.to_string_lossy().into_owned());
     }
+    progress.done();
     progress.line(&format!(
         "{} artifacts ({total} bytes) in {}",
         list.artifacts.len(),
