@@ -6,6 +6,11 @@
 //! `dutctl run job.yml` targets that machine. Every other stage (sources, caches, artifacts)
 //! runs GitLab's own script in a scratch directory on the gateway.
 //!
+//! The driver calls the gateway with the runner token of `--job-token-file` alone (the one
+//! the build script gets): it looks machines up and cancels the jobs it owns, which a runner
+//! may do, and never reads the gateway state dir's tokens (`main` resolves the gateway without
+//! them for the driver's stages), so GitLab Runner needs no access to that directory.
+//!
 //! Exit codes follow the contract: a test verdict of FAIL is a build failure, an
 //! infrastructure outcome (INCOMPLETE, SETUP_FAIL, UNKNOWN, gateway unreachable) is a system
 //! failure, which GitLab can retry.
@@ -26,6 +31,7 @@ use serde_json::json;
 
 use crate::cmd_run::RUN_RECORD_ENV;
 use crate::gateway::Gateway;
+use crate::identity::SourcedToken;
 
 pub use runner_config::RunnerConfigArgs;
 
@@ -70,11 +76,19 @@ pub struct DriverArgs {
     /// driver cancels them itself and exits (GitLab's graceful kill time is longer).
     #[arg(long, default_value_t = 5.0)]
     cancel_grace_seconds: f64,
-    /// File with the token given to the build stage's script (`DUTGATE_TOKEN`): a runner
-    /// token, since the script is the project's code. Unset: the driver gives the script no
-    /// token of its own (it never hands on the token it uses itself, often an admin's).
+    /// File with the runner token the driver calls the gateway with (machine look-ups,
+    /// cancelling what a cancelled job left running) and gives the build stage's script
+    /// (`DUTGATE_TOKEN`). Unset: the driver uses --token/DUTGATE_TOKEN (never the state dir's
+    /// tokens) and sets no DUTGATE_TOKEN for the script.
     #[arg(long)]
     job_token_file: Option<PathBuf>,
+}
+
+impl GitlabCommand {
+    /// The stages GitLab Runner runs (everything but `runner-config`, which an admin runs).
+    pub fn is_driver_stage(&self) -> bool {
+        !matches!(self, GitlabCommand::RunnerConfig(_))
+    }
 }
 
 fn env(k: &str) -> Option<String> {
@@ -110,6 +124,21 @@ impl DriverArgs {
     fn record_path(&self) -> PathBuf {
         self.state_dir().join("run-record")
     }
+    /// The gateway with the token of `--job-token-file`, read afresh at each stage (a token
+    /// replaced in the file takes effect at the next job).
+    fn gateway(&self, gw: &Gateway) -> anyhow::Result<Gateway> {
+        let Some(f) = &self.job_token_file else {
+            return Ok(gw.clone());
+        };
+        let token = dutgate_core::auth::read_token(f).with_context(|| {
+            format!("no token in {} (missing, unreadable or empty)", f.display())
+        })?;
+        Ok(gw.with_token(SourcedToken {
+            token,
+            source: f.display().to_string(),
+        }))
+    }
+
     /// The machine's name as configured or described, if this runner drives one.
     fn machine_ref(&self) -> Option<String> {
         if self.gateway_only {
@@ -139,7 +168,12 @@ fn mars_client(gw: &Gateway) -> MarsClient {
     MarsClient::new(gw.url(ServiceName::Mars), gw.token().cloned())
 }
 
-pub async fn run(cmd: GitlabCommand, gw: &Gateway) -> anyhow::Result<ExitCode> {
+/// `format` is for `runner-config`: the driver stages speak GitLab Runner's protocol.
+pub async fn run(
+    cmd: GitlabCommand,
+    gw: &Gateway,
+    format: crate::output::Format,
+) -> anyhow::Result<ExitCode> {
     match cmd {
         GitlabCommand::Config(d) => config(&d, gw),
         GitlabCommand::Prepare(d) => Ok(prepare(&d, gw).await),
@@ -150,7 +184,7 @@ pub async fn run(cmd: GitlabCommand, gw: &Gateway) -> anyhow::Result<ExitCode> {
         } => Ok(run_stage(&driver, gw, &script, &stage).await),
         GitlabCommand::Cleanup(d) => Ok(cleanup(&d, gw).await),
         GitlabCommand::RunnerConfig(args) => {
-            runner_config::run(&args, gw).await?;
+            runner_config::run(&args, gw, format).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -194,6 +228,7 @@ async fn prepare(d: &DriverArgs, gw: &Gateway) -> ExitCode {
 }
 
 async fn prepare_checks(d: &DriverArgs, gw: &Gateway) -> anyhow::Result<String> {
+    let gw = &d.gateway(gw)?;
     let exec = gw.client(ServiceName::Executor);
     let _: serde_json::Value = exec
         .get("/healthz")
@@ -314,6 +349,7 @@ async fn run_stage_inner(
     build: bool,
 ) -> anyhow::Result<u8> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let gw = &d.gateway(gw)?;
     std::fs::create_dir_all(d.state_dir())?;
     std::fs::create_dir_all(d.builds_dir())?;
     let mut cmd = tokio::process::Command::new("bash");
@@ -329,9 +365,10 @@ async fn run_stage_inner(
             let m = find_machine(&mars_client(gw), &name).await?;
             cmd.env("DUTGATE_MACHINE_ID", m.id.to_string());
         }
-        if let Some(f) = &d.job_token_file {
-            let token = dutgate_core::auth::read_token(f)
-                .with_context(|| format!("no token in {}", f.display()))?;
+        // The driver's token is the file's (read above): the script gets the same runner token.
+        if d.job_token_file.is_some()
+            && let Some(token) = gw.token()
+        {
             cmd.env("DUTGATE_TOKEN", token.expose());
         }
         cmd.env(RUN_RECORD_ENV, d.record_path());
@@ -373,7 +410,8 @@ fn signal_group(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// Cancels every job of this GitLab job that has not finished (409 = already finished).
+/// Cancels every job of this GitLab job that has not finished (409 = already finished). A job
+/// the driver's token does not own (403) is reported in one line and left alone.
 async fn cancel_unfinished(d: &DriverArgs, gw: &Gateway) -> usize {
     let (submitted, finished) = read_record(&d.record_path());
     let exec = ExecutorClient::new(gw.url(ServiceName::Executor), gw.token().cloned());
@@ -399,7 +437,13 @@ async fn cancel_unfinished(d: &DriverArgs, gw: &Gateway) -> usize {
 }
 
 async fn cleanup(d: &DriverArgs, gw: &Gateway) -> ExitCode {
-    cancel_unfinished(d, gw).await;
+    match d.gateway(gw) {
+        Ok(gw) => {
+            cancel_unfinished(d, &gw).await;
+        }
+        // Left-over jobs end at their own timeouts; the scratch data goes anyway.
+        Err(e) => println!("dutgate: cannot cancel left-over jobs: {e:#}"),
+    }
     for dir in [d.builds_dir(), d.state_dir()] {
         if dir.exists() {
             let dir2 = dir.clone();

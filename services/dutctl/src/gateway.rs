@@ -12,7 +12,8 @@
 //! Token: `--token`, `DUTGATE_TOKEN`; the config file's gateway (with `--url`: the gateway
 //! whose URL it is, so a token is only ever sent where its file says); `<state dir>/tokens/admin`,
 //! else `…/user`, except for a gateway of the config file: a local token never goes to a remote
-//! gateway.
+//! gateway, nor for the GitLab driver's stages ([`Wanted::no_state_dir_token`]): they work from
+//! the runner token of `--job-token-file`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,9 @@ pub struct Gateway {
     token: Option<SourcedToken>,
     /// Where a token could have come from, for the message when there is none.
     config_path: Option<PathBuf>,
+    /// `--state-dir`/`DUTGATE_STATE_DIR` (or `./dutgate-state`), for commands that check
+    /// things against the local gateway's files.
+    state_dir: Option<PathBuf>,
 }
 
 /// What the command line and the environment say about the gateway.
@@ -44,6 +48,9 @@ pub struct Wanted {
     pub state_dir: Option<PathBuf>,
     /// Whether `state_dir` was given rather than found.
     pub state_dir_given: bool,
+    /// Never take a token from the state dir: for the GitLab driver, whose stages run as GitLab
+    /// Runner's user and must not depend on (or use) the gateway's bootstrap tokens.
+    pub no_state_dir_token: bool,
     /// The client config file, present or not.
     pub config_path: Option<PathBuf>,
     /// `$HOME`, for `~/` in `token_file`.
@@ -161,14 +168,28 @@ impl Gateway {
         let from_config_url = wanted.url.is_none() && entry.is_some();
         let token = match token {
             Some(t) => Some(t),
-            None if from_config_url => None,
+            None if from_config_url || wanted.no_state_dir_token => None,
             None => wanted.state_dir.as_deref().and_then(state_dir_token),
         };
         Ok(Self {
             urls,
             token,
             config_path: wanted.config_path,
+            state_dir: wanted.state_dir,
         })
+    }
+
+    /// The same gateway, called with `token` instead.
+    pub fn with_token(&self, token: SourcedToken) -> Self {
+        Self {
+            token: Some(token),
+            ..self.clone()
+        }
+    }
+
+    /// The local gateway's state dir, given or found (`./dutgate-state`), if any.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.state_dir.as_deref()
     }
 
     pub fn url(&self, service: ServiceName) -> &str {
@@ -359,6 +380,22 @@ mod tests {
         let g = Gateway::resolve(wanted, &no_env).unwrap();
         assert_eq!(g.url(ServiceName::Salad), "http://other:8005");
         assert!(g.token().unwrap().matches("usertoken"));
+    }
+
+    #[test]
+    fn driver_never_takes_the_state_dir_token() {
+        let (_dir, state, _) = setup();
+        let wanted = Wanted {
+            url: Some("http://127.0.0.1:18000".into()),
+            state_dir: Some(state.clone()),
+            no_state_dir_token: true,
+            ..Default::default()
+        };
+        let g = Gateway::resolve(wanted, &no_env).unwrap();
+        assert!(g.token().is_none());
+        assert_eq!(g.state_dir(), Some(state.as_path()));
+        let g = g.with_token(flag("runner").unwrap());
+        assert!(g.token().unwrap().matches("runner"));
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! dutctl's output; the config is written 0600; an existing config keeps its comments, its
 //! order and the runners dutgate does not manage byte for byte, the managed entry is updated
 //! in place, and a second run changes nothing; the driver hands the build script the job
-//! token, and never its own.
+//! token, and never its own; the driver's stages work from that runner token alone, never
+//! taking the state dir's admin token even when it is readable: they cancel the left-over job
+//! this runner owns and report, in one line, the 403 for another runner's.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -239,7 +241,8 @@ impl Gateway {
         .arg(self.glrt_file())
         .arg("--config")
         .arg(self.config())
-        .arg("--driver-state-dir")
+        // The global --state-dir: where the job token's role is checked.
+        .arg("--state-dir")
         .arg(&self.state);
         if let Some(f) = job_token {
             c.arg("--job-token-file").arg(f);
@@ -344,7 +347,8 @@ async fn job_token_file_is_required_and_checked() {
                     .any(|w| w == ["--job-token-file", abs.as_str()]),
                 "{args:?}"
             );
-            assert!(args.windows(2).any(|w| w[0] == "--state-dir"), "{args:?}");
+            // The driver gets no state dir: GitLab Runner need not read the gateway's files.
+            assert!(!args.contains(&"--state-dir"), "{args:?}");
         }
     }
 
@@ -494,9 +498,8 @@ async fn edits_keep_comments_order_and_other_runners() {
     let m = g.machines[0];
     let stage_args = |stage: &str| {
         format!(
-            "[\"--url\", \"{}\", \"--state-dir\", \"{}\", \"gitlab\", \"{stage}\", \"--machine\", \"{m}\", \"--job-token-file\", \"{abs}\"]",
+            "[\"--url\", \"{}\", \"gitlab\", \"{stage}\", \"--machine\", \"{m}\", \"--job-token-file\", \"{abs}\"]",
             g.url,
-            g.state.display()
         )
     };
     let want = format!(
@@ -556,5 +559,158 @@ async fn edits_keep_comments_order_and_other_runners() {
     // The token itself is nowhere in the config.
     let token = std::fs::read_to_string(&job_token).unwrap();
     assert!(!new.contains(token.trim()));
+    g.shutdown.cancel();
+}
+
+/// The driver's stages as GitLab Runner runs them: the gateway's URLs, the runner token file,
+/// no token in the environment, and the gateway's state dir named by `DUTGATE_STATE_DIR` and
+/// readable (the tests run as root, so a chmod would not keep it from us): whatever the driver
+/// does, it must do as the runner, never with the admin token found there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn driver_works_from_the_runner_token_alone() {
+    use dutgate_executor::client::{ExecutorClient, SubmitOptions};
+    use dutgate_executor::model::JobState;
+
+    let g = start().await;
+    let (mine, mine_file) = g.token_file("gitlab-ci", "runner").await;
+    let (other, _) = g.token_file("other-ci", "runner").await;
+    let scratch = g.dir.path().join("scratch");
+    let driver = |stage: &str, job_token: Option<&Path>| {
+        let mut c = Command::new(DUTCTL);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", g.dir.path().join("home"))
+            .env("DUTGATE_URL", &g.url)
+            .env("DUTGATE_MARS_URL", &g.mars_url)
+            .env("DUTGATE_STATE_DIR", &g.state)
+            .env("CUSTOM_ENV_CI_JOB_ID", "31")
+            .env("CUSTOM_ENV_CI_RUNNER_DESCRIPTION", "lab-sim-1")
+            .args(["gitlab", stage, "--scratch-dir"])
+            .arg(&scratch);
+        if let Some(f) = job_token {
+            c.arg("--job-token-file").arg(f);
+        }
+        c
+    };
+    let mine_file = mine_file.as_path();
+
+    // config and prepare: the machine found by its name (the runner's description) and by MAC.
+    let o = output(driver("config", Some(mine_file))).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    let cfg: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(cfg["hostname"], "lab-sim-1");
+    let o = output(driver("prepare", Some(mine_file))).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stdout.contains("machine lab-sim-1"), "{}", o.all());
+    let mut c = driver("prepare", Some(mine_file));
+    c.args(["--machine", &g.machines[1].to_string()]);
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(o.stdout.contains("machine lab-sim-2"), "{}", o.all());
+    // A job token file that is not there: a system failure, in one line.
+    let o = output(driver("prepare", Some(&g.dir.path().join("nope")))).await;
+    assert_eq!(o.code, 2, "{}", o.all());
+    assert_eq!(o.stdout.lines().count(), 1, "{}", o.all());
+    assert!(o.stdout.contains("no token in"), "{}", o.all());
+
+    // The build stage: the machine's id and the runner token, nothing else.
+    let seen = g.dir.path().join("seen");
+    let script = g.dir.path().join("step_script.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "printf '%s %s' \"$DUTGATE_MACHINE_ID\" \"${{DUTGATE_TOKEN:-none}}\" > {}\n",
+            seen.display()
+        ),
+    )
+    .unwrap();
+    let mut c = driver("run", Some(mine_file));
+    c.arg(&script).arg("step_script");
+    let o = output(c).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap(),
+        format!("{} {mine}", g.machines[0])
+    );
+
+    // Left over by a cancelled GitLab job: a job its build script submitted (so this runner's),
+    // and one of another runner's in the same run record. Both target a machine that has just
+    // registered and is not in service (no PDU port, untrained), so they wait in the queue and
+    // cancelling is never too late.
+    MarsClient::new(&g.mars_url, None)
+        .register(&Registration {
+            base_name: "sim".into(),
+            tags: vec!["sim:n:9".parse().unwrap()],
+            mac_address: "52:54:00:00:00:09".parse().unwrap(),
+            ip_address: "10.2.0.9".parse().unwrap(),
+            local_tty_device: Some("ttyS0".into()),
+        })
+        .await
+        .unwrap();
+    let yaml =
+        "version: 1\ntarget:\n  tags: [\"sim:n:9\"]\ndeployment:\n  start:\n    kernel:\n      \
+                url: \"http://127.0.0.1:9/vmlinuz\"\n"
+            .to_string();
+    let submit = |token: &str| {
+        let c = ExecutorClient::new(&g.url, Some(dutgate_core::Secret::new(token)));
+        let yaml = yaml.clone();
+        async move { c.submit(&yaml, &SubmitOptions::new()).await.unwrap().id }
+    };
+    let own_job = submit(&mine).await;
+    let others_job = submit(&other).await;
+    let record = scratch.join("jobs/31/run-record");
+    let write_record = || {
+        std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+        std::fs::write(
+            &record,
+            format!("submitted {own_job}\nsubmitted {others_job}\n"),
+        )
+        .unwrap();
+    };
+    let admin = ExecutorClient::new(&g.url, Some(dutgate_core::Secret::new(BOOT_ADMIN)));
+    let state_of = |id: i64| {
+        let admin = admin.clone();
+        async move { admin.job(id).await.unwrap().state }
+    };
+
+    // Without the job token file the driver has no token at all: the readable admin token of
+    // the state dir is not taken, so nothing is cancelled.
+    write_record();
+    let o = output(driver("cleanup", None)).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(!o.stdout.contains("cancelled job"), "{}", o.all());
+    assert_eq!(state_of(own_job).await, JobState::Queued);
+    assert_eq!(state_of(others_job).await, JobState::Queued);
+    assert!(!record.exists(), "cleanup removes the scratch data");
+
+    // With it: its own job is cancelled; the other runner's is refused (403), said in one line
+    // naming the job, and left alone.
+    write_record();
+    let o = output(driver("cleanup", Some(mine_file))).await;
+    assert_eq!(o.code, 0, "{}", o.all());
+    assert!(
+        o.stdout
+            .contains(&format!("dutgate: cancelled job {own_job}\n")),
+        "{}",
+        o.all()
+    );
+    let refusal: Vec<&str> = o
+        .stdout
+        .lines()
+        .filter(|l| l.contains(&format!("job {others_job}")))
+        .collect();
+    assert_eq!(refusal.len(), 1, "{}", o.all());
+    assert!(
+        refusal[0].starts_with(&format!("dutgate: cancelling job {others_job}: "))
+            && refusal[0].contains("403")
+            && refusal[0].contains("belongs to another user"),
+        "{}",
+        o.all()
+    );
+    assert!(!o.all().contains(&mine) && !o.all().contains(BOOT_ADMIN));
+    assert_eq!(state_of(own_job).await, JobState::Finished);
+    let j = admin.job(own_job).await.unwrap();
+    assert_eq!(j.reason.as_deref(), Some("cancelled"), "{j:#?}");
+    assert_eq!(state_of(others_job).await, JobState::Queued);
     g.shutdown.cancel();
 }

@@ -8,8 +8,11 @@
 //!
 //! The build scripts of GitLab jobs are the projects' code: they get a dutgate token of role
 //! `runner`, read by the driver from `--job-token-file` at each job, so the config names the
-//! file and never holds the token. The file must be the owner's alone and, when the gateway's
-//! state dir is at hand, hold a runner token (not the admin one the driver itself may use).
+//! file and never holds the token. The driver itself works from that token alone (machine
+//! look-ups, cancelling the jobs it owns): the config gives the driver the gateway's URL and
+//! no state dir, so GitLab Runner needs to read its config, the job token file and the scratch
+//! dir, never the gateway's state dir. The file must be the owner's alone and, when the
+//! gateway's state dir is at hand (`--state-dir`), hold a runner token, not an admin's.
 //!
 //! The file is edited, not regenerated (`toml_edit`): the admin's comments, the order of keys
 //! and tables, and runners not managed by dutgate stay byte for byte; a managed entry (matched
@@ -60,8 +63,8 @@ pub struct RunnerConfigArgs {
     /// Scratch directory the driver uses (passed to every stage).
     #[arg(long)]
     scratch_dir: Option<PathBuf>,
-    /// Gateway state dir the driver reads its endpoints and token from (default:
-    /// DUTGATE_STATE_DIR, if set). Also where the job token's role is checked.
+    /// Gateway state dir where the job token's role is checked (default: the global
+    /// --state-dir/DUTGATE_STATE_DIR). The driver reads nothing there.
     #[arg(long)]
     driver_state_dir: Option<PathBuf>,
 }
@@ -423,12 +426,32 @@ async fn check_job_token(
     Ok(path)
 }
 
-pub async fn run(args: &RunnerConfigArgs, gw: &Gateway) -> anyhow::Result<()> {
+/// `-o json|yaml` of `runner-config` (docs/dutctl.md).
+#[derive(serde::Serialize)]
+struct Outcome<'a> {
+    config_file: &'a Path,
+    /// The file was (re)written; `false`: it already said all this.
+    changed: bool,
+    /// Runners left out for want of a token in the token file.
+    missing: Vec<MissingRunner<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct MissingRunner<'a> {
+    name: &'a str,
+    tags: &'a [String],
+}
+
+pub async fn run(
+    args: &RunnerConfigArgs,
+    gw: &Gateway,
+    format: crate::output::Format,
+) -> anyhow::Result<()> {
     let tokens = read_tokens(args.token_file.as_deref())?;
     let state_dir = args
         .driver_state_dir
         .clone()
-        .or_else(|| super::env("DUTGATE_STATE_DIR").map(PathBuf::from))
+        .or_else(|| gw.state_dir().map(Path::to_path_buf))
         .map(|d| std::path::absolute(&d).unwrap_or(d));
     let job_token_file =
         check_job_token(args.job_token_file.as_deref(), state_dir.as_deref(), gw).await?;
@@ -441,18 +464,17 @@ pub async fn run(args: &RunnerConfigArgs, gw: &Gateway) -> anyhow::Result<()> {
             .display()
             .to_string(),
     };
-    let mut global_args = vec![
+    let global_args = vec![
         "--url".to_string(),
         gw.url(ServiceName::Executor).to_string(),
     ];
+    // No `--state-dir`: the driver needs none (with `--url` its endpoints are not read either),
+    // and with one GitLab Runner would have to read the gateway's files.
     let mut driver_args = args
         .scratch_dir
         .as_ref()
         .map(|s| vec!["--scratch-dir".to_string(), s.display().to_string()])
         .unwrap_or_default();
-    if let Some(d) = &state_dir {
-        global_args.extend(["--state-dir".to_string(), d.display().to_string()]);
-    }
     // The build script is the project's code: it gets the runner token of this file (read by
     // the driver at each job), never the token the driver itself uses.
     driver_args.extend([
@@ -479,12 +501,27 @@ pub async fn run(args: &RunnerConfigArgs, gw: &Gateway) -> anyhow::Result<()> {
             tags.join(", ")
         );
     }
-    if text == old {
-        eprintln!("{}: unchanged", args.config_file.display());
-        return Ok(());
+    let changed = text != old;
+    if changed {
+        write_atomically(&args.config_file, &text)?;
     }
-    write_atomically(&args.config_file, &text)?;
-    eprintln!("{}: written", args.config_file.display());
+    if format == crate::output::Format::Text {
+        let what = if changed { "written" } else { "unchanged" };
+        eprintln!("{}: {what}", args.config_file.display());
+    } else {
+        let outcome = Outcome {
+            config_file: &args.config_file,
+            changed,
+            missing: missing
+                .iter()
+                .map(|(name, tags)| MissingRunner {
+                    name: name.as_ref(),
+                    tags: tags.as_ref(),
+                })
+                .collect(),
+        };
+        crate::output::print(format, &outcome, |_| String::new());
+    }
     Ok(())
 }
 
