@@ -6,8 +6,11 @@
 //! - [`netns`]: a network namespace for a farm with a DUT network of its own;
 //! - [`fixture`]: an HTTP server of the test on the DUT network (scripts for DUTs, results
 //!   posted back, a redirecting upstream);
-//! - [`raw_http`]: requests written byte for byte (SigV4-signed for S3) and their answers.
+//! - [`raw_http`]: requests written byte for byte (SigV4-signed for S3) and their answers;
+//! - [`debian`]: the Debian package (`cargo xtask deb`) unpacked, its units read and scored
+//!   (also included by `services/dutgate/tests/install.rs`; `real_farm.rs` runs it).
 
+pub mod debian;
 pub mod farm;
 pub mod fixture;
 pub mod netns;

@@ -67,6 +67,12 @@ impl Netns {
         })
     }
 
+    /// Runs `f` inside the namespace: the sockets it creates and the processes it starts
+    /// live there.
+    pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        self.inside(|| Ok(f()))
+    }
+
     /// A listening socket inside the namespace (port 0: the kernel picks a free one).
     pub fn bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         self.inside(|| TcpListener::bind(addr))

@@ -39,143 +39,31 @@ use std::time::{Duration, Instant};
 
 use dutgate_core::ServiceName;
 
+// Building, unpacking and reading the package, shared with tests/real_farm.rs.
+#[allow(dead_code)]
+#[path = "../../../tests/debian.rs"]
+mod debian;
+
+use debian::{
+    CONFIG, Package, STATE, UNIT_DIR, output, run_ok, service_units, text, unit_value,
+    workspace_root,
+};
+
 const MAX_EXPOSURE: f64 = 4.0;
-const CONFIG: &str = "/etc/dutgate/gateway.yml";
-const STATE: &str = "/var/lib/dutgate";
-const UNIT_DIR: &str = "lib/systemd/system";
-
-fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .ancestors()
-        .nth(2)
-        .map(PathBuf::from)
-        .unwrap_or(manifest)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Runs `cmd`; a program that cannot start fails the test naming the Debian package.
-fn output(cmd: &mut Command, package: &str) -> Output {
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (Debian package {package})");
-    })
-}
-
-fn run_ok(cmd: &mut Command, package: &str) -> Output {
-    let out = output(cmd, package);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    out
-}
 
 /// The package under test, unpacked once for every test of this file.
-struct Package {
-    deb: PathBuf,
-    /// `dpkg-deb -x` of it.
-    root: PathBuf,
-    /// `dpkg-deb -e` of it (control, conffiles, maintainer scripts).
-    control: PathBuf,
-}
-
 fn package() -> &'static Package {
     static PACKAGE: OnceLock<Package> = OnceLock::new();
     PACKAGE.get_or_init(|| {
-        let work = target_dir().join("install-test");
-        let deb = match std::env::var_os("DUTGATE_TEST_DEB") {
-            Some(deb) => PathBuf::from(deb),
-            None => build_package(&work.join("deb")),
-        };
-        let root = work.join("root");
-        let control = work.join("control");
-        for dir in [&root, &control] {
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).unwrap();
-            }
-        }
-        run_ok(
-            Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
-            "dpkg",
-        );
-        run_ok(
-            Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control),
-            "dpkg",
-        );
-        Package { deb, root, control }
+        let work = debian::target_dir().join("install-test");
+        let deb = debian::deb_under_test(&work.join("deb"));
+        debian::unpack(&deb, &work)
     })
-}
-
-fn build_package(out: &Path) -> PathBuf {
-    let started = Instant::now();
-    let built = run_ok(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(workspace_root())
-            .args([
-                "run",
-                "--quiet",
-                "-p",
-                "xtask",
-                "--",
-                "deb",
-                "--profile",
-                "dev",
-            ])
-            .arg("--out")
-            .arg(out),
-        "cargo",
-    );
-    // The last line of `cargo xtask deb` is the package's path.
-    let stdout = text(&built.stdout);
-    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
-    assert!(
-        deb.is_file(),
-        "cargo xtask deb printed no package:\n{stdout}"
-    );
-    println!(
-        "cargo xtask deb --profile dev: {} in {:.1?}",
-        deb.display(),
-        started.elapsed()
-    );
-    deb
-}
-
-fn service_units() -> Vec<String> {
-    ServiceName::ALL
-        .iter()
-        .map(|s| format!("dutgate-{}.service", s.as_str()))
-        .collect()
 }
 
 /// `[Service]` (and every other section's) `key=value` lines of a unit file, in order.
 fn unit_keys(unit: &str) -> Vec<(String, String)> {
-    let path = package().root.join(UNIT_DIR).join(unit);
-    let body = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    body.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-fn unit_value(keys: &[(String, String)], key: &str) -> Option<String> {
-    keys.iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.clone())
+    debian::unit_keys(&package().root, unit)
 }
 
 #[test]
@@ -429,20 +317,7 @@ fn units_pass_systemd_analyze_verify_and_score_at_most_4() {
 
     let mut too_exposed = Vec::new();
     for unit in &services {
-        let out = run_ok(
-            Command::new("systemd-analyze")
-                .args(["security", "--offline=yes", "--no-pager"])
-                .arg(unit_dir.join(unit)),
-            "systemd",
-        );
-        let report = text(&out.stdout);
-        let score: f64 = report
-            .lines()
-            .find_map(|l| l.split_once("Overall exposure level for "))
-            .and_then(|(_, rest)| rest.split_once(": "))
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{report}"));
+        let score = debian::exposure(&unit_dir.join(unit));
         println!("systemd-analyze security --offline=yes {unit}: exposure {score:.1}");
         if score > MAX_EXPOSURE {
             too_exposed.push(format!("{unit}: {score:.1}"));
