@@ -114,6 +114,143 @@ pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
     out
 }
 
+/// The workspace's target directory (`CARGO_TARGET_DIR`, or `target/` beside the workspace
+/// manifest), where tests keep what they download once (Python venvs, PyPI files).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../target")
+                .canonicalize()
+                .unwrap_or_else(|_| PathBuf::from("target"))
+        })
+}
+
+/// Holds an exclusive lock on `target/<name>.lock` while alive: test processes that build
+/// the same thing under target/ at the same time (cargo runs test binaries in parallel)
+/// take turns.
+fn lock_target(name: &str) -> std::fs::File {
+    let dir = target_dir();
+    std::fs::create_dir_all(&dir).expect("the target dir");
+    let lock = std::fs::File::create(dir.join(format!("{name}.lock"))).expect("a lock file");
+    lock.lock().expect("locking under target/");
+    lock
+}
+
+/// A Python venv `target/<name>` with `requirement` (e.g.
+/// `valve-gfx-ci-executor-client==0.2.1`) installed from PyPI, built on first use and kept:
+/// returns its `bin` directory. A venv is not relocatable, so it is built in place, and
+/// counts as done once its marker is written. Panics naming the Debian package when
+/// python3's venv module is missing.
+pub fn pypi_venv(name: &str, requirement: &str) -> PathBuf {
+    let _lock = lock_target(name);
+    let venv = target_dir().join(name);
+    let marker = venv.join(format!(".installed-{requirement}"));
+    let bin = venv.join("bin");
+    if marker.exists() && bin.join("python3").exists() {
+        return bin;
+    }
+    let _ = std::fs::remove_dir_all(&venv);
+    match Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .output()
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => panic!(
+            "python3 -m venv failed: install the Debian package python3-venv\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("python3 is missing ({e}): install the Debian package python3-venv"),
+    }
+    run_ok(
+        Command::new(bin.join("pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            requirement,
+        ]),
+        &format!("pip install {requirement} (from PyPI)"),
+    );
+    std::fs::write(&marker, "").expect("the venv marker");
+    bin
+}
+
+/// Which distribution of a PyPI release [`pypi_files`] unpacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PypiDist {
+    /// The source archive (`.tar.gz`): the project's tree as released.
+    Sdist,
+    /// The wheel (`.whl`): what `pip install` installs.
+    Wheel,
+}
+
+/// The files of `requirement`'s release on PyPI (`pip download --no-deps`, nothing
+/// installed or built), unpacked under `target/pypi/` on first use and kept: returns the
+/// directory they are in. Panics naming the Debian package when python3 or tar is missing.
+pub fn pypi_files(requirement: &str, dist: PypiDist) -> PathBuf {
+    let name = format!("pypi-{requirement}-{dist:?}").to_lowercase();
+    let _lock = lock_target(&name);
+    let dir = target_dir().join("pypi").join(&name);
+    let unpacked = dir.join("files");
+    let marker = dir.join(".unpacked");
+    if marker.exists() {
+        return unpacked;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&unpacked).expect("the download dir");
+    require_program("python3", "python3-venv");
+    let only = match dist {
+        PypiDist::Sdist => ["--no-binary", ":all:"],
+        PypiDist::Wheel => ["--only-binary", ":all:"],
+    };
+    // A venv's pip: the system's may refuse to run outside one (PEP 668).
+    let pip = pypi_venv("pypi-download-venv", "pip").join("pip");
+    run_ok(
+        Command::new(pip)
+            .args([
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--disable-pip-version-check",
+            ])
+            .args(only)
+            .arg("-d")
+            .arg(&dir)
+            .arg(requirement),
+        &format!("pip download {requirement} (from PyPI)"),
+    );
+    let file = std::fs::read_dir(&dir)
+        .expect("the download dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("pip downloaded nothing for {requirement}"));
+    match dist {
+        PypiDist::Sdist => {
+            require_program("tar", "tar");
+            run_ok(
+                Command::new("tar")
+                    .arg("-xzf")
+                    .arg(&file)
+                    .arg("-C")
+                    .arg(&unpacked),
+                "unpacking the sdist",
+            )
+        }
+        PypiDist::Wheel => run_ok(
+            Command::new("python3")
+                .args(["-m", "zipfile", "-e"])
+                .arg(&file)
+                .arg(&unpacked),
+            "unpacking the wheel",
+        ),
+    };
+    std::fs::write(&marker, "").expect("the download marker");
+    unpacked
+}
+
 /// Stops a peer the way its service manager would: SIGTERM (so that it stops what it
 /// started, e.g. `dutgate up` its VMs), then SIGKILL if it is still running after `grace`.
 /// Waits for it either way, so no zombie is left.

@@ -241,6 +241,18 @@ pub fn connect_back_answer(s: &AppState, id: i64) -> Response {
         .into_response()
 }
 
+/// The host (name or address, without the port) in the request's `Host` header, if it is
+/// one: where the client reaches the gateway ([`Client::host`]).
+pub fn client_host(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::HOST)?.to_str().ok()?;
+    let url = reqwest::Url::parse(&format!("http://{value}/")).ok()?;
+    // Only a bare `host[:port]`: anything else (credentials, a path) is not a Host header.
+    if !url.username().is_empty() || url.path() != "/" || url.query().is_some() {
+        return None;
+    }
+    url.host_str().map(str::to_string)
+}
+
 // ---- the job's target -------------------------------------------------------------------
 
 /// The template variables a submission is validated with (`dutctl job validate`'s).
@@ -353,6 +365,21 @@ mod tests {
         assert!(wants_console(&h));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(!wants_console(&h));
+    }
+
+    #[test]
+    fn client_hosts() {
+        let host = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static(v));
+            client_host(&h)
+        };
+        assert_eq!(host("127.0.0.1:8000").as_deref(), Some("127.0.0.1"));
+        assert_eq!(host("[::1]:8000").as_deref(), Some("[::1]"));
+        assert_eq!(host("ci-gateway").as_deref(), Some("ci-gateway"));
+        assert_eq!(host("a@b:1"), None);
+        assert_eq!(host("b/x"), None);
+        assert_eq!(client_host(&HeaderMap::new()), None);
     }
 
     #[test]

@@ -35,56 +35,11 @@ fn workspace() -> PathBuf {
         .expect("the workspace root")
 }
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target"))
-}
+use dutgate_core::testing::{pypi_venv, run_ok, target_dir};
 
-use dutgate_core::testing::run_ok;
-
-/// `executorctl` in `target/executorctl-venv`, installed from PyPI on first use (a venv is
-/// not relocatable: it is built in place, and counts as done once its marker is written).
+/// `executorctl` in `target/executorctl-venv`, installed from PyPI on first use.
 fn executorctl() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let venv = target_dir().join("executorctl-venv");
-        let marker = venv.join(format!(".installed-{CLIENT}"));
-        let bin = venv.join("bin").join("executorctl");
-        std::fs::create_dir_all(target_dir()).expect("the target dir");
-        // Other test processes may build it at the same time.
-        let lock = std::fs::File::create(target_dir().join("executorctl-venv.lock"))
-            .expect("the venv lock file");
-        lock.lock().expect("locking the venv");
-        if marker.exists() && bin.exists() {
-            return bin;
-        }
-        let _ = std::fs::remove_dir_all(&venv);
-        let venv_ok = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .output();
-        match venv_ok {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "python3 -m venv failed: install the Debian package python3-venv\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => panic!("python3 is missing ({e}): install the Debian package python3-venv"),
-        }
-        run_ok(
-            std::process::Command::new(venv.join("bin").join("pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                CLIENT,
-            ]),
-            &format!("pip install {CLIENT} (from PyPI)"),
-        );
-        std::fs::write(&marker, "").expect("the venv marker");
-        bin
-    })
-    .clone()
+    pypi_venv("executorctl-venv", CLIENT).join("executorctl")
 }
 
 /// A directory with `mcli`, a link to a copy of the built `dutctl` (built here when missing;
@@ -356,6 +311,24 @@ async fn executorctl_runs_jobs_unchanged() {
 
     // A job whose target is a template, without -i, names no machine: refused, clearly.
     let no_id = ectl(&path, &["-e", &url, "run", &fail]).await;
+    assert_eq!(no_id.code, 6, "{}", no_id.out);
+    assert!(no_id.out.contains("machine variables"), "{}", no_id.out);
+    // So is ci-tron's own `cache_reset.yml.j2` (PyPI), whose `target.id: machine_id` is
+    // written literally: it is for the machine named with -i, never a placeholder one.
+    let cache_reset = tokio::task::spawn_blocking(|| {
+        dutgate_core::testing::pypi_files(
+            "valve-gfx-ci-executor-server==0.0.3",
+            dutgate_core::testing::PypiDist::Sdist,
+        )
+        .join(
+            "valve_gfx_ci_executor_server-0.0.3/src/valve_gfx_ci/executor/server/\
+             job_templates/cache_reset.yml.j2",
+        )
+    })
+    .await
+    .unwrap();
+    let cache_reset = cache_reset.to_string_lossy().into_owned();
+    let no_id = ectl(&path, &["-e", &url, "run", &cache_reset]).await;
     assert_eq!(no_id.code, 6, "{}", no_id.out);
     assert!(no_id.out.contains("machine variables"), "{}", no_id.out);
     // Attached artifacts are refused, clearly.

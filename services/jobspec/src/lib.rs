@@ -36,8 +36,10 @@ mod yaml;
 pub use error::{JobError, JobErrorKind, JobErrors, Location};
 pub use patterns::{ConsoleEvent, MAX_LINE, PatternEngine, WatchdogAction, derive_status};
 pub use spec::{
-    BootKind, ConsolePatterns, DEFAULT_INFRA_TEARDOWN, DEFAULT_OVERALL, DEFAULT_SESSION_END,
-    Deployment, DeploymentState, Initramfs, JobSpec, Kernel, MAX_WATCHDOGS, Pattern, Target,
-    Timeout, Timeouts, WatchdogPatterns, render,
+    BootKind, ConsolePatterns, DEFAULT_INFRA_TEARDOWN, DEFAULT_INITRAMFS_VAR, DEFAULT_KERNEL_VAR,
+    DEFAULT_OVERALL, DEFAULT_SESSION_END, Deployment, DeploymentState, Initramfs, JobSpec, Kernel,
+    MAX_WATCHDOGS, Pattern, Target, Timeout, Timeouts, WatchdogPatterns, render,
 };
-pub use template::{JobBucketVars, MAX_JOB_BYTES, MachineVars, TemplateVars};
+pub use template::{
+    JobBucketVars, MAX_JOB_BYTES, MachineVars, TemplateVars, VALVE_INFRA_REGISTRIES,
+};

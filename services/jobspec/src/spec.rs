@@ -29,6 +29,15 @@ pub const MAX_WATCHDOGS: usize = 64;
 /// pathological pattern from eating memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// valve-infra's literal placeholder for the machine a job runs on (`target: {id:
+/// machine_id}`), rendered as `{{ machine_id }}` is.
+const MACHINE_ID_PLACEHOLDER: &str = "machine_id";
+
+/// The variable holding the kernel a deployment without `kernel.url` boots.
+pub const DEFAULT_KERNEL_VAR: &str = "dut_kernel_url";
+/// The variable holding the initramfs booted with that default kernel.
+pub const DEFAULT_INITRAMFS_VAR: &str = "dut_initramfs_url";
+
 /// A job description, validated and normalised.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
@@ -230,7 +239,12 @@ impl JobSpec {
     pub fn parse_and_render(text: &str, vars: &TemplateVars) -> Result<JobSpec, JobErrors> {
         check_size(text)?;
         let rendered = template::render(text, vars).map_err(JobErrors::single)?;
-        match parse_rendered(&rendered) {
+        let defaults = Defaults {
+            machine_id: vars.machine.as_ref().map(|m| m.id.clone()),
+            kernel_url: vars.extra.get(DEFAULT_KERNEL_VAR).cloned(),
+            initramfs_url: vars.extra.get(DEFAULT_INITRAMFS_VAR).cloned(),
+        };
+        match parse_rendered(&rendered, defaults) {
             Ok(spec) => Ok(spec),
             Err(mut errors) if rendered.as_ref() != text => {
                 let map = SourceMap::new(text, &rendered);
@@ -246,7 +260,7 @@ impl JobSpec {
     /// Parses an already rendered job (no template processing).
     pub fn parse(text: &str) -> Result<JobSpec, JobErrors> {
         check_size(text)?;
-        parse_rendered(text)
+        parse_rendered(text, Defaults::default())
     }
 
     /// The deployment of boot number `boot_index` (0 is the first boot).
@@ -279,7 +293,21 @@ fn check_size(text: &str) -> Result<(), JobErrors> {
     Ok(())
 }
 
-fn parse_rendered(text: &str) -> Result<JobSpec, JobErrors> {
+/// What a rendered job leaves to the machine and the gateway, as valve-infra's executor did.
+#[derive(Debug, Default)]
+struct Defaults {
+    /// What valve-infra's literal `target.id: machine_id` means: the machine the job is
+    /// rendered for (its own templates, e.g. `interactive.yml.j2`, are written so and
+    /// submitted with `executorctl -i`). `None` when the job is parsed without a machine.
+    machine_id: Option<String>,
+    /// The kernel booted when `deployment.start.kernel` names none (valve-infra booted its
+    /// default boot2container kernel and initramfs; here, the `dut_kernel_url` variable).
+    kernel_url: Option<String>,
+    /// The initramfs booted with the default kernel (`dut_initramfs_url`).
+    initramfs_url: Option<String>,
+}
+
+fn parse_rendered(text: &str, defaults: Defaults) -> Result<JobSpec, JobErrors> {
     let root = yaml::parse(text).map_err(|e| {
         JobErrors::single(JobError::new(
             JobErrorKind::Yaml,
@@ -288,7 +316,10 @@ fn parse_rendered(text: &str) -> Result<JobSpec, JobErrors> {
             Some(e.loc),
         ))
     })?;
-    let mut r = Reader { errors: Vec::new() };
+    let mut r = Reader {
+        errors: Vec::new(),
+        defaults,
+    };
     let spec = r.job(&root);
     match spec {
         Some(spec) if r.errors.is_empty() => Ok(spec),
@@ -347,6 +378,7 @@ impl<'n> Fields<'n> {
 
 struct Reader {
     errors: Vec<JobError>,
+    defaults: Defaults,
 }
 
 impl Reader {
@@ -633,7 +665,12 @@ impl Reader {
         let mut ok = true;
         let id = match f.get("id") {
             None => None,
-            Some(n) => match self.string(n, "target.id").map(|s| MachineId::parse(&s)) {
+            Some(n) => match self.string(n, "target.id").map(|s| {
+                match (s.as_str(), &self.defaults.machine_id) {
+                    (MACHINE_ID_PLACEHOLDER, Some(id)) => MachineId::parse(id),
+                    _ => MachineId::parse(&s),
+                }
+            }) {
                 Some(Ok(id)) => Some(id),
                 Some(Err(e)) => {
                     self.error(
@@ -923,20 +960,35 @@ impl Reader {
         };
         let (start, cont) = (start?, cont?);
         let kernel_loc = start.kernel_loc.unwrap_or(f.loc);
-        let Some(url) = start.url.clone() else {
-            if start.kernel_loc.is_some() {
-                self.missing("deployment.start.kernel.url", kernel_loc);
-            } else {
-                self.missing("deployment.start.kernel", start.loc);
+        // No kernel named: the gateway's default boot (valve-infra's boot2container, here
+        // the `dut_kernel_url`/`dut_initramfs_url` variables), with its own initramfs unless
+        // the job names one.
+        let (url, initramfs) = match (start.url.clone(), self.defaults.kernel_url.clone()) {
+            (Some(url), _) => (url, start.initramfs.clone()),
+            (None, Some(url)) => (
+                url,
+                start.initramfs.clone().or_else(|| {
+                    self.defaults
+                        .initramfs_url
+                        .clone()
+                        .map(|url| Initramfs { url })
+                }),
+            ),
+            (None, None) => {
+                if start.kernel_loc.is_some() {
+                    self.missing("deployment.start.kernel.url", kernel_loc);
+                } else {
+                    self.missing("deployment.start.kernel", start.loc);
+                }
+                return None;
             }
-            return None;
         };
         let start = DeploymentState {
             kernel: Kernel {
                 url,
                 cmdline: start.cmdline.clone().unwrap_or_default(),
             },
-            initramfs: start.initramfs.clone(),
+            initramfs,
         };
         let r#continue = DeploymentState {
             kernel: Kernel {

@@ -21,6 +21,13 @@ pub const MAX_JOB_BYTES: usize = 1024 * 1024;
 /// loop over a few hundred items uses a few thousand), low enough to stop a runaway loop fast.
 const FUEL: u64 = 2_000_000;
 
+/// valve-infra's registry variables, each the gateway's registry (`registry`):
+/// `fdo_proxy_registry` (its pull-through cache of freedesktop.org's registry),
+/// `local_registry` (its registry for locally pushed images) and `pull_thru_registry` (the
+/// older name of the pull-through cache).
+pub const VALVE_INFRA_REGISTRIES: [&str; 3] =
+    ["fdo_proxy_registry", "local_registry", "pull_thru_registry"];
+
 /// The machine a job is rendered for (mars' record of it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MachineVars {
@@ -55,7 +62,8 @@ pub struct TemplateVars {
     pub s3_url: Option<String>,
     /// `job_bucket`, `job_bucket_access_key`, `job_bucket_secret_key`.
     pub job_bucket: Option<JobBucketVars>,
-    /// The registry pull-through cache, `host:port`, as `registry`.
+    /// The registry pull-through cache, `host:port`, as `registry` and valve-infra's names
+    /// for it ([`VALVE_INFRA_REGISTRIES`]).
     pub registry: Option<String>,
     /// The gateway's host name as DUTs see it, as `gateway`.
     pub gateway: Option<String>,
@@ -137,6 +145,11 @@ impl TemplateVars {
         }
         if let Some(r) = &self.registry {
             ctx.insert("registry".into(), Value::from(r.clone()));
+            // valve-infra's names for its registries (its gateway's `EXECUTOR_JOB__*`): one
+            // registry serves them all here. Configured extras of the same name win.
+            for alias in VALVE_INFRA_REGISTRIES {
+                ctx.insert(alias.into(), Value::from(r.clone()));
+            }
         }
         if let Some(g) = &self.gateway {
             ctx.insert("gateway".into(), Value::from(g.clone()));
@@ -485,6 +498,27 @@ mod tests {
             r,
             "http://gateway:9000 http://gateway:9000 farm-dut-1 job-525400000001-1"
         );
+    }
+
+    #[test]
+    fn valve_infra_registry_names_are_the_registry_unless_configured() {
+        let text = "{{ fdo_proxy_registry }} {{ local_registry }} {{ pull_thru_registry }}";
+        assert_eq!(
+            render(text, &vars()).unwrap(),
+            "gateway:8002 gateway:8002 gateway:8002"
+        );
+        let mut v = vars();
+        v.set("local_registry", "ci-gateway:8004");
+        assert_eq!(
+            render(text, &v).unwrap(),
+            "gateway:8002 ci-gateway:8004 gateway:8002"
+        );
+        // Without a registry they are undefined, as `registry` is.
+        let none = TemplateVars {
+            registry: None,
+            ..vars()
+        };
+        assert!(render(text, &none).is_err());
     }
 
     #[test]

@@ -230,7 +230,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/machines", get(list_machines))
         .route("/api/v1/machine", post(register))
-        .route("/api/v1/machine/", post(register))
+        .route("/api/v1/machine/", post(register_as_valve_infra))
         .route(
             "/api/v1/machine/discover",
             get(get_discovery)
@@ -413,6 +413,24 @@ async fn register(
         StatusCode::CREATED
     };
     Ok((status, ApiJson(view)).into_response())
+}
+
+/// `POST /api/v1/machine/`, valve-infra's path: its registration client
+/// (`machine_registration.py register`) reports "Registration failed" unless the answer is
+/// `200`, so a new machine is answered `200` here too. dutgate's API is
+/// `POST /api/v1/machine` (`201` for a new machine); both register alike.
+async fn register_as_valve_infra(
+    registrant: Registrant,
+    state: State<AppState>,
+    peer: Peer,
+    headers: HeaderMap,
+    body: ApiJson<Registration>,
+) -> Result<Response, ApiError> {
+    let mut response = register(registrant, state, peer, headers, body).await?;
+    if response.status() == StatusCode::CREATED {
+        *response.status_mut() = StatusCode::OK;
+    }
+    Ok(response)
 }
 
 async fn patch_machine(

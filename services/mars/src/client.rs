@@ -86,7 +86,7 @@ impl MarsClient {
 
     /// Registration (what `machine-registration register` sends). Creates or updates.
     pub async fn register(&self, body: &Registration) -> Result<Machine, ClientError> {
-        self.api.post("/api/v1/machine/", body).await
+        self.api.post("/api/v1/machine", body).await
     }
 
     /// Admin: change PDU, off delay, manual tags, comment. 409 when the change is not allowed

@@ -33,6 +33,111 @@ async fn post_raw(
     (status, v)
 }
 
+/// valve-infra's registration client (`machine_registration.py register`, in valve-infra's
+/// tree and its container image, in no package registry) replayed request for request: it
+/// POSTs its probe to `/api/v1/machine/` with python-requests, PATCHes
+/// `/api/v1/machine/<mac>/` when that answers 400, and prints "MaRS: Registration complete"
+/// only on a 200, else "Registration failed". Its `check` then GETs
+/// `/api/v1/machine/<mac>/` and compares `base_name`, `tags` (as a set), `mac_address` and
+/// `ip_address`, types included.
+#[tokio::test]
+async fn valve_infras_registration_client_gets_the_answers_it_expects() {
+    for db in databases("mars", MIGRATIONS).await {
+        let t = start(db, Options::default()).await;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .user_agent("python-requests/2.25.1")
+            .build()
+            .unwrap();
+        // `to_machine_registration_request()`: netifaces' lower-case MAC, the tty device
+        // without /dev/ (null when it found none).
+        let probe = |tty: Value| {
+            json!({
+                "base_name": "gfx1036",
+                "tags": ["amdgpu:gfxversion:gfx10", "amdgpu:family:NV"],
+                "mac_address": "52:54:00:00:00:21",
+                "ip_address": "127.0.0.1",
+                "local_tty_device": tty,
+            })
+        };
+        // What `register` does with the answers, as it does it.
+        let register = |params: Value| {
+            let http = http.clone();
+            let url = t.url.clone();
+            async move {
+                let r = http
+                    .post(format!("{url}/api/v1/machine/"))
+                    .json(&params)
+                    .send()
+                    .await
+                    .unwrap();
+                let r = if r.status() == StatusCode::BAD_REQUEST {
+                    let mac = params["mac_address"].as_str().unwrap();
+                    http.patch(format!("{url}/api/v1/machine/{mac}/"))
+                        .json(&params)
+                        .send()
+                        .await
+                        .unwrap()
+                } else {
+                    r
+                };
+                let status = r.status();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        // A new machine, then the same one again (the next boot): 200 both times.
+        let (status, v) = register(probe(json!("ttyUSB0"))).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "Registration failed on a new machine: {v}"
+        );
+        assert_eq!(v["state"], "WAIT_FOR_CONFIG", "{v}");
+        let (status, v) = register(probe(Value::Null)).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "Registration failed on a known machine: {v}"
+        );
+        // `check`: what mars recorded is what the machine probes.
+        let r = http
+            .get(format!("{}/api/v1/machine/52:54:00:00:00:21/", t.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let stored: Value = r.json().await.unwrap();
+        let local = probe(Value::Null);
+        for key in ["base_name", "mac_address", "ip_address"] {
+            assert_eq!(stored[key], local[key], "Mismatch for '{key}': {stored}");
+        }
+        let set = |v: &Value| -> std::collections::BTreeSet<String> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(set(&stored["tags"]), set(&local["tags"]), "{stored}");
+        // dutgate's own path keeps its answers: 201 for a new machine, 200 for a known one.
+        let mut other = probe(json!("ttyUSB1"));
+        other["mac_address"] = json!("52:54:00:00:00:22");
+        let (status, v) = post_raw(&t, "/api/v1/machine", &other, None).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+        let (status, v) = post_raw(&t, "/api/v1/machine", &other, None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        // A probe mars refuses (no IPv4 address) is a 400; the client's PATCH then needs
+        // the admin token it does not have: "Registration failed", nothing stored.
+        let mut bad = probe(Value::Null);
+        bad["mac_address"] = json!("52:54:00:00:00:23");
+        bad["ip_address"] = Value::Null;
+        let (status, _) = register(bad).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(t.admin.machines().await.unwrap().len(), 2);
+        t.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn new_mac_waits_for_config_and_a_second_registration_updates() {
     for db in databases("mars", MIGRATIONS).await {
@@ -42,7 +147,8 @@ async fn new_mac_waits_for_config_and_a_second_registration_updates() {
         let mut first = registration(1);
         first.ip_address = "127.0.0.1".parse().unwrap();
         let body = serde_json::to_value(&first).unwrap();
-        let (status, v) = post_raw(&t, "/api/v1/machine/", &body, None).await;
+        // dutgate's path: 201 for a new machine (valve-infra's, with the slash: 200 below).
+        let (status, v) = post_raw(&t, "/api/v1/machine", &body, None).await;
         assert_eq!(status, StatusCode::CREATED, "{v}");
         assert_eq!(v["state"], "WAIT_FOR_CONFIG");
         assert_eq!(v["full_name"], "farm-virtio-1");
@@ -264,7 +370,7 @@ async fn access_control() {
     );
     assert!(t.admin.machines().await.unwrap().is_empty());
     // With the admin token (an admin debugging from elsewhere) it works.
-    let (status, _) = post_raw(&t, "/api/v1/machine/", &body, Some(ADMIN)).await;
+    let (status, _) = post_raw(&t, "/api/v1/machine", &body, Some(ADMIN)).await;
     assert_eq!(status, StatusCode::CREATED);
     let id = registration(1).mac_address;
     // Admin routes: no token 401, user token 403.

@@ -30,7 +30,7 @@ async fn register_from(
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let mut rb = client.post(format!("{}/api/v1/machine/", t.url)).json(reg);
+    let mut rb = client.post(format!("{}/api/v1/machine", t.url)).json(reg);
     if let Some(tok) = token {
         rb = rb.bearer_auth(tok);
     }

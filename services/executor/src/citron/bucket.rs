@@ -21,9 +21,15 @@ use crate::model::kind;
 /// How long the client may mirror the job's files after the session ended.
 pub const READER_TTL: Duration = Duration::from_secs(10 * 60);
 
-/// The job's files offered to the client at `client`, or `None` when the job had no bucket
-/// (or the gateway no object storage).
-pub async fn publish(s: &AppState, id: i64, client: IpAddr) -> Result<Option<JobBucket>, String> {
+/// The job's files offered to the client at `client`, which reached the executor at `host`
+/// (then the S3 endpoint is offered on that host), or `None` when the job had no bucket (or
+/// the gateway no object storage).
+pub async fn publish(
+    s: &AppState,
+    id: i64,
+    client: IpAddr,
+    host: Option<&str>,
+) -> Result<Option<JobBucket>, String> {
     let Some(store) = &s.cfg.object_store else {
         return Ok(None);
     };
@@ -51,6 +57,10 @@ pub async fn publish(s: &AppState, id: i64, client: IpAddr) -> Result<Option<Job
     });
     let mut url = reqwest::Url::parse(&s.gw.public_url(ServiceName::S3))
         .map_err(|e| format!("the gateway's S3 URL: {e}"))?;
+    if let Some(host) = host {
+        url.set_host(Some(host))
+            .map_err(|e| format!("the host the client used ({host}): {e}"))?;
+    }
     url.set_username(&published.access_key)
         .and_then(|()| url.set_password(Some(published.secret_key.expose())))
         .map_err(|()| "the gateway's S3 URL cannot carry credentials".to_string())?;

@@ -34,6 +34,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(11 * 60);
 #[derive(Clone)]
 pub struct Client {
     pub peer: SocketAddr,
+    /// The host the client reached the executor at (its `Host` header, without the port):
+    /// it reaches the gateway's S3 endpoint there too, where the gateway's public host may
+    /// be a DUT-side address (QEMU user networking's 10.0.2.2). `None`: the public host.
+    pub host: Option<String>,
     /// The submitter, for the audit log of a cancellation.
     pub actor: Actor,
 }
@@ -109,7 +113,9 @@ async fn stream<W: AsyncWrite + Unpin>(
     }
     let row = s.store.require(id).await.map_err(|e| e.to_string())?;
     let status = row.status.unwrap_or(dutgate_core::JobStatus::Unknown);
-    let job_bucket = match super::bucket::publish(s, id, client.peer.ip()).await {
+    let job_bucket = match super::bucket::publish(s, id, client.peer.ip(), client.host.as_deref())
+        .await
+    {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(job_id = id, error = %e, "the job's files cannot be offered to its client");
