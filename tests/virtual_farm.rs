@@ -33,6 +33,11 @@ use dutgate_core::testing::{children_of, listens_on_every_port, require_program}
 use dutgate_e2e::farm::{self, Daemon, Farm, HELLO_RUN, hello_variant, root};
 use serde_json::Value;
 
+#[path = "virtual_farm/dashboard.rs"]
+mod dashboard;
+#[path = "virtual_farm/executorctl.rs"]
+mod executorctl;
+
 /// A tag the DUT image's registration agent reports for every QEMU DUT (virtio NIC).
 const COMMON_TAG: &str = "virtio:family:VIRTIO";
 
@@ -137,7 +142,7 @@ fn start_farm(tmp: &Path) -> Started {
         std::fs::write(
             &config,
             format!(
-                "gateway:\n  bind_address: 127.0.0.1\n  ports: {{executor: {}, mars: {}, registry: {}, boot: {}, pdu: {}, salad: {}, s3: {}}}\n  auth:\n    dut_networks: [127.0.0.0/8, \"::1/128\", 10.0.2.0/24]\nsalad:\n  netconsole_port: {}\n",
+                "gateway:\n  bind_address: 127.0.0.1\n  ports: {{executor: {}, mars: {}, registry: {}, boot: {}, pdu: {}, salad: {}, s3: {}}}\n  auth:\n    dut_networks: [127.0.0.0/8, \"::1/128\", 10.0.2.0/24]\nexecutor:\n  trusted_client_networks: [127.0.0.0/8]\nsalad:\n  netconsole_port: {}\n",
                 p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
             ),
         )
@@ -330,6 +335,8 @@ fn virtual_farm_end_to_end() {
         start.elapsed().as_secs_f64()
     );
 
+    dashboard::dashboard_in_a_browser(&mut farm, executor_port, [&a, &b]);
+    executorctl::executorctl_drives_qemu_duts(&mut farm, executor_port, [&a, &b], COMMON_TAG);
     // 2. A tagged job PASSes with the file the DUT wrote; a failing job at the same time FAILs.
     let hello = root().join("examples").join("hello.yml");
     let failing = hello_variant(

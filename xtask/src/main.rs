@@ -7,6 +7,7 @@ mod dut_image;
 mod fuzz;
 mod packages;
 mod test;
+mod ui_assets;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Build the Debian package of the gateway (docs/install.md); prints its path.
     Deb(deb::DebArgs),
+    /// Refresh the dashboard's browser assets (xterm.js) from npm's lock file into
+    /// services/executor/ui/assets/ (committed; `cargo build` never runs npm).
+    UiAssets,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::InstallDeps => packages::install(&workspace_root()),
         Command::Demo(args) => demo::run(&args),
         Command::Deb(args) => deb::run(&args),
+        Command::UiAssets => ui_assets::run(&workspace_root()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

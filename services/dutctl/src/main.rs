@@ -5,12 +5,14 @@
 
 mod cmd_audit;
 mod cmd_completion;
+mod cmd_console;
 mod cmd_gitlab;
 mod cmd_job;
 mod cmd_jobs;
 mod cmd_machines;
 mod cmd_pdus;
 mod cmd_run;
+mod cmd_stats;
 mod cmd_status;
 mod cmd_tokens;
 mod gateway;
@@ -18,6 +20,7 @@ mod identity;
 mod interactive;
 mod mcli;
 mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,9 +79,12 @@ enum Command {
     Pdus(cmd_pdus::PdusCommand),
     /// Submit a job, follow its phases and console, exit with its status code (0–6).
     Run(cmd_run::RunArgs),
-    /// Jobs: list, show, cancel, log.
+    /// Jobs: list, show, cancel, log, artifacts, resubmit.
     #[command(subcommand)]
     Jobs(cmd_jobs::JobsCommand),
+    /// A machine's console (salad's WebSocket): two-way for admins and lease holders, `~.`
+    /// quits; `--read-only` follows its log.
+    Console(cmd_console::ConsoleArgs),
     /// GitLab Runner custom executor driver and runner configuration.
     #[command(subcommand)]
     Gitlab(cmd_gitlab::GitlabCommand),
@@ -87,6 +93,9 @@ enum Command {
     Tokens(cmd_tokens::TokensCommand),
     /// Every service's audit log (admins), merged by time.
     Audit(cmd_audit::AuditArgs),
+    /// Queue-wait percentiles (p50/p90/p99) and long waits over a period, from the job
+    /// records.
+    Stats(cmd_stats::StatsArgs),
     /// Shell completions: `dutctl completion bash > /etc/bash_completion.d/dutctl`.
     Completion(cmd_completion::CompletionArgs),
     /// The manual page (roff) on stdout: `dutctl man | man -l -`.
@@ -132,6 +141,7 @@ fn wanted(cli: &Cli, matches: &ArgMatches, env: &dyn Fn(&str) -> Option<String>)
             .clone()
             .or_else(|| gateway::default_state_dir(env)),
         state_dir_given: cli.state_dir.is_some(),
+        no_state_dir_token: matches!(&cli.command, Command::Gitlab(g) if g.is_driver_stage()),
         config_path: identity::config_path(env),
         home: env("HOME").map(PathBuf::from),
     }
@@ -164,6 +174,20 @@ fn main() -> ExitCode {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let wanted = wanted(&cli, &matches, &env);
     let output = cli.output;
+    // Byte streams and generated files have no document to print: an explicit -o json|yaml
+    // is refused rather than silently ignored.
+    let stream = match &cli.command {
+        Command::Console(_) => Some("console"),
+        Command::Completion(_) => Some("completion"),
+        Command::Man => Some("man"),
+        _ => None,
+    };
+    if let Some(name) = stream
+        && output != Format::Text
+    {
+        eprintln!("dutctl: {name} prints a byte stream: -o json|yaml does not apply");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let command = match cli.command {
         // Offline: no gateway, so no config file to get wrong.
         Command::Job(cmd) => return finish(cmd_job::run(cmd, output), None),
@@ -208,14 +232,19 @@ fn main() -> ExitCode {
                 cmd_pdus::run(cmd, gw, output).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Run(args) => cmd_run::run(args, gw).await,
-            Command::Jobs(cmd) => {
-                cmd_jobs::run(cmd, gw, output).await?;
+            Command::Run(args) => cmd_run::run(args, gw, output).await,
+            Command::Jobs(cmd) => cmd_jobs::run(cmd, gw, output).await,
+            Command::Gitlab(cmd) => cmd_gitlab::run(cmd, gw, output).await,
+            Command::Console(args) => {
+                cmd_console::run(args, gw).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Gitlab(cmd) => cmd_gitlab::run(cmd, gw).await,
             Command::Tokens(cmd) => {
                 cmd_tokens::run(cmd, gw, output).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Command::Stats(args) => {
+                cmd_stats::run(args, gw, output).await?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Audit(args) => Ok(if cmd_audit::run(args, gw, output).await? {

@@ -39,8 +39,10 @@ fn services_dir() -> PathBuf {
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();
+        // pdudaemon's API (docs/pdu.md) and the executor's dashboard pages (docs/dashboard.md)
+        // are not part of the REST API.
         if p.file_stem()
-            .is_some_and(|n| n == "testing" || n == "pdudaemon")
+            .is_some_and(|n| n == "testing" || n == "pdudaemon" || n == "ui")
         {
             continue;
         }

@@ -45,6 +45,8 @@ pub struct AppState {
     pub gw: Arc<GatewayConfig>,
     pub auth: Auth,
     pub audit: AuditLog,
+    /// The dashboard's sessions ([`crate::ui`]).
+    pub ui: crate::ui::UiShared,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -65,14 +67,25 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}", get(show))
         .route("/api/v1/jobs/{id}/events", get(events))
         .route("/api/v1/jobs/{id}/console", get(console))
-        .route("/api/v1/jobs/{id}/console/ws", get(console_ws))
         .route("/api/v1/jobs/{id}/artifacts", get(artifacts))
         .route("/api/v1/jobs/{id}/artifacts/{*path}", get(artifact))
         .route("/api/v1/jobs/{id}/cancel", post(cancel))
+        .route("/api/v1/stats/queue-wait", get(crate::stats::queue_wait))
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(state.auth.clone(), require_user))
         .with_state(state.clone())
         .merge(submitters)
+        // The console WebSocket also takes the dashboard's session cookie (Origin-checked).
+        .merge(
+            Router::new()
+                .route("/api/v1/jobs/{id}/console/ws", get(console_ws))
+                .layer(from_fn_with_state(
+                    (state.auth.clone(), state.ui.sessions.clone()),
+                    crate::ui::session::token_or_cookie,
+                ))
+                .with_state(state.clone()),
+        )
+        .merge(crate::ui::router(state.clone()))
         .merge(crate::tokens::router(
             state.auth.clone(),
             state.audit.clone(),
@@ -130,6 +143,12 @@ fn authorize_job(
             row.id
         ))),
     }
+}
+
+/// Whether `who` may cancel job `row` and type into its console (the dashboard shows the
+/// controls only then; the handlers decide either way).
+pub(crate) fn may_control(s: &AppState, who: &Identity, row: &JobRow) -> bool {
+    authorize_job(s, who, row, Access::Control).is_ok()
 }
 
 /// Loads job `id` and checks `who` may `access` it; refusals go to the audit log.
@@ -349,7 +368,15 @@ async fn submit(
     mut req: Request,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(req.uri());
+    let webhook_secret = match req.headers().get(crate::webhooks::SECRET_HEADER) {
+        Some(v) => Some(v.to_str().map(str::to_string).map_err(|_| {
+            ApiError::bad_request("the webhook secret must be visible ASCII")
+                .with_field(crate::webhooks::SECRET_HEADER)
+        })?),
+        None => None,
+    };
     let console = crate::citron::take_upgrade(&mut req);
+    let client_host = crate::citron::client_host(req.headers());
     let sub = read_submission(&s, req).await?;
     if sub
         .metadata
@@ -497,6 +524,8 @@ async fn submit(
         }
     }
 
+    let hooks = job_webhooks(&s, &who, peer, &pairs, webhook_secret).await?;
+
     // The tarball is on disk before the job is persisted, so the job never refers to a
     // file that is not there.
     let jobs_dir = crate::process::executor_state_dir(&s.gw).join("jobs");
@@ -537,6 +566,19 @@ async fn submit(
             return Err(store_err(e));
         }
     };
+    if let Some(hooks) = &hooks
+        && let Err(e) = crate::webhooks::save_job_webhooks(&s.sup.job_dir(id), hooks)
+    {
+        let _ = s
+            .store
+            .finish(
+                id,
+                JobStatus::SetupFail,
+                &format!("cannot keep the webhooks: {e}"),
+            )
+            .await;
+        return Err(ApiError::internal(e));
+    }
     if let Some(p) = staged {
         let dir = s.sup.job_dir(id);
         let moved = std::fs::create_dir_all(&dir)
@@ -569,6 +611,7 @@ async fn submit(
     s.sched.wake();
     let client = crate::citron::Client {
         peer,
+        host: client_host,
         actor: Actor::known(&who, peer),
     };
     if let Some(upgrade) = console {
@@ -592,6 +635,49 @@ async fn submit(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
+}
+
+/// The job's own webhooks (`webhook=<url>`, repeatable; the `X-Dutgate-Webhook-Secret`
+/// header signs them: a header, so that the secret is in no URL or request log), checked
+/// against the outbound policy now; a refused one is audited.
+async fn job_webhooks(
+    s: &AppState,
+    who: &Identity,
+    peer: SocketAddr,
+    pairs: &[(String, String)],
+    secret: Option<String>,
+) -> Result<Option<crate::webhooks::JobWebhooks>, ApiError> {
+    let urls: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k == "webhook")
+        .map(|(_, v)| v.clone())
+        .collect();
+    if urls.is_empty() {
+        if secret.is_some() {
+            return Err(ApiError::bad_request(
+                "a webhook secret needs a webhook (the webhook parameter)",
+            )
+            .with_field(crate::webhooks::SECRET_HEADER));
+        }
+        return Ok(None);
+    }
+    let policy = dutgate_core::outbound::OutboundPolicy::from_gateway(&s.gw);
+    match crate::webhooks::check_job_webhooks(&policy, &urls).await {
+        Ok(()) => Ok(Some(crate::webhooks::JobWebhooks { urls, secret })),
+        Err(crate::webhooks::WebhookError::Refused(r)) => {
+            tracing::warn!(actor = %who.name, source = %peer, error = %r, "job webhook refused");
+            s.audit
+                .record(
+                    &Actor::known(who, peer),
+                    "job.submit",
+                    "webhook",
+                    &format!("refused: {r}"),
+                )
+                .await;
+            Err(ApiError::unprocessable(r.to_string()).with_field("webhook"))
+        }
+        Err(e) => Err(ApiError::bad_request(e.to_string()).with_field("webhook")),
+    }
 }
 
 fn rand_u64() -> u64 {
@@ -644,7 +730,7 @@ fn view(s: &AppState, row: JobRow, with_job: bool) -> Job {
 
 // ---- list and show ----------------------------------------------------------------------
 
-async fn list(
+pub(crate) async fn list(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     uri: Uri,
@@ -713,7 +799,7 @@ async fn list(
     }))
 }
 
-async fn show(
+pub(crate) async fn show(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -1085,7 +1171,7 @@ async fn events_json(s: &AppState, id: i64) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec_pretty(&EventList { events }).map_err(ApiError::internal)
 }
 
-async fn artifacts(
+pub(crate) async fn artifacts(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -1121,7 +1207,7 @@ fn artifact_path(dir: &FsPath, path: &str) -> Option<PathBuf> {
     Some(dir.join("artifacts").join(rel))
 }
 
-async fn artifact(
+pub(crate) async fn artifact(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -1164,7 +1250,7 @@ async fn artifact(
 
 // ---- cancel -----------------------------------------------------------------------------
 
-async fn cancel(
+pub(crate) async fn cancel(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

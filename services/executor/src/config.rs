@@ -51,6 +51,9 @@ pub struct Config {
     /// job's owner is `network:<cidr>`. Never list a DUT network here. Empty: every
     /// submission needs a token.
     pub trusted_client_networks: Vec<ipnet::IpNet>,
+    /// Webhooks sent on every job's end (docs/notifications.md): `url`, `secret_file`,
+    /// `events` (`[job_end]`). Deliveries go through the outbound policy.
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// Object storage for job buckets: the gateway's `s3` section, set by the `dutgate`
     /// binary (not a key of the `executor` section). Unset: jobs run without a bucket.
     #[serde(skip)]
@@ -85,6 +88,7 @@ impl Default for Config {
             job_keys_from_machine_address: true,
             job_visibility: JobVisibility::All,
             trusted_client_networks: Vec::new(),
+            webhooks: Vec::new(),
             object_store: None,
         }
     }

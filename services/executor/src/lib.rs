@@ -11,6 +11,9 @@
 //! - [`process`]: the per-job process `dutgate job <id>` (setup, boots, watch, teardown);
 //!   [`control`]: its local socket.
 //! - [`storage`]: the job bucket step behind one trait.
+//! - [`webhooks`]: what the executor does when a job ends (metrics, webhooks); [`stats`]: the
+//!   queue gauges and the exact queue-wait figures of `dutctl stats`.
+//! - [`ui`]: the web dashboard under `/ui/` (docs/dashboard.md).
 //! - `testing` (feature `testing`): a whole gateway with simulated DUTs, for end-to-end tests
 //!   and farm benchmarks.
 //!
@@ -26,6 +29,7 @@ pub mod control;
 pub mod model;
 pub mod process;
 pub mod scheduler;
+pub mod stats;
 pub mod storage;
 pub mod store;
 pub mod supervisor;
@@ -33,6 +37,8 @@ mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tokens;
+pub mod ui;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +91,17 @@ impl Executor {
         let storage = storage::from_config(&gw, &cfg)
             .await
             .map_err(|e| ServiceError::Startup(format!("object storage: {e}")))?;
+        let audit = dutgate_core::audit::AuditLog::new(&gw.state_dir, "executor");
+        // Every job's end reaches one place in this long-lived process: counted, webhooks sent.
+        let ended = webhooks::Ended::new(gw.clone(), &cfg.webhooks, audit.clone())
+            .map_err(ServiceError::Startup)?;
+        let (ended_tx, ended_rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(follower) = ended.machine_follower(mars.clone()) {
+            tokio::spawn(follower.run(shutdown.clone()));
+        }
+        tokio::spawn(ended.run(ended_rx, shutdown.clone()));
+        let store = store.with_finish_hook(ended_tx);
+        tokio::spawn(stats::export_queue_gauges(store.clone(), shutdown.clone()));
         let wake = Arc::new(Notify::new());
         let sup = Supervisor::new(
             store.clone(),
@@ -117,7 +134,6 @@ impl Executor {
                 shutdown,
             ));
         }
-        let audit = dutgate_core::audit::AuditLog::new(&gw.state_dir, "executor");
         let state = api::AppState {
             audit,
             store,
@@ -126,6 +142,7 @@ impl Executor {
             cfg: Arc::new(cfg),
             gw,
             auth,
+            ui: ui::UiShared::default(),
         };
         Ok(Self { state })
     }

@@ -190,11 +190,30 @@ pub struct Dispatch {
 #[derive(Debug, Clone)]
 pub struct Store {
     db: Db,
+    /// Where the long-lived executor hears of the jobs it ends itself (metrics, webhooks:
+    /// [`crate::webhooks::Ended`]); unset in job processes, which have no `/metrics`.
+    on_finish: Option<tokio::sync::mpsc::UnboundedSender<JobRow>>,
 }
 
 impl Store {
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self {
+            db,
+            on_finish: None,
+        }
+    }
+
+    /// This store, telling `tx` of every job it finishes.
+    pub fn with_finish_hook(mut self, tx: tokio::sync::mpsc::UnboundedSender<JobRow>) -> Self {
+        self.on_finish = Some(tx);
+        self
+    }
+
+    /// Hands a job finished elsewhere (by its job process) to the finish hook, if any.
+    pub fn note_finished(&self, row: &JobRow) {
+        if let Some(tx) = &self.on_finish {
+            let _ = tx.send(row.clone());
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -532,9 +551,8 @@ impl Store {
                 only_from,
             )
             .await?;
-        if row.is_some() {
-            metrics::counter!("executor_jobs_finished_total", "status" => status.as_str())
-                .increment(1);
+        if let Some(row) = &row {
+            self.note_finished(row);
         }
         Ok(row)
     }
@@ -713,6 +731,50 @@ impl Store {
             .fetch_one(self.pool())
             .await?;
         Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// Queued jobs by kind of target: `machine` (one named), `any` (no tag), `tags`.
+    pub async fn queued_by_target_kind(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT CASE WHEN target_id IS NOT NULL THEN 'machine' \
+             WHEN target_tags = '[]' THEN 'any' ELSE 'tags' END AS kind, COUNT(*) AS n \
+             FROM jobs WHERE state = 'QUEUED' GROUP BY 1",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get::<String, _>("kind")?, r.try_get::<i64, _>("n")?)))
+            .collect()
+    }
+
+    /// `(submitted_at, dispatched_at, finished_at)` of the jobs (purpose `job`) submitted in
+    /// `[from_ms, to_ms)`, of `owner` only when given (queue-wait statistics).
+    pub async fn queue_times(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        owner: Option<&str>,
+    ) -> Result<Vec<(i64, Option<i64>, Option<i64>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT submitted_at, dispatched_at, finished_at FROM jobs \
+             WHERE purpose = 'job' AND submitted_at >= $1 AND submitted_at < $2 \
+             AND ($3 IS NULL OR owner = $4)",
+        )
+        .bind(from_ms)
+        .bind(to_ms)
+        .bind(owner.map(str::to_string))
+        .bind(owner.map(str::to_string))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<i64, _>(0)?,
+                    r.try_get::<Option<i64>, _>(1)?,
+                    r.try_get::<Option<i64>, _>(2)?,
+                ))
+            })
+            .collect()
     }
 }
 

@@ -510,6 +510,8 @@ impl Supervisor {
             }
         };
         if row.state == JobState::Finished {
+            // Stored by the job process, which has no `/metrics`: counted here.
+            self.inner.store.note_finished(&row);
             self.inner.finished.notify_one();
             return;
         }

@@ -148,6 +148,18 @@ async fn export_state_gauges(mars: &Mars) {
                 let count = rows.iter().filter(|r| r.state == st).count();
                 metrics::gauge!("mars_machines", "state" => st.as_str()).set(count as f64);
             }
+            // In service: fit and free, or held by a job (training leases are not service).
+            let count = |st| rows.iter().filter(|r| r.state == st).count();
+            let (idle, running) = (
+                count(model::MachineState::Idle),
+                count(model::MachineState::Running),
+            );
+            let share = if idle + running == 0 {
+                0.0
+            } else {
+                running as f64 / (idle + running) as f64
+            };
+            metrics::gauge!("mars_lease_utilisation").set(share);
         }
         Err(e) => tracing::warn!(error = %e, "cannot count machines"),
     }

@@ -42,6 +42,10 @@ pub fn describe() {
         Unit::Count,
         "Machines in each state, counted about every 15 s."
     );
+    describe_gauge!(
+        "mars_lease_utilisation",
+        "Share (0 to 1) of the machines in service (IDLE or RUNNING) that a job lease holds (RUNNING), computed about every 15 s."
+    );
     describe_counter!(
         "mars_training_runs_total",
         Unit::Count,

@@ -408,7 +408,15 @@ impl Pdu {
         self.ensure_listed().await?;
         self.check_switchable(port)?;
         let op_seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Err(e) = self.switch_verified(port, want, "set").await {
+        let started = std::time::Instant::now();
+        let switched = self.switch_verified(port, want, "set").await;
+        let action = match want {
+            Switch::On => "on",
+            Switch::Off => "off",
+        };
+        metrics::histogram!("pdu_switch_duration_seconds", "pdu" => self.name.clone(), "action" => action, "result" => if switched.is_ok() { "ok" } else { "error" })
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = switched {
             tracing::warn!(pdu = %self.name, port, error = %e, "switching failed");
             self.note_error(port, Some(&e));
             return Err(e);
@@ -464,7 +472,11 @@ impl Pdu {
         self.check_switchable(port)?;
         let op_seq = self.seq.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(pdu = %self.name, port, off_seconds = off.as_secs_f64(), op_seq, "power cycle");
-        match self.cycle_steps(port, off).await {
+        let started = std::time::Instant::now();
+        let cycled = self.cycle_steps(port, off).await;
+        metrics::histogram!("pdu_switch_duration_seconds", "pdu" => self.name.clone(), "action" => "cycle", "result" => if cycled.is_ok() { "ok" } else { "error" })
+            .record(started.elapsed().as_secs_f64());
+        match cycled {
             Ok(off_checks) => {
                 self.note_error(port, None);
                 metrics::counter!("pdu_cycles_total", "pdu" => self.name.clone(), "result" => "ok")

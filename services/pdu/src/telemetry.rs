@@ -41,4 +41,9 @@ pub fn describe() {
         Unit::Count,
         "Power cycles of a PDU port, by result."
     );
+    describe_histogram!(
+        "pdu_switch_duration_seconds",
+        Unit::Seconds,
+        "Time of a whole switch of a PDU port as a client sees it, from the request to the state read back (a cycle includes its off delay), by PDU, action (on, off, cycle) and result (ok, error)."
+    );
 }

@@ -6,6 +6,7 @@
 //! and one line in `BENCHES`.
 
 pub mod boot;
+pub mod dashboard;
 pub mod farm;
 pub mod footprint;
 pub mod jobspec;
@@ -73,6 +74,7 @@ const BENCHES: &[(&str, BenchFn)] = &[
     ("scheduler", scheduler::run),
     ("overhead", overhead::run),
     ("farm", farm::run),
+    ("dashboard", dashboard::run),
 ];
 
 pub fn run(cli: &BenchCli) -> anyhow::Result<()> {

@@ -117,6 +117,10 @@ pub struct Options {
     /// Starts a [`sim`] DUT per machine. Off: the caller simulates the DUTs itself (on
     /// [`Farm::device`], booting from the boot service and talking to [`Farm::netconsole`]).
     pub sims: bool,
+    /// `executor.webhooks` of the executors.
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// More `gateway.outbound.allow` rules (a test's webhook receiver on loopback).
+    pub outbound_allow: Vec<dutgate_core::outbound::AllowRule>,
 }
 
 impl Default for Options {
@@ -136,6 +140,8 @@ impl Default for Options {
             off_delay: 0.0,
             tokens_in_files: false,
             sims: true,
+            webhooks: Vec::new(),
+            outbound_allow: Vec::new(),
         }
     }
 }
@@ -339,6 +345,9 @@ impl Farm {
                 .parse()
                 .expect("an outbound allow rule"),
         );
+        gw.outbound
+            .allow
+            .extend(opts.outbound_allow.iter().cloned());
         let l_s3 = if opts.s3 {
             let l = bind().await;
             gw.ports.s3 = port(&l);
@@ -543,6 +552,7 @@ impl Farm {
             // Simulated DUTs are processes on the gateway: they reach S3 from 127.0.0.1, not
             // from the addresses their machines registered.
             job_keys_from_machine_address: false,
+            webhooks: opts.webhooks.clone(),
             ..Default::default()
         };
         let mut exec_gw = (*gw).clone();
