@@ -17,6 +17,28 @@ pub fn listed(root: &Path) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Whether a line of the list is satisfied: `pkg`, or `pkg | cmd:NAME` when the command NAME
+/// on PATH does as well (npm ships inside NodeSource's `nodejs`, which conflicts with Debian's
+/// `npm` package). Installing a missing line installs its package.
+fn is_satisfied(line: &str) -> bool {
+    line.split('|')
+        .map(str::trim)
+        .any(|alt| match alt.strip_prefix("cmd:") {
+            Some(cmd) => on_path(cmd),
+            None => is_installed(alt),
+        })
+}
+
+/// The package a line installs when it is not satisfied.
+fn package_of(line: &str) -> &str {
+    line.split('|').next().unwrap_or(line).trim()
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(cmd).is_file()))
+}
+
 fn is_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", package])
@@ -77,12 +99,12 @@ fn install_python(root: &Path) -> anyhow::Result<()> {
 }
 
 pub fn install_packages(packages: &[String]) -> anyhow::Result<()> {
-    let missing: Vec<&String> = packages.iter().filter(|p| !is_installed(p)).collect();
+    let missing: Vec<&String> = packages.iter().filter(|p| !is_satisfied(p)).collect();
     if missing.is_empty() {
         println!("xtask: all {} test packages are installed", packages.len());
         return Ok(());
     }
-    let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+    let names: Vec<&str> = missing.iter().map(|s| package_of(s)).collect();
     if !Path::new("/etc/debian_version").exists() {
         bail!(
             "this is not a Debian system; install these packages (or their equivalents) by hand: {}",
