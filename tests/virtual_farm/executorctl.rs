@@ -8,7 +8,10 @@
 //! `valve-gfx-ci-executor-server` 0.0.3 on PyPI, its `target.id: machine_id` named with
 //! `-i`) with the DUT image substituted for boot2container, `-s DIR` giving the DUT a file
 //! and getting back the file the DUT wrote (through `dutctl` started as `mcli`). Then
-//! `executorctl duts` lists both machines. About 40–60 s on 2 cores once the venv exists.
+//! `executorctl duts` lists both machines. While the three keep both machines busy, a job
+//! submitted with `-w` queues, runs once a machine is free and ends INCOMPLETE (its command
+//! stays silent past its `console_activity` timeout): exit code 4. About 80–100 s on 2 cores
+//! once the venv exists.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -198,6 +201,32 @@ pub fn executorctl_drives_qemu_duts(
         ],
     );
 
+    // Both machines busy (three jobs for two), `-w`: the job queues (the server cannot see
+    // `-w`) and runs once a machine is free. Its command stays silent past its
+    // `console_activity` timeout (no retry): INCOMPLETE, executorctl's exit code 4.
+    farm.wait_for("both machines RUNNING", Duration::from_secs(120), |f| {
+        let m = f.machines();
+        (m.len() == 2 && m.iter().all(|m| m["state"] == "RUNNING")).then_some(())
+    });
+    let hang = hello_variant(
+        &farm.tmp,
+        "ectl-hang",
+        &[
+            (HELLO_RUN, "dutgate.run=\\\"echo going quiet; sleep 240\\\""),
+            (
+                "  overall:\n    minutes: 5",
+                "  overall:\n    minutes: 5\n  console_activity:\n    seconds: 20\n    retries: 0",
+            ),
+        ],
+    );
+    let hang = hang.to_string_lossy().into_owned();
+    let hang_run = Ectl::spawn(
+        farm,
+        &path,
+        "hang",
+        &["-e", &url, "run", "-w", "-t", tag, &hang],
+    );
+
     let out = pass_run.wait_for_code(0);
     for text in [
         "The http connection got upgraded to the ci-tron console protocol",
@@ -218,8 +247,11 @@ pub fn executorctl_drives_qemu_duts(
         written.starts_with("from the CI\nwritten on "),
         "the file the DUT wrote, mirrored into -s {share_arg}: {written:?}\n{out}"
     );
+    let out = hang_run.wait_for_code(4);
+    assert!(out.contains("going quiet"), "{out}");
+    assert!(out.contains("timeout console_activity expired"), "{out}");
     eprintln!(
-        "[executorctl] PASS, FAIL and interactive.yml.j2 (-i, -s) in {:.1} s",
+        "[executorctl] PASS, FAIL, interactive.yml.j2 (-i, -s) and INCOMPLETE (-w) in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 
