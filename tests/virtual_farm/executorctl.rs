@@ -7,7 +7,8 @@
 //! control messages print, exit codes 0 and 3), and ci-tron's own `interactive.yml.j2` (from
 //! `valve-gfx-ci-executor-server` 0.0.3 on PyPI, its `target.id: machine_id` named with
 //! `-i`) with the DUT image substituted for boot2container, `-s DIR` giving the DUT a file
-//! and getting back the file the DUT wrote (through `dutctl` started as `mcli`). Then
+//! and getting back the file the DUT wrote (through `dutctl` started as `mcli`), and ci-tron's
+//! `bootloop.yml.j2` (a check boot) with `dutgate.action=check` added. Then
 //! `executorctl duts` lists both machines. While the three keep both machines busy, a job
 //! submitted with `-w` queues, runs once a machine is free and ends INCOMPLETE (its command
 //! stays silent past its `console_activity` timeout): exit code 4. About 80–100 s on 2 cores
@@ -95,45 +96,68 @@ fn executorctl() -> PathBuf {
     pypi_venv("executorctl-venv", CLIENT).join("executorctl")
 }
 
+/// A job template of `valve-gfx-ci-executor-server` 0.0.3 as released, with `edits` (each
+/// `from` must occur), written to `<tmp>/<name>.yml`.
+fn citron_template(tmp: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let path = pypi_files(SERVER, PypiDist::Sdist).join(format!(
+        "valve_gfx_ci_executor_server-0.0.3/src/valve_gfx_ci/executor/server/job_templates/\
+         {name}.yml.j2"
+    ));
+    let mut text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (is it still in {SERVER}?)", path.display()));
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "{SERVER}'s {name}.yml.j2 no longer contains {from:?}: update this test"
+        );
+        text = text.replace(from, to);
+    }
+    let out = tmp.join(format!("{name}.yml"));
+    std::fs::write(&out, text).unwrap();
+    out
+}
+
+/// ci-tron's `bootloop.yml.j2` as released (a check boot of the machine-registration
+/// container) on the DUT image: its kernel is the executor's default (`dut_kernel_url`), and
+/// the DUT image's equivalent of that container, `dutgate.action=check`, is added.
+fn bootloop_on_the_dut_image(tmp: &Path) -> PathBuf {
+    citron_template(
+        tmp,
+        "bootloop",
+        &[(
+            "        - loglevel=6 nomodeset\n",
+            "        - loglevel=6 nomodeset\n        - dutgate.action=check \
+             dutgate.mars_url=http://{{ gateway }}:{{ mars_port }}\n",
+        )],
+    )
+}
+
 /// ci-tron's `interactive.yml.j2` as released, booting the DUT image instead of
 /// boot2container (`{{ minio_url }}/boot/default_kernel` and its initramfs become
 /// `{{ dut_kernel_url }}`/`{{ dut_initramfs_url }}`, which the executor defines), with the
 /// DUT image's equivalent of its container added: pull the job's bucket, run `command`,
 /// push the bucket back. Its b2c options stay; the DUT image ignores them.
 fn interactive_on_the_dut_image(tmp: &Path, command: &str) -> PathBuf {
-    let path = pypi_files(SERVER, PypiDist::Sdist).join(
-        "valve_gfx_ci_executor_server-0.0.3/src/valve_gfx_ci/executor/server/job_templates/\
-         interactive.yml.j2",
+    let run = format!(
+        "SALAD.machine_id={{{{ machine_id }}}}\n        - dutgate.s3=\"{{{{ minio_url }}}},\
+         {{{{ job_bucket }}}},{{{{ job_bucket_access_key }}}},\
+         {{{{ job_bucket_secret_key }}}}\" dutgate.run=\"{command}\"\n"
     );
-    let mut text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (is it still in {SERVER}?)", path.display()));
-    for (from, to) in [
-        (
-            "{{ minio_url }}/boot/default_kernel",
-            "{{ dut_kernel_url }}",
-        ),
-        (
-            "{{ minio_url }}/boot/default_boot2container.cpio.xz",
-            "{{ dut_initramfs_url }}",
-        ),
-        (
-            "SALAD.machine_id={{ machine_id }}\n",
-            &format!(
-                "SALAD.machine_id={{{{ machine_id }}}}\n        - dutgate.s3=\"{{{{ minio_url }}}},\
-                 {{{{ job_bucket }}}},{{{{ job_bucket_access_key }}}},\
-                 {{{{ job_bucket_secret_key }}}}\" dutgate.run=\"{command}\"\n"
+    citron_template(
+        tmp,
+        "interactive",
+        &[
+            (
+                "{{ minio_url }}/boot/default_kernel",
+                "{{ dut_kernel_url }}",
             ),
-        ),
-    ] {
-        assert!(
-            text.contains(from),
-            "{SERVER}'s interactive.yml.j2 no longer contains {from:?}: update this test"
-        );
-        text = text.replace(from, to);
-    }
-    let out = tmp.join("interactive.yml");
-    std::fs::write(&out, text).unwrap();
-    out
+            (
+                "{{ minio_url }}/boot/default_boot2container.cpio.xz",
+                "{{ dut_initramfs_url }}",
+            ),
+            ("SALAD.machine_id={{ machine_id }}\n", &run),
+        ],
+    )
 }
 
 /// The step; both machines (`machines`, with `tag`) are IDLE.
@@ -182,6 +206,9 @@ pub fn executorctl_drives_qemu_duts(
         fail.to_string_lossy().into_owned(),
         interactive.to_string_lossy().into_owned(),
     );
+    let bootloop = bootloop_on_the_dut_image(&farm.tmp)
+        .to_string_lossy()
+        .into_owned();
     let share_arg = share.to_string_lossy().into_owned();
     let pass_run = Ectl::spawn(farm, &path, "pass", &["-e", &url, "run", "-t", tag, &pass]);
     let fail_run = Ectl::spawn(farm, &path, "fail", &["-e", &url, "run", "-t", tag, &fail]);
@@ -201,7 +228,13 @@ pub fn executorctl_drives_qemu_duts(
         ],
     );
 
-    // Both machines busy (three jobs for two), `-w`: the job queues (the server cannot see
+    let bootloop_run = Ectl::spawn(
+        farm,
+        &path,
+        "bootloop",
+        &["-e", &url, "run", "-i", machines[0], &bootloop],
+    );
+    // Both machines busy (four jobs for two), `-w`: the job queues (the server cannot see
     // `-w`) and runs once a machine is free. Its command stays silent past its
     // `console_activity` timeout (no retry): INCOMPLETE, executorctl's exit code 4.
     farm.wait_for("both machines RUNNING", Duration::from_secs(120), |f| {
@@ -247,11 +280,16 @@ pub fn executorctl_drives_qemu_duts(
         written.starts_with("from the CI\nwritten on "),
         "the file the DUT wrote, mirrored into -s {share_arg}: {written:?}\n{out}"
     );
+    let out = bootloop_run.wait_for_code(0);
+    assert!(
+        out.contains("job_success(1): Execution is over, pipeline status: 0"),
+        "{out}"
+    );
     let out = hang_run.wait_for_code(4);
     assert!(out.contains("going quiet"), "{out}");
     assert!(out.contains("timeout console_activity expired"), "{out}");
     eprintln!(
-        "[executorctl] PASS, FAIL, interactive.yml.j2 (-i, -s) and INCOMPLETE (-w) in {:.1} s",
+        "[executorctl] PASS, FAIL, interactive.yml.j2 (-i, -s), bootloop.yml.j2 (-i) and INCOMPLETE (-w) in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 
