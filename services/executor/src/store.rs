@@ -623,12 +623,25 @@ impl Store {
         message: &str,
         data: Value,
     ) -> Result<i64, StoreError> {
-        // Two writers (executor and job process) may race for the next seq on PostgreSQL;
-        // the primary key refuses the loser, which simply tries again.
+        // Writers of one job's events (executor, job process, several tasks of each) take the
+        // next seq in turn: on PostgreSQL the job's row is locked first, as the other writers
+        // of events (state changes, dispatch) already hold it. Without that, 20 concurrent
+        // writers could each lose the primary-key race more times than the retries allow.
+        // The retry stays for a job row that does not exist yet or a lock wait cut short.
         let mut last = None;
         for _ in 0..8 {
             let _gate = self.db.write_turn().await;
             let mut tx = self.pool().begin().await?;
+            if self.db.backend() == Backend::Postgres
+                && let Err(e) = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE")
+                    .bind(job_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+            {
+                let _ = tx.rollback().await;
+                last = Some(e);
+                continue;
+            }
             match insert_event(&mut tx, job_id, kind, message, &data).await {
                 Ok(seq) => {
                     tx.commit().await?;
