@@ -8,10 +8,11 @@
 //! `valve-gfx-ci-executor-server` 0.0.3 on PyPI, its `target.id: machine_id` named with
 //! `-i`) with the DUT image substituted for boot2container, `-s DIR` giving the DUT a file
 //! and getting back the file the DUT wrote (through `dutctl` started as `mcli`), and ci-tron's
-//! `bootloop.yml.j2` (a check boot) with `dutgate.action=check` added. Then
-//! `executorctl duts` lists both machines. While the three keep both machines busy, a job
+//! `bootloop.yml.j2` (a check boot) with `dutgate.action=check` added, and its
+//! `cache_reset.yml.j2` with a command in place of the cache reset. Then
+//! `executorctl duts` lists both machines. While these keep both machines busy, a job
 //! submitted with `-w` queues, runs once a machine is free and ends INCOMPLETE (its command
-//! stays silent past its `console_activity` timeout): exit code 4. About 80–100 s on 2 cores
+//! stays silent past its `console_activity` timeout): exit code 4. About 2–3 minutes on 2 cores
 //! once the venv exists.
 
 use std::path::{Path, PathBuf};
@@ -132,6 +133,30 @@ fn bootloop_on_the_dut_image(tmp: &Path) -> PathBuf {
     )
 }
 
+/// ci-tron's `cache_reset.yml.j2` as released (`target.id: machine_id`, named with `-i`) on
+/// the DUT image: its kernel and initramfs become the DUT image's, and a command stands in
+/// for boot2container's cache reset, which the DUT image has no cache for.
+fn cache_reset_on_the_dut_image(tmp: &Path) -> PathBuf {
+    citron_template(
+        tmp,
+        "cache_reset",
+        &[
+            (
+                "{{ minio_url }}/boot/default_kernel",
+                "{{ dut_kernel_url }}",
+            ),
+            (
+                "{{ minio_url }}/boot/default_boot2container.cpio.xz",
+                "{{ dut_initramfs_url }}",
+            ),
+            (
+                "SALAD.machine_id={{ machine_id }}\n",
+                "SALAD.machine_id={{ machine_id }}\n        - dutgate.run=\"echo no cache to reset\"\n",
+            ),
+        ],
+    )
+}
+
 /// ci-tron's `interactive.yml.j2` as released, booting the DUT image instead of
 /// boot2container (`{{ minio_url }}/boot/default_kernel` and its initramfs become
 /// `{{ dut_kernel_url }}`/`{{ dut_initramfs_url }}`, which the executor defines), with the
@@ -228,13 +253,22 @@ pub fn executorctl_drives_qemu_duts(
         ],
     );
 
+    let cache_reset = cache_reset_on_the_dut_image(&farm.tmp)
+        .to_string_lossy()
+        .into_owned();
+    let cache_reset_run = Ectl::spawn(
+        farm,
+        &path,
+        "cache_reset",
+        &["-e", &url, "run", "-i", machines[0], &cache_reset],
+    );
     let bootloop_run = Ectl::spawn(
         farm,
         &path,
         "bootloop",
         &["-e", &url, "run", "-i", machines[0], &bootloop],
     );
-    // Both machines busy (four jobs for two), `-w`: the job queues (the server cannot see
+    // Both machines busy (five jobs for two), `-w`: the job queues (the server cannot see
     // `-w`) and runs once a machine is free. Its command stays silent past its
     // `console_activity` timeout (no retry): INCOMPLETE, executorctl's exit code 4.
     farm.wait_for("both machines RUNNING", Duration::from_secs(120), |f| {
@@ -285,11 +319,13 @@ pub fn executorctl_drives_qemu_duts(
         out.contains("job_success(1): Execution is over, pipeline status: 0"),
         "{out}"
     );
+    let out = cache_reset_run.wait_for_code(0);
+    assert!(out.contains("no cache to reset"), "{out}");
     let out = hang_run.wait_for_code(4);
     assert!(out.contains("going quiet"), "{out}");
     assert!(out.contains("timeout console_activity expired"), "{out}");
     eprintln!(
-        "[executorctl] PASS, FAIL, interactive.yml.j2 (-i, -s), bootloop.yml.j2 (-i) and INCOMPLETE (-w) in {:.1} s",
+        "[executorctl] PASS, FAIL, interactive.yml.j2 (-i, -s), bootloop.yml.j2, cache_reset.yml.j2 (-i) and INCOMPLETE (-w) in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
 
