@@ -2,7 +2,7 @@
 //! simulated machines (dummy PDU, no QEMU, no DUT processes: admitted `IDLE`), its executor's
 //! dashboard loaded in Debian's chromium by `ui/browser/bench.mjs` (playwright-core from npm,
 //! installed under target/ from the committed lock file). Prints `ROW\t<figure>\t<value>`.
-//! `--quick`: 20 machines, 2 loads.
+//! `--quick`: 20 machines, 2 loads, limits not enforced (a smoke run beside the tests).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -56,6 +56,7 @@ async fn main() -> std::process::ExitCode {
         .env("DASH_MARS", &farm.mars_url)
         .env("DASH_RETIRE", mac(machines / 2).to_string())
         .env("DASH_LOADS", if quick { "2" } else { "5" })
+        .env("DASH_LIMITS", if quick { "0" } else { "1" })
         .env("CHROMIUM", &chromium)
         .output()
         .await

@@ -5,7 +5,7 @@
 //! The measuring program is the executor's example `dashboard_bench`
 //! (`services/executor/ui/bench_main.rs`, `testing` feature) driving
 //! `services/executor/ui/browser/bench.mjs`; it fails when either limit is missed. `--quick`:
-//! 20 machines, 2 loads, nothing written.
+//! 20 machines, 2 loads, limits not enforced, nothing written.
 
 use super::BenchArgs;
 use super::report::append_table;

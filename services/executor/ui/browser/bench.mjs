@@ -2,7 +2,8 @@
 // chromium (headless, playwright-core). Prints `ROW\t<figure>\t<value>` lines.
 //
 // Environment: DASH_URL (the executor), DASH_ADMIN (token), DASH_MARS (mars' URL),
-// DASH_RETIRE (the MAC retired through mars' API), DASH_LOADS, CHROMIUM.
+// DASH_RETIRE (the MAC retired through mars' API), DASH_LOADS, CHROMIUM, DASH_LIMITS ("1":
+// fail beyond the limits).
 import { chromium } from "playwright-core";
 
 const url = process.env.DASH_URL;
@@ -46,8 +47,11 @@ try {
   console.log(`ROW\tfarm page load, slowest of ${loads} (ms)\t${Math.max(...times).toFixed(0)}`);
   console.log(`ROW\tretire request through mars' API (ms)\t${(changed - t).toFixed(0)}`);
   console.log(`ROW\tstate changed (mars answered) → shown in the open page (ms)\t${update.toFixed(0)}`);
-  if (median(times) >= 1000) throw new Error(`median load ${median(times).toFixed(0)} ms is not under 1 s`);
-  if (update >= 1000) throw new Error(`the state change took ${update.toFixed(0)} ms to show (limit 1 s)`);
+  // The smoke run (`--quick`, beside the test suite) checks that the harness works, not speed.
+  if (process.env.DASH_LIMITS === "1") {
+    if (median(times) >= 1000) throw new Error(`median load ${median(times).toFixed(0)} ms is not under 1 s`);
+    if (update >= 1000) throw new Error(`the state change took ${update.toFixed(0)} ms to show (limit 1 s)`);
+  }
 } catch (e) {
   process.stderr.write(`dashboard bench failed: ${e.message}\n`);
   process.exitCode = 1;
