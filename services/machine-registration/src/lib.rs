@@ -198,7 +198,7 @@ fn say(tty: Option<&mut File>, line: &str) {
 
 /// `register`: returns the process exit code.
 pub fn register(o: &Options) -> i32 {
-    let mut tty: Option<(PathBuf, File)> = None;
+    let mut tty: Option<(PathBuf, serial::RawTty)> = None;
     let result = (|| -> Result<(), String> {
         let me = local(o)?;
         let url = mars_url(o)
@@ -236,7 +236,7 @@ pub fn register(o: &Options) -> i32 {
         }
         Ok(())
     })();
-    let file = tty.as_mut().map(|(_, f)| f);
+    let file = tty.as_mut().map(|(_, f)| &mut **f);
     match result {
         Ok(()) => {
             say(file, "MaRS: Registration complete");

@@ -49,9 +49,47 @@ pub fn candidates(dev: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// A tty the agent put in raw mode to talk with salad. Its previous settings come back when
+/// it is dropped: the port is usually the DUT's console, and what runs after the agent (the
+/// job's own programs, the shutdown messages) must be written as before, `\n` as `\r\n`
+/// (valve-infra's patterns end in `\r$`).
+pub struct RawTty {
+    file: File,
+    saved: libc::termios,
+}
+
+impl std::fmt::Debug for RawTty {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTty").field("file", &self.file).finish()
+    }
+}
+
+impl std::ops::Deref for RawTty {
+    type Target = File;
+    fn deref(&self) -> &File {
+        &self.file
+    }
+}
+
+impl std::ops::DerefMut for RawTty {
+    fn deref_mut(&mut self) -> &mut File {
+        &mut self.file
+    }
+}
+
+impl Drop for RawTty {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is still open (owned by `self.file`); `saved` was filled by
+        // tcgetattr on it. TCSANOW: never wait for output to drain on a stuck port.
+        unsafe {
+            libc::tcsetattr(self.file.as_raw_fd(), libc::TCSANOW, &self.saved);
+        }
+    }
+}
+
 /// Opens `path` and puts it in raw mode at 115200 baud. Non-blocking: reads go through
 /// `poll` with a deadline, so a dead port can never hang the agent.
-pub fn open_raw(path: &Path) -> Result<File, SerialError> {
+pub fn open_raw(path: &Path) -> Result<RawTty, SerialError> {
     let err = |source| SerialError::Io {
         path: path.display().to_string(),
         source,
@@ -70,6 +108,7 @@ pub fn open_raw(path: &Path) -> Result<File, SerialError> {
         if libc::tcgetattr(fd, &mut tio) != 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
+        let saved = tio;
         libc::cfmakeraw(&mut tio);
         tio.c_cflag |= libc::CLOCAL | libc::CREAD;
         // 115200 baud. Set in the flags rather than with cfset[io]speed: the libc crate links
@@ -84,8 +123,8 @@ pub fn open_raw(path: &Path) -> Result<File, SerialError> {
         }
         // Drop whatever was queued before we asked.
         libc::tcflush(fd, libc::TCIFLUSH);
+        Ok(RawTty { file: f, saved })
     }
-    Ok(f)
 }
 
 /// Waits until `f` is readable or `deadline` passes.
@@ -122,7 +161,7 @@ pub fn write_all(f: &mut File, mut data: &[u8], deadline: Instant) -> std::io::R
 }
 
 /// Pings one port (again every second); `Some(file)` when salad answered before `deadline`.
-pub fn ping(path: &Path, deadline: Instant) -> Option<File> {
+pub fn ping(path: &Path, deadline: Instant) -> Option<RawTty> {
     let mut f = open_raw(path).ok()?;
     write_all(&mut f, b"\nSALAD.ping\n", deadline).ok()?;
     let mut line: Vec<u8> = Vec::new();
@@ -164,7 +203,7 @@ pub fn ping(path: &Path, deadline: Instant) -> Option<File> {
 
 /// Pings all `ports` in parallel; the first to answer wins. The losers' threads end at the
 /// deadline by themselves.
-pub fn find_salad(ports: &[PathBuf], timeout: Duration) -> Result<(PathBuf, File), SerialError> {
+pub fn find_salad(ports: &[PathBuf], timeout: Duration) -> Result<(PathBuf, RawTty), SerialError> {
     let deadline = Instant::now() + timeout;
     let (tx, rx) = mpsc::channel();
     for p in ports {
@@ -203,6 +242,47 @@ pub fn device_name(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The output flags of the tty at `path`.
+    fn oflag(path: &Path) -> libc::tcflag_t {
+        let f = File::open(path).unwrap();
+        // SAFETY: a valid descriptor and a C struct filled by tcgetattr.
+        unsafe {
+            let mut tio: libc::termios = std::mem::zeroed();
+            assert_eq!(libc::tcgetattr(f.as_raw_fd(), &mut tio), 0);
+            tio.c_oflag
+        }
+    }
+
+    #[test]
+    fn a_raw_tty_gets_its_settings_back_when_dropped() {
+        // A pty stands in for the DUT's console port.
+        // SAFETY: posix_openpt/grantpt/unlockpt/ptsname_r on a descriptor this test owns.
+        let (master, slave) = unsafe {
+            let m = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY);
+            assert!(m >= 0);
+            assert_eq!(libc::grantpt(m), 0);
+            assert_eq!(libc::unlockpt(m), 0);
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+            let name = std::ffi::CStr::from_ptr(name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            (m, PathBuf::from(name))
+        };
+        let cooked = oflag(&slave);
+        assert_ne!(cooked & libc::OPOST, 0, "a new pty translates its output");
+        let raw = open_raw(&slave).unwrap();
+        assert_eq!(
+            oflag(&slave) & libc::OPOST,
+            0,
+            "raw while the agent talks to salad"
+        );
+        drop(raw);
+        assert_eq!(oflag(&slave), cooked, "the console's own settings are back");
+        // SAFETY: closing the descriptor opened above.
+        unsafe { libc::close(master) };
+    }
 
     #[test]
     fn candidate_names() {
