@@ -315,10 +315,8 @@ pub fn executorctl_drives_qemu_duts(
         "the file the DUT wrote, mirrored into -s {share_arg}: {written:?}\n{out}"
     );
     let out = bootloop_run.wait_for_code(0);
-    assert!(
-        out.contains("job_success(1): Execution is over, pipeline status: 0"),
-        "{out}"
-    );
+    assert!(out.contains("MaRS: check passed"), "{out}");
+    assert!(out.contains("status: JobStatus.PASS"), "{out}");
     let out = cache_reset_run.wait_for_code(0);
     assert!(out.contains("no cache to reset"), "{out}");
     let out = hang_run.wait_for_code(4);
