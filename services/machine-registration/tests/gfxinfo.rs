@@ -17,55 +17,9 @@ use machine_registration::gpu_ids;
 const GFXINFO: &str = "valve-gfx-ci-gfxinfo==0.1.4";
 const AGENT: &str = env!("CARGO_BIN_EXE_machine-registration");
 
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
-}
-
 /// `python` of `target/test-venv-gfxinfo`, with gfxinfo installed from PyPI on first use.
 fn python() -> PathBuf {
-    static ONCE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
-        let target = target_dir();
-        std::fs::create_dir_all(&target).expect("the target dir");
-        let venv = target.join("test-venv-gfxinfo");
-        let marker = venv.join(format!(".installed-{GFXINFO}"));
-        let python = venv.join("bin").join("python");
-        // Both tests of this file, or another test process, may build it at the same time.
-        let lock = std::fs::File::create(target.join("test-venv-gfxinfo.lock"))
-            .expect("the venv lock file");
-        lock.lock().expect("locking the venv");
-        if marker.exists() && python.exists() {
-            return python;
-        }
-        let _ = std::fs::remove_dir_all(&venv);
-        match Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .output()
-        {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "python3 -m venv failed: install the Debian package python3-venv\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => panic!("python3 is missing ({e}): install the Debian package python3-venv"),
-        }
-        run_ok(
-            Command::new(venv.join("bin").join("pip")).args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                GFXINFO,
-            ]),
-            &format!("pip install {GFXINFO} (the PyPI package valve-gfx-ci-gfxinfo)"),
-        );
-        std::fs::write(&marker, "").expect("the venv marker");
-        python
-    })
-    .clone()
+    dutgate_core::testing::pypi_venv("test-venv-gfxinfo", GFXINFO).join("python")
 }
 
 /// Drives gfxinfo. `sysfs ROOT`: its own `find_gpus` with `/sys/bus/pci/devices` read under
