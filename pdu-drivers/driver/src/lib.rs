@@ -25,7 +25,7 @@ pub use error::DriverError;
 pub use registry::{BuildFn, DriverFactory, DriverInfo, Registry};
 
 /// One outlet as a driver sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortInfo {
     /// Stable id used in the API and in machine records (`pdu_port_id`), e.g. `"3"`.
     pub id: String,
@@ -45,7 +45,7 @@ impl PortInfo {
 
 /// The state a port is switched to. Separate from [`PowerState`] so that nobody can ask a
 /// device to switch to `Unknown`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Switch {
     On,

@@ -35,7 +35,7 @@ impl std::fmt::Debug for DriverFactory {
 }
 
 /// What `GET /api/v1/drivers` lists.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct DriverInfo {
     pub name: String,
     pub summary: String,

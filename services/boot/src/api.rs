@@ -17,7 +17,6 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use bytes::Bytes;
 use dutgate_core::audit::{Actor, AuditLog};
 use dutgate_core::auth::{Auth, Identity, Role, require_user};
@@ -25,6 +24,9 @@ use dutgate_core::config::GatewayConfig;
 use dutgate_core::lease::{self, LeaseCheck, Target};
 use dutgate_core::{ApiError, ApiJson, MachineId, Secret, ServiceName};
 use serde::Deserialize;
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::cache::{ArtifactCache, ArtifactRef, CacheError, CacheStats};
 use crate::config::Config;
@@ -101,46 +103,86 @@ impl Prepared {
     }
 }
 
+/// What the document says of the service as a whole (each route says the rest).
+const DESCRIPTION: &str = "iPXE boot scripts and cached boot artifacts for the DUTs; boot \
+    configs for job processes. DUT routes (`/boot/…`, `/boot.ipxe`, `/artifacts/…`, \
+    `/dut-image/…`) answer a peer on the DUT networks, a service or admin token, or the holder \
+    of a machine's current lease (`X-Lease-Id`, checked with mars; not `/dut-image/…`); others, \
+    user tokens included, get 403. Boot configs are read and changed by the service role, \
+    admins and the machine's lease holder; changes and refused attempts go to the audit log. \
+    See docs/boot.md.";
+
+/// The DUT-facing routes (checked by [`dut_network_service_or_lease`]).
+fn dut_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(script_by_path))
+        .routes(routes!(script_by_query))
+        .routes(routes!(artifact))
+}
+
+/// The DUT image (checked by [`crate::dut_image::dut_network_or_service`]).
+fn image_api() -> OpenApiRouter<std::path::PathBuf> {
+    OpenApiRouter::new().routes(routes!(crate::dut_image::serve))
+}
+
+/// Reads with any token ([`require_user`]; the list checks the role itself).
+fn reads_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_configs))
+        .routes(routes!(cache_stats))
+}
+
+/// A machine's boot config carries its job's bucket keys on the kernel command line: it is
+/// read and changed only by the service role, admins and the machine's lease holder, whom
+/// the handlers check themselves (a token or the machine's lease).
+fn machine_api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_config, put_config, delete_config))
+}
+
+fn audit_api() -> OpenApiRouter<dutgate_core::audit::AuditState> {
+    OpenApiRouter::new().routes(routes!(dutgate_core::audit::list))
+}
+
+fn complete(doc: OpenApi) -> OpenApi {
+    dutgate_core::openapi::document(doc, "dutgate boot", DESCRIPTION)
+}
+
+/// The service's OpenAPI document: the one [`router`] serves.
+pub fn openapi() -> OpenApi {
+    let mut doc = dut_api().into_openapi();
+    doc.merge(image_api().into_openapi());
+    doc.merge(reads_api().into_openapi());
+    doc.merge(machine_api().into_openapi());
+    doc.merge(audit_api().into_openapi());
+    complete(doc)
+}
+
 pub fn router(state: AppState) -> Router {
     let auth = state.auth.clone();
-    let dut = Router::new()
-        .route("/boot/{mac}/boot.ipxe", get(script_by_path))
-        .route("/boot.ipxe", get(script_by_query))
-        .route("/artifacts/{id}/{name}", get(artifact))
+    let dut = dut_api()
         .layer(from_fn_with_state(
             auth.clone(),
             dut_network_service_or_lease,
         ))
         .with_state(state.clone());
-    let image = Router::new()
-        .route("/dut-image/{file}", get(crate::dut_image::serve))
+    let image = image_api()
         .layer(from_fn_with_state(
             auth.clone(),
             crate::dut_image::dut_network_or_service,
         ))
         .with_state(crate::dut_image::dir(&state.config, &state.gateway));
-    let reads = Router::new()
-        .route("/api/v1/boot", get(list_configs))
-        .route("/api/v1/boot-cache", get(cache_stats))
+    let reads = reads_api()
         .layer(from_fn_with_state(auth.clone(), require_user))
         .with_state(state.clone());
-    // A machine's boot config carries its job's bucket keys on the kernel command line: it is
-    // read and changed only by the service role, admins and the machine's lease holder, who
-    // check their caller themselves (a token or the machine's lease).
-    let per_machine = Router::new()
-        .route(
-            "/api/v1/boot/{mac}",
-            get(get_config).put(put_config).delete(delete_config),
-        )
-        .with_state(state.clone());
-    let audit = Router::new()
-        .route("/api/v1/audit", get(dutgate_core::audit::list))
-        .with_state((state.audit, auth));
-    dut.merge(image)
+    let per_machine = machine_api().with_state(state.clone());
+    let audit = audit_api().with_state((state.audit, auth));
+    let (router, doc) = dut
+        .merge(image)
         .merge(reads)
         .merge(per_machine)
         .merge(audit)
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+        .split_for_parts();
+    router.merge(dutgate_core::openapi::router(&complete(doc)))
 }
 
 /// Who is asking a DUT-facing route.
@@ -257,6 +299,19 @@ pub fn parse_script_request(uri: &Uri) -> ScriptRequest {
     }
 }
 
+/// The iPXE script of a machine (its DUT, its lease holder, a service or admin).
+///
+/// A machine's job script (it carries the job's credentials) is served only to a peer whose
+/// address is that machine's (recorded in mars, or its neighbour entry), to the holder of its
+/// lease, or to a service or admin; anyone else gets the default script, and a lease that
+/// does not hold the machine gets 403. Otherwise always 200: a malformed MAC, a missing
+/// config or a render error answer a script that prints the reason and asks again after
+/// `boot.retry_delay_seconds`.
+#[utoipa::path(get, path = "/boot/{mac}/boot.ipxe", tag = "boot",
+    params(("mac" = String, Path, description = "The booting NIC's MAC (iPXE's `${netX/mac}`)."),
+        ("platform" = Option<String>, Query, description = "iPXE's `${platform}` (pcbios, efi, …)."),
+        ("buildarch" = Option<String>, Query, description = "iPXE's `${buildarch}` (i386, x86_64, …).")),
+    responses((status = 200, description = "An iPXE script (`Cache-Control: no-store`).", body = String, content_type = "text/plain")))]
 async fn script_by_path(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -266,6 +321,14 @@ async fn script_by_path(
     script(&app, caller, parse_script_request(&uri), &headers).await
 }
 
+/// The iPXE script of a machine, its MAC in the query: as `/boot/{mac}/boot.ipxe`.
+///
+/// Without `mac` the script asks again with `${netX/mac}`.
+#[utoipa::path(get, path = "/boot.ipxe", tag = "boot",
+    params(("mac" = Option<String>, Query, description = "The booting NIC's MAC."),
+        ("platform" = Option<String>, Query, description = "iPXE's `${platform}` (pcbios, efi, …)."),
+        ("buildarch" = Option<String>, Query, description = "iPXE's `${buildarch}` (i386, x86_64, …).")),
+    responses((status = 200, description = "An iPXE script (`Cache-Control: no-store`).", body = String, content_type = "text/plain")))]
 async fn script_by_query(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -479,7 +542,8 @@ fn render_for(
     Ok(text)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ArtifactQuery {
     /// The machine whose lease the request presents (lease holders only).
     machine: Option<String>,
@@ -533,6 +597,17 @@ async fn lease_may_read(
     }
 }
 
+/// A kernel or initramfs that boot scripts name, from the cache (DUT, lease holder, service).
+///
+/// `id` identifies the cached source, `name` is cosmetic. A miss downloads from the upstream
+/// once however many DUTs ask. Supports `Range`/`If-Range` and `If-None-Match`. A lease
+/// holder names its machine in `machine` and reads the artifacts that machine's config names.
+#[utoipa::path(get, path = "/artifacts/{id}/{name}", tag = "boot",
+    params(("id" = String, Path, description = "The cached source."),
+        ("name" = String, Path, description = "The file name (cosmetic)."), ArtifactQuery),
+    responses((status = 200, description = "The file (`ETag`, `X-Dutgate-Cache`).", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range.", content_type = "application/octet-stream"),
+        (status = 304, description = "Not modified."), (status = 416, description = "The range is not satisfiable.")))]
 async fn artifact(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -604,6 +679,15 @@ async fn writer(
     }
 }
 
+/// Sets what a machine boots next (service role, admin, or the machine's lease).
+///
+/// 422 names the field: a command line too long or not representable in iPXE, too many
+/// initramfs images, a bad sha256 or `job_id`, or an artifact URL the cache refuses (a
+/// `file://` outside the roots, an address the outbound policy refuses).
+#[utoipa::path(put, path = "/api/v1/boot/{mac}", tag = "boot",
+    params(("mac" = String, Path, description = "`aa:bb:cc:dd:ee:ff`, `aa-bb-…` or 12 hex digits.")),
+    request_body = BootConfig,
+    responses((status = 200, description = "Stored.", body = StoredBootConfig)))]
 async fn put_config(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -669,6 +753,12 @@ async fn set_config(
     Ok(stored)
 }
 
+/// A machine's boot config (service role, admin, or the machine's lease).
+///
+/// It carries the job's keys. 404 when the machine has none (it boots the default config).
+#[utoipa::path(get, path = "/api/v1/boot/{mac}", tag = "boot",
+    params(("mac" = String, Path, description = "`aa:bb:cc:dd:ee:ff`, `aa-bb-…` or 12 hex digits.")),
+    responses((status = 200, description = "The config.", body = StoredBootConfig)))]
 async fn get_config(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -685,12 +775,21 @@ async fn get_config(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteQuery {
+    /// Only if the config belongs to this job (a late teardown cannot clear the next job's).
     job_id: Option<String>,
 }
 
+/// Clears a machine's boot config (service role, admin, or the machine's lease).
+///
+/// The machine boots the default config again. 409 when the config belongs to another job
+/// than `job_id` (it is kept).
+#[utoipa::path(delete, path = "/api/v1/boot/{mac}", tag = "boot",
+    params(("mac" = String, Path, description = "`aa:bb:cc:dd:ee:ff`, `aa-bb-…` or 12 hex digits."), DeleteQuery),
+    responses((status = 204, description = "Cleared, or there was none.")))]
 async fn delete_config(
     State(app): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -748,7 +847,9 @@ async fn clear_config(
     }
 }
 
-/// Every machine's boot config, with every job's keys: the service role and admins only.
+/// Every stored boot config (service role or admin: they carry the jobs' keys).
+#[utoipa::path(get, path = "/api/v1/boot", tag = "boot",
+    responses((status = 200, description = "The configs.", body = Vec<StoredBootConfig>)))]
 async fn list_configs(
     State(app): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -775,6 +876,9 @@ async fn list_configs(
     Ok(ApiJson(app.store.list().await.map_err(ApiError::internal)?))
 }
 
+/// The artifact cache's counters since start (any token).
+#[utoipa::path(get, path = "/api/v1/boot-cache", tag = "boot",
+    responses((status = 200, description = "The counters.", body = CacheStats)))]
 async fn cache_stats(State(app): State<AppState>) -> ApiJson<CacheStats> {
     ApiJson(app.cache.stats())
 }

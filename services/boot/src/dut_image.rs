@@ -74,7 +74,17 @@ pub async fn dut_network_or_service(
     .into_response()
 }
 
-/// `GET /dut-image/{file}`: the file with Content-Length, ETag, Last-Modified and Range.
+/// The DUT image built by `dutgate dut-image` (DUT networks, service or admin tokens).
+///
+/// Stable URLs of the files in `boot.dut_image_dir` (default `<state_dir>/dut-image`), which
+/// the registration default, the trainer's jobs and users' jobs boot. Supports
+/// `Range`/`If-Range`, `If-None-Match` and `If-Modified-Since`; 404 names `dutgate dut-image`
+/// when the image is not built.
+#[utoipa::path(get, path = "/dut-image/{file}", tag = "boot", operation_id = "dut_image",
+    params(("file" = String, Path, description = "`vmlinuz` or `initramfs.cpio`.")),
+    responses((status = 200, description = "The file (`ETag`, `Last-Modified`).", content_type = "application/octet-stream"),
+        (status = 206, description = "The requested range.", content_type = "application/octet-stream"),
+        (status = 304, description = "Not modified."), (status = 416, description = "The range is not satisfiable.")))]
 pub async fn serve(
     State(dir): State<PathBuf>,
     UrlPath(file): UrlPath<String>,

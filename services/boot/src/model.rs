@@ -2,9 +2,11 @@
 
 use dutgate_core::{ApiError, MachineId};
 use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::{PartialSchema, ToSchema};
 
 /// What to boot: a kernel with its command line and initramfs images, all by URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootConfig {
     pub kernel: Kernel,
@@ -17,7 +19,7 @@ pub struct BootConfig {
     pub job_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
     pub url: String,
@@ -29,7 +31,7 @@ pub struct Kernel {
     pub sha256: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Artifact {
     pub url: String,
@@ -38,13 +40,24 @@ pub struct Artifact {
 }
 
 /// A boot config as stored for one machine.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StoredBootConfig {
     pub mac: MachineId,
     #[serde(flatten)]
+    #[schema(schema_with = stored_fields)]
     pub config: BootConfig,
     /// Unix time in milliseconds.
     pub updated_at: i64,
+}
+
+/// [`BootConfig`]'s schema without `additionalProperties: false`: a request refuses unknown
+/// fields, but here its fields come with `mac` and `updated_at`.
+fn stored_fields() -> RefOr<Schema> {
+    let mut schema = BootConfig::schema();
+    if let RefOr::T(Schema::Object(o)) = &mut schema {
+        o.additional_properties = None;
+    }
+    schema
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Artifact>, D::Error> {

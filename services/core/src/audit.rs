@@ -21,9 +21,10 @@ use crate::auth::{Auth, Identity, Role};
 use crate::error::ApiError;
 
 /// One audited call.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct AuditEntry {
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: OffsetDateTime,
     pub service: String,
     /// The token's name; `anonymous` when the call had none, `invalid` for an unknown token.
@@ -189,14 +190,18 @@ pub async fn record_or_trace(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only entries at or after this RFC 3339 time.
     pub since: Option<String>,
+    /// At most this many entries (1 to 100000, default 1000).
+    #[param(minimum = 1, maximum = 100_000)]
     pub limit: Option<usize>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditList {
     pub entries: Vec<AuditEntry>,
 }
@@ -204,7 +209,12 @@ pub struct AuditList {
 /// What [`list`] needs: each service routes `GET /api/v1/audit` to it with this state.
 pub type AuditState = (AuditLog, Auth);
 
-/// `GET /api/v1/audit?since=<RFC 3339>&limit=<n>` (admin only), oldest first.
+/// The audit log (admin only), oldest first.
+///
+/// Every audited call of this service: who (token name and role, or `anonymous` /
+/// `invalid`), from where, what, on what, and the outcome.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, description = "The entries, oldest first.", body = AuditList)))]
 pub async fn list(
     State((log, auth)): State<AuditState>,
     headers: HeaderMap,

@@ -63,45 +63,6 @@ pub fn with_common_routes(
         .layer(TraceLayer::new_for_http())
 }
 
-/// Where every service serves its OpenAPI document.
-pub const OPENAPI_PATH: &str = "/api/v1/openapi.json";
-
-/// Adds `GET /api/v1/openapi.json` to `router`: the service's OpenAPI document, readable
-/// without a token. `yaml` is the document's text (a `services/<svc>/openapi.yaml` embedded
-/// with `include_str!`); it is converted to JSON once, here. Add it after the service's auth
-/// layers: a layer only wraps the routes that exist when it is applied.
-pub fn openapi_route(router: Router, yaml: &'static str) -> Router {
-    router.merge(openapi(yaml))
-}
-
-/// The router of [`openapi_route`] alone, for `.merge(openapi(include_str!(…)))` at the end
-/// of a service's route chain.
-pub fn openapi(yaml: &'static str) -> Router {
-    let doc: Result<Arc<[u8]>, String> = yaml_serde::from_str::<serde_json::Value>(yaml)
-        .map_err(|e| e.to_string())
-        .and_then(|v| serde_json::to_vec(&v).map_err(|e| e.to_string()))
-        .map(Arc::from);
-    if let Err(e) = &doc {
-        tracing::error!(error = %e, "the embedded OpenAPI document does not parse");
-    }
-    Router::new().route(
-        OPENAPI_PATH,
-        get(move || {
-            let doc = doc.clone();
-            async move {
-                match doc {
-                    Ok(bytes) => (
-                        [(header::CONTENT_TYPE, "application/json")],
-                        axum::body::Bytes::copy_from_slice(&bytes),
-                    )
-                        .into_response(),
-                    Err(e) => ApiError::internal(format!("OpenAPI document: {e}")).into_response(),
-                }
-            }
-        }),
-    )
-}
-
 async fn healthz(State(h): State<HealthState>) -> Response {
     let check = match &h.check {
         Some(c) => tokio::time::timeout(Duration::from_secs(2), c()).await,
@@ -270,31 +231,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
-    }
-
-    #[tokio::test]
-    async fn openapi_document_is_served_as_json() {
-        let app = openapi_route(
-            Router::new(),
-            "openapi: 3.1.0\ninfo: {title: t, version: '1'}\npaths:\n  /x:\n    get:\n      responses:\n        '200': {description: ok}\n",
-        );
-        let r = app
-            .oneshot(Request::get(OPENAPI_PATH).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
-        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["openapi"], "3.1.0");
-        assert!(v["paths"]["/x"]["get"]["responses"]["200"].is_object());
-
-        let broken = openapi_route(Router::new(), "openapi: [unclosed");
-        let r = broken
-            .oneshot(Request::get(OPENAPI_PATH).body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[tokio::test]

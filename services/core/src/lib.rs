@@ -6,6 +6,7 @@
 //! - [`auth`]: admin/user tokens and the DUT-network check.
 //! - [`db`]: SQLite/PostgreSQL storage with per-service migrations.
 //! - [`client`]: the HTTP client base every service's typed client builds on.
+//! - [`openapi`]: the OpenAPI document each service derives from its handlers.
 //! - [`outbound`]: where fetches made on someone else's behalf may go.
 //!
 //! Invariant: this crate knows no service's business; services depend on it, never the reverse.
@@ -18,6 +19,7 @@ pub mod db;
 pub mod error;
 pub mod http;
 pub mod lease;
+pub mod openapi;
 pub mod outbound;
 pub mod secret;
 pub mod service;

@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use dutgate_core::ErrorBody;
 use dutgate_core::audit::{Actor, AuditLog};
 use dutgate_core::auth::{Auth, Identity, Role, require_user};
 use dutgate_core::config::GatewayConfig;
@@ -26,6 +26,9 @@ use futures::channel::mpsc;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::config::{Config, JobVisibility};
 use crate::model::{
@@ -49,36 +52,79 @@ pub struct AppState {
     pub ui: crate::ui::UiShared,
 }
 
+/// Submissions and ci-tron's DUT list: a token, or none from a trusted client network.
+fn submitters() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit))
+        .routes(routes!(crate::citron::duts::list))
+        .routes(routes!(crate::citron::duts::show))
+}
+
+/// The job routes that need the user or the admin token.
+fn jobs() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(events))
+        .routes(routes!(console))
+        .routes(routes!(artifacts))
+        .routes(routes!(artifact))
+        .routes(routes!(cancel))
+        .routes(routes!(crate::stats::queue_wait))
+}
+
+/// The console WebSocket: a token, or the dashboard's session cookie.
+fn console_socket() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(console_ws))
+}
+
+fn audit() -> OpenApiRouter<dutgate_core::audit::AuditState> {
+    OpenApiRouter::new().routes(routes!(dutgate_core::audit::list))
+}
+
+/// The executor's OpenAPI document, as `GET /api/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = submitters().into_openapi();
+    doc.merge(jobs().into_openapi());
+    doc.merge(console_socket().into_openapi());
+    doc.merge(crate::tokens::api().into_openapi());
+    doc.merge(audit().into_openapi());
+    doc.merge(<crate::citron::DoubleSlash as utoipa::OpenApi>::openapi());
+    dutgate_core::openapi::document(
+        doc,
+        "dutgate executor",
+        "The executor queues jobs, leases machines from mars and runs one job process per job \
+         (docs/jobs.md): job submission, state, events, console and artifacts. Every route \
+         under `/api/v1/jobs` needs the user or the admin token; `?purpose=training` \
+         submissions need the admin token. Submissions and the DUT list (`/api/v1/duts`, \
+         `/api/v1/dut/{name}`) are also accepted without any `Authorization` header from \
+         `executor.trusted_client_networks` (ci-tron's `executorctl` sends none); such a job's \
+         owner is `network:<cidr>`.",
+    )
+}
+
 pub fn router(state: AppState) -> Router {
     let limit = state.cfg.max_upload_bytes;
-    // Submissions and ci-tron's DUT list: a token, or none from a trusted client network.
-    let submitters = Router::new()
-        .route("/api/v1/jobs", post(submit))
-        .route("/api/v1/duts", get(crate::citron::duts::list))
-        .route("/api/v1/dut/{name}", get(crate::citron::duts::show))
+    let (submitters, _) = submitters().split_for_parts();
+    let submitters = submitters
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(
             state.clone(),
             crate::citron::token_or_trusted_network,
         ))
         .with_state(state.clone());
-    let app = Router::new()
-        .route("/api/v1/jobs", get(list))
-        .route("/api/v1/jobs/{id}", get(show))
-        .route("/api/v1/jobs/{id}/events", get(events))
-        .route("/api/v1/jobs/{id}/console", get(console))
-        .route("/api/v1/jobs/{id}/artifacts", get(artifacts))
-        .route("/api/v1/jobs/{id}/artifacts/{*path}", get(artifact))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel))
-        .route("/api/v1/stats/queue-wait", get(crate::stats::queue_wait))
+    let (jobs, _) = jobs().split_for_parts();
+    let (console_socket, _) = console_socket().split_for_parts();
+    let (tokens, _) = crate::tokens::api().split_for_parts();
+    let (audit, _) = audit().split_for_parts();
+    let app = jobs
         .layer(DefaultBodyLimit::max(limit))
         .layer(from_fn_with_state(state.auth.clone(), require_user))
         .with_state(state.clone())
         .merge(submitters)
         // The console WebSocket also takes the dashboard's session cookie (Origin-checked).
         .merge(
-            Router::new()
-                .route("/api/v1/jobs/{id}/console/ws", get(console_ws))
+            console_socket
                 .layer(from_fn_with_state(
                     (state.auth.clone(), state.ui.sessions.clone()),
                     crate::ui::session::token_or_cookie,
@@ -86,16 +132,12 @@ pub fn router(state: AppState) -> Router {
                 .with_state(state.clone()),
         )
         .merge(crate::ui::router(state.clone()))
-        .merge(crate::tokens::router(
-            state.auth.clone(),
-            state.audit.clone(),
-        ))
-        .merge(
-            Router::new()
-                .route("/api/v1/audit", get(dutgate_core::audit::list))
-                .with_state((state.audit, state.auth)),
-        )
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")));
+        .merge(tokens.with_state(crate::tokens::TokenState {
+            auth: state.auth.clone(),
+            audit: state.audit.clone(),
+        }))
+        .merge(audit.with_state((state.audit, state.auth)))
+        .merge(dutgate_core::openapi::router(&openapi()));
     crate::citron::with_double_slash(app)
 }
 
@@ -222,13 +264,15 @@ fn parse_bool(v: &str, field: &str) -> Result<bool, ApiError> {
 
 // ---- submission -------------------------------------------------------------------------
 
-/// valve-infra's multipart `metadata` part. Other keys ci-tron's client sends (`environ`,
-/// `job_cookie`, `minio.credentials`) are accepted and ignored; `callback` is for
-/// [`crate::citron::connect_back_target`].
-#[derive(Debug, Default, Deserialize)]
+/// valve-infra's `metadata` form part; other keys (ci-tron's `environ`, `job_cookie`,
+/// `minio.credentials`) are ignored. Its values win over the query parameters.
+// `callback` is for [`crate::citron::connect_back_target`].
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct Metadata {
+    /// The submitter's own id (a string or a number).
     #[serde(default)]
     job_id: Option<serde_json::Value>,
+    /// Replaces the job's `target`.
     #[serde(default)]
     target: Option<MetadataTarget>,
     #[serde(default)]
@@ -239,16 +283,31 @@ struct Metadata {
     callback: Option<crate::citron::Callback>,
     #[serde(default)]
     minio: Option<crate::citron::Minio>,
+    /// Refused (400): send the `job` part.
     #[serde(default)]
     job_desc_url: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 struct MetadataTarget {
+    /// A machine id (MAC).
     #[serde(default)]
     id: Option<String>,
     #[serde(default, deserialize_with = "crate::citron::null_as_empty")]
+    #[schema(value_type = Option<Vec<String>>)]
     tags: Vec<String>,
+}
+
+/// valve-infra's `multipart/form-data` submission.
+#[allow(dead_code)] // only a schema: [`read_submission`] reads the parts
+#[derive(ToSchema)]
+struct SubmitForm {
+    /// The job description (YAML).
+    job: String,
+    metadata: Option<Metadata>,
+    /// A .tar.gz unpacked into the job bucket before the job starts.
+    #[schema(value_type = Option<String>, format = Binary)]
+    job_bucket_initial_state_tarball_file: Option<Vec<u8>>,
 }
 
 struct Submission {
@@ -361,6 +420,44 @@ fn job_errors(errors: &JobErrors) -> ApiError {
     e
 }
 
+/// Submit a job.
+///
+/// The body is the job description (YAML, at most 1 MiB), raw (any content type but
+/// multipart) or as valve-infra's `multipart/form-data` form. It is validated with
+/// placeholder machine variables (as `dutctl job validate` does) and its target checked
+/// against mars before it is queued: 400/422 name the field (and line, column) at fault, 409
+/// answers `wait=false` when every matching machine is busy, 503 an unreachable mars.
+///
+/// ci-tron's `executorctl` (docs/migrating.md): with `Connection: Upgrade` and `Upgrade:
+/// ci-tron-console` the job is queued, then the answer is `101` and the connection carries
+/// ci-tron's console protocol (4-byte big-endian length + JSON `{msg_type, date, payload}`
+/// frames: control messages, the console as `job_io`, keystrokes to the DUT, then
+/// `session_end` `{status, joules_consumed, job_bucket?}`, `job_bucket` a read-only key to the
+/// job's files for 10 minutes). A client that closes the connection before `session_end`
+/// cancels its job. Without the upgrade but with `metadata.callback.port`, the answer is `200`
+/// and the executor connects back to the submitting address on that port (403 unless it is
+/// in `executor.trusted_client_networks` or passes the outbound policy). Jobs given by URL,
+/// attached artifacts and MinIO groups are refused (400/422).
+#[utoipa::path(post, path = "/api/v1/jobs", tag = "executor", security(("bearer" = []), ()),
+    params(
+        ("purpose" = Option<Purpose>, Query, description = "`training` (the trainer's jobs) needs the admin token and a target machine; default `job`."),
+        ("priority" = Option<i64>, Query, description = "Higher runs first; default 0."),
+        ("wait" = Option<bool>, Query, description = "`false`: answer 409 instead of queueing when every matching machine is busy (true/false/1/0/yes/no; default true)."),
+        ("job_id" = Option<String>, Query, description = "The submitter's own id for the job (`external_id`)."),
+        ("target_id" = Option<MachineId>, Query, description = "Run on this machine (overrides the job's `target.id`)."),
+        ("webhook" = Option<Vec<String>>, Query, explode, description = "Repeatable (at most 4): URLs the job's end is POSTed to (docs/notifications.md), under the outbound policy (422 naming `webhook` otherwise)."),
+        ("X-Dutgate-Webhook-Secret" = Option<String>, Header, description = "HMAC secret signing the job's own webhook deliveries (`X-Dutgate-Signature`); needs `webhook`."),
+    ),
+    request_body(content(
+        (String = "application/yaml"), (String = "application/x-yaml"), (String = "text/yaml"),
+        (String = "text/plain"), (SubmitForm = "multipart/form-data"))),
+    responses(
+        (status = 101, description = "Queued; the connection switched to ci-tron's console protocol.",
+            headers(("Ci_tron_version" = String, description = "`1`"))),
+        (status = 200, description = "Queued; the executor connects back to `metadata.callback.port`.", body = crate::citron::ConnectBackAnswer),
+        (status = 201, description = "Queued.", body = Submitted,
+            headers(("Location" = String, description = "`/api/v1/jobs/{id}`"))),
+    ))]
 async fn submit(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -730,6 +827,22 @@ fn view(s: &AppState, row: JobRow, with_job: bool) -> Job {
 
 // ---- list and show ----------------------------------------------------------------------
 
+/// List jobs, newest first, without their job description.
+///
+/// Unknown query parameters are refused (400). Page with `before` = the smallest `id` of the
+/// previous page. With `executor.job_visibility: owner` a user sees their own jobs only.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "executor", security(("bearer" = [])),
+    operation_id = "list_jobs",
+    params(
+        ("state" = Option<JobState>, Query),
+        ("status" = Option<JobStatus>, Query),
+        ("machine_id" = Option<MachineId>, Query),
+        ("tag" = Option<Vec<String>>, Query, explode, description = "Repeatable: jobs whose target has every tag."),
+        ("owner" = Option<String>, Query, description = "Jobs of this token name."),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Default 100."),
+        ("before" = Option<i64>, Query, minimum = 1, description = "Only jobs with a smaller id (the next page)."),
+    ),
+    responses((status = 200, description = "The jobs.", body = JobList)))]
 pub(crate) async fn list(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -799,6 +912,10 @@ pub(crate) async fn list(
     }))
 }
 
+/// One job, with its job description.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "executor", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id.")),
+    responses((status = 200, description = "The job.", body = Job)))]
 pub(crate) async fn show(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -834,6 +951,18 @@ pub(crate) async fn wait_change(
     }
 }
 
+/// The job's events (JSON), or a live stream of them (SSE).
+///
+/// With `Accept: text/event-stream` the answer is a Server-Sent Events stream: one SSE event
+/// per job event (`id:` = `seq`, `event:` = `kind`, `data:` = the event as JSON), a keep-alive
+/// comment every 15 s; the stream ends after the `finished` event. Reconnect with
+/// `Last-Event-ID` (or `?after=`) to resume. Otherwise the stored events are answered at once.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", tag = "executor", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id."),
+        ("after" = Option<i64>, Query, description = "Only events with a larger `seq` (default 0: all)."),
+        ("Last-Event-ID" = Option<i64>, Header, description = "As `after`, when `after` is absent.")),
+    responses((status = 200, description = "The events.",
+        content((EventList = "application/json"), (String = "text/event-stream")))))]
 async fn events(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -950,6 +1079,19 @@ where
     }
 }
 
+/// The job's console log from a byte offset, optionally followed live.
+///
+/// With `follow=true` (default) the answer stays open and streams new bytes until the job is
+/// finished and every byte was sent; with `follow=false` it ends at the end of what is
+/// stored. Resume with `offset` = the offset it started at plus the bytes received. 416: the
+/// job is finished and `offset` is past the end of its console log.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/console", tag = "executor", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id."),
+        ("offset" = Option<u64>, Query, description = "The first byte to send (default 0)."),
+        ("follow" = Option<bool>, Query, description = "Follow the job live (default true).")),
+    responses((status = 200, description = "The console bytes.", body = String,
+        content_type = "application/octet-stream",
+        headers(("X-Console-Offset" = u64, description = "The offset of the first byte of the body.")))))]
 async fn console(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -994,6 +1136,24 @@ async fn console(
     Ok(resp)
 }
 
+/// Interactive console over a WebSocket.
+///
+/// A WebSocket upgrade; a token, or the dashboard's session cookie (Origin-checked). The
+/// server sends the console from `offset` as binary messages, live until the job is finished;
+/// then a text message `{"status": "<JobStatus>", "exit_code": <int>}` and a close frame.
+/// Messages from the client are keystrokes: written to the machine's console through salad
+/// while the job is RUNNING and the caller is its owner or an admin; otherwise dropped (the
+/// first one of a read-only session is answered `{"error": …, "status": 403}`).
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/console/ws", tag = "executor",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id."),
+        ("offset" = Option<u64>, Query, description = "The first byte to send (default 0).")),
+    responses(
+        (status = 101, description = "Switching protocols to WebSocket."),
+        (status = 400, description = "Not a WebSocket upgrade (plain text), or an invalid `id`/`offset` (JSON).",
+            content((ErrorBody = "application/json"), (String = "text/plain"))),
+        (status = 426, description = "The connection cannot be upgraded.", body = String, content_type = "text/plain"),
+    ))]
 async fn console_ws(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -1171,6 +1331,14 @@ async fn events_json(s: &AppState, id: i64) -> Result<Vec<u8>, ApiError> {
     serde_json::to_vec_pretty(&EventList { events }).map_err(ApiError::internal)
 }
 
+/// The job's artifacts.
+///
+/// `console.log` (when there is one), `events.json` (always), then every file the job
+/// collected, sorted by path.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/artifacts", tag = "executor",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id.")),
+    responses((status = 200, description = "The artifacts.", body = ArtifactList)))]
 pub(crate) async fn artifacts(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -1207,6 +1375,17 @@ fn artifact_path(dir: &FsPath, path: &str) -> Option<PathBuf> {
     Some(dir.join("artifacts").join(rel))
 }
 
+/// Download one artifact.
+///
+/// `path` may contain `/`; `..` and absolute paths are refused (404). `console.log` and
+/// `events.json` are readable as through their own routes; the files the job produced only
+/// by its owner and admins.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/artifacts/{*path}", tag = "executor",
+    security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id."),
+        ("path" = String, Path, description = "The artifact's path, e.g. `console.log`.")),
+    responses((status = 200, description = "The file (`events.json` is JSON).",
+        content((String = "application/octet-stream"), (EventList = "application/json")))))]
 pub(crate) async fn artifact(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,
@@ -1250,6 +1429,13 @@ pub(crate) async fn artifact(
 
 // ---- cancel -----------------------------------------------------------------------------
 
+/// Cancel a job (its owner or an admin).
+///
+/// A queued job finishes at once; a running job's process is told to stop and tears down.
+/// 409: the job is already finished.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", tag = "executor", security(("bearer" = [])),
+    params(("id" = i64, Path, description = "The job's id.")),
+    responses((status = 202, description = "Cancellation accepted; the job as it is now.", body = Job)))]
 pub(crate) async fn cancel(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,

@@ -33,8 +33,7 @@ use dutgate_core::ApiError;
 use dutgate_core::auth::{Identity, Role};
 use dutgate_core::outbound::{OutboundPolicy, canonical};
 use dutgate_jobspec::{JobSpec, TemplateVars};
-use serde::{Deserialize, Deserializer};
-use serde_json::json;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::api::AppState;
 pub use session::Client;
@@ -47,9 +46,11 @@ const FIRST_FRAME_DELAY: Duration = Duration::from_millis(500);
 /// Connecting back to a client (it waits 15 s for the connection).
 const CONNECT_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `metadata.callback`: where an older client waits for the executor's connection.
-#[derive(Debug, Default, Clone, Deserialize)]
+/// `metadata.callback`: where an older client waits for the executor's connection (without
+/// `Upgrade: ci-tron-console`): the submitting address, on `port`.
+#[derive(Debug, Default, Clone, Deserialize, utoipa::ToSchema)]
 pub struct Callback {
+    /// Not followed: the submitting address is used.
     #[serde(default)]
     pub host: Option<String>,
     #[serde(default)]
@@ -57,9 +58,11 @@ pub struct Callback {
 }
 
 /// `metadata.minio`: MinIO groups the job user should join (`executorctl -g`).
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, utoipa::ToSchema)]
 pub struct Minio {
+    /// Must be empty (422 otherwise).
     #[serde(default, deserialize_with = "null_as_empty")]
+    #[schema(value_type = Option<Vec<String>>)]
     pub groups: Vec<String>,
 }
 
@@ -226,19 +229,28 @@ pub fn connect_back(s: AppState, id: i64, addr: SocketAddr, client: Client) {
     });
 }
 
-/// ci-tron's `200` answer (`version`, `error_msg`), with the job's id, URL and state.
+/// ci-tron's `200` answer to a submission with `metadata.callback.port`, with the job's id,
+/// URL and state.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ConnectBackAnswer {
+    /// Always 1.
+    pub version: u32,
+    /// Always `success`.
+    pub error_msg: &'static str,
+    pub id: i64,
+    pub url: String,
+    pub state: crate::model::JobState,
+}
+
 pub fn connect_back_answer(s: &AppState, id: i64) -> Response {
-    (
-        StatusCode::OK,
-        axum::Json(json!({
-            "version": 1,
-            "error_msg": "success",
-            "id": id,
-            "url": crate::api::job_url(&s.gw, id),
-            "state": crate::model::JobState::Queued,
-        })),
-    )
-        .into_response()
+    let answer = ConnectBackAnswer {
+        version: 1,
+        error_msg: "success",
+        id,
+        url: crate::api::job_url(&s.gw, id),
+        state: crate::model::JobState::Queued,
+    };
+    (StatusCode::OK, axum::Json(answer)).into_response()
 }
 
 /// The host (name or address, without the port) in the request's `Host` header, if it is
@@ -290,14 +302,24 @@ pub fn with_double_slash(app: Router) -> Router {
     let inner = app.clone();
     app.route(
         "//{*path}",
-        axum::routing::any(move |req: Request| {
-            let inner = inner.clone();
-            async move { redispatch(inner, req).await }
-        }),
+        axum::routing::any(redispatch).with_state(inner),
     )
 }
 
-async fn redispatch(inner: Router, req: Request) -> Response {
+/// The documentation of the `//{*path}` route, for the service's document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(redispatch))]
+pub struct DoubleSlash;
+
+/// Any route of this service under a leading `//`, for every method.
+///
+/// `executorctl -e http://gateway:8000/` requests `http://gateway:8000//api/v1/jobs`: every
+/// path starting with `//` is answered as the same path with single slashes (same rules,
+/// same answers): `GET //api/v1/duts` is `GET /api/v1/duts`, and so on.
+#[utoipa::path(post, path = "//{*path}", tag = "executor", security(("bearer" = []), ()),
+    params(("path" = String, Path, description = "The route's path without its leading `/`.")),
+    responses((status = "2XX", description = "The answer of the route with single slashes.")))]
+async fn redispatch(State(inner): State<Router>, req: Request) -> Response {
     use tower::ServiceExt;
     let (parts, body) = req.into_parts();
     let path = collapse_slashes(parts.uri.path());

@@ -50,6 +50,7 @@ use dutgate_mars::client::MarsClient;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub use api::openapi;
 pub use config::Config;
 
 use crate::scheduler::Scheduler;

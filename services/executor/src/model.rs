@@ -10,9 +10,10 @@ use std::str::FromStr;
 use dutgate_core::{JobStatus, MachineId};
 pub use dutgate_mars::model::Timestamp;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// Where a job is in its life (docs/jobs.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobState {
     /// Persisted, waiting for a machine.
@@ -93,7 +94,7 @@ pub fn transition(from: JobState, trigger: Trigger) -> Result<JobState, InvalidT
 
 /// Who a job is for: users' jobs lease `IDLE` machines; the trainer's lease machines in
 /// `TRAINING`/`QUICK_CHECK`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Purpose {
     #[default]
@@ -122,19 +123,20 @@ impl FromStr for Purpose {
 }
 
 /// The machine a job wants.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct TargetView {
     pub id: Option<MachineId>,
     pub tags: Vec<String>,
 }
 
 /// A job as the API shows it (docs/jobs.md §4).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Job {
     pub id: i64,
     pub external_id: Option<String>,
     pub url: String,
     pub state: JobState,
+    /// While running: setup, boot_config, console, power, running, teardown.
     pub phase: Option<String>,
     pub status: Option<JobStatus>,
     pub exit_code: Option<i32>,
@@ -149,22 +151,24 @@ pub struct Job {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub boots: i64,
+    /// Size of the console log so far.
     pub console_bytes: u64,
     /// Name of the token that submitted the job.
     #[serde(default)]
     pub owner: String,
+    /// The job description (only in `GET /api/v1/jobs/{id}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
 }
 
 /// `GET /api/v1/jobs`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<Job>,
 }
 
 /// `201` answer of `POST /api/v1/jobs`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Submitted {
     pub id: i64,
     pub url: String,
@@ -172,29 +176,31 @@ pub struct Submitted {
 }
 
 /// One stored event of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Event {
     pub seq: i64,
     pub at: Timestamp,
+    /// Stable, clients branch on it (`submitted`, `phase`, …, `finished`).
     pub kind: String,
     pub message: String,
+    /// Kind-specific details (any JSON).
     pub data: serde_json::Value,
 }
 
 /// `GET /api/v1/jobs/{id}/events` without SSE.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EventList {
     pub events: Vec<Event>,
 }
 
 /// One artifact of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Artifact {
     pub path: String,
     pub size: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ArtifactList {
     pub artifacts: Vec<Artifact>,
 }

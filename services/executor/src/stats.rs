@@ -58,7 +58,7 @@ pub async fn export_queue_gauges(store: Store, shutdown: CancellationToken) {
 }
 
 /// The answer of `GET /api/v1/stats/queue-wait`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct QueueWaitStats {
     /// The period: jobs submitted in `[from, to)`.
     pub from: Timestamp,
@@ -217,9 +217,21 @@ pub fn period(pairs: &[(String, String)], now: i64) -> Result<(i64, i64), ApiErr
     Ok((from, to))
 }
 
-/// `GET /api/v1/stats/queue-wait`: users and admins. Under `executor.job_visibility: owner`
-/// a user's figures cover their own jobs only; admins (and everyone under `all`) see the
-/// whole farm's.
+/// Queue-wait percentiles of a period.
+///
+/// Exact figures from the job records (purpose `job`) submitted in the period: nearest-rank
+/// p50/p90/p99 of the waits from submission to dispatch (a job that never left the queue:
+/// to its end there, or to the period's end), and how many waited longer than 15 minutes
+/// and than an hour. Users and admins; under `executor.job_visibility: owner` a user's
+/// figures cover their own jobs only (`owner` says so). `since`, or `from`/`to`; default
+/// the last 24 hours; at most 400 days.
+#[utoipa::path(get, path = "/api/v1/stats/queue-wait", tag = "executor", security(("bearer" = [])),
+    params(
+        ("since" = Option<String>, Query, description = "A duration up to now: `<n>s|m|h|d|w`, e.g. `24h`."),
+        ("from" = Option<String>, Query, format = DateTime, description = "Start of the period (RFC 3339)."),
+        ("to" = Option<String>, Query, format = DateTime, description = "End of the period; default now; needs `from`."),
+    ),
+    responses((status = 200, description = "The figures.", body = QueueWaitStats)))]
 pub async fn queue_wait(
     State(s): State<AppState>,
     Extension(who): Extension<Identity>,

@@ -6,40 +6,44 @@
 
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
 use dutgate_core::ApiError;
 use dutgate_core::audit::{Actor, AuditLog};
 use dutgate_core::auth::{Auth, Role, TokenInfo, TokenStoreError, store::RESERVED_NAMES};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 #[derive(Clone)]
-struct TokenState {
-    auth: Auth,
-    audit: AuditLog,
+pub(crate) struct TokenState {
+    pub(crate) auth: Auth,
+    pub(crate) audit: AuditLog,
 }
 
-pub fn router(auth: Auth, audit: AuditLog) -> Router {
-    Router::new()
-        .route("/api/v1/tokens", get(list).post(create))
-        .route("/api/v1/tokens/{name}", delete(revoke))
-        .with_state(TokenState { auth, audit })
+/// The token routes, documented (each checks the admin token itself, auditing refusals).
+pub(crate) fn api() -> OpenApiRouter<TokenState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(revoke))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
+    /// `[a-z0-9._@-]{1,64}`, not a bootstrap token's name (`admin`, `user`, `service`).
+    #[schema(pattern = "^[a-z0-9._@-]{1,64}$")]
     pub name: String,
     pub role: Role,
     /// Days until the token stops working; unset: never.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 3650)]
     pub expires_days: Option<u32>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<TokenInfo>,
 }
@@ -89,6 +93,13 @@ fn store(s: &TokenState) -> Result<&dutgate_core::auth::TokenStore, ApiError> {
         .ok_or_else(|| ApiError::unavailable("this gateway has no token store"))
 }
 
+/// List the named tokens (admin).
+///
+/// Names, roles, creation and expiry; never the tokens. Bootstrap tokens (`admin`, `user`,
+/// `service` from `<state_dir>/tokens/` or the config) are not listed.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "executor", security(("bearer" = [])),
+    operation_id = "list_tokens",
+    responses((status = 200, description = "The tokens.", body = TokenList)))]
 async fn list(
     State(s): State<TokenState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -99,6 +110,14 @@ async fn list(
     Ok(axum::Json(TokenList { tokens }))
 }
 
+/// Create a named token (admin).
+///
+/// The answer holds the token; it is shown this once and stored only as its SHA-256 digest.
+/// Every service accepts it from its next request. 409: a token of that name exists; 422: a
+/// reserved or malformed name, or an expiry out of range.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "executor", security(("bearer" = [])),
+    request_body = CreateToken,
+    responses((status = 201, description = "The new token.", body = dutgate_core::auth::store::CreatedToken)))]
 async fn create(
     State(s): State<TokenState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -121,6 +140,13 @@ async fn create(
     Ok((StatusCode::CREATED, axum::Json(created?)).into_response())
 }
 
+/// Revoke a named token (admin).
+///
+/// Every service refuses the token (401) from its next request. 409: a bootstrap token
+/// (`admin`, `user`, `service`), revoked by replacing its file.
+#[utoipa::path(delete, path = "/api/v1/tokens/{name}", tag = "executor", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The token's name.")),
+    responses((status = 200, description = "The revoked token.", body = TokenInfo)))]
 async fn revoke(
     State(s): State<TokenState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,

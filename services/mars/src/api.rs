@@ -20,20 +20,23 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use dutgate_core::audit::{Actor, AuditList, AuditLog, AuditQuery};
 use dutgate_core::auth::{Auth, Role};
 use dutgate_core::lease::presented;
 use dutgate_core::{ApiError, ApiJson, MachineId, Secret, Tag};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::machines::{Mars, MarsError, Source, check_registration};
 use crate::model::{
     ActivateRequest, DiscoverRequest, DiscoveryStatus, EventBatch, Lease, LeaseBatchRequest,
-    LeaseBatchResponse, LeaseList, LeaseRefusal, LeaseRequest, LeaseResult, MAX_LEASE_BATCH,
-    Machine, MachineEvents, MachineList, MachinePatch, MachineState, Registration, ReleaseRequest,
-    RetireRequest, TrainingReport, TrainingRun,
+    LeaseBatchResponse, LeaseList, LeaseRefusal, LeaseRequest, LeaseResult, LoopReport,
+    MAX_LEASE_BATCH, Machine, MachineEvents, MachineList, MachinePatch, MachineState, Registration,
+    ReleaseRequest, RetireRequest, TrainingReport, TrainingRun,
 };
 use crate::power::PowerError;
 use crate::store::StoreError;
@@ -226,38 +229,54 @@ impl FromRequestParts<AppState> for Registrant {
     }
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/machines", get(list_machines))
-        .route("/api/v1/machine", post(register))
-        .route("/api/v1/machine/", post(register_as_valve_infra))
-        .route(
-            "/api/v1/machine/discover",
-            get(get_discovery)
-                .post(start_discovery)
-                .delete(stop_discovery),
-        )
-        .route(
-            "/api/v1/machine/{id}",
-            get(get_machine).patch(patch_machine),
-        )
+/// The documented routes (and the trailing-slash alias of `/api/v1/machine/{id}`).
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_machines))
+        .routes(routes!(register))
+        .routes(routes!(register_as_valve_infra))
+        .routes(routes!(get_discovery, start_discovery, stop_discovery))
+        .routes(routes!(get_machine, patch_machine))
         .route(
             "/api/v1/machine/{id}/",
             get(get_machine).patch(patch_machine),
         )
-        .route("/api/v1/machine/{id}/retire", post(retire))
-        .route("/api/v1/machine/{id}/activate", post(activate))
-        .route("/api/v1/machine/{id}/events", get(machine_events))
-        .route("/api/v1/machine/{id}/training", get(training))
-        .route("/api/v1/machine/{id}/training/loop/{n}", get(training_loop))
-        .route("/api/v1/leases", get(list_leases).post(acquire))
-        .route("/api/v1/leases/batch", post(acquire_batch))
-        .route("/api/v1/leases/{lease}/heartbeat", post(heartbeat))
-        .route("/api/v1/leases/{lease}/release", post(release))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/audit", get(audit_log))
+        .routes(routes!(retire))
+        .routes(routes!(activate))
+        .routes(routes!(machine_events))
+        .routes(routes!(training))
+        .routes(routes!(training_loop))
+        .routes(routes!(list_leases, acquire))
+        .routes(routes!(acquire_batch))
+        .routes(routes!(heartbeat))
+        .routes(routes!(release))
+        .routes(routes!(events))
+        .routes(routes!(audit_log))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(state)
+}
+
+/// mars' routes with their OpenAPI document (served at `OPENAPI_PATH`, no token needed).
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = api().with_state(state).split_for_parts();
+    router.merge(dutgate_core::openapi::router(&complete(doc)))
+}
+
+/// mars' OpenAPI document: the one [`router`] serves.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    complete(api().into_openapi())
+}
+
+fn complete(doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    dutgate_core::openapi::document(
+        doc,
+        "dutgate mars",
+        "The machine registry: machines, their states and leases, training reports, \
+         discovery and machine events (docs/machines.md). Read routes answer a peer on the DUT \
+         networks, any valid token or the holder of a current lease (`X-Lease-Id`); lease ids \
+         are shown only to admins, services and each lease's own holder (`\"\"` to others). \
+         Admin changes and every refused change go to the audit log. Bodies above 256 KiB are \
+         refused (413); unknown query parameters too (400).",
+    )
 }
 
 fn parse_id(s: &str) -> Result<MachineId, ApiError> {
@@ -283,9 +302,12 @@ async fn view_one(mars: &Mars, id: MachineId) -> Result<Machine, ApiError> {
     Ok(mars.view(&row, latest.first()))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only machines in this state.
+    #[param(value_type = Option<MachineState>)]
     state: Option<String>,
     /// Comma-separated tags the machines must all have.
     tags: Option<String>,
@@ -316,6 +338,9 @@ fn hide_ids<'a>(caller: &DutOrToken, leases: impl IntoIterator<Item = &'a mut Le
     }
 }
 
+/// List machines (DUT network, any token or a current lease).
+#[utoipa::path(get, path = "/api/v1/machines", tag = "mars", params(ListQuery),
+    responses((status = 200, description = "The machines.", body = MachineList)))]
 async fn list_machines(
     caller: DutOrToken,
     State(s): State<AppState>,
@@ -357,6 +382,12 @@ async fn list_machines(
     Ok(ApiJson(MachineList { machines }))
 }
 
+/// One machine (DUT network, any token or a current lease).
+///
+/// `/api/v1/machine/{id}/` (GET and PATCH) is an undocumented alias kept for valve-infra.
+#[utoipa::path(get, path = "/api/v1/machine/{id}", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address).")),
+    responses((status = 200, description = "The machine.", body = Machine)))]
 async fn get_machine(
     caller: DutOrToken,
     State(s): State<AppState>,
@@ -367,6 +398,18 @@ async fn get_machine(
     Ok(ApiJson(machine))
 }
 
+/// Register or update a machine (DUT network or admin token).
+///
+/// The registration agent on the DUT posts what it found; a known MAC updates the machine.
+/// From the DUT network without a token: an unknown MAC creates a machine, within
+/// `max_unknown_machines` machines in `WAIT_FOR_CONFIG` and `new_machines_per_minute` (429
+/// otherwise); a known machine changes only from its recorded `ip_address` (then not its
+/// address, and not while a job holds it) or during its own registration/check boot; 403
+/// otherwise, naming the rule. With the admin token: any machine, from anywhere. A user token
+/// is not a DUT (403).
+#[utoipa::path(post, path = "/api/v1/machine", tag = "mars", request_body = Registration,
+    responses((status = 200, description = "An existing machine was updated.", body = Machine),
+        (status = 201, description = "A new machine.", body = Machine)))]
 async fn register(
     Registrant(source): Registrant,
     State(s): State<AppState>,
@@ -415,10 +458,13 @@ async fn register(
     Ok((status, ApiJson(view)).into_response())
 }
 
-/// `POST /api/v1/machine/`, valve-infra's path: its registration client
-/// (`machine_registration.py register`) reports "Registration failed" unless the answer is
-/// `200`, so a new machine is answered `200` here too. dutgate's API is
-/// `POST /api/v1/machine` (`201` for a new machine); both register alike.
+/// Register or update a machine, valve-infra's path (DUT network or admin token).
+///
+/// valve-infra's registration client (`machine_registration.py register`) reports
+/// "Registration failed" unless the answer is `200`, so a new machine is answered `200` here
+/// too. Otherwise exactly `POST /api/v1/machine` (`201` for a new machine).
+#[utoipa::path(post, path = "/api/v1/machine/", tag = "mars", request_body = Registration,
+    responses((status = 200, description = "The new or updated machine.", body = Machine)))]
 async fn register_as_valve_infra(
     registrant: Registrant,
     state: State<AppState>,
@@ -433,6 +479,15 @@ async fn register_as_valve_infra(
     Ok(response)
 }
 
+/// Change a machine's settings (admin).
+///
+/// Only the keys present change; `null` clears a nullable key. 409: the PDU port belongs to
+/// another machine, or a `RUNNING` machine would lose its port; 422: the PDU does not know
+/// the port.
+#[utoipa::path(patch, path = "/api/v1/machine/{id}", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address).")),
+    request_body = MachinePatch,
+    responses((status = 200, description = "The machine.", body = Machine)))]
 async fn patch_machine(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -452,6 +507,16 @@ async fn patch_machine(
     Ok(ApiJson(view_one(&s.mars, id).await?))
 }
 
+/// Retire a machine (admin; the body may be empty).
+///
+/// A machine retired while its job runs stays `RETIRED` and is powered off when the job
+/// lets go (or at once with `cancel_job`).
+#[utoipa::path(post, path = "/api/v1/machine/{id}/retire", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address).")),
+    request_body = Option<RetireRequest>,
+    responses((status = 200, description = "The machine.", body = Machine),
+        (status = 413, description = "Above 256 KiB.", body = String,
+            content_type = "text/plain")))]
 async fn retire(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -471,6 +536,15 @@ async fn retire(
     Ok(ApiJson(view_one(&s.mars, id).await?))
 }
 
+/// Bring a retired or quarantined machine back to training (admin).
+///
+/// The body may be empty. 409 when the machine is neither retired nor quarantined.
+#[utoipa::path(post, path = "/api/v1/machine/{id}/activate", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address).")),
+    request_body = Option<ActivateRequest>,
+    responses((status = 200, description = "The machine.", body = Machine),
+        (status = 413, description = "Above 256 KiB.", body = String,
+            content_type = "text/plain")))]
 async fn activate(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -501,6 +575,12 @@ struct LimitQuery {
     limit: Option<i64>,
 }
 
+/// A machine's state changes, oldest first (DUT network, any token or a current lease).
+#[utoipa::path(get, path = "/api/v1/machine/{id}/events", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address)."),
+        ("limit" = Option<i64>, Query,
+            description = "The newest `limit` events (default 1000, clamped to 1..10000).")),
+    responses((status = 200, description = "The events.", body = MachineEvents)))]
 async fn machine_events(
     _: DutOrToken,
     State(s): State<AppState>,
@@ -514,6 +594,13 @@ async fn machine_events(
     Ok(ApiJson(MachineEvents { events }))
 }
 
+/// A machine's training and quick-check runs, most recent first (DUT network, any token or
+/// a current lease).
+#[utoipa::path(get, path = "/api/v1/machine/{id}/training", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address)."),
+        ("limit" = Option<i64>, Query,
+            description = "How many runs (default 10, clamped to 1..1000).")),
+    responses((status = 200, description = "The report.", body = TrainingReport)))]
 async fn training(
     _: DutOrToken,
     State(s): State<AppState>,
@@ -533,13 +620,20 @@ async fn training(
     }))
 }
 
-/// valve-infra/ci-tron: `GET /api/v1/machine/{id}/training/loop/{n}`, the loop `n` of the
-/// latest run (0 = the registration boot), with its console log reference.
+/// Loop `n` of the latest training run, 0 = the registration boot (valve-infra/ci-tron).
+///
+/// With its console log reference. DUT network, any token or a current lease.
+#[utoipa::path(get, path = "/api/v1/machine/{id}/training/loop/{n}", tag = "mars",
+    params(("id" = MachineId, Path, description = "The machine (MAC address)."),
+        ("n" = u32, Path, description = "The loop.")),
+    responses((status = 200, description = "The loop.", body = LoopReport),
+        (status = 400, description = "`n` is not a number.", body = String,
+            content_type = "text/plain")))]
 async fn training_loop(
     _: DutOrToken,
     State(s): State<AppState>,
     Path((id, n)): Path<(String, u32)>,
-) -> Result<ApiJson<crate::model::LoopReport>, ApiError> {
+) -> Result<ApiJson<LoopReport>, ApiError> {
     let id = parse_id(&id)?;
     s.mars.store.get(id).await?;
     let runs = s.mars.store.runs(id, 1).await?;
@@ -551,6 +645,9 @@ async fn training_loop(
         })
 }
 
+/// The discovery in progress, if any (DUT network, any token or a current lease).
+#[utoipa::path(get, path = "/api/v1/machine/discover", tag = "mars",
+    responses((status = 200, description = "The discovery, or null.", body = DiscoveryStatus)))]
 async fn get_discovery(
     _: DutOrToken,
     State(s): State<AppState>,
@@ -560,6 +657,13 @@ async fn get_discovery(
     }))
 }
 
+/// Start discovering the machine behind a PDU port (admin).
+///
+/// Powers the port on; the next unknown machine to register gets that port. 409 while
+/// another discovery runs; 422 when the PDU refuses or does not know the port.
+#[utoipa::path(post, path = "/api/v1/machine/discover", tag = "mars",
+    request_body = DiscoverRequest,
+    responses((status = 201, description = "Started.", body = DiscoveryStatus)))]
 async fn start_discovery(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -592,6 +696,10 @@ async fn start_discovery(
         .into_response())
 }
 
+/// Stop the discovery in progress (admin).
+#[utoipa::path(delete, path = "/api/v1/machine/discover", tag = "mars",
+    responses((status = 200, description = "The stopped discovery, or null.",
+        body = DiscoveryStatus)))]
 async fn stop_discovery(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -612,6 +720,9 @@ async fn stop_discovery(
     Ok(ApiJson(DiscoveryStatus { discovery: r? }))
 }
 
+/// Every current lease (DUT network, any token or a current lease).
+#[utoipa::path(get, path = "/api/v1/leases", tag = "mars",
+    responses((status = 200, description = "The leases.", body = LeaseList)))]
 async fn list_leases(
     caller: DutOrToken,
     State(s): State<AppState>,
@@ -628,6 +739,16 @@ async fn list_leases(
     Ok(ApiJson(LeaseList { leases }))
 }
 
+/// Lease a machine for a job (service role or admin).
+///
+/// `purpose: job` takes an `IDLE` machine (it becomes `RUNNING`); `purpose: training` a
+/// `TRAINING` or `QUICK_CHECK` one (its state does not change). One lease per machine (409).
+/// The holder heartbeats within `ttl_seconds` or the lease expires: mars powers the machine
+/// off, then frees it (a job's machine goes to `QUICK_CHECK`, an infrastructure failure is
+/// counted). A lease that lapsed while mars was down gets `lease_grace_seconds` from mars'
+/// return for its holder to heartbeat again.
+#[utoipa::path(post, path = "/api/v1/leases", tag = "mars", request_body = LeaseRequest,
+    responses((status = 201, description = "Granted.", body = Lease)))]
 async fn acquire(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -641,8 +762,13 @@ async fn acquire(
     Ok((StatusCode::CREATED, ApiJson(lease)).into_response())
 }
 
-/// Many leases in one request; each is granted or refused on its own (200 with one result
-/// per request, in order).
+/// Many leases in one request (service role or admin).
+///
+/// Each is granted or refused on its own, exactly as `POST /api/v1/leases` would: 200 with
+/// one result per request, in order. Another status means the batch itself was refused (more
+/// than 1000 requests, bad body) and no lease was granted.
+#[utoipa::path(post, path = "/api/v1/leases/batch", tag = "mars", request_body = LeaseBatchRequest,
+    responses((status = 200, description = "One result per request.", body = LeaseBatchResponse)))]
 async fn acquire_batch(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -728,6 +854,12 @@ async fn lease_holder_or_service(
     }
 }
 
+/// Extend a lease by its TTL (service role, or the lease itself in `X-Lease-Id`).
+///
+/// 410 once it expired or was released.
+#[utoipa::path(post, path = "/api/v1/leases/{lease}/heartbeat", tag = "mars",
+    params(("lease" = String, Path, description = "The lease id.")),
+    responses((status = 200, description = "The lease with its new `expires_at`.", body = Lease)))]
 async fn heartbeat(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -739,6 +871,15 @@ async fn heartbeat(
     Ok(ApiJson(l).into_response())
 }
 
+/// Give a leased machine back (service role, or the lease itself in `X-Lease-Id`).
+///
+/// `ok` → `IDLE`; `infrastructure_failure` → `IDLE` (counted, `QUARANTINED` after
+/// `quarantine_after_infra_failures` in a row); `machine_unfit` → `TRAINING`. 410 once the
+/// lease expired or was released.
+#[utoipa::path(post, path = "/api/v1/leases/{lease}/release", tag = "mars",
+    params(("lease" = String, Path, description = "The lease id.")),
+    request_body = ReleaseRequest,
+    responses((status = 200, description = "The machine after the release.", body = Machine)))]
 async fn release(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -752,9 +893,11 @@ async fn release(
     Ok(ApiJson(view_one(&s.mars, row.id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Events with a greater `seq` (default 0).
     #[serde(default)]
     after: i64,
     /// Seconds to wait for an event; 0 answers at once. Default 30, at most 60.
@@ -764,8 +907,16 @@ struct EventsQuery {
     latest: bool,
 }
 
-/// Long-poll for machine events. Wakes on this process's own writes at once; re-reads the
-/// store every 2 s so that writes by other gateways sharing PostgreSQL are seen too.
+/// Long-poll for machine events, JSON (DUT network, any token or a current lease).
+///
+/// Answers as soon as an event with `seq > after` exists (at most 1000 per answer), or with
+/// no events once `timeout` passed; pass `next` as `after` on the next call. Start from
+/// `?latest=true`. With several gateways on one PostgreSQL an event may become visible after
+/// one with a higher seq: re-scan after a timeout.
+// Wakes on this process's own writes at once; re-reads the store every 2 s so that writes by
+// other gateways sharing PostgreSQL are seen too.
+#[utoipa::path(get, path = "/api/v1/events", tag = "mars", params(EventsQuery),
+    responses((status = 200, description = "The events and the cursor.", body = EventBatch)))]
 async fn events(
     _: DutOrToken,
     State(s): State<AppState>,
@@ -804,7 +955,12 @@ async fn events(
     }
 }
 
-/// `GET /api/v1/audit` (admin): this mars' audit log.
+/// mars' audit log (admin).
+///
+/// Machine edits, retirements, activations, discovery changes and refused attempts, oldest
+/// first. A mars started without a state dir keeps none (404).
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, description = "The entries, oldest first.", body = AuditList)))]
 async fn audit_log(
     State(s): State<AppState>,
     headers: HeaderMap,

@@ -7,7 +7,7 @@
 //! - [`machines`]: registration, admin changes, leases, discovery.
 //! - [`training`]: Sergeant Hartman and the [`training::JobRunner`] it submits boots through.
 //! - [`power`]: PDU port control through the pdu service.
-//! - [`api`]: the REST routes.
+//! - [`api`]: the REST routes and their OpenAPI document ([`openapi`]).
 //! - [`fuzzing`]: the entry points of the fuzz targets (`services/mars/fuzz`).
 //!
 //! Invariants: a machine row is created in `WAIT_FOR_CONFIG` ([`store::Store::insert_new`]);
@@ -18,6 +18,7 @@
 //! only the pdu service talks to PDUs.
 
 pub mod api;
+pub use api::openapi;
 pub mod client;
 pub mod fuzzing;
 pub mod machines;
@@ -198,16 +199,12 @@ pub fn start_with_audit(
         ),
         (_, false) => tracing::info!("training disabled by config"),
     }
-    let router = api::router(api::AppState {
+    Ok(api::router(api::AppState {
         mars,
         auth,
         shutdown,
         audit,
-    });
-    Ok(dutgate_core::http::openapi_route(
-        router,
-        include_str!("../openapi.yaml"),
-    ))
+    }))
 }
 
 pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError> {

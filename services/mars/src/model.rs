@@ -11,9 +11,11 @@ use std::str::FromStr;
 
 use dutgate_core::{JobStatus, MachineId, Tag};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use utoipa::ToSchema;
 
 /// A point in time: unix milliseconds inside, RFC 3339 (UTC) on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ToSchema)]
+#[schema(value_type = String, format = DateTime)]
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
@@ -64,9 +66,11 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
-/// Where a machine is in its life (design.md §3). The one place transitions are decided is
-/// [`crate::state::transition`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// Where a machine is in its life (design.md §3).
+// The one place transitions are decided is [`crate::state::transition`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MachineState {
     /// Registered, but no PDU port is known: mars cannot power it.
@@ -128,7 +132,7 @@ impl FromStr for MachineState {
 
 /// Who a lease is for. Users' jobs lease `IDLE` machines (which become `RUNNING`); the
 /// trainer's jobs lease `TRAINING`/`QUICK_CHECK` machines (whose state does not change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LeasePurpose {
     #[default]
@@ -157,7 +161,7 @@ impl FromStr for LeasePurpose {
 }
 
 /// A machine held by a job. Only one lease per machine exists at a time.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Lease {
     /// Opaque id; the holder presents it to heartbeat and release.
     pub id: String,
@@ -175,7 +179,7 @@ pub struct Lease {
 }
 
 /// `POST /api/v1/leases`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseRequest {
     pub machine_id: MachineId,
@@ -186,8 +190,8 @@ pub struct LeaseRequest {
     /// Defaults to the service's `lease_ttl_seconds`; bounded to 1..=3600.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_seconds: Option<u64>,
-    /// The lease's id, chosen by the requester ([`LEASE_ID_LEN`] lowercase hex digits from a
-    /// good random source): the executor records the dispatch under it while the lease is
+    /// The lease's id, chosen by the requester (32 lowercase hex digits, [`LEASE_ID_LEN`], from
+    /// a good random source): the executor records the dispatch under it while the lease is
     /// being taken, instead of after. Default: mars picks one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
@@ -211,7 +215,7 @@ pub fn is_lease_id(id: &str) -> bool {
 
 /// `POST /api/v1/leases/batch`: many lease requests, granted or refused each on its own, in
 /// one mars transaction.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaseBatchRequest {
     /// At most [`MAX_LEASE_BATCH`].
@@ -222,14 +226,14 @@ pub struct LeaseBatchRequest {
 pub const MAX_LEASE_BATCH: usize = 1000;
 
 /// The answer to a [`LeaseBatchRequest`]: one result per request, in order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseBatchResponse {
     pub results: Vec<LeaseResult>,
 }
 
 /// One request's result: the lease, or the status and message `POST /api/v1/leases` would
 /// have answered (409 machine busy or leased, 404 unknown machine, 400 invalid request).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease: Option<Lease>,
@@ -238,7 +242,7 @@ pub struct LeaseResult {
 }
 
 /// Why one lease of a batch was not granted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseRefusal {
     /// The HTTP status `POST /api/v1/leases` would have answered (404, 409, 400, 503).
     pub status: u16,
@@ -246,7 +250,7 @@ pub struct LeaseRefusal {
 }
 
 /// How a job ended, from the machine's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseOutcome {
     /// The job ran (whatever the test's verdict): the machine goes back to `IDLE`.
@@ -269,7 +273,7 @@ impl ReleaseOutcome {
 }
 
 /// `POST /api/v1/leases/{id}/release`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseRequest {
     pub outcome: ReleaseOutcome,
@@ -278,7 +282,7 @@ pub struct ReleaseRequest {
 }
 
 /// One persisted state change (or lease change) of a machine, with who did it and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvent {
     /// Increasing sequence number over all machines; the cursor of `GET /api/v1/events`.
     pub seq: i64,
@@ -304,7 +308,7 @@ impl MachineEvent {
 }
 
 /// `GET /api/v1/events?after=N&timeout=S`: events with `seq > after`, oldest first.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EventBatch {
     pub events: Vec<MachineEvent>,
     /// Pass this as `after` on the next call (equals `after` when nothing happened).
@@ -312,7 +316,7 @@ pub struct EventBatch {
 }
 
 /// valve-infra's in-machine training summary (`GET /api/v1/machines` shows it per machine).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct TrainingSummary {
     pub is_active: bool,
     pub is_registered: bool,
@@ -331,7 +335,7 @@ pub struct TrainingSummary {
 }
 
 /// A machine record (design.md §3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Machine {
     pub id: MachineId,
     /// valve-infra name of the id.
@@ -343,19 +347,25 @@ pub struct Machine {
     pub tags: Vec<Tag>,
     /// Set by admins; matched like probed tags.
     pub manual_tags: Vec<Tag>,
+    #[schema(value_type = Option<String>, required = true)]
     pub ip_address: Option<IpAddr>,
     /// Without `/dev/`, e.g. `ttyUSB0`.
+    #[schema(required = true)]
     pub local_tty_device: Option<String>,
+    #[schema(required = true)]
     pub pdu: Option<String>,
+    #[schema(required = true)]
     pub pdu_port_id: Option<String>,
     /// Seconds the port is kept off during a power cycle.
     pub pdu_off_delay: f64,
     pub state: MachineState,
+    #[schema(required = true)]
     pub comment: Option<String>,
     pub first_seen: Timestamp,
     pub last_seen: Timestamp,
     /// Infrastructure failures in a row (reset by a good job).
     pub consecutive_infra_failures: u32,
+    #[schema(required = true)]
     pub lease: Option<Lease>,
     pub training: TrainingSummary,
     /// valve-infra: `state == IDLE || state == RUNNING`.
@@ -377,18 +387,19 @@ impl Machine {
 }
 
 /// `GET /api/v1/machines`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MachineList {
     pub machines: Vec<Machine>,
 }
 
 /// `POST /api/v1/machine/`: what `machine-registration register` sends (valve-infra body).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Registration {
     pub base_name: String,
     pub tags: Vec<Tag>,
     pub mac_address: MachineId,
+    #[schema(value_type = String)]
     pub ip_address: IpAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_tty_device: Option<String>,
@@ -396,7 +407,7 @@ pub struct Registration {
 
 /// `PATCH /api/v1/machine/{id}`: the fields an admin may change. Absent = unchanged;
 /// `null` clears the optional ones.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MachinePatch {
     #[serde(
@@ -404,12 +415,14 @@ pub struct MachinePatch {
         skip_serializing_if = "Option::is_none",
         with = "double_option"
     )]
+    #[schema(value_type = Option<String>)]
     pub pdu: Option<Option<String>>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "double_option"
     )]
+    #[schema(value_type = Option<String>)]
     pub pdu_port_id: Option<Option<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pdu_off_delay: Option<f64>,
@@ -420,12 +433,14 @@ pub struct MachinePatch {
         skip_serializing_if = "Option::is_none",
         with = "double_option"
     )]
+    #[schema(value_type = Option<String>)]
     pub comment: Option<Option<String>>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "double_option"
     )]
+    #[schema(value_type = Option<String>)]
     pub local_tty_device: Option<Option<String>>,
 }
 
@@ -451,7 +466,7 @@ mod double_option {
 }
 
 /// `POST /api/v1/machine/{id}/retire`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetireRequest {
     /// Cancel the running job instead of letting it finish (the machine is `RETIRED` either
@@ -463,7 +478,7 @@ pub struct RetireRequest {
 }
 
 /// `POST /api/v1/machine/{id}/activate`.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActivateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -471,7 +486,7 @@ pub struct ActivateRequest {
 }
 
 /// `POST /api/v1/machine/discover`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiscoverRequest {
     pub pdu: String,
@@ -482,7 +497,7 @@ pub struct DiscoverRequest {
 }
 
 /// The discovery in progress (`GET /api/v1/machine/discover`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Discovery {
     pub pdu: String,
     pub port_id: String,
@@ -492,13 +507,14 @@ pub struct Discovery {
 }
 
 /// `GET /api/v1/machine/discover`: `discovery` is null when none runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DiscoveryStatus {
+    #[schema(required = true)]
     pub discovery: Option<Discovery>,
 }
 
 /// Which part of a boot failed, so that a report says *why* (design.md §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FailedStage {
     /// The PDU did not power the machine (or did not read back the state).
@@ -542,7 +558,7 @@ impl FromStr for FailedStage {
 }
 
 /// Kind of a training run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunKind {
     /// Registration boot + boot loops.
@@ -561,7 +577,7 @@ impl RunKind {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RunOutcome {
     Running,
@@ -582,20 +598,24 @@ impl RunOutcome {
 }
 
 /// One boot of a training run: loop 0 is the registration boot, 1..=N the check boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LoopReport {
     pub n: u32,
     /// `registration` or `check`.
     pub job_kind: String,
+    #[schema(required = true)]
     pub job_id: Option<String>,
     pub status: JobStatus,
     pub started_at: Timestamp,
     pub duration_ms: i64,
     /// Set when the loop did not pass.
+    #[schema(required = true)]
     pub failed_stage: Option<FailedStage>,
     /// The job's console log (an executor artifact URL).
+    #[schema(required = true)]
     pub console_log_url: Option<String>,
     /// One sentence from the runner (e.g. the timeout that expired).
+    #[schema(required = true)]
     pub detail: Option<String>,
 }
 
@@ -606,24 +626,26 @@ impl LoopReport {
 }
 
 /// A training or quick-check run with its loops.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TrainingRun {
     pub id: i64,
     pub machine_id: MachineId,
     pub kind: RunKind,
     pub started_at: Timestamp,
+    #[schema(required = true)]
     pub ended_at: Option<Timestamp>,
     pub outcome: RunOutcome,
     pub boot_loops: u32,
     pub qualifying: u32,
     pub passes: u32,
     pub failures: u32,
+    #[schema(required = true)]
     pub reason: Option<String>,
     pub loops: Vec<LoopReport>,
 }
 
 /// `GET /api/v1/machine/{id}/training`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TrainingReport {
     pub machine_id: MachineId,
     pub state: MachineState,
@@ -633,13 +655,13 @@ pub struct TrainingReport {
 }
 
 /// `GET /api/v1/machine/{id}/events`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineEvents {
     pub events: Vec<MachineEvent>,
 }
 
 /// `GET /api/v1/leases`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LeaseList {
     pub leases: Vec<Lease>,
 }

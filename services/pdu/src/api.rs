@@ -16,13 +16,15 @@ use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use dutgate_core::audit::{Actor, AuditList, AuditLog, AuditQuery};
 use dutgate_core::auth::{Auth, Role};
 use dutgate_core::lease::{self, Caller, LeaseCheck, Target};
 use dutgate_core::{ApiError, ApiJson};
 use dutgate_pdu_driver::{DriverError, DriverInfo};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::pdu::{PortPatch, PowerError};
 use crate::service::{ManageError, NewPdu, PduDetail, PduInfo, PduService};
@@ -128,45 +130,63 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
+/// The REST routes with their documentation.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(drivers))
+        .routes(routes!(list_pdus, add_pdu))
+        .routes(routes!(get_pdu, delete_pdu))
+        .routes(routes!(refresh_pdu))
+        .routes(routes!(list_ports))
+        .routes(routes!(get_port, patch_port))
+        .routes(routes!(cycle_port))
+        .routes(routes!(port_history))
+        .routes(routes!(audit_log))
+}
+
+const TITLE: &str = "dutgate pdu";
+const DESCRIPTION: &str = "The farm's PDUs, driven through drivers (snmp, mqtt, http, command, \
+    dummy, virtual), and every port's cached state (docs/pdu.md). Reads need no token. \
+    Switching a port needs the service role or an admin, or the current lease of the machine \
+    mars records on that port in `X-Lease-Id` (503 when mars cannot be asked); configuration \
+    needs the admin token. A driver failure is 502, a driver timeout 504. Times are Unix ms.";
+
+/// The service's OpenAPI document, as `GET /api/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    dutgate_core::openapi::document(api().into_openapi(), TITLE, DESCRIPTION)
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/api/v1/drivers", get(drivers))
-        .route("/api/v1/pdus", get(list_pdus).post(add_pdu))
-        .route("/api/v1/pdus/{name}", get(get_pdu).delete(delete_pdu))
-        .route("/api/v1/pdus/{name}/refresh", post(refresh_pdu))
-        .route("/api/v1/pdus/{name}/ports", get(list_ports))
-        .route(
-            "/api/v1/pdus/{name}/ports/{id}",
-            get(get_port).patch(patch_port),
-        )
-        .route("/api/v1/pdus/{name}/ports/{id}/cycle", post(cycle_port))
-        .route("/api/v1/pdus/{name}/ports/{id}/history", get(port_history))
-        .route("/api/v1/audit", get(audit_log))
-        .with_state(state)
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+    let (router, doc) = api().with_state(state).split_for_parts();
+    let doc = dutgate_core::openapi::document(doc, TITLE, DESCRIPTION);
+    router.merge(dutgate_core::openapi::router(&doc))
 }
 
 /// `GET /api/v1/pdus` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PduList {
     pub pdus: Vec<PduInfo>,
 }
 
 /// `GET /api/v1/drivers` body.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DriverList {
     pub drivers: Vec<DriverInfo>,
 }
 
 /// `POST …/cycle` body; every key optional.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct CycleRequest {
+    /// Seconds OFF; default `pdu.default_off_seconds`, at most `pdu.max_off_seconds`.
+    #[schema(minimum = 0)]
     pub off_seconds: Option<f64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryQuery {
+    /// How many entries, newest first (default 100, clamped to 1..10000).
     limit: Option<u32>,
 }
 
@@ -213,18 +233,30 @@ async fn pdu(s: &AppState, name: &str) -> Result<std::sync::Arc<crate::pdu::Pdu>
         .ok_or_else(|| ApiError::not_found(format!("no PDU named {name:?}")))
 }
 
+/// The drivers this build has.
+#[utoipa::path(get, path = "/api/v1/drivers", tag = "pdu",
+    responses((status = 200, description = "The drivers.", body = DriverList)))]
 async fn drivers(State(s): State<AppState>) -> ApiJson<DriverList> {
     ApiJson(DriverList {
         drivers: s.svc.drivers(),
     })
 }
 
+/// Every PDU, from the config and added through the API.
+#[utoipa::path(get, path = "/api/v1/pdus", tag = "pdu",
+    responses((status = 200, description = "The PDUs.", body = PduList)))]
 async fn list_pdus(State(s): State<AppState>) -> ApiJson<PduList> {
     ApiJson(PduList {
         pdus: s.svc.list().await,
     })
 }
 
+/// Adds a PDU (admin).
+///
+/// The driver must reach the device before the PDU is kept: 422 when the config is invalid
+/// (`field` names the key) or the device unreachable, 409 when the name is taken.
+#[utoipa::path(post, path = "/api/v1/pdus", tag = "pdu", request_body = NewPdu,
+    responses((status = 201, description = "Added.", body = PduDetail)))]
 async fn add_pdu(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -240,6 +272,9 @@ async fn add_pdu(
     Ok((StatusCode::CREATED, ApiJson(r?)).into_response())
 }
 
+/// One PDU with its ports.
+#[utoipa::path(get, path = "/api/v1/pdus/{name}", tag = "pdu", params(("name" = String, Path, description = "The PDU's name.")),
+    responses((status = 200, description = "The PDU.", body = PduDetail)))]
 async fn get_pdu(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -248,6 +283,11 @@ async fn get_pdu(
     Ok(ApiJson(PduService::detail(&p)))
 }
 
+/// Removes a PDU added through the API (admin).
+///
+/// One declared in the config file is removed there (409).
+#[utoipa::path(delete, path = "/api/v1/pdus/{name}", tag = "pdu", params(("name" = String, Path, description = "The PDU's name.")),
+    responses((status = 204, description = "Removed.")))]
 async fn delete_pdu(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -263,7 +303,11 @@ async fn delete_pdu(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Polls the PDU now (admin).
+///
 /// Reads every port of the PDU again (changes nothing, so it is not audited).
+#[utoipa::path(post, path = "/api/v1/pdus/{name}/refresh", tag = "pdu", params(("name" = String, Path, description = "The PDU's name.")),
+    responses((status = 200, description = "The PDU after the poll.", body = PduDetail)))]
 async fn refresh_pdu(
     State(s): State<AppState>,
     headers: HeaderMap,
@@ -275,6 +319,9 @@ async fn refresh_pdu(
     Ok(ApiJson(PduService::detail(&p)))
 }
 
+/// The PDU's ports (cached states).
+#[utoipa::path(get, path = "/api/v1/pdus/{name}/ports", tag = "pdu", params(("name" = String, Path, description = "The PDU's name.")),
+    responses((status = 200, description = "The ports.", body = Vec<crate::PortView>)))]
 async fn list_ports(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -282,6 +329,9 @@ async fn list_ports(
     Ok(ApiJson(pdu(&s, &name).await?.ports()))
 }
 
+/// One port.
+#[utoipa::path(get, path = "/api/v1/pdus/{name}/ports/{id}", tag = "pdu", params(("name" = String, Path, description = "The PDU's name."), ("id" = String, Path, description = "The port's id.")),
+    responses((status = 200, description = "The port.", body = crate::PortView)))]
 async fn get_port(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
@@ -290,8 +340,14 @@ async fn get_port(
     Ok(ApiJson(p.port(&id).map_err(power_error)?))
 }
 
-/// Switches a port (`state`: service role or the lease of the port's machine) and changes its
-/// label or reservation (admin).
+/// Switches a port, relabels it or (un)reserves it.
+///
+/// Switching (`state` alone) needs the service role or the lease of the port's machine; the
+/// switch is read back from the device before the answer. `label` and `reserved` need the admin
+/// token. A reserved port answers 409.
+#[utoipa::path(patch, path = "/api/v1/pdus/{name}/ports/{id}", tag = "pdu", params(("name" = String, Path, description = "The PDU's name."), ("id" = String, Path, description = "The port's id.")),
+    request_body = PortPatch,
+    responses((status = 200, description = "The port after the change.", body = crate::OpResult)))]
 async fn patch_port(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -332,6 +388,13 @@ async fn patch_port(
     Ok(ApiJson(r?))
 }
 
+/// Power-cycles a port (service role or the lease of the port's machine).
+///
+/// OFF, wait `off_seconds` (checking it stays off), ON. The body may be empty; `off_seconds`
+/// out of range is 422, a reserved port 409.
+#[utoipa::path(post, path = "/api/v1/pdus/{name}/ports/{id}/cycle", tag = "pdu", params(("name" = String, Path, description = "The PDU's name."), ("id" = String, Path, description = "The port's id.")),
+    request_body = Option<CycleRequest>,
+    responses((status = 200, description = "The port after the cycle.", body = crate::CycleReport)))]
 async fn cycle_port(
     State(s): State<AppState>,
     Peer(source): Peer,
@@ -379,6 +442,10 @@ async fn cycle_port(
     Ok(ApiJson(r?))
 }
 
+/// The port's recorded state changes and operations, newest first.
+#[utoipa::path(get, path = "/api/v1/pdus/{name}/ports/{id}/history", tag = "pdu",
+    params(("name" = String, Path, description = "The PDU's name."), ("id" = String, Path, description = "The port's id."), HistoryQuery),
+    responses((status = 200, description = "The history.", body = Vec<crate::store::HistoryEntry>)))]
 async fn port_history(
     State(s): State<AppState>,
     Path((name, id)): Path<(String, String)>,
@@ -392,7 +459,14 @@ async fn port_history(
     ))
 }
 
-/// `GET /api/v1/audit` (admin): this service's audit log.
+/// This service's audit log (admin).
+///
+/// Ports switched and cycled (who, which port, the outcome), ports relabelled or reserved, PDUs
+/// added and removed, and refused attempts. A lease holder is named `lease:<machine id>`
+/// (`lease` when refused), never by its lease id. A service started without a state dir keeps
+/// none and answers 404.
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", params(AuditQuery),
+    responses((status = 200, description = "The entries, oldest first.", body = AuditList)))]
 async fn audit_log(
     State(s): State<AppState>,
     headers: HeaderMap,

@@ -28,6 +28,7 @@ use dutgate_core::lease::LeaseCheck;
 use dutgate_core::{ServiceContext, ServiceError};
 use serde::{Deserialize, Serialize};
 
+pub use api::openapi;
 pub use client::PduClient;
 pub use dutgate_pdu_driver::Switch;
 pub use pdu::{CycleReport, OpResult, PortPatch, PortView, PowerError};

@@ -20,7 +20,7 @@ use crate::actor::{Actor, Answer, Cache, Call, PortEntry, Request, Tuning, lock}
 use crate::store::{HistoryEntry, PortSetting, Store, now_ms};
 
 /// Where a PDU was declared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Config,
@@ -28,7 +28,7 @@ pub enum Source {
 }
 
 /// A port as the API shows it (design.md §5).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PortView {
     pub id: String,
     pub label: Option<String>,
@@ -38,7 +38,9 @@ pub struct PortView {
     /// Unix ms of the last successful read of this port.
     pub last_polled: Option<i64>,
     pub reserved: bool,
+    /// The port's power draw in watts, where the driver reads it.
     pub power_w: Option<f64>,
+    /// Why the last switch or cycle of this port failed; cleared by the next success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
 }
@@ -112,7 +114,7 @@ pub enum PowerError {
 }
 
 /// What a switch or a cycle answers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OpResult {
     #[serde(flatten)]
     pub port: PortView,
@@ -121,7 +123,7 @@ pub struct OpResult {
 }
 
 /// A successful power cycle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CycleReport {
     #[serde(flatten)]
     pub port: PortView,
@@ -132,7 +134,7 @@ pub struct CycleReport {
 }
 
 /// An admin change of one port.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PortPatch {
     #[serde(default)]

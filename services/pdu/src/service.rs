@@ -32,21 +32,23 @@ pub enum ManageError {
 }
 
 /// A PDU in `GET /api/v1/pdus`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PduInfo {
     pub name: String,
     pub driver: String,
     pub source: Source,
     /// The driver config with secrets masked.
+    #[schema(value_type = Value)]
     pub config: serde_json::Value,
     pub port_count: usize,
+    /// Unix ms of the last poll.
     pub last_polled: Option<i64>,
     /// Why the last poll failed, if it did.
     pub error: Option<String>,
 }
 
 /// `GET /api/v1/pdus/{name}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PduDetail {
     #[serde(flatten)]
     pub info: PduInfo,
@@ -54,15 +56,20 @@ pub struct PduDetail {
 }
 
 /// `POST /api/v1/pdus`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPdu {
     pub name: String,
+    /// One of `GET /api/v1/drivers`.
     pub driver: String,
+    /// The driver's config (docs/pdu.md).
     #[serde(default)]
+    #[schema(value_type = Value)]
     pub config: serde_json::Value,
+    /// Ids of the ports nobody may switch.
     #[serde(default)]
     pub reserved: Vec<String>,
+    /// Port id to the label shown instead of the device's.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -59,8 +59,9 @@ pub struct PortSetting {
 }
 
 /// One history row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
+    /// Unix ms.
     pub at: i64,
     pub state: PowerState,
     pub event: String,

@@ -12,31 +12,62 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
 use futures::StreamExt;
+use utoipa::openapi::OpenApi;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
 
 use dutgate_core::auth::{Auth, Role};
 
 use crate::Registry;
 use crate::blobs::{Lookup, stream_file, stream_inflight};
-use crate::error::{Code, RegistryError};
+use crate::error::{Code, OciErrors, RegistryError};
 use crate::reference::{Digest, Reference, RepoName, V2Route, parse_v2_path};
-use crate::stats::Counter;
+use crate::stats::{Counter, StatsSnapshot};
 
 const API_VERSION: (&str, &str) = ("Docker-Distribution-API-Version", "registry/2.0");
 
+/// The documented routes: [`router`] serves them, [`openapi`] describes them.
+fn api(auth: Auth) -> OpenApiRouter<Arc<Registry>> {
+    // Every method reaches `pull` (as axum's `any`), which answers the unsupported ones 405.
+    let any_method = |(schemas, paths, get_head): UtoipaMethodRouter<Arc<Registry>>| {
+        (schemas, paths, get_head.fallback(pull))
+    };
+    let v2 = OpenApiRouter::new()
+        .routes(any_method(routes!(version_bare)))
+        .routes(any_method(routes!(version)))
+        .routes(any_method(routes!(pull)))
+        .layer(middleware::from_fn_with_state(auth, dut_network_only));
+    OpenApiRouter::new().routes(routes!(stats)).merge(v2)
+}
+
+fn complete(mut doc: OpenApi) -> OpenApi {
+    // One handler serves GET and HEAD: operation ids must stay unique.
+    for item in doc.paths.paths.values_mut() {
+        if let Some(head) = item.head.as_mut() {
+            head.operation_id = head.operation_id.take().map(|id| format!("{id}_head"));
+        }
+    }
+    dutgate_core::openapi::document(
+        doc,
+        "dutgate registry",
+        "A read-only pull-through cache of container images: the pull side of the OCI \
+         distribution API (https://github.com/opencontainers/distribution-spec/blob/main/spec.md) \
+         under `/v2/`, whose errors are `OciErrors` bodies, and its cache counters. \
+         See docs/registry.md.",
+    )
+}
+
 pub fn router(registry: Arc<Registry>, auth: Auth) -> Router {
-    let v2 = Router::new()
-        .route("/v2", any(v2))
-        .route("/v2/", any(v2))
-        .route("/v2/{*rest}", any(v2))
-        .layer(middleware::from_fn_with_state(auth, dut_network_only))
-        .with_state(registry.clone());
-    Router::new()
-        .route("/api/v1/registry/stats", get(stats))
+    let (router, doc) = api(auth).split_for_parts();
+    router
         .with_state(registry)
-        .merge(v2)
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+        .merge(dutgate_core::openapi::router(&complete(doc)))
+}
+
+/// The registry's OpenAPI document, as served at `/api/v1/openapi.json`.
+pub fn openapi() -> OpenApi {
+    complete(api(Auth::new(None, None, Vec::new())).into_openapi())
 }
 
 /// Design §10: pulls come from the DUT network (or a holder of a user/admin token). The
@@ -60,11 +91,61 @@ async fn dut_network_only(State(auth): State<Auth>, req: Request, next: Next) ->
     }
 }
 
+/// Cache counters since start (no token).
+#[utoipa::path(get, path = "/api/v1/registry/stats", tag = "stats",
+    responses((status = 200, description = "The counters.", body = StatsSnapshot)))]
 async fn stats(State(reg): State<Arc<Registry>>) -> Response {
     axum::Json(reg.stats.snapshot()).into_response()
 }
 
-async fn v2(State(reg): State<Arc<Registry>>, req: Request) -> Response {
+/// API version check (OCI `end-1`): `/v2/` without its slash.
+#[utoipa::path(method(get, head), path = "/v2", tag = "oci", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "`{}` with `Docker-Distribution-API-Version: registry/2.0`; no auth challenge.", body = Object),
+        (status = 403, description = "`DENIED`: not from the DUT network and no token.", body = OciErrors),
+    ))]
+async fn version_bare(state: State<Arc<Registry>>, req: Request) -> Response {
+    pull(state, req).await
+}
+
+/// API version check (OCI `end-1`).
+///
+/// Answers peers on the DUT networks or holders of the user/admin token; every other method
+/// than GET and HEAD answers 405 `UNSUPPORTED`.
+#[utoipa::path(method(get, head), path = "/v2/", tag = "oci", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "`{}` with `Docker-Distribution-API-Version: registry/2.0`; no auth challenge.", body = Object),
+        (status = 403, description = "`DENIED`: not from the DUT network and no token.", body = OciErrors),
+    ))]
+async fn version(state: State<Arc<Registry>>, req: Request) -> Response {
+    pull(state, req).await
+}
+
+/// Manifests and blobs (OCI distribution pull API).
+///
+/// `<name>/manifests/<reference>` and `<name>/blobs/<digest>`, for peers on the DUT networks
+/// or holders of the user/admin token. A HEAD answers the headers only (size, digest), asking
+/// the upstream without downloading. Every other method answers 405 `UNSUPPORTED`.
+#[utoipa::path(method(get, head), path = "/v2/{*rest}", tag = "oci", security((), ("bearer" = [])),
+    params(
+        ("rest" = String, Path, description = "`<name>/manifests/<reference>` or `<name>/blobs/<digest>` (may contain `/`).", example = "library/alpine/manifests/3.20"),
+        ("Range" = Option<String>, Header, description = "Blobs only: `bytes=a-b`, `a-` or `-n`."),
+    ),
+    responses(
+        (status = 200, description = "The manifest in its own media type, or the blob; `Docker-Content-Digest`.",
+            content(("application/vnd.oci.image.manifest.v1+json"), ("application/vnd.oci.image.index.v1+json"), ("application/octet-stream"))),
+        (status = 206, description = "A blob range (`Content-Range`).", content_type = "application/octet-stream"),
+        (status = 400, description = "`NAME_INVALID`, `TAG_INVALID`, `DIGEST_INVALID`.", body = OciErrors),
+        (status = 403, description = "`DENIED`: not from the DUT network and no token, or refused upstream.", body = OciErrors),
+        (status = 404, description = "`MANIFEST_UNKNOWN`, `BLOB_UNKNOWN`, `NAME_UNKNOWN`, `UNSUPPORTED` (listings).", body = OciErrors),
+        (status = 405, description = "`UNSUPPORTED`: uploads (read-only cache).", body = OciErrors),
+        (status = 416, description = "`SIZE_INVALID`: range outside the blob (`Content-Range: bytes */<size>`).", body = OciErrors),
+        (status = 429, description = "`TOOMANYREQUESTS`: the upstream rate-limits and nothing is cached.", body = OciErrors),
+        (status = 500, description = "`UNKNOWN`: see the registry log.", body = OciErrors),
+        (status = 502, description = "`MANIFEST_INVALID` or a digest mismatch from the upstream.", body = OciErrors),
+        (status = 503, description = "`UNAVAILABLE`: the upstream is unreachable.", body = OciErrors),
+    ))]
+async fn pull(State(reg): State<Arc<Registry>>, req: Request) -> Response {
     match handle(reg, req.method().clone(), req.uri().path(), req.headers()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

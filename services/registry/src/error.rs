@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::reference::ParseError;
 
 /// The spec's error codes (plus `UNAVAILABLE` and `TAG_INVALID` from the distribution project).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Code {
     BlobUnknown,
@@ -50,16 +50,20 @@ impl Code {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct ErrorEntry {
-    code: Code,
-    message: String,
-    detail: serde_json::Value,
+/// One error of an [`OciErrors`] body.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct OciError {
+    pub code: Code,
+    pub message: String,
+    /// `null`, or an object naming what is at fault (`{"digest": …}`, `{"reference": …}`).
+    #[schema(value_type = Value)]
+    pub detail: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Serialize)]
-struct ErrorsBody {
-    errors: Vec<ErrorEntry>,
+/// Every error answer of the `/v2/` API (the OCI distribution spec's shape).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct OciErrors {
+    pub errors: Vec<OciError>,
 }
 
 /// One registry API error: an HTTP status, a spec code, a sentence and a detail object.
@@ -151,8 +155,8 @@ impl From<ParseError> for RegistryError {
 
 impl IntoResponse for RegistryError {
     fn into_response(self) -> Response {
-        let body = ErrorsBody {
-            errors: vec![ErrorEntry {
+        let body = OciErrors {
+            errors: vec![OciError {
                 code: self.code,
                 message: self.message,
                 detail: self.detail,

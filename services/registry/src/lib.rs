@@ -31,6 +31,7 @@ use std::time::Duration;
 use dutgate_core::auth::Auth;
 use dutgate_core::{ServiceContext, ServiceError};
 
+pub use api::openapi;
 pub use client::RegistryClient;
 pub use config::{Config, UpstreamConfig};
 pub use stats::StatsSnapshot;

@@ -41,7 +41,7 @@ pub struct Stats {
 }
 
 /// A point-in-time copy of the counters (`GET /api/v1/registry/stats`).
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StatsSnapshot {
     pub blob_hits: u64,
     pub blob_misses: u64,

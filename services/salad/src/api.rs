@@ -1,16 +1,5 @@
-//! salad's REST API (design.md §4; valve-infra's SALAD routes plus the console log).
-//!
-//! - `GET /api/v1/machine` → `{"machines": {"<id>": MachineConsole}}`
-//! - `GET /api/v1/machine/{id}` → `MachineConsole`; creating the console server of a new
-//!   machine needs a token and is bounded (`max_consoles`)
-//! - `DELETE /api/v1/machine/{id}` (admin) → frees the machine's ports
-//! - `GET /api/v1/machine/{id}/log?since=<offset|RFC 3339 time>&limit=<bytes>` → raw log
-//! - `PUT /api/v1/machine/{id}/expect` → a boot of the machine is about to start
-//! - `PUT`/`DELETE /api/v1/machine/{id}/secrets` → the current job's secrets, masked on output
-//! - `GET /api/v1/machine/{id}/refusals?after=<seq>` → refused bindings naming the machine
-//! - `GET /api/v1/machine/{id}/console` → read-write console over a WebSocket
-//! - `GET /api/v1/ports` → the open console streams (serial ports and netconsoles)
-//! - `PUT /api/v1/ports/{stream}/machine` (admin) → bind or unbind a stream
+//! salad's REST API (design.md §4; valve-infra's SALAD routes plus the console log). Its
+//! OpenAPI document ([`openapi`]) is derived from the handlers below.
 //!
 //! Who may do what (docs/salad.md): reads of console content (log, refusals) need a token or
 //! the machine's lease; changing what happens on a machine's console (expect, secrets, the
@@ -23,19 +12,24 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::get;
 use axum::{Json, Router};
 use bytes::Bytes;
-use dutgate_core::audit::{Actor, AuditLog};
+use dutgate_core::audit::{Actor, AuditLog, AuditState};
 use dutgate_core::auth::{Auth, Role};
 use dutgate_core::lease::{self, Caller, LeaseCheck, Target};
-use dutgate_core::{ApiError, ApiJson, MachineId};
+use dutgate_core::{ApiError, ApiJson, ErrorBody, MachineId};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::console_log::{self, Since};
 use crate::hub::{Hub, HubError, StreamStatus};
@@ -52,8 +46,15 @@ pub const LOG_END_HEADER: &str = "x-log-end";
 pub const DEFAULT_LOG_LIMIT: usize = 4 * 1024 * 1024;
 pub const MAX_LOG_LIMIT: usize = 64 * 1024 * 1024;
 
+/// The `id` path parameter.
+const ID: &str =
+    "The machine's MAC address: `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff` or 12 hex digits.";
+
+/// A 400 of a query or upgrade that axum's extractor refuses is plain text.
+const TEXT_400: &str = "A malformed parameter: JSON `ErrorBody`, or plain text from the extractor.";
+
 /// One machine's console, as `GET /api/v1/machine/{id}` returns it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineConsole {
     pub id: MachineId,
     /// Read-write console: DUT output live (no replay), input goes to the DUT.
@@ -64,26 +65,29 @@ pub struct MachineConsole {
     pub has_client: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Every machine's console, keyed by machine id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MachineList {
     pub machines: BTreeMap<MachineId, MachineConsole>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The open console streams.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PortList {
     pub ports: Vec<StreamStatus>,
 }
 
 /// `PUT /api/v1/machine/{id}/secrets`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretsBody {
     /// Replaces the machine's secrets (8 to 256 bytes each, at most 32).
+    #[schema(max_items = 32)]
     pub secrets: Vec<String>,
 }
 
 /// `GET /api/v1/machine/{id}/refusals`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RefusalList {
     pub refusals: Vec<Refusal>,
     /// The `seq` of the last refusal returned (or `after`): pass it as the next `after`.
@@ -91,7 +95,7 @@ pub struct RefusalList {
 }
 
 /// `PUT /api/v1/ports/{stream}/machine`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BindBody {
     /// The machine to bind the stream to; `null` unbinds it.
@@ -104,6 +108,12 @@ struct AppState {
     auth: Auth,
     leases: LeaseCheck,
     audit: AuditLog,
+}
+
+impl FromRef<AppState> for AuditState {
+    fn from_ref(s: &AppState) -> Self {
+        (s.audit.clone(), s.auth.clone())
+    }
 }
 
 /// What the REST API needs besides the hub.
@@ -124,37 +134,61 @@ fn console(m: &Machine) -> MachineConsole {
     }
 }
 
+/// Every documented route; `/api/v1/machine/` (valve-infra's spelling of the list) is an
+/// undocumented alias.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_machines))
+        .route("/api/v1/machine/", get(list_machines))
+        .routes(routes!(get_machine, delete_machine))
+        .routes(routes!(get_log))
+        .routes(routes!(expect))
+        .routes(routes!(put_secrets, delete_secrets))
+        .routes(routes!(get_refusals))
+        .routes(routes!(console_ws))
+        .routes(routes!(list_ports))
+        .routes(routes!(bind_stream))
+        .routes(routes!(dutgate_core::audit::list))
+}
+
+fn complete(doc: utoipa::openapi::OpenApi) -> utoipa::openapi::OpenApi {
+    let mut doc = dutgate_core::openapi::document(
+        doc,
+        "dutgate salad",
+        "Serial consoles of the machines, relayed over TCP, with a persistent console log \
+         (docs/salad.md). The consoles themselves are raw TCP: `tcp_port` (read-write) and \
+         `tcp_port_logs` (read-only, replays the scrollback first), open to \
+         `salad.console_client_networks` only; from elsewhere the read-write console is the \
+         WebSocket `/api/v1/machine/{id}/console`. A job may present its machine's current \
+         lease in `X-Lease-Id` instead of a token (checked with mars). Console servers \
+         created, expectations, secrets, console input sessions, deletions, bindings and \
+         refused attempts at them are audited.",
+    );
+    if let Some(c) = doc.components.as_mut() {
+        c.security_schemes.insert(
+            "lease".to_string(),
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new(LEASE_HEADER))).into(),
+        );
+    }
+    doc
+}
+
+/// salad's OpenAPI document, as `GET /api/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    complete(api().into_openapi())
+}
+
 pub fn router(hub: Arc<Hub>, access: Access) -> Router {
     let state = AppState {
         hub,
-        auth: access.auth.clone(),
+        auth: access.auth,
         leases: access.leases,
-        audit: access.audit.clone(),
+        audit: access.audit,
     };
-    Router::new()
-        .route("/api/v1/machine", get(list_machines))
-        .route("/api/v1/machine/", get(list_machines))
-        .route(
-            "/api/v1/machine/{id}",
-            get(get_machine).delete(delete_machine),
-        )
-        .route("/api/v1/machine/{id}/log", get(get_log))
-        .route("/api/v1/machine/{id}/expect", put(expect))
-        .route(
-            "/api/v1/machine/{id}/secrets",
-            put(put_secrets).delete(delete_secrets),
-        )
-        .route("/api/v1/machine/{id}/refusals", get(get_refusals))
-        .route("/api/v1/machine/{id}/console", get(console_ws))
-        .route("/api/v1/ports", get(list_ports))
-        .route("/api/v1/ports/{stream}/machine", put(bind_stream))
+    let (router, doc) = api().split_for_parts();
+    router
         .with_state(state)
-        .merge(
-            Router::new()
-                .route("/api/v1/audit", get(dutgate_core::audit::list))
-                .with_state((access.audit, access.auth)),
-        )
-        .merge(dutgate_core::http::openapi(include_str!("../openapi.yaml")))
+        .merge(dutgate_core::openapi::router(&complete(doc)))
 }
 
 impl AppState {
@@ -240,13 +274,24 @@ impl From<HubError> for ApiError {
     }
 }
 
+/// Every machine's console ports (no token).
+///
+/// valve-infra's route; also answered at `/api/v1/machine/` (an undocumented alias).
+#[utoipa::path(get, path = "/api/v1/machine", tag = "consoles",
+    responses((status = 200, description = "The consoles, keyed by id.", body = MachineList)))]
 async fn list_machines(State(s): State<AppState>) -> Json<MachineList> {
     let machines = s.hub.all().iter().map(|m| (m.id, console(m))).collect();
     Json(MachineList { machines })
 }
 
-/// A known machine's ports are no secret (they are in the list); creating a console server
-/// takes two ports, so it needs a token.
+/// A machine's console ports; creates its console server when new.
+///
+/// A known machine's ports need no token (they are in the list). Creating the console server
+/// of a new machine (two ports, persisted) needs a token or the machine's lease, and is
+/// bounded by `salad.max_consoles` (409); 503 when the `console_ports` range is exhausted.
+#[utoipa::path(get, path = "/api/v1/machine/{id}", tag = "consoles",
+    params(("id" = String, Path, description = ID)), security((), ("bearer" = []), ("lease" = [])),
+    responses((status = 200, description = "The machine's console.", body = MachineConsole)))]
 async fn get_machine(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -284,7 +329,15 @@ async fn get_machine(
     Ok(Json(console(&m)))
 }
 
-/// The holder of the machine's lease (or an admin) is about to power it on.
+/// A boot of the machine is about to start (service role or the machine's lease).
+///
+/// Call right before powering the machine on. For `salad.expect_window_seconds`, or until a
+/// stream binds, a console stream that is not bound yet may bind to the machine by announcing
+/// it (`SALAD.machine_id=`); a netconsole must also come from the machine's address
+/// (docs/salad.md, "Binding rules").
+#[utoipa::path(put, path = "/api/v1/machine/{id}/expect", tag = "consoles",
+    params(("id" = String, Path, description = ID)), security(("bearer" = []), ("lease" = [])),
+    responses((status = 204, description = "Announced.")))]
 async fn expect(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -306,6 +359,15 @@ async fn expect(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The current job's secrets, masked in all console output (service role or the lease).
+///
+/// Replaces the machine's secrets: every exact occurrence in the machine's output becomes
+/// `[MASKED]` before any client, the scrollback or the console log sees it, also when split
+/// over several reads (a possible secret's start is held back up to `salad.secret_hold_ms`).
+#[utoipa::path(put, path = "/api/v1/machine/{id}/secrets", tag = "consoles",
+    params(("id" = String, Path, description = ID)), request_body = SecretsBody,
+    security(("bearer" = []), ("lease" = [])),
+    responses((status = 204, description = "Set.")))]
 async fn put_secrets(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -349,6 +411,10 @@ async fn set_secrets(s: &AppState, id: MachineId, body: &SecretsBody) -> Result<
         .map_err(|e| ApiError::bad_request(e.to_string()).with_field("secrets"))
 }
 
+/// Forgets the machine's secrets (service role or the machine's lease).
+#[utoipa::path(delete, path = "/api/v1/machine/{id}/secrets", tag = "consoles",
+    params(("id" = String, Path, description = ID)), security(("bearer" = []), ("lease" = [])),
+    responses((status = 204, description = "Cleared.")))]
 async fn delete_secrets(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -380,11 +446,23 @@ async fn delete_secrets(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RefusalQuery {
+    /// Only refusals with a larger `seq`; default 0.
     after: Option<u64>,
 }
 
+/// Console streams that announced the machine and were refused (token or the lease).
+///
+/// Kept in memory, the last 100 per machine with a console server: the machine's job reads
+/// them (and shows them as events) from the `seq` it last saw.
+#[utoipa::path(get, path = "/api/v1/machine/{id}/refusals", tag = "consoles",
+    params(("id" = String, Path, description = ID), RefusalQuery),
+    security(("bearer" = []), ("lease" = [])),
+    responses((status = 200, description = "The refusals, oldest first.", body = RefusalList),
+        (status = 400, description = TEXT_400,
+            content((ErrorBody = "application/json"), (String = "text/plain")))))]
 async fn get_refusals(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -400,8 +478,15 @@ async fn get_refusals(
     Ok(Json(RefusalList { refusals, next }))
 }
 
-/// The machine's read-write console over a WebSocket: output from now on as binary
-/// messages, every binary or text message the client sends goes to the DUT.
+/// The machine's read-write console over a WebSocket (service role or the machine's lease).
+///
+/// The server sends the DUT output from now on (no replay) as binary messages; every binary
+/// or text message the client sends goes to the DUT. A client that cannot keep up is dropped.
+#[utoipa::path(get, path = "/api/v1/machine/{id}/console", tag = "consoles",
+    params(("id" = String, Path, description = ID)), security(("bearer" = []), ("lease" = [])),
+    responses((status = 101, description = "Switching to the WebSocket protocol."),
+        (status = 400, description = TEXT_400,
+            content((ErrorBody = "application/json"), (String = "text/plain")))))]
 async fn console_ws(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -453,6 +538,14 @@ async fn relay_ws(m: Arc<Machine>, peer: SocketAddr, socket: WebSocket) {
     let _ = sink.send(Message::Close(None)).await;
 }
 
+/// Binds an open console stream to a machine, or unbinds it (admin).
+///
+/// What an announcement never does: moves a bound stream (e.g. an adapter rewired to another
+/// DUT). The machine's previous stream, if any, is unbound.
+#[utoipa::path(put, path = "/api/v1/ports/{stream}/machine", tag = "consoles",
+    params(("stream" = u64, Path, description = "The stream's `id` in `GET /api/v1/ports`.")),
+    security(("bearer" = [])), request_body = BindBody,
+    responses((status = 204, description = "Bound (or unbound).")))]
 async fn bind_stream(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -489,6 +582,10 @@ async fn bind_stream(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Frees the machine's console ports (admin).
+#[utoipa::path(delete, path = "/api/v1/machine/{id}", tag = "consoles",
+    params(("id" = String, Path, description = ID)), security(("bearer" = [])),
+    responses((status = 204, description = "Deleted.")))]
 async fn delete_machine(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -517,12 +614,28 @@ async fn delete_machine(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct LogQuery {
+    /// A byte offset (digits) or an RFC 3339 time; empty or absent = 0.
     since: Option<String>,
+    /// Most bytes to answer (1 to 67108864, default 4194304).
+    #[param(minimum = 1, maximum = 67108864)]
     limit: Option<usize>,
 }
 
+/// The stored console log from an offset or a time (token or the machine's lease).
+///
+/// Raw bytes, at most `limit`. `X-Log-End` is the offset just past the last byte: pass it as
+/// the next `since` to read on. 404 when the machine has no console server.
+#[utoipa::path(get, path = "/api/v1/machine/{id}/log", tag = "consoles",
+    params(("id" = String, Path, description = ID), LogQuery),
+    security(("bearer" = []), ("lease" = [])),
+    responses((status = 200, description = "The log slice.", content_type = "text/plain",
+            body = String, headers(("x-log-start" = u64, description = "Offset of the first byte."),
+                ("x-log-end" = u64, description = "Offset just past the last byte: the next `since`."))),
+        (status = 400, description = TEXT_400,
+            content((ErrorBody = "application/json"), (String = "text/plain")))))]
 async fn get_log(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -566,6 +679,9 @@ async fn get_log(
     Ok(resp)
 }
 
+/// The open console streams: serial ports and netconsoles (no token).
+#[utoipa::path(get, path = "/api/v1/ports", tag = "consoles",
+    responses((status = 200, description = "The streams.", body = PortList)))]
 async fn list_ports(State(s): State<AppState>) -> Json<PortList> {
     Json(PortList {
         ports: s.hub.streams(),

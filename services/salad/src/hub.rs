@@ -78,18 +78,21 @@ pub enum StreamCommand {
 }
 
 /// What `/api/v1/ports` shows about one open console stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StreamStatus {
     /// Identifies the stream for `PUT /api/v1/ports/{stream}/machine` while it is open.
     pub id: u64,
     /// `serial` or `netconsole`.
+    #[schema(examples("serial", "netconsole"))]
     pub kind: String,
     /// Device path (serial) or peer address (netconsole).
     pub name: String,
     /// The stable path a serial adapter is remembered by (by-path link when there is one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// The machine the stream is bound to; `null` while unbound.
     pub machine: Option<MachineId>,
+    /// RFC 3339, UTC.
     pub opened_at: String,
     pub bytes_in: u64,
     pub bytes_out: u64,

@@ -36,7 +36,7 @@ pub const MAX_REFUSALS: usize = 100;
 
 /// A console stream that announced a machine and was not bound to it (design §10), as the
 /// affected machine's job reads it (`GET /api/v1/machine/{id}/refusals`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Refusal {
     /// Per machine, increasing: read on with `after=<seq>`.
     pub seq: u64,

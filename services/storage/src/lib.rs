@@ -28,4 +28,4 @@ pub use config::{Backend, Config};
 pub use error::StorageError;
 pub use jobs::{DownloadSummary, JobBucket, JobStorage, UploadSummary};
 pub use keys::KeyPair;
-pub use server::run;
+pub use server::{openapi, run};

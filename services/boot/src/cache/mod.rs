@@ -139,7 +139,7 @@ struct Stats {
 }
 
 /// Counters since start (also exported as Prometheus metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,

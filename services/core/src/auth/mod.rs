@@ -41,7 +41,7 @@ pub use store::{CreatedToken, TokenInfo, TokenStore, TokenStoreError};
 ///   expectations) and what a user may do, but no administration of tokens, machines or
 ///   other people's jobs.
 /// - `admin`: everything.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Runner,

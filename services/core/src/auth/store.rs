@@ -58,13 +58,15 @@ pub enum TokenStoreError {
 }
 
 /// One stored token, without the token.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TokenInfo {
     pub name: String,
     pub role: Role,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<OffsetDateTime>,
     /// Who created it (the creating identity's name, or `offline` for the `dutgate` command).
     #[serde(default)]
@@ -91,7 +93,7 @@ struct FileBody {
 }
 
 /// A newly created token: the only time its value exists outside its owner's hands.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub info: TokenInfo,

@@ -78,6 +78,18 @@ impl FromStr for MachineId {
     }
 }
 
+/// Documented as what it serializes to: the MAC address, lower-case and colon-separated.
+impl utoipa::PartialSchema for MachineId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some("^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"))
+            .examples(["52:54:00:12:34:56"])
+            .into()
+    }
+}
+impl utoipa::ToSchema for MachineId {}
+
 impl Serialize for MachineId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)

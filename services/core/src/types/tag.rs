@@ -56,6 +56,19 @@ impl FromStr for Tag {
     }
 }
 
+/// Documented as what it serializes to.
+impl utoipa::PartialSchema for Tag {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .min_length(Some(1))
+            .max_length(Some(MAX_TAG_LEN))
+            .examples(["amdgpu:codename:NAVI21"])
+            .into()
+    }
+}
+impl utoipa::ToSchema for Tag {}
+
 impl Serialize for Tag {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)

@@ -5,12 +5,14 @@
 //! `mac_address`, `ready_for_service`, `is_retired`, …) without lease ids, which prove a lease
 //! to salad and are for admins only.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use dutgate_core::{ApiError, MachineId, ServiceName};
 use dutgate_mars::client::MarsClient;
 use dutgate_mars::model::Machine;
-use serde_json::{Map, Value, json};
+use serde::Serialize;
 
 use crate::api::AppState;
 
@@ -32,29 +34,45 @@ async fn machines(s: &AppState) -> Result<Vec<Machine>, ApiError> {
     Ok(list)
 }
 
-fn as_json(m: &Machine) -> Result<Value, ApiError> {
-    serde_json::to_value(m).map_err(ApiError::internal)
+/// `GET /api/v1/duts`: mars' machines by id.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DutList {
+    pub duts: BTreeMap<String, Machine>,
 }
 
-pub async fn list(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut duts = Map::new();
-    for m in machines(&s).await? {
-        duts.insert(m.id.to_string(), as_json(&m)?);
-    }
-    Ok(Json(json!({ "duts": duts })))
+/// ci-tron's DUT list (`executorctl duts`).
+///
+/// mars' machine records (valve-infra's fields included: `full_name`, `state`, `ip_address`,
+/// `comment`, …) by id, without lease ids. A token, or no `Authorization` header from
+/// `executor.trusted_client_networks`. 503: mars is unreachable.
+#[utoipa::path(get, path = "/api/v1/duts", tag = "executor", security(("bearer" = []), ()),
+    operation_id = "list_duts",
+    responses((status = 200, description = "The machines by id.", body = DutList)))]
+pub async fn list(State(s): State<AppState>) -> Result<Json<DutList>, ApiError> {
+    let duts = machines(&s)
+        .await?
+        .into_iter()
+        .map(|m| (m.id.to_string(), m))
+        .collect();
+    Ok(Json(DutList { duts }))
 }
 
+/// One DUT by id or full name (`executorctl dut info NAME`).
+///
+/// Who may call: as `GET /api/v1/duts`. 503: mars is unreachable.
+#[utoipa::path(get, path = "/api/v1/dut/{name}", tag = "executor", security(("bearer" = []), ()),
+    operation_id = "show_dut",
+    params(("name" = String, Path, description = "The machine's id (MAC) or full name.")),
+    responses((status = 200, description = "mars' machine record, without its lease id.", body = Machine)))]
 pub async fn show(
     State(s): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Machine>, ApiError> {
     let id = MachineId::parse(&name).ok();
     machines(&s)
         .await?
-        .iter()
+        .into_iter()
         .find(|m| Some(m.id) == id || m.full_name == name)
-        .map(as_json)
-        .transpose()?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no DUT named {name:?}")).with_field("name"))
 }

@@ -22,9 +22,91 @@ use ipnet::IpNet;
 use s3s::route::S3Route;
 use s3s::{Body, S3Request, S3Response, S3Result, s3_error};
 
+use serde::Serialize;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use super::access::percent_decode;
-use super::keystore::{Identity, KeyStore};
+use super::keystore::{Identity, KeyListing, KeyStore};
 use crate::jobs::ADMIN_PREFIX;
+
+/// The documented admin routes (with [`AdminRoute`] their only implementation).
+pub(crate) fn api() -> OpenApiRouter {
+    OpenApiRouter::new().routes(routes!(list_keys, issue_keys, revoke_keys))
+}
+
+/// A key pair issued by `POST /dutgate-admin/v1/keys`: the only time its secret is shown.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IssuedKeys {
+    pub access_key: String,
+    pub secret_key: String,
+    pub bucket: String,
+    /// A DUT key's source restriction, as a network (`10.0.2.15/32`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// A reader key's networks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
+    /// A reader key's life.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
+}
+
+/// What `DELETE /dutgate-admin/v1/keys` revoked.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RevokedKeys {
+    pub bucket: String,
+    pub revoked: usize,
+}
+
+// The three operations below document `AdminRoute::call`, which serves them inside s3s once
+// it has verified the request's SigV4 signature: they are never routed themselves.
+
+/// The job key pairs, sorted by bucket (no secrets).
+///
+/// Signed with the admin key pair like any S3 request; errors are S3 XML.
+#[utoipa::path(get, path = "/dutgate-admin/v1/keys", tag = "keys", security(("sigv4" = [])),
+    responses(
+        (status = 200, description = "The keys.", body = Vec<KeyListing>),
+        (status = 400, description = "`InvalidRequest`: not SigV4.", body = String, content_type = "application/xml"),
+        (status = 403, description = "`AccessDenied` (not the admin key pair), `SignatureDoesNotMatch`, `RequestTimeTooSkewed`.", body = String, content_type = "application/xml"),
+        (status = 500, description = "`InternalError`.", body = String, content_type = "application/xml"),
+    ))]
+async fn list_keys() {}
+
+/// Issue a key pair for one bucket.
+///
+/// A DUT key (read and write) is accepted from the DUT networks, and with `source` only from
+/// that address or network. With `access=read`, a reader key: read-only, from `networks`
+/// only, unknown after `expires_in_seconds`. Errors are S3 XML.
+#[utoipa::path(post, path = "/dutgate-admin/v1/keys", tag = "keys", security(("sigv4" = [])),
+    params(
+        ("bucket" = String, Query, description = "The bucket (it must exist)."),
+        ("source" = Option<String>, Query, description = "DUT keys: an address (`10.0.2.15`, a /32 or /128) or a network (`10.0.2.0/24`)."),
+        ("access" = Option<String>, Query, description = "`read` for a reader key."),
+        ("networks" = Option<String>, Query, description = "Reader keys: comma-separated addresses or networks."),
+        ("expires_in_seconds" = Option<u64>, Query, description = "Reader keys: 1 to 86400."),
+    ),
+    responses(
+        (status = 201, description = "The new key pair.", body = IssuedKeys),
+        (status = 400, description = "`InvalidArgument`, `InvalidBucketName`, `InvalidRequest`.", body = String, content_type = "application/xml"),
+        (status = 403, description = "`AccessDenied`, `SignatureDoesNotMatch`, `RequestTimeTooSkewed`.", body = String, content_type = "application/xml"),
+        (status = 404, description = "`NoSuchBucket`: create the bucket first.", body = String, content_type = "application/xml"),
+        (status = 500, description = "`InternalError`.", body = String, content_type = "application/xml"),
+    ))]
+async fn issue_keys() {}
+
+/// Revoke every key pair of a bucket.
+///
+/// Errors are S3 XML.
+#[utoipa::path(delete, path = "/dutgate-admin/v1/keys", tag = "keys", security(("sigv4" = [])),
+    params(("bucket" = String, Query, description = "The bucket.")),
+    responses(
+        (status = 200, description = "How many were revoked.", body = RevokedKeys),
+        (status = 400, description = "`InvalidArgument`: no `bucket`; `InvalidRequest`.", body = String, content_type = "application/xml"),
+        (status = 403, description = "`AccessDenied`, `SignatureDoesNotMatch`, `RequestTimeTooSkewed`.", body = String, content_type = "application/xml"),
+        (status = 500, description = "`InternalError`.", body = String, content_type = "application/xml"),
+    ))]
+async fn revoke_keys() {}
 
 pub struct AdminRoute {
     pub keys: KeyStore,
@@ -38,13 +120,14 @@ fn is_bucket_name(b: &str) -> bool {
         && !b.contains("..")
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> S3Response<Body> {
-    let mut resp = S3Response::new(Body::from(Bytes::from(value.to_string())));
+fn json_response(status: StatusCode, value: &impl Serialize) -> S3Result<S3Response<Body>> {
+    let json = serde_json::to_vec(value).map_err(|e| s3_error!(InternalError, "{e}"))?;
+    let mut resp = S3Response::new(Body::from(Bytes::from(json)));
     resp.status = Some(status);
     if let Ok(v) = http::HeaderValue::from_str("application/json") {
         resp.headers.insert(http::header::CONTENT_TYPE, v);
     }
-    resp
+    Ok(resp)
 }
 
 /// An address (`10.0.2.15`, a /32 or /128) or a network (`10.0.2.0/24`).
@@ -116,11 +199,7 @@ impl S3Route for AdminRoute {
             return self.issue_reader(&req, &bucket, source).await;
         }
         match (req.method.clone(), bucket) {
-            (Method::GET, _) => {
-                let list = serde_json::to_value(self.keys.list())
-                    .map_err(|e| s3_error!(InternalError, "{e}"))?;
-                Ok(json_response(StatusCode::OK, &list))
-            }
+            (Method::GET, _) => json_response(StatusCode::OK, &self.keys.list()),
             (Method::POST, Some(bucket)) => {
                 if !is_bucket_name(&bucket) {
                     return Err(s3_error!(InvalidBucketName));
@@ -140,15 +219,15 @@ impl S3Route for AdminRoute {
                     source = %source.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
                     "job keys issued"
                 );
-                let mut answer = serde_json::json!({
-                    "access_key": pair.access_key,
-                    "secret_key": pair.secret_key.expose(),
-                    "bucket": bucket,
-                });
-                if let Some(net) = source {
-                    answer["source"] = serde_json::Value::String(net.to_string());
-                }
-                Ok(json_response(StatusCode::CREATED, &answer))
+                let answer = IssuedKeys {
+                    access_key: pair.access_key,
+                    secret_key: pair.secret_key.expose().to_string(),
+                    bucket,
+                    source: source.map(|net| net.to_string()),
+                    networks: Vec::new(),
+                    expires_in_seconds: None,
+                };
+                json_response(StatusCode::CREATED, &answer)
             }
             (Method::DELETE, Some(bucket)) => {
                 let revoked = self
@@ -157,10 +236,7 @@ impl S3Route for AdminRoute {
                     .await
                     .map_err(|e| s3_error!(InternalError, "{e}"))?;
                 tracing::info!(bucket = %bucket, revoked, "job keys revoked");
-                Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({"bucket": bucket, "revoked": revoked}),
-                ))
+                json_response(StatusCode::OK, &RevokedKeys { bucket, revoked })
             }
             (Method::POST | Method::DELETE, None) => Err(s3_error!(
                 InvalidArgument,
@@ -250,16 +326,15 @@ impl AdminRoute {
             expires_in_seconds = expires,
             "reader key issued"
         );
-        Ok(json_response(
-            StatusCode::CREATED,
-            &serde_json::json!({
-                "access_key": pair.access_key,
-                "secret_key": pair.secret_key.expose(),
-                "bucket": bucket,
-                "networks": shown,
-                "expires_in_seconds": expires,
-            }),
-        ))
+        let answer = IssuedKeys {
+            access_key: pair.access_key,
+            secret_key: pair.secret_key.expose().to_string(),
+            bucket: bucket.to_string(),
+            source: None,
+            networks: shown,
+            expires_in_seconds: Some(expires),
+        };
+        json_response(StatusCode::CREATED, &answer)
     }
 }
 

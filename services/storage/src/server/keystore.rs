@@ -40,7 +40,7 @@ pub enum Identity {
 }
 
 /// What a job key may do.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyKind {
     /// A DUT's: read and write its bucket, from the DUT networks.
@@ -83,16 +83,21 @@ impl JobKey {
 }
 
 /// A key as listed by the admin route (no secret).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeyListing {
     pub access_key: String,
     pub bucket: String,
     pub created_unix_ms: i64,
+    /// A DUT key's only address or network (absent: any DUT-network address).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "10.0.2.15/32")]
     pub source: Option<IpNet>,
     pub kind: KeyKind,
+    /// A reader key's networks.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
     pub networks: Vec<IpNet>,
+    /// When a reader key stops being accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_unix_ms: Option<i64>,
 }

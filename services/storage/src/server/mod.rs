@@ -116,11 +116,29 @@ fn with_shared_routes(s3: Router, health: Option<dutgate_core::http::HealthCheck
             common.clone().into_service::<axum::body::Body>(),
         )
         .route_service("/metrics", common.into_service::<axum::body::Body>())
-        .merge(dutgate_core::http::openapi(include_str!(
-            "../../openapi.yaml"
-        )))
+        .merge(dutgate_core::openapi::router(&openapi()))
         .fallback_service(s3)
         .layer(middleware::from_fn(record_request))
+}
+
+/// The OpenAPI document served at `/api/v1/openapi.json`: the key administration route and
+/// the shared routes; the S3 API itself is referenced, not re-specified.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+    let mut doc = dutgate_core::openapi::document(
+        admin::api().into_openapi(),
+        "dutgate s3 (embedded object store)",
+        "Every path not listed here is an S3 request (Amazon S3 REST API, path-style, SigV4 \
+         only: https://docs.aws.amazon.com/AmazonS3/latest/API/) with S3 XML errors. The \
+         admin key pair may do everything; a job key pair only its own bucket, from the DUT \
+         networks. `sigv4`: signed with the admin key pair. With `s3.backend: external` \
+         anything but `/healthz` and this document is 503. See docs/storage.md.",
+    );
+    let sigv4 = SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("Authorization")));
+    if let Some(c) = doc.components.as_mut() {
+        c.security_schemes.insert("sigv4".into(), sigv4.into());
+    }
+    doc
 }
 
 /// A request's mark, set by the refusals that log themselves with their reason (the gate,
