@@ -683,20 +683,11 @@ fn main() -> ExitCode {
     if let Some(code) = testing::executor_process_main() {
         return code;
     }
-    let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("job") {
-        // The job process the executor starts.
-        let Some(id) = args.get(2) else {
-            return ExitCode::from(2);
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let code = rt.block_on(dutgate_executor::job_main(id));
-        rt.shutdown_timeout(Duration::from_millis(500));
-        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    // The job process the executor starts.
+    if let Some(code) = testing::job_process_main() {
+        return code;
     }
+    let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
         println!("every_command: test");
         println!("console: test");

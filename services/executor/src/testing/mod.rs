@@ -1072,6 +1072,33 @@ pub fn executor_process_main() -> Option<ExitCode> {
     })
 }
 
+/// For a test binary with its own `main`: when started as `<binary> job <id>` (the job
+/// process an executor in [`ExecutorMode::this_binary`] starts), runs the job as `dutgate job`
+/// does and returns its exit code. Otherwise returns `None` at once.
+pub fn job_process_main() -> Option<ExitCode> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("job") {
+        return None;
+    }
+    let Some(id) = args.next() else {
+        eprintln!("job process: usage: <binary> job <id>");
+        return Some(ExitCode::from(2));
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("job process: {e}");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    let code = runtime.block_on(crate::job_main(&id));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    Some(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
 fn run_executor_process() -> Result<(), String> {
     let path = std::env::var_os("DUTGATE_CONFIG").ok_or("DUTGATE_CONFIG is not set")?;
     let source = dutgate_core::config::ConfigSource::locate(Some(Path::new(&path)))
