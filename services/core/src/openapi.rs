@@ -69,11 +69,22 @@ pub fn document(mut doc: OpenApi, title: &str, description: &str) -> OpenApi {
         )),
     );
     for item in doc.paths.paths.values_mut() {
-        for op in operations(item) {
+        // One handler may serve several methods (`method(get, head)`): operation ids stay
+        // unique with the method appended to every one after the first.
+        let mut seen = std::collections::HashSet::new();
+        for (method, op) in operations(item) {
+            if let Some(id) = op.operation_id.as_mut()
+                && !seen.insert(id.clone())
+            {
+                id.push('_');
+                id.push_str(method);
+            }
             op.responses
                 .responses
                 .entry("default".to_string())
-                .or_insert_with(|| RefOr::Ref(utoipa::openapi::Ref::from_response_name(ERROR_RESPONSE)));
+                .or_insert_with(|| {
+                    RefOr::Ref(utoipa::openapi::Ref::from_response_name(ERROR_RESPONSE))
+                });
         }
     }
     doc
@@ -108,19 +119,21 @@ fn json_ref(name: &str) -> utoipa::openapi::Content {
         .build()
 }
 
-fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+fn operations(
+    item: &mut PathItem,
+) -> impl Iterator<Item = (&'static str, &mut utoipa::openapi::path::Operation)> {
     [
-        item.get.as_mut(),
-        item.put.as_mut(),
-        item.post.as_mut(),
-        item.delete.as_mut(),
-        item.options.as_mut(),
-        item.head.as_mut(),
-        item.patch.as_mut(),
-        item.trace.as_mut(),
+        ("get", item.get.as_mut()),
+        ("put", item.put.as_mut()),
+        ("post", item.post.as_mut()),
+        ("delete", item.delete.as_mut()),
+        ("options", item.options.as_mut()),
+        ("head", item.head.as_mut()),
+        ("patch", item.patch.as_mut()),
+        ("trace", item.trace.as_mut()),
     ]
     .into_iter()
-    .flatten()
+    .filter_map(|(method, op)| op.map(|op| (method, op)))
 }
 
 /// The routes [`crate::http::with_common_routes`] and [`router`] add to every service.
@@ -204,7 +217,7 @@ mod tests {
     use axum::http::Request;
     use tower::ServiceExt;
 
-    #[utoipa::path(get, path = "/things/{*rest}", responses((status = 200, body = ErrorBody)))]
+    #[utoipa::path(method(get, head), path = "/things/{*rest}", responses((status = 200, body = ErrorBody)))]
     #[allow(dead_code)]
     async fn thing() {}
 
@@ -220,12 +233,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(res.status(), 200);
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["openapi"], "3.1.0");
         assert_eq!(v["info"]["title"], "thing service");
         let op = &v["paths"]["/things/{rest}"]["get"];
         assert!(op.is_object(), "{v:#}");
+        assert_eq!(op["operationId"], "thing");
+        assert_eq!(
+            v["paths"]["/things/{rest}"]["head"]["operationId"],
+            "thing_head"
+        );
         assert_eq!(
             op["responses"]["default"]["$ref"],
             "#/components/responses/Error"

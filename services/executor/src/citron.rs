@@ -316,9 +316,11 @@ pub struct DoubleSlash;
 /// `executorctl -e http://gateway:8000/` requests `http://gateway:8000//api/v1/jobs`: every
 /// path starting with `//` is answered as the same path with single slashes (same rules,
 /// same answers): `GET //api/v1/duts` is `GET /api/v1/duts`, and so on.
-#[utoipa::path(post, path = "//{*path}", tag = "executor", security(("bearer" = []), ()),
+#[utoipa::path(method(get, post), path = "//{*path}", tag = "executor",
+    security(("bearer" = []), ()),
     params(("path" = String, Path, description = "The route's path without its leading `/`.")),
-    responses((status = "2XX", description = "The answer of the route with single slashes.")))]
+    responses((status = "2XX", description = "The answer of the route with single slashes.",
+        content((serde_json::Value = "application/json"), (String = "text/plain")))))]
 async fn redispatch(State(inner): State<Router>, req: Request) -> Response {
     use tower::ServiceExt;
     let (parts, body) = req.into_parts();

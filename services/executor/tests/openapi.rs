@@ -42,6 +42,7 @@ fn documents_every_route_with_its_answers() {
         "GET /api/v1/audit",
         "GET /api/v1/duts",
         "GET /api/v1/dut/{name}",
+        "GET //{path}",
         "POST //{path}",
         "GET /healthz",
         "GET /metrics",

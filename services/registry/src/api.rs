@@ -41,13 +41,7 @@ fn api(auth: Auth) -> OpenApiRouter<Arc<Registry>> {
     OpenApiRouter::new().routes(routes!(stats)).merge(v2)
 }
 
-fn complete(mut doc: OpenApi) -> OpenApi {
-    // One handler serves GET and HEAD: operation ids must stay unique.
-    for item in doc.paths.paths.values_mut() {
-        if let Some(head) = item.head.as_mut() {
-            head.operation_id = head.operation_id.take().map(|id| format!("{id}_head"));
-        }
-    }
+fn complete(doc: OpenApi) -> OpenApi {
     dutgate_core::openapi::document(
         doc,
         "dutgate registry",
