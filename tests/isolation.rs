@@ -44,7 +44,12 @@
 //! 4. Two jobs whose kernel URLs reach an internal service of the gateway (the PDU service
 //!    on loopback: directly, and through a redirect from an allowed server) end SETUP_FAIL
 //!    naming the outbound rule.
-//! 5. The gateway's log has a line naming the source address for every refusal.
+//! 5. A tour asks every documented route the scenario has not asked yet. From the moment
+//!    the machines are IDLE, every answer the test gets is checked against the seven
+//!    services' OpenAPI documents (`dutgate_e2e::api_schema`): a documented operation, a
+//!    documented status, a JSON body valid for its schema; at the end a table of the answers
+//!    per route is printed, and no documented operation may be left unasked.
+//! 6. The gateway's log has a line naming the source address for every refusal.
 //!
 //! Peers: iproute2 (`ip`), dnsmasq (Debian `dnsmasq-base`), qemu-system-x86 + ipxe-qemu,
 //! linux-image-amd64 + busybox-static (the DUT image). Needs root (network namespaces).
@@ -58,6 +63,8 @@ mod cases;
 mod people;
 #[path = "isolation/routes.rs"]
 mod routes;
+#[path = "isolation/tour.rs"]
+mod tour;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -67,6 +74,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use dutgate_core::testing::require_program;
+use dutgate_e2e::api_schema::{self, ApiSchema};
 use dutgate_e2e::farm::{self, Daemon, Farm, hello_variant, job_running};
 use dutgate_e2e::fixture::{Fixture, Reply, Request};
 use dutgate_e2e::netns::Netns;
@@ -82,6 +90,7 @@ const DUT_NETWORK: &str = "10.77.0.0/24";
 // A fresh namespace has no listener at all: the services take their default ports.
 const EXECUTOR: u16 = 8000;
 const MARS: u16 = 8001;
+const REGISTRY: u16 = 8002;
 const BOOT: u16 = 8003;
 const PDU: u16 = 8004;
 const SALAD: u16 = 8005;
@@ -185,12 +194,36 @@ impl BridgedFarm {
         let addr = SocketAddr::new(case.from, case.port);
         let stream = self.ns.connect(addr, Duration::from_secs(5)).ok()?;
         let host = format!("{GATEWAY_IP}:{}", case.port);
-        exchange(
-            stream,
-            &case.request.to_bytes(&host),
-            Duration::from_secs(20),
-        )
-        .ok()
+        // A WebSocket stays open: what came back within a moment is its answer.
+        let upgrade = case.request.headers.iter().any(|(k, _)| k == "upgrade");
+        let within = Duration::from_secs(if upgrade { 3 } else { 20 });
+        exchange(stream, &case.request.to_bytes(&host), within).ok()
+    }
+
+    /// The seven services' OpenAPI documents; from now on every answer the test gets is
+    /// checked against them (`raw_http::exchange`).
+    fn check_answers(&self) -> Arc<ApiSchema> {
+        let services: Vec<(&str, SocketAddr)> = [
+            ("executor", EXECUTOR),
+            ("mars", MARS),
+            ("registry", REGISTRY),
+            ("boot", BOOT),
+            ("pdu", PDU),
+            ("salad", SALAD),
+            ("s3", S3),
+        ]
+        .into_iter()
+        .map(|(name, port)| (name, SocketAddr::new(routes::outsider(), port)))
+        .collect();
+        let schema = ApiSchema::load(&services, |addr| {
+            self.ns.connect(addr, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("the OpenAPI documents: {e}"))
+        // The S3 API is S3's own; the document covers the key administration.
+        .documented_only_under("s3", "/dutgate-admin/");
+        let schema = Arc::new(schema);
+        api_schema::activate(schema.clone());
+        schema
     }
 }
 
@@ -333,6 +366,15 @@ fn missing_line(
     (!found).then(|| format!("{what}: no log line with {fragments:?} naming {source:?}"))
 }
 
+/// Waits until both machines are IDLE again (their jobs' teardown done).
+fn both_idle(farm: &mut Farm, what: &str) {
+    farm.wait_for(what, Duration::from_secs(120), |f| {
+        [ATTACKER_MAC, VICTIM_MAC]
+            .iter()
+            .all(|m| f.machine(m)["state"] == "IDLE")
+            .then_some(())
+    });
+}
 #[test]
 fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
     let t0 = Instant::now();
@@ -376,6 +418,8 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
     assert_ne!(addresses[0], addresses[1], "two DUTs, one address");
     let attacker_ip = addresses[0];
     let _ = plot.attacker_ip.set(attacker_ip);
+    let api = bridged.check_answers();
+    let farm = &mut bridged.farm;
     let victim_before = farm.machine(VICTIM_MAC);
     // Two people: the admin names them; alice's job is the victim, bob's the attacker.
     let (alice, bob) = (
@@ -550,16 +594,7 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
 
     // 4. Jobs whose kernel is an internal service of the gateway end SETUP_FAIL before any
     //    power-on, naming the rule: directly, and through a redirect from an allowed server.
-    farm.wait_for(
-        "both machines back to IDLE",
-        Duration::from_secs(120),
-        |f| {
-            [ATTACKER_MAC, VICTIM_MAC]
-                .iter()
-                .all(|m| f.machine(m)["state"] == "IDLE")
-                .then_some(())
-        },
-    );
+    both_idle(farm, "both machines back to IDLE");
     let kernel = "url: \"{{ dut_kernel_url }}\"";
     let direct = hello_variant(
         &farm.tmp,
@@ -600,7 +635,32 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
     );
     say("internal kernel URLs refused");
 
-    // 5. Every refusal is in the gateway's log with its source.
+    // 5. A tour of the routes the scenario has not asked yet: every documented operation
+    //    of every service answers as its document says.
+    let farm = &mut bridged.farm;
+    both_idle(farm, "both machines IDLE for the tour");
+    let read = |path: &str| std::fs::read_to_string(farm.state.join(path)).unwrap_or_default();
+    let service = read("tokens/service").trim().to_string();
+    let s3_keys: Value = serde_json::from_str(&read("s3/admin-keys.json")).unwrap_or_default();
+    let job_yaml = std::fs::read_to_string(hello_variant(&farm.tmp, "tour", &[])).unwrap();
+    let scenario = tour::Scenario {
+        admin: &admin,
+        service: &service,
+        machine: ATTACKER_MAC,
+        job: victim_id,
+        job_yaml: &job_yaml,
+        upstream: &fixture_url,
+        s3_keys: (
+            s3_keys["access_key"].as_str().unwrap_or_default(),
+            s3_keys["secret_key"].as_str().unwrap_or_default(),
+        ),
+    };
+    failures.extend(tour::play(&|c| bridged.ask(c), &scenario));
+    api_schema::deactivate();
+    eprint!("{}", api.report());
+    say("route tour played");
+
+    // 6. Every refusal is in the gateway's log with its source.
     let log = bridged.farm.gateway.output();
     let all: Vec<&Case> = own_cases
         .iter()
@@ -656,6 +716,7 @@ fn jobs_on_a_bridged_farm_cannot_reach_into_each_other() {
         failures.join("\n"),
         tmp.display()
     );
+    api.assert_complete();
     say("done");
     drop(bridged);
     std::fs::remove_dir_all(&tmp).unwrap();

@@ -49,22 +49,8 @@ impl Netns {
         c
     }
 
-    /// Runs `f` on a thread that has entered the namespace: the sockets `f` creates live
-    /// there for good, whichever thread uses them later.
     fn inside<T: Send>(&self, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = File::open(format!("/run/netns/{}", self.name))?;
-                // SAFETY: setns only changes the network namespace of this thread, which
-                // ends when `f` returns; the fd is open for the duration of the call.
-                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                f()
-            })
-            .join()
-            .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
-        })
+        inside(&self.name, f)
     }
 
     /// Runs `f` inside the namespace: the sockets it creates and the processes it starts
@@ -82,7 +68,7 @@ impl Netns {
     /// address on the route to `addr` (127.0.0.1 for loopback, the bridge's for the DUT
     /// network).
     pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-        self.inside(|| TcpStream::connect_timeout(&addr, timeout))
+        connect_in(&self.name, addr, timeout)
     }
 
     fn pids(&self) -> Vec<String> {
@@ -97,6 +83,29 @@ impl Netns {
             })
             .unwrap_or_default()
     }
+}
+
+/// Runs `f` on a thread that has entered the namespace `name`: the sockets `f` creates live
+/// there for good, whichever thread uses them later.
+fn inside<T: Send>(name: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = File::open(format!("/run/netns/{name}"))?;
+            // SAFETY: setns only changes the network namespace of this thread, which
+            // ends when `f` returns; the fd is open for the duration of the call.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
+
+/// [`Netns::connect`] in the namespace `name` (one this test does not own).
+pub fn connect_in(name: &str, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    inside(name, || TcpStream::connect_timeout(&addr, timeout))
 }
 
 impl Drop for Netns {

@@ -233,6 +233,7 @@ pub fn exchange(
     bytes: &[u8],
     timeout: Duration,
 ) -> std::io::Result<RawResponse> {
+    let port = stream.peer_addr().map(|a| a.port()).unwrap_or(0);
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     // A server may answer (413, 401) and close before it read a large body: what it said
@@ -253,7 +254,11 @@ pub fn exchange(
         }
     };
     match RawResponse::parse(&out) {
-        Some(r) => Ok(r),
+        Some(r) => {
+            // The scenario's OpenAPI check, when one is active (`api_schema::activate`).
+            crate::api_schema::observe(port, bytes, &r);
+            Ok(r)
+        }
         None => {
             written?;
             read?;

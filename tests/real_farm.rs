@@ -39,7 +39,7 @@
 //! when the debug binaries are up to date (`DUTGATE_TEST_DEB` skips it).
 //!
 //! Peers (Debian packages): dpkg, util-linux (setpriv), iproute2, dnsmasq-base, ipxe, ovmf,
-//! ipxe-qemu, qemu-system-x86, snmpd, snmp, python3, systemd (systemd-analyze), curl,
+//! ipxe-qemu, qemu-system-x86, snmpd, snmp, python3, systemd (systemd-analyze),
 //! linux-image-amd64 and busybox-static (the DUT image). Needs root (network namespace, taps).
 
 #[path = "real_farm/dut.rs"]
@@ -57,7 +57,8 @@ use std::time::{Duration, Instant};
 use dutgate_core::testing::require_program;
 use dutgate_e2e::debian::{self, CONFIG, STATE, UNIT_DIR};
 use dutgate_e2e::farm::Daemon;
-use dutgate_e2e::netns::Netns;
+use dutgate_e2e::netns::{self, Netns};
+use dutgate_e2e::raw_http::{RawRequest, exchange};
 use serde_json::Value;
 
 use dut::{Dut, Firmware, Lab, Mains, SerialAdapter};
@@ -292,25 +293,19 @@ fn box_dnsmasq(example: &str, tftp: &Path) -> String {
     conf
 }
 
-/// `GET http://127.0.0.1:8005<path>` from the gateway, with the admin token.
+/// `GET http://127.0.0.1:8005<path>` from the gateway, with the admin token (`Null` unless
+/// it answers 200 with JSON).
 fn salad_get(gw: &Gateway, admin: &str, path: &str) -> Value {
-    let out = debian::output(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &gw.netns,
-                "curl",
-                "-sf",
-                "--max-time",
-                "5",
-                "-H",
-            ])
-            .arg(format!("Authorization: Bearer {admin}"))
-            .arg(format!("http://127.0.0.1:{SALAD}{path}")),
-        "curl",
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    let addr = SocketAddr::from(([127, 0, 0, 1], SALAD));
+    let request = RawRequest::get(path)
+        .bearer(admin)
+        .to_bytes(&addr.to_string());
+    netns::connect_in(&gw.netns, addr, Duration::from_secs(5))
+        .and_then(|stream| exchange(stream, &request, Duration::from_secs(5)))
+        .ok()
+        .filter(|r| r.status == 200)
+        .and_then(|r| serde_json::from_str(&r.body).ok())
+        .unwrap_or(Value::Null)
 }
 
 /// The open serial stream of salad whose name or key is `link` (or its file name).
@@ -368,7 +363,6 @@ fn farm_in_a_box_installed_as_documented() {
         ("snmpget", "snmp"),
         ("python3", "python3"),
         ("systemd-analyze", "systemd"),
-        ("curl", "curl"),
     ] {
         require_program(program, package);
     }

@@ -23,7 +23,7 @@
 //! image, built by `cargo xtask dut-image`), netcat-openbsd and curl (the quickstart's `nc`
 //! line). Runs for about 5–6 minutes on 2 cores.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use dutgate_core::testing::{children_of, listens_on_every_port, require_program};
 use dutgate_e2e::farm::{self, Daemon, Farm, HELLO_RUN, hello_variant, root};
+use dutgate_e2e::raw_http::{RawRequest, exchange};
 use serde_json::Value;
 
 #[path = "virtual_farm/dashboard.rs"]
@@ -209,17 +210,10 @@ fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
 /// What the machine's read-only salad port (`tcp_port_logs`) replays.
 fn salad_replay(salad_port: u16, machine: &str) -> String {
     let salad: Value = {
-        let mut s = TcpStream::connect(("127.0.0.1", salad_port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET /api/v1/machine/{machine} HTTP/1.0\r\nHost: localhost\r\n\r\n"
-        )
-        .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {resp}"))
+        let s = TcpStream::connect(("127.0.0.1", salad_port)).unwrap();
+        let req = RawRequest::get(&format!("/api/v1/machine/{machine}"));
+        let r = exchange(s, &req.to_bytes("localhost"), Duration::from_secs(10)).unwrap();
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {} {}", r.status, r.body))
     };
     let logs_port = salad["tcp_port_logs"].as_u64().unwrap() as u16;
     let mut s = TcpStream::connect(("127.0.0.1", logs_port)).unwrap();
