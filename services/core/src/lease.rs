@@ -201,6 +201,30 @@ impl LeaseCheck {
         }
     }
 
+    /// The machine mars records on PDU `pdu` port `port`, if any: asked with the service
+    /// credential alone (no lease is involved), for clients that switch outlets beside the
+    /// machines (pdu's pdudaemon listeners).
+    pub async fn machine_on_port(
+        &self,
+        pdu: &str,
+        port: &str,
+    ) -> Result<Option<MachineId>, LeaseError> {
+        let Some(api) = &self.mars else {
+            return Err(LeaseError::Unavailable(
+                "this service was started without a mars to ask".into(),
+            ));
+        };
+        let list: MachineList = api
+            .get("/api/v1/machines")
+            .await
+            .map_err(|e| LeaseError::Unavailable(e.to_string()))?;
+        Ok(list
+            .machines
+            .iter()
+            .find(|m| m.pdu.as_deref() == Some(pdu) && m.pdu_port_id.as_deref() == Some(port))
+            .map(|m| m.id))
+    }
+
     /// The machine mars records on PDU `pdu` port `port`, when `lease` is its current lease.
     pub async fn check_port(
         &self,

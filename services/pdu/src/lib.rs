@@ -142,7 +142,6 @@ pub async fn start_on(
         Access {
             dut_networks: Vec::new(),
             leases: LeaseCheck::without_mars(),
-            outlets: pdudaemon::MachineOutlets::without_mars(),
             audit: None,
         },
     )
@@ -161,12 +160,11 @@ pub async fn start_on_gateway(
     serve_on(listener, store, config, auth, Access::for_gateway(gw)).await
 }
 
-/// How the service checks leases and machines' outlets (with mars), and its audit log.
+/// How the service checks leases and which outlets are machines' (with mars), and its audit log.
 struct Access {
     /// DUT networks the pdudaemon listeners' networks may not overlap.
     dut_networks: Vec<ipnet::IpNet>,
     leases: LeaseCheck,
-    outlets: pdudaemon::MachineOutlets,
     /// `None`: started without a state dir; audited calls are only traced.
     audit: Option<AuditLog>,
 }
@@ -177,7 +175,6 @@ impl Access {
         Self {
             dut_networks: gw.auth.dut_networks.clone(),
             leases: LeaseCheck::for_gateway(gw),
-            outlets: pdudaemon::MachineOutlets::for_gateway(gw),
             audit: Some(AuditLog::new(&gw.state_dir, "pdu")),
         }
     }
@@ -199,7 +196,7 @@ async fn serve_on(
         &config.pdudaemon,
         &access.dut_networks,
         service.clone(),
-        access.outlets,
+        access.leases.clone(),
         access.audit.clone(),
         shutdown.clone(),
     )
@@ -251,7 +248,7 @@ pub async fn run(ctx: ServiceContext, config: Config) -> Result<(), ServiceError
         &config.pdudaemon,
         &access.dut_networks,
         service.clone(),
-        access.outlets,
+        access.leases.clone(),
         access.audit.clone(),
         ctx.shutdown.clone(),
     )

@@ -28,9 +28,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use dutgate_core::audit::{Actor, AuditLog};
-use dutgate_core::client::ApiClient;
-use dutgate_core::config::GatewayConfig;
-use dutgate_core::{Secret, ServiceName};
+use dutgate_core::lease::LeaseCheck;
 use dutgate_pdu_driver::Switch;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -58,8 +56,6 @@ const TCP_MAX_LINE: usize = 16384;
 /// Requests handled at once per listener; more wait for a slot (each holds a port lock or
 /// waits for mars, so a flood must not open unbounded work).
 const MAX_CONCURRENT: usize = 64;
-/// Longest wait for mars' list of machines.
-const MARS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `pdu.pdudaemon` section of the gateway config.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,74 +111,16 @@ fn overlap(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Which outlets dutgate's machines use, as mars records them.
-#[derive(Debug, Clone)]
-pub struct MachineOutlets {
-    /// `None`: started without a mars to ask; every switch is refused (an outlet that
-    /// cannot be checked is treated as a machine's).
-    mars: Option<ApiClient>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MachineOutlet {
-    #[serde(default)]
-    pdu: Option<String>,
-    #[serde(default)]
-    pdu_port_id: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct MachineList {
-    machines: Vec<MachineOutlet>,
-}
-
-impl MachineOutlets {
-    pub fn new(mars_url: impl Into<String>, token: Option<Secret>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(MARS_TIMEOUT)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self {
-            mars: Some(ApiClient::with_http(mars_url, token, http)),
-        }
-    }
-
-    /// mars at the gateway's internal URL, asked with the service credential.
-    pub fn for_gateway(gw: &GatewayConfig) -> Self {
-        Self::new(
-            gw.internal_url(ServiceName::Mars),
-            dutgate_core::auth::service_token(gw),
-        )
-    }
-
-    pub fn without_mars() -> Self {
-        Self { mars: None }
-    }
-
-    /// `Ok(())` when no machine mars knows is on `pdu` port `port`.
-    async fn check_free(&self, pdu: &str, port: &str) -> Result<(), Refusal> {
-        let Some(api) = &self.mars else {
-            return Err(Refusal::Unchecked(
-                "this service was started without a mars to ask".into(),
-            ));
-        };
-        let list: MachineList = api
-            .get("/api/v1/machines")
-            .await
-            .map_err(|e| Refusal::Unchecked(e.to_string()))?;
-        if list
-            .machines
-            .iter()
-            .any(|m| m.pdu.as_deref() == Some(pdu) && m.pdu_port_id.as_deref() == Some(port))
-        {
-            Err(Refusal::MachineOutlet {
-                pdu: pdu.to_string(),
-                port: port.to_string(),
-            })
-        } else {
-            Ok(())
-        }
+/// `Ok(())` when no machine mars knows is on `pdu` port `port`; an outlet that cannot be
+/// checked (mars down, or no mars to ask) is treated as a machine's.
+async fn check_free(leases: &LeaseCheck, pdu: &str, port: &str) -> Result<(), Refusal> {
+    match leases.machine_on_port(pdu, port).await {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Refusal::MachineOutlet {
+            pdu: pdu.to_string(),
+            port: port.to_string(),
+        }),
+        Err(e) => Err(Refusal::Unchecked(e.to_string())),
     }
 }
 
@@ -355,7 +293,8 @@ pub fn parse_http(action: Action, query: &[(String, String)]) -> Result<Request,
 /// What both listeners share.
 struct Shared {
     svc: PduService,
-    outlets: MachineOutlets,
+    /// Asks mars which outlets machines use.
+    outlets: LeaseCheck,
     audit: Option<AuditLog>,
     networks: Vec<IpNet>,
     max_delay: u64,
@@ -440,8 +379,7 @@ impl Shared {
             }));
         }
         let fail = |e: Refusal| (e, port.clone());
-        self.outlets
-            .check_free(&req.hostname, &port)
+        check_free(&self.outlets, &req.hostname, &port)
             .await
             .map_err(fail)?;
         let delay = Duration::from_secs(delay);
@@ -455,8 +393,7 @@ impl Shared {
                 // machine's meanwhile.
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
-                    self.outlets
-                        .check_free(&req.hostname, &port)
+                    check_free(&self.outlets, &req.hostname, &port)
                         .await
                         .map_err(fail)?;
                 }
@@ -499,7 +436,7 @@ pub async fn start(
     config: &Config,
     dut_networks: &[IpNet],
     svc: PduService,
-    outlets: MachineOutlets,
+    outlets: LeaseCheck,
     audit: Option<AuditLog>,
     shutdown: CancellationToken,
 ) -> Result<Bound, StartError> {
