@@ -451,6 +451,89 @@ pub fn observe(port: u16, request: &[u8], response: &RawResponse) {
     }
 }
 
+// ---- for a service crate's own tests ------------------------------------------------------
+
+/// A service's document lists exactly `expected` (`"GET /api/v1/…"`, in any order), every
+/// operation with a success answer (2xx or a WebSocket's 101), the shared `default` answer and
+/// an operation id of its own.
+pub fn assert_operations(doc: &Value, expected: &[&str]) {
+    let mut found = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().into_iter().flatten() {
+        for method in METHODS {
+            let Some(op) = item.get(method) else { continue };
+            let line = format!("{} {path}", method.to_uppercase());
+            let codes: Vec<&String> = op["responses"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, _)| k)
+                .collect();
+            assert!(
+                codes.iter().any(|c| c.starts_with('2') || *c == "101"),
+                "{line}: no success answer in {codes:?}"
+            );
+            assert!(
+                codes.iter().any(|c| *c == "default"),
+                "{line}: no default answer"
+            );
+            let id = op["operationId"].as_str().unwrap_or_default().to_string();
+            assert!(
+                ids.insert(id.clone()),
+                "{line}: operation id {id:?} used twice"
+            );
+            found.push(line);
+        }
+    }
+    let mut expected: Vec<String> = expected.iter().map(|e| e.to_string()).collect();
+    found.sort();
+    expected.sort();
+    assert_eq!(found, expected, "documented operations");
+}
+
+/// What is wrong with `body`, answered `status` to `method path` (a path or its template),
+/// under `doc`: nothing when empty.
+pub fn answer_errors(
+    doc: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    body: &Value,
+) -> Vec<String> {
+    let schema = ApiSchema::new(vec![("service".into(), 0, doc.clone())]);
+    let method = method.to_uppercase();
+    let body = body.to_string();
+    schema.check(
+        "service",
+        &method,
+        path,
+        status,
+        Some("application/json"),
+        &body,
+    );
+    schema.failures()
+}
+
+/// `body`, answered `status` to `method path`, is valid under `doc`.
+pub fn assert_answer(doc: &Value, method: &str, path: &str, status: u16, body: &Value) {
+    let errors = answer_errors(doc, method, path, status, body);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+}
+
+/// `body` is valid under the document's schema `components.schemas.<name>`.
+pub fn assert_component(doc: &Value, name: &str, body: &Value) {
+    let root =
+        json!({"$ref": format!("#/components/schemas/{name}"), "components": doc["components"]});
+    let validator = jsonschema::validator_for(&root)
+        .unwrap_or_else(|e| panic!("schema {name} does not compile: {e}"));
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| e.to_string()).collect();
+    assert!(
+        errors.is_empty(),
+        "{name}: {}; in {body}",
+        errors.join("; ")
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use dutgate_e2e::api_schema::{answer_errors, assert_operations};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt;
 
@@ -13,62 +14,30 @@ fn doc() -> Value {
 #[test]
 fn every_route_is_documented_with_its_answers() {
     let doc = doc();
-    let mut ops: Vec<String> = Vec::new();
-    for (path, item) in doc["paths"].as_object().unwrap() {
-        for (method, op) in item.as_object().unwrap() {
-            let responses = op["responses"].as_object().unwrap();
-            assert!(
-                responses.keys().any(|s| s.starts_with('2') || s == "101"),
-                "{method} {path} has no success answer"
-            );
-            assert!(responses.contains_key("default"), "{method} {path}");
-            ops.push(format!("{} {path}", method.to_uppercase()));
-        }
-    }
-    ops.sort();
-    let mut expected = vec![
-        "GET /api/v1/machine",
-        "GET /api/v1/machine/{id}",
-        "DELETE /api/v1/machine/{id}",
-        "GET /api/v1/machine/{id}/log",
-        "PUT /api/v1/machine/{id}/expect",
-        "PUT /api/v1/machine/{id}/secrets",
-        "DELETE /api/v1/machine/{id}/secrets",
-        "GET /api/v1/machine/{id}/refusals",
-        "GET /api/v1/machine/{id}/console",
-        "GET /api/v1/ports",
-        "PUT /api/v1/ports/{stream}/machine",
-        "GET /api/v1/audit",
-        "GET /healthz",
-        "GET /metrics",
-        "GET /api/v1/openapi.json",
-    ];
-    expected.sort();
-    assert_eq!(ops, expected);
+    assert_operations(
+        &doc,
+        &[
+            "GET /api/v1/machine",
+            "GET /api/v1/machine/{id}",
+            "DELETE /api/v1/machine/{id}",
+            "GET /api/v1/machine/{id}/log",
+            "PUT /api/v1/machine/{id}/expect",
+            "PUT /api/v1/machine/{id}/secrets",
+            "DELETE /api/v1/machine/{id}/secrets",
+            "GET /api/v1/machine/{id}/refusals",
+            "GET /api/v1/machine/{id}/console",
+            "GET /api/v1/ports",
+            "PUT /api/v1/ports/{stream}/machine",
+            "GET /api/v1/audit",
+            "GET /healthz",
+            "GET /metrics",
+            "GET /api/v1/openapi.json",
+        ],
+    );
     assert_eq!(
         doc["components"]["securitySchemes"]["lease"]["in"],
         "header"
     );
-}
-
-/// Why `body`, answered with `status` by `method path`, is not valid against the document.
-fn errors(doc: &Value, method: &str, path: &str, status: u16, body: &Value) -> Vec<String> {
-    let responses = &doc["paths"][path][method]["responses"];
-    let mut response = responses
-        .get(status.to_string())
-        .unwrap_or(&responses["default"]);
-    if let Some(r) = response["$ref"].as_str() {
-        let name = r.rsplit('/').next().unwrap();
-        response = &doc["components"]["responses"][name];
-    }
-    let schema = &response["content"]["application/json"]["schema"];
-    assert!(
-        schema.is_object(),
-        "{method} {path} {status}: no JSON schema"
-    );
-    let root = json!({"allOf": [schema], "components": doc["components"]});
-    let validator = jsonschema::validator_for(&root).unwrap();
-    validator.iter_errors(body).map(|e| e.to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,11 +84,11 @@ async fn live_answers_match_the_document() {
             .unwrap();
         assert_eq!(res.status().as_u16(), status, "GET {path}");
         let body: Value = res.json().await.unwrap();
-        let e = errors(&doc, "get", template, status, &body);
+        let e = answer_errors(&doc, "get", template, status, &body);
         assert!(e.is_empty(), "GET {path}: {e:?} in {body:#}");
     }
     let wrong = json!({"ports": [{"id": 1, "kind": "serial", "name": "x", "opened_at": 1}]});
-    assert!(!errors(&doc, "get", "/api/v1/ports", 200, &wrong).is_empty());
+    assert!(!answer_errors(&doc, "get", "/api/v1/ports", 200, &wrong).is_empty());
     let served: Value = http
         .get(format!("{base}/api/v1/openapi.json"))
         .send()
